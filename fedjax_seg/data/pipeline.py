@@ -1,0 +1,166 @@
+"""From a ``config.data`` to in-memory, preprocessed, patient-indexed arrays.
+
+    files on disk (real layout, or a phantom written on demand)
+      -> Patient records (layouts.py) -> validated arrays (io.py)
+      -> resize + normalise (preprocess.py) -> SegDataset (patients + splits)
+
+A ``SegDataset`` keeps arrays *per patient* so that the federated code can
+partition patients over clients (never slices) and the centralised trainer
+can pool them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from fedjax_seg.data import preprocess
+
+
+@dataclasses.dataclass
+class PatientArrays:
+  """One patient's preprocessed slices.
+
+  images: float32 [S, H, W, C]; labels: int32 [S, H, W] in [0, num_classes).
+  """
+  id: str
+  site: str
+  images: np.ndarray
+  labels: np.ndarray
+
+
+@dataclasses.dataclass
+class SegDataset:
+  patients: Dict[str, PatientArrays]
+  splits: Dict[str, List[str]]
+  num_classes: int
+  class_names: Tuple[str, ...]
+  root: str
+
+  def arrays(self, ids: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """Pools the slices of ``ids``: (images [N, H, W, C], labels [N, H, W])."""
+    if not ids:
+      p = next(iter(self.patients.values()))
+      return (np.zeros((0,) + p.images.shape[1:], np.float32),
+              np.zeros((0,) + p.labels.shape[1:], np.int32))
+    xs = [self.patients[i].images for i in ids]
+    ys = [self.patients[i].labels for i in ids]
+    return np.concatenate(xs), np.concatenate(ys)
+
+  def split(self, name: str) -> Tuple[np.ndarray, np.ndarray]:
+    return self.arrays(self.splits[name])
+
+  def summary(self) -> str:
+    lines = []
+    for name, ids in self.splits.items():
+      _, y = self.arrays(ids)
+      tumour = float((y.reshape(len(y), -1).max(axis=1) > 0).mean()) if len(y) else 0.0
+      sites = sorted({self.patients[i].site for i in ids})
+      lines.append(f"  {name:5s}: {len(ids):3d} patients, {len(y):5d} slices, "
+                   f"{tumour:5.1%} with foreground, sites {','.join(sites)}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Phantom data on demand.
+
+def _phantom_key(layout: str, phantom_cfg: dict) -> str:
+  blob = json.dumps({"layout": layout, **phantom_cfg}, sort_keys=True, default=str)
+  return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def ensure_phantom(layout: str, phantom_cfg: dict, cache_dir: str, verbose: bool = True) -> str:
+  """Writes a deterministic phantom data set once and returns its root.
+
+  The folder name hashes (layout, phantom config), so a changed config never
+  reuses stale files. Written to a temporary folder then renamed, so an
+  interrupted write never leaves a half data set behind.
+  """
+  from fedjax_seg.data import phantom  # local import: phantom is optional tooling
+
+  writers: Dict[str, Callable] = {"lgg": phantom.write_lgg}
+  for name in ("brats", "acdc"):
+    if hasattr(phantom, f"write_{name}"):
+      writers[name] = getattr(phantom, f"write_{name}")
+  if layout not in writers:
+    raise ValueError(f"no phantom writer for data.layout={layout!r}; have {sorted(writers)}")
+  root = os.path.abspath(os.path.join(cache_dir, f"phantom_{layout}_{_phantom_key(layout, phantom_cfg)}"))
+  if os.path.isdir(root):
+    return root
+  tmp = root + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  t0 = time.time()
+  if verbose:
+    print(f"[data] writing phantom {layout} data set to {root} ...", flush=True)
+  writers[layout](tmp, **phantom_cfg)
+  os.replace(tmp, root)
+  if verbose:
+    print(f"[data] phantom written in {time.time() - t0:.1f}s", flush=True)
+  return root
+
+
+# ---------------------------------------------------------------------------
+# Layout loaders: root -> list of (id, site, images uint8/float [S,H,W,C], labels [S,H,W]).
+
+def _load_lgg(root: str, data_cfg) -> Tuple[List[Tuple[str, str, np.ndarray, np.ndarray]], Tuple[str, ...]]:
+  from fedjax_seg.data import io, layouts
+  out = []
+  for p in layouts.find_lgg(root):
+    images, masks = io.load_lgg_patient(p)
+    out.append((p.id, p.site, images, masks))
+  return out, ("background", "tumour")
+
+
+LOADERS: Dict[str, Callable] = {"lgg": _load_lgg}
+
+
+def register_loader(layout: str, fn: Callable) -> None:
+  """Adds a layout loader ``fn(root, data_cfg) -> (records, class_names)``."""
+  LOADERS[layout] = fn
+
+
+def resolve_root(data_cfg, verbose: bool = True) -> str:
+  if data_cfg.get("root"):
+    return os.path.abspath(os.path.expanduser(data_cfg.root))
+  return ensure_phantom(data_cfg.layout, dict(data_cfg.phantom), data_cfg.cache_dir, verbose)
+
+
+def build_dataset(data_cfg, verbose: bool = True) -> SegDataset:
+  """Loads, validates, preprocesses and splits a data set described by config.
+
+  ``data_cfg`` keys: layout ('lgg', ...), root ('' = phantom), phantom
+  (writer kwargs), cache_dir, image_size, normalize, split_seed,
+  val_fraction, test_fraction.
+  """
+  if data_cfg.layout not in LOADERS:
+    # Importing layout modules registers further loaders (BraTS, ACDC).
+    try:
+      import fedjax_seg.data.volumes  # noqa: F401
+    except ImportError:
+      pass
+  if data_cfg.layout not in LOADERS:
+    raise ValueError(f"data.layout={data_cfg.layout!r} unknown; available: {sorted(LOADERS)}")
+  root = resolve_root(data_cfg, verbose)
+  t0 = time.time()
+  records, class_names = LOADERS[data_cfg.layout](root, data_cfg)
+  patients = {}
+  for pid, site, images, labels in records:
+    if images.ndim == 3:
+      images = images[..., None]
+    x, y = preprocess.resize_slices(images, labels, data_cfg.image_size)
+    x = preprocess.normalize(x, data_cfg.normalize)
+    patients[pid] = PatientArrays(pid, site, x, y.astype(np.int32))
+  splits = preprocess.split_patients(list(patients), data_cfg.split_seed,
+                                     data_cfg.val_fraction, data_cfg.test_fraction)
+  ds = SegDataset(patients, splits, len(class_names), tuple(class_names), root)
+  if verbose:
+    n = sum(len(p.labels) for p in patients.values())
+    print(f"[data] {data_cfg.layout}: {len(patients)} patients, {n} slices from {root} "
+          f"in {time.time() - t0:.1f}s\n{ds.summary()}", flush=True)
+  return ds

@@ -1,0 +1,201 @@
+"""Run bookkeeping shared by every trainer: metrics files, orbax checkpoints,
+progress lines with ETA, results JSON and plots.
+
+Workdir layout:
+  config.json        the resolved config of the run
+  metrics.jsonl      one JSON object per epoch/round (appended)
+  metrics.csv        the same rows as CSV (rewritten after each row)
+  checkpoints/       orbax CheckpointManager (latest 2 kept)
+  results.json       final metrics (written at the end)
+  learning_curves.png, overlays.png
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _jsonable(v):
+  if isinstance(v, (np.floating, np.integer)):
+    return v.item()
+  if isinstance(v, np.ndarray):
+    return v.tolist()
+  if isinstance(v, float) and not math.isfinite(v):
+    return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+  return v
+
+
+class MetricsLog:
+  """Append-only metrics.jsonl + metrics.csv. Rows past ``resume_from`` are
+  dropped on open so that a resumed run never duplicates rows."""
+
+  def __init__(self, workdir: str, resume_from: Optional[int] = None, key: str = "epoch"):
+    self.path_jsonl = os.path.join(workdir, "metrics.jsonl")
+    self.path_csv = os.path.join(workdir, "metrics.csv")
+    self.key = key
+    self.rows: List[Dict[str, Any]] = []
+    if os.path.exists(self.path_jsonl):
+      with open(self.path_jsonl) as f:
+        self.rows = [json.loads(line) for line in f if line.strip()]
+    if resume_from is not None:
+      self.rows = [r for r in self.rows if r.get(key, 0) <= resume_from]
+    else:
+      self.rows = []
+    self._rewrite()
+
+  def _rewrite(self):
+    with open(self.path_jsonl, "w") as f:
+      for r in self.rows:
+        f.write(json.dumps(r) + "\n")
+    cols: List[str] = []
+    for r in self.rows:
+      cols += [k for k in r if k not in cols and not isinstance(r[k], (list, dict))]
+    with open(self.path_csv, "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+      w.writeheader()
+      for r in self.rows:
+        w.writerow(r)
+
+  def append(self, row: Dict[str, Any]):
+    row = {k: _jsonable(v) for k, v in row.items()}
+    self.rows.append(row)
+    with open(self.path_jsonl, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    self._rewrite() if len(self.rows) < 2 or set(row) - set(self.rows[-2]) else self._append_csv(row)
+
+  def _append_csv(self, row):
+    with open(self.path_csv) as f:
+      cols = next(csv.reader(f))
+    with open(self.path_csv, "a", newline="") as f:
+      csv.DictWriter(f, fieldnames=cols, extrasaction="ignore").writerow(row)
+
+
+class Checkpointer:
+  """Thin orbax wrapper: save(step, pytree), restore_latest(abstract) -> (step, pytree)."""
+
+  def __init__(self, workdir: str, max_to_keep: int = 2):
+    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.manager = ocp.CheckpointManager(
+        path, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state) -> None:
+    self.manager.save(step, args=ocp.args.StandardSave(state))
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, like):
+    step = self.manager.latest_step()
+    if step is None:
+      return None, None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    return step, self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def close(self):
+    self.manager.close()
+
+
+class Progress:
+  """Progress lines with rate and ETA: ``[train] epoch 3/20 ... eta 1m12s``."""
+
+  def __init__(self, total: int, start: int = 0, what: str = "epoch"):
+    self.total, self.start, self.what = total, start, what
+    self.t0 = time.time()
+
+  def line(self, done: int, extra: str = "") -> str:
+    el = time.time() - self.t0
+    n = max(done - self.start, 1)
+    eta = el / n * (self.total - done)
+    return (f"[train] {self.what} {done}/{self.total}  {extra}  "
+            f"({el / n:.1f}s/{self.what}, eta {_fmt_s(eta)})")
+
+
+def _fmt_s(s: float) -> str:
+  s = int(round(s))
+  return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def write_json(path: str, obj) -> None:
+  def conv(o):
+    if isinstance(o, dict):
+      return {str(k): conv(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+      return [conv(v) for v in o]
+    return _jsonable(o)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(conv(obj), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def metrics_table(named: Dict[str, Dict[str, float]], keys: List[str]) -> str:
+  """Markdown table: one row per split/run, one column per metric key."""
+  head = "| | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+  rows = []
+  for name, m in named.items():
+    cells = []
+    for k in keys:
+      v = m.get(k)
+      cells.append("–" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
+    rows.append(f"| {name} | " + " | ".join(cells) + " |")
+  return head + "\n".join(rows)
+
+
+def plot_learning_curves(rows: List[Dict[str, Any]], path: str, x_key: str = "epoch") -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  xs = [r[x_key] for r in rows]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for k in [k for k in ("train_loss", "val_loss") if any(k in r for r in rows)]:
+    axes[0].plot(xs, [r.get(k) for r in rows], marker=".", label=k)
+  axes[0].set_xlabel(x_key); axes[0].set_ylabel("loss"); axes[0].legend(); axes[0].grid(alpha=.3)
+  for k in [k for k in ("val_dice_mean", "val_iou_mean") if any(k in r for r in rows)]:
+    axes[1].plot(xs, [r.get(k) for r in rows], marker=".", label=k)
+  axes[1].set_xlabel(x_key); axes[1].set_ylabel("foreground mean (background excluded)")
+  axes[1].set_ylim(0, 1); axes[1].legend(); axes[1].grid(alpha=.3)
+  fig.tight_layout(); fig.savefig(path, dpi=90); plt.close(fig)
+
+
+# Colours per SPEC §5: blue = necrotic/core (1), green = edema (2), red = enhancing (3).
+LABEL_COLOURS = np.array([[0, 0, 0], [0, 90, 255], [0, 200, 0], [255, 40, 40]], np.float32) / 255.
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+  """RGB overlay of integer ``labels`` [H, W] on a grey ``image`` [H, W]."""
+  g = image.astype(np.float32)
+  g = (g - g.min()) / max(float(g.max() - g.min()), 1e-8)
+  rgb = np.repeat(g[..., None], 3, axis=-1)
+  lab = np.clip(labels.astype(int), 0, len(LABEL_COLOURS) - 1)
+  col = LABEL_COLOURS[lab]
+  m = (lab > 0)[..., None]
+  return np.where(m, (1 - alpha) * rgb + alpha * col, rgb)
+
+
+def plot_overlays(images, labels, preds, path: str, channel: int = 1, n: int = 4) -> None:
+  """Grid of n slices: image, ground truth overlay, prediction overlay."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fg = np.where(labels.reshape(len(labels), -1).max(axis=1) > 0)[0]
+  idx = list(fg[np.linspace(0, len(fg) - 1, min(n, len(fg))).astype(int)]) if len(fg) else []
+  idx = idx or list(range(min(n, len(images))))
+  fig, axes = plt.subplots(len(idx), 3, figsize=(7.5, 2.5 * len(idx)), squeeze=False)
+  for r, i in enumerate(idx):
+    img = images[i][..., min(channel, images.shape[-1] - 1)]
+    for c, (title, im) in enumerate([("image", np.repeat(img[..., None], 3, -1) / max(img.max(), 1e-8)),
+                                     ("ground truth", overlay(img, labels[i])),
+                                     ("prediction", overlay(img, preds[i]))]):
+      axes[r, c].imshow(np.clip(im, 0, 1)); axes[r, c].set_axis_off()
+      if r == 0:
+        axes[r, c].set_title(title)
+  fig.tight_layout(); fig.savefig(path, dpi=80); plt.close(fig)

@@ -1,0 +1,29 @@
+"""Entry point: python launch.py --config configs/<exp>.py --workdir DIR [--config.key=value ...]
+
+Re-running the same command resumes from the last checkpoint in DIR.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so configs/ can import configs.*
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it has checkpoints).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from fedjax_seg import train  # after flag parsing, so --help is fast
+  from fedjax_seg.config_utils import validate
+  config = _CONFIG.value
+  validate(config)
+  train.run(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
