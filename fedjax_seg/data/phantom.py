@@ -1,0 +1,622 @@
+"""Deterministic synthetic hospitals written in the real on-disk layouts (SPEC §1.4).
+
+Real data sets cannot be downloaded here, so tests, smoke runs and benchmarks
+use *phantoms*: head-like volumes with a tumour, rendered per hospital with
+that hospital's scanner effects, and written to disk in exactly the layout the
+loaders read (`fedjax_seg.data.layouts`). Only the Kaggle LGG layout (SPEC
+§1.2) is written for now; the module is split so BraTS / ACDC writers can reuse
+the pieces:
+
+* generic helpers: `rng_for` (stable seeding from strings), `grid_2d`,
+  `smooth_noise`, `bias_field`, `irregular_blob`;
+* `SiteEffects` + `site_effects(site, seed)`: the per-hospital scanner model;
+* `head_labels`: a label volume (scalp, skull, CSF, GM, WM and three nested
+  tumour sub-regions: edema halo, enhancing rim, necrotic core);
+* `render_lgg` / `generate_lgg_patient` / `write_lgg`: the LGG contrasts,
+  scanner effects and the TIFF writer;
+* `main`: CLI, ``python -m fedjax_seg.data.phantom --layout lgg --out DIR``.
+
+Determinism: every random draw comes from ``np.random.default_rng`` seeded by
+``(seed, crc32(site), patient index, stream)``; TIFFs are written by Pillow
+without compression or timestamp tags, so the same arguments give
+byte-identical files (in one software environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import re
+import shutil
+import sys
+import types
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+# --------------------------------------------------------------------------
+# Labels of the anatomical volume produced by `head_labels`.
+# --------------------------------------------------------------------------
+BACKGROUND, SCALP, SKULL, CSF, GREY, WHITE, EDEMA, ENHANCING, NECROTIC = range(9)
+NUM_LABELS = 9
+TUMOUR_LABELS = (EDEMA, ENHANCING, NECROTIC)
+
+# Random streams (so adding draws to one stream never shifts another).
+_STREAM_SITE, _STREAM_IDS, _STREAM_ANATOMY, _STREAM_TUMOUR, _STREAM_RENDER = range(5)
+
+
+# --------------------------------------------------------------------------
+# Generic helpers (shared by all layouts).
+# --------------------------------------------------------------------------
+def stable_hash(text: str) -> int:
+  """A process-independent 32-bit hash of ``text`` (CRC32; Python's `hash` is salted)."""
+  return zlib.crc32(text.encode("utf-8")) & 0xFFFFFFFF
+
+
+def rng_for(seed: int, *keys: int | str) -> np.random.Generator:
+  """`np.random.default_rng` seeded from ``seed`` and a path of int / str keys.
+
+  Strings are hashed with `stable_hash`, so ``rng_for(0, "CS", 3, 2)`` is the
+  same generator in every process.
+  """
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+  entropy = [int(seed)] + [stable_hash(k) if isinstance(k, str) else int(k) for k in keys]
+  return np.random.default_rng(entropy)
+
+
+def grid_2d(size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Pixel-centre coordinates in [-1, 1]: ``(y, x)``, each float64 [size, size] (row, column)."""
+  c = (np.arange(size, dtype=np.float64) + 0.5) / size * 2.0 - 1.0
+  y, x = np.meshgrid(c, c, indexing="ij")
+  return y, x
+
+
+def gaussian_smooth(a: np.ndarray, sigma: Sequence[float] | float, mode: str = "reflect") -> np.ndarray:
+  """Separable Gaussian filter in pure NumPy (truncated at 4 sigma).
+
+  Args:
+    a: float array, any shape.
+    sigma: std in pixels, scalar or one per axis (0 = leave that axis alone).
+    mode: border handling, "reflect" (mirror, edge sample repeated) or
+      "nearest" (edge value repeated); same as `scipy.ndimage` modes.
+  Returns:
+    float64 array shaped like ``a``.
+  """
+  out = np.asarray(a, dtype=np.float64)
+  sigmas = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (out.ndim,))
+  pad_mode = {"reflect": "symmetric", "nearest": "edge"}[mode]
+  for axis, s in enumerate(sigmas):
+    if s <= 0:
+      continue
+    radius = int(4.0 * s + 0.5)
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / s) ** 2)
+    k /= k.sum()
+    pad = [(0, 0)] * out.ndim
+    pad[axis] = (radius, radius)
+    padded = np.pad(out, pad, mode=pad_mode)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * radius + 1, axis=axis)
+    out = windows @ k
+  return out
+
+
+def smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma: Sequence[float] | float) -> np.ndarray:
+  """Gaussian-smoothed white noise, rescaled to zero mean and unit std.
+
+  Args:
+    rng: source of randomness.
+    shape: output shape, e.g. [S, H, W].
+    sigma: Gaussian std in pixels, scalar or one per axis.
+  Returns:
+    float64 array of ``shape``.
+  """
+  field = gaussian_smooth(rng.standard_normal(tuple(shape)), sigma, mode="reflect")
+  std = field.std()
+  return (field - field.mean()) / (std if std > 0 else 1.0)
+
+
+def bias_field(coeffs: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarray, *, clip: float = 0.7) -> np.ndarray:
+  """Smooth multiplicative bias field ``exp(sum_k c_k phi_k(z, y, x))``, low-order polynomial.
+
+  Basis phi = (x, y, z, x^2 - 1/3, y^2 - 1/3, x*y, x*z, y*z), i.e. a
+  second-order polynomial with (roughly) zero mean on [-1, 1]^3; the log
+  field is clipped to [-clip, clip] so no region is wiped out.
+
+  Args:
+    coeffs: float [8] polynomial coefficients (log-domain).
+    z, y, x: broadcastable coordinate arrays in [-1, 1].
+  Returns:
+    float64 positive field of the broadcast shape.
+  """
+  coeffs = np.asarray(coeffs, dtype=np.float64)
+  if coeffs.shape != (8,):
+    raise ValueError(f"bias_field needs 8 coefficients, got shape {coeffs.shape}")
+  basis = (x, y, z, x * x - 1 / 3, y * y - 1 / 3, x * y, x * z, y * z)
+  log_field = sum(c * b for c, b in zip(coeffs, basis))
+  return np.exp(np.clip(log_field, -clip, clip))
+
+
+def irregular_blob(
+    y: np.ndarray,
+    x: np.ndarray,
+    center: tuple[float, float],
+    radii: tuple[float, float],
+    angle: float,
+    harmonics: Sequence[tuple[int, float, float]] = (),
+) -> np.ndarray:
+  """Normalised distance of an irregular (star-shaped) ellipse; inside is ``< 1``.
+
+  ``d = ||R(angle) (p - center) / radii|| / (1 + sum_k a_k cos(k theta + phase_k))``
+  with harmonics ``(k, a_k, phase_k)``. Thresholds of ``d`` at < 1 give nested
+  sub-regions (e.g. necrotic core ``d < 0.35``).
+
+  Args:
+    y, x: float coordinate arrays (same shape).
+    center: (cy, cx); radii: (ry, rx) in the same units; angle in radians.
+  Returns:
+    float64 array shaped like ``y``.
+  """
+  dy, dx = y - center[0], x - center[1]
+  ca, sa = np.cos(angle), np.sin(angle)
+  u = (ca * dx + sa * dy) / radii[1]
+  v = (-sa * dx + ca * dy) / radii[0]
+  theta = np.arctan2(v, u)
+  boundary = np.ones_like(theta)
+  for k, amp, phase in harmonics:
+    boundary = boundary + amp * np.cos(k * theta + phase)
+  return np.sqrt(u * u + v * v) / np.maximum(boundary, 0.2)
+
+
+# --------------------------------------------------------------------------
+# Per-hospital scanner effects.
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SiteEffects:
+  """Scanner / population effects of one hospital (makes the federation non-IID).
+
+  Intensities are in [0, 1] units before conversion to uint8. Per channel
+  values are ordered (pre-contrast, FLAIR, post-contrast).
+
+  Attributes:
+    gain: per-channel multiplicative intensity scale.
+    offset: per-channel additive offset (applied everywhere, background too).
+    bias_coeffs: [8] site-fixed log-polynomial bias-field coefficients (the
+      coil profile, see `bias_field`); each patient adds jitter of
+      ``0.5 * bias_strength``.
+    bias_strength: scale of the bias field coefficients.
+    noise_sigma: std of the additive Gaussian noise.
+    flair_contrast: multiplier on the FLAIR contrast between tumour and
+      normal tissue (1 = nominal).
+    tumour_radius: median tumour in-plane radius, fraction of brain radius.
+    tumour_spread: lognormal sigma of the per-patient tumour radius.
+    enhancing_prob: probability that a patient's tumour has an enhancing
+      rim and necrotic core (LGG tumours mostly do not enhance).
+  """
+
+  gain: tuple[float, float, float]
+  offset: tuple[float, float, float]
+  bias_coeffs: tuple[float, ...]
+  bias_strength: float
+  noise_sigma: float
+  flair_contrast: float
+  tumour_radius: float
+  tumour_spread: float
+  enhancing_prob: float
+
+
+# Nominal effects of the five real LGG institutions; chosen so that no single
+# intensity threshold separates tumour from normal tissue on every site (DU's
+# FLAIR tumour is darker than HT's normal grey matter / scalp) and tumour sizes
+# differ (DU large, HT small). `site_effects` jitters them slightly by seed;
+# sites not listed here get effects drawn from the same ranges by name + seed.
+SITE_PRESETS: Mapping[str, Mapping[str, object]] = types.MappingProxyType({
+    "CS": types.MappingProxyType(dict(gain=(1.00, 1.00, 1.00), offset=(0.00, 0.00, 0.00), bias_strength=0.10,
+                                      noise_sigma=0.020, flair_contrast=1.00, tumour_radius=0.24,
+                                      tumour_spread=0.25, enhancing_prob=0.3)),
+    "DU": types.MappingProxyType(dict(gain=(0.80, 0.70, 0.90), offset=(0.05, 0.08, 0.03), bias_strength=0.32,
+                                      noise_sigma=0.035, flair_contrast=0.85, tumour_radius=0.32,
+                                      tumour_spread=0.30, enhancing_prob=0.5)),
+    "HT": types.MappingProxyType(dict(gain=(1.15, 1.20, 1.05), offset=(0.00, -0.03, 0.02), bias_strength=0.22,
+                                      noise_sigma=0.050, flair_contrast=0.90, tumour_radius=0.18,
+                                      tumour_spread=0.20, enhancing_prob=0.2)),
+    "FG": types.MappingProxyType(dict(gain=(0.90, 1.10, 0.85), offset=(0.03, 0.00, 0.05), bias_strength=0.28,
+                                      noise_sigma=0.030, flair_contrast=0.95, tumour_radius=0.27,
+                                      tumour_spread=0.35, enhancing_prob=0.4)),
+    "EZ": types.MappingProxyType(dict(gain=(1.10, 0.85, 1.20), offset=(0.02, 0.05, 0.00), bias_strength=0.18,
+                                      noise_sigma=0.045, flair_contrast=0.90, tumour_radius=0.20,
+                                      tumour_spread=0.25, enhancing_prob=0.3)),
+})
+
+
+def site_effects(site: str, seed: int = 0) -> SiteEffects:
+  """Scanner effects of ``site``, a deterministic function of (site name, seed).
+
+  Known sites (`SITE_PRESETS`) keep their nominal values with small seed
+  jitter (gain x exp(N(0, 0.04)), offset + N(0, 0.01), bias strength and
+  noise x exp(N(0, 0.1)), tumour radius x exp(N(0, 0.05))). Unknown sites
+  draw gain ~ exp(U(-0.25, 0.2)), offset ~ U(0, 0.08), bias strength ~
+  U(0.1, 0.35), noise ~ U(0.02, 0.05), FLAIR contrast ~ U(0.85, 1.0),
+  tumour radius ~ U(0.17, 0.32), enhancing probability ~ U(0.2, 0.5).
+  The bias-field coefficients are N(0, bias_strength) per basis term.
+  """
+  rng = rng_for(seed, site, _STREAM_SITE)
+  preset = SITE_PRESETS.get(site)
+  if preset is None:
+    base = dict(
+        gain=tuple(np.exp(rng.uniform(-0.25, 0.2, 3))),
+        offset=tuple(rng.uniform(0.0, 0.08, 3)),
+        bias_strength=rng.uniform(0.10, 0.35),
+        noise_sigma=rng.uniform(0.02, 0.05),
+        flair_contrast=rng.uniform(0.85, 1.0),
+        tumour_radius=rng.uniform(0.17, 0.32),
+        tumour_spread=0.25,
+        enhancing_prob=rng.uniform(0.2, 0.5),
+    )
+  else:
+    base = dict(preset)
+  gain = np.asarray(base["gain"]) * np.exp(rng.normal(0.0, 0.04, 3))
+  offset = np.asarray(base["offset"]) + rng.normal(0.0, 0.01, 3)
+  strength = float(base["bias_strength"]) * float(np.exp(rng.normal(0.0, 0.1)))
+  noise = float(base["noise_sigma"]) * float(np.exp(rng.normal(0.0, 0.1)))
+  radius = float(base["tumour_radius"]) * float(np.exp(rng.normal(0.0, 0.05)))
+  coeffs = rng.normal(0.0, strength, 8)
+  return SiteEffects(
+      gain=tuple(float(g) for g in gain),
+      offset=tuple(float(o) for o in offset),
+      bias_coeffs=tuple(float(c) for c in coeffs),
+      bias_strength=strength,
+      noise_sigma=noise,
+      flair_contrast=float(base["flair_contrast"]),
+      tumour_radius=radius,
+      tumour_spread=float(base["tumour_spread"]),
+      enhancing_prob=float(base["enhancing_prob"]),
+  )
+
+
+# --------------------------------------------------------------------------
+# Anatomy.
+# --------------------------------------------------------------------------
+def tumour_slice_range(rng: np.random.Generator, n_slices: int, tumour_free_fraction: float) -> tuple[int, int]:
+  """Contiguous tumour slice range ``[lo, hi)`` in the middle of the volume.
+
+  About ``tumour_free_fraction`` of the slices (±1 slice of jitter) lie
+  outside it; when ``0 < tumour_free_fraction`` and ``n_slices >= 3`` the
+  first and last slices are always tumour-free. Returns ``(0, 0)`` when no
+  slice carries tumour.
+  """
+  if tumour_free_fraction >= 1.0 or n_slices <= 0:
+    return (0, 0)
+  if tumour_free_fraction <= 0.0:
+    return (0, n_slices)
+  n_tumour = int(round(n_slices * (1.0 - tumour_free_fraction))) + int(rng.integers(-1, 2))
+  max_tumour = n_slices - 2 if n_slices >= 3 else n_slices
+  n_tumour = int(np.clip(n_tumour, 1, max(max_tumour, 1)))
+  first_ok, last_ok = (1, n_slices - 1 - n_tumour) if n_slices >= 3 else (0, n_slices - n_tumour)
+  lo = (n_slices - n_tumour) // 2 + int(rng.integers(-1, 2))
+  lo = int(np.clip(lo, first_ok, max(last_ok, first_ok)))
+  return (lo, lo + n_tumour)
+
+
+def head_labels(
+    rng: np.random.Generator,
+    n_slices: int,
+    size: int,
+    *,
+    tumour_slices: tuple[int, int],
+    tumour_radius: float,
+    enhancing: bool,
+) -> np.ndarray:
+  """A head-like label volume with one tumour.
+
+  Slices run inferior → superior (z in [-1, 1]); the brain's cross-section,
+  the white-matter boundary and the ventricles change smoothly with z.
+  The tumour is an irregular ellipsoid present exactly on
+  ``tumour_slices = [lo, hi)``: edema halo (labels `EDEMA`), and, if
+  ``enhancing``, an enhancing rim (`ENHANCING`) around a necrotic core
+  (`NECROTIC`).
+
+  Args:
+    rng: patient-specific generator.
+    n_slices, size: output is [n_slices, size, size].
+    tumour_slices: slice range ``[lo, hi)`` carrying tumour.
+    tumour_radius: in-plane radius at the widest slice, fraction of brain radius.
+    enhancing: whether to add the enhancing rim and necrotic core.
+  Returns:
+    uint8 [n_slices, size, size] with values in ``range(NUM_LABELS)``.
+  """
+  y, x = grid_2d(size)
+  z = np.linspace(-1.0, 1.0, n_slices) if n_slices > 1 else np.zeros(1)
+  z3 = z[:, None, None]
+
+  # Head geometry (per patient), scaled down towards the top/bottom slices.
+  ry, rx = rng.uniform(0.70, 0.78), rng.uniform(0.58, 0.65)
+  angle = rng.uniform(-0.15, 0.15)
+  cy, cx = rng.uniform(-0.04, 0.04, 2)
+  profile = np.sqrt(1.0 - (0.75 * z3) ** 2)  # [S,1,1] in (0.66, 1]
+  gyri = [(9, 0.03, rng.uniform(0, 2 * np.pi)), (13, 0.015, rng.uniform(0, 2 * np.pi))]
+  d_brain = np.stack([
+      irregular_blob(y, x, (cy, cx), (ry * p, rx * p), angle, [(k, a, ph + 2.0 * zi) for k, a, ph in gyri])
+      for p, zi in zip(profile[:, 0, 0], z)
+  ])
+  d_head = np.stack([irregular_blob(y, x, (cy, cx), (ry * p, rx * p), angle) for p in profile[:, 0, 0]])
+
+  labels = np.zeros((n_slices, size, size), np.uint8)
+  labels[d_head < 1.17] = SCALP
+  labels[d_head < 1.08] = SKULL
+  brain = d_brain < 1.0
+  labels[brain] = GREY
+
+  # White matter: wavy inner region, smaller near the ends.
+  wm_phase = rng.uniform(0, 2 * np.pi, 2)
+  d_wm = np.stack([
+      irregular_blob(y, x, (cy, cx), (ry * p, rx * p), angle,
+                     [(6, 0.08, wm_phase[0] + 3.0 * zi), (11, 0.05, wm_phase[1] - 2.0 * zi)])
+      for p, zi in zip(profile[:, 0, 0], z)
+  ])
+  wm_size = 0.70 * (0.55 + 0.45 * (profile - 0.66) / 0.34)
+  labels[brain & (d_wm < wm_size)] = WHITE
+
+  # Ventricles: two elongated ellipses, largest slightly above the middle.
+  vz = np.exp(-(((z - rng.uniform(0.0, 0.2)) / 0.45) ** 2))
+  for side in (-1.0, 1.0):
+    vcx = cx + side * 0.13 * rx
+    for s in range(n_slices):
+      if vz[s] < 0.25:
+        continue
+      d_v = irregular_blob(y, x, (cy - 0.05 * ry, vcx), (0.30 * ry * vz[s], 0.08 * rx * vz[s]),
+                           angle + side * 0.15)
+      labels[s][(d_v < 1.0) & brain[s]] = CSF
+
+  # Tumour: irregular ellipsoid on slices [lo, hi).
+  lo, hi = tumour_slices
+  if hi > lo:
+    r_mid = max(tumour_radius * rx, 5.0 / size)  # at least ~2.5 px radius
+    aspect = rng.uniform(0.75, 1.3)
+    t_angle = rng.uniform(0, np.pi)
+    room = max(rx - r_mid * max(aspect, 1.0), 0.0)
+    rho, phi = rng.uniform(0.1, 0.65) * room, rng.uniform(0, 2 * np.pi)
+    tcy, tcx = cy + rho * np.sin(phi), cx + rho * np.cos(phi)
+    drift = rng.normal(0.0, 0.03, 2)
+    harm = [(k, rng.uniform(0.0, 0.12), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)]
+    n_t = hi - lo
+    for s in range(lo, hi):
+      t = 0.0 if n_t == 1 else (2.0 * (s - lo) / (n_t - 1) - 1.0)
+      scale = np.sqrt(max(1.0 - 0.8 * t * t, 0.0))
+      r = max(r_mid * scale, 4.0 / size)
+      d_t = irregular_blob(y, x, (tcy + drift[0] * t, tcx + drift[1] * t), (r * aspect, r), t_angle,
+                           [(k, a, ph + 0.8 * t) for k, a, ph in harm])
+      inside = d_t < 1.0
+      if not inside.any():  # keep every slice of the range non-empty
+        inside = d_t <= d_t.min()
+      labels[s][inside] = EDEMA
+      if enhancing:
+        labels[s][d_t < 0.6] = ENHANCING
+        labels[s][d_t < 0.35] = NECROTIC
+  return labels
+
+
+# --------------------------------------------------------------------------
+# LGG (Kaggle 3m) rendering and writer.
+# --------------------------------------------------------------------------
+# Nominal tissue intensities per label, channels (pre-contrast, FLAIR, post-contrast).
+LGG_CONTRAST = np.array([
+    [0.00, 0.00, 0.00],  # BACKGROUND
+    [0.75, 0.55, 0.75],  # SCALP (fat: bright on T1)
+    [0.06, 0.05, 0.06],  # SKULL
+    [0.15, 0.08, 0.18],  # CSF (suppressed on FLAIR)
+    [0.45, 0.50, 0.47],  # GREY
+    [0.62, 0.40, 0.62],  # WHITE
+    [0.38, 0.88, 0.42],  # EDEMA (bright on FLAIR)
+    [0.40, 0.85, 0.80],  # ENHANCING (bright on post-contrast)
+    [0.25, 0.78, 0.30],  # NECROTIC
+], dtype=np.float64)
+LGG_CONTRAST.setflags(write=False)
+
+
+def render_lgg(labels: np.ndarray, effects: SiteEffects, rng: np.random.Generator) -> np.ndarray:
+  """Render a label volume as Kaggle-LGG-like slices with the site's scanner effects.
+
+  Steps: nominal contrast table (FLAIR tumour contrast scaled by
+  ``effects.flair_contrast``) → smooth tissue texture (±5 %) → in-plane
+  partial-volume blur → multiplicative bias field (site coefficients +
+  patient jitter) → per-channel gain / offset → Gaussian noise → clip to
+  [0, 1] → uint8.
+
+  Args:
+    labels: uint8 [S, H, W] from `head_labels`.
+    effects: the hospital's `SiteEffects`.
+    rng: patient-specific generator.
+  Returns:
+    uint8 [S, H, W, 3], channels (pre-contrast, FLAIR, post-contrast).
+  """
+  n_slices, size = labels.shape[0], labels.shape[1]
+  table = LGG_CONTRAST.copy()
+  tissue_flair = 0.45
+  for lab in TUMOUR_LABELS:
+    table[lab, 1] = tissue_flair + effects.flair_contrast * (table[lab, 1] - tissue_flair)
+  img = table[labels]  # [S,H,W,3]
+  texture = smooth_noise(rng, labels.shape, sigma=(0.8, size / 24, size / 24))
+  img = img * (1.0 + 0.05 * texture)[..., None]
+  px = size / 64.0
+  img = gaussian_smooth(img, (0.0, 0.6 * px, 0.6 * px, 0.0), mode="nearest")
+
+  y, x = grid_2d(size)
+  z = np.linspace(-1.0, 1.0, n_slices) if n_slices > 1 else np.zeros(1)
+  coeffs = np.asarray(effects.bias_coeffs) + rng.normal(0.0, 0.5 * effects.bias_strength, 8)
+  field = bias_field(coeffs, z[:, None, None], y[None], x[None])
+  img = img * field[..., None]
+  img = img * np.asarray(effects.gain) + np.asarray(effects.offset)
+  img = img + rng.normal(0.0, effects.noise_sigma, img.shape)
+  return np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def generate_lgg_patient(
+    seed: int,
+    site: str,
+    index: int,
+    *,
+    n_slices: int = 12,
+    size: int = 64,
+    tumour_free_fraction: float = 0.3,
+) -> tuple[np.ndarray, np.ndarray]:
+  """One synthetic LGG patient, in memory (no files).
+
+  Args:
+    seed: global phantom seed; site: institution code; index: patient
+      index within the site (0-based).
+    n_slices, size: volume is [n_slices, size, size].
+    tumour_free_fraction: ≈ fraction of slices with an empty mask.
+  Returns:
+    (images uint8 [S, size, size, 3] (pre-contrast, FLAIR, post-contrast),
+     masks uint8 [S, size, size] in {0, 255}).
+  """
+  effects = site_effects(site, seed)
+  rng_t = rng_for(seed, site, index, _STREAM_TUMOUR)
+  tumour_slices = tumour_slice_range(rng_t, n_slices, tumour_free_fraction)
+  radius = effects.tumour_radius * float(np.exp(rng_t.normal(0.0, effects.tumour_spread)))
+  radius = float(np.clip(radius, 0.08, 0.45))
+  enhancing = bool(rng_t.random() < effects.enhancing_prob)
+  labels = head_labels(rng_for(seed, site, index, _STREAM_ANATOMY), n_slices, size,
+                       tumour_slices=tumour_slices, tumour_radius=radius, enhancing=enhancing)
+  images = render_lgg(labels, effects, rng_for(seed, site, index, _STREAM_RENDER))
+  masks = np.where(labels >= EDEMA, 255, 0).astype(np.uint8)
+  return images, masks
+
+
+def lgg_patient_names(seed: int, site: str, n_patients: int) -> list[str]:
+  """Folder names ``TCGA_<SITE>_<4 digits>_<YYYYMMDD>`` for a site (distinct ids, dates 1995–2005)."""
+  rng = rng_for(seed, site, _STREAM_IDS)
+  if n_patients > 9000:
+    raise ValueError(f"at most 9000 patients per site, got {n_patients}")
+  ids = rng.choice(9000, size=n_patients, replace=False) + 1000
+  days = rng.integers(0, 11 * 365, size=n_patients)
+  start = datetime.date(1995, 1, 1)
+  return [f"TCGA_{site}_{int(i):04d}_{(start + datetime.timedelta(days=int(d))).strftime('%Y%m%d')}"
+          for i, d in zip(ids, days)]
+
+
+def _save_tiff(array: np.ndarray, path: str) -> None:
+  """Write uint8 [H,W] or [H,W,3] as an uncompressed TIFF with no time-varying tags."""
+  Image.fromarray(array).save(path, format="TIFF")
+
+
+def _prepare_out_dir(out: str, overwrite: bool) -> None:
+  if os.path.isdir(out) and os.listdir(out):
+    if not overwrite:
+      raise FileExistsError(
+          f"{out} already exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it")
+    shutil.rmtree(out)
+  os.makedirs(out, exist_ok=True)
+
+
+_SITE_RE = re.compile(r"^[A-Za-z0-9]+$")
+
+
+def write_lgg(
+    root: str | os.PathLike,
+    *,
+    seed: int = 0,
+    sites: Sequence[str] = ("CS", "DU", "HT"),
+    patients_per_site: int = 4,
+    slices_per_patient: int = 12,
+    size: int = 64,
+    tumour_free_fraction: float = 0.3,
+    overwrite: bool = False,
+) -> list[str]:
+  """Write a phantom Kaggle LGG data set (SPEC §1.2) under ``root``.
+
+  Layout: ``<root>/kaggle_3m/TCGA_<SITE>_<dddd>_<YYYYMMDD>/`` holding
+  ``<PATIENT>_<n>.tif`` (uint8 RGB [size, size, 3]: pre-contrast, FLAIR,
+  post-contrast) and ``<PATIENT>_<n>_mask.tif`` (uint8 [size, size] in
+  {0, 255}) for n = 1..slices_per_patient.
+
+  Args:
+    root: output folder (created); ``kaggle_3m`` is made inside it.
+    seed: non-negative int; same arguments → byte-identical files.
+    sites: institution codes (alphanumeric, no '_'), each with its own
+      `site_effects`.
+    patients_per_site, slices_per_patient, size: data set dimensions.
+    tumour_free_fraction: ≈ fraction of slices with empty masks (first and
+      last slices of each patient are tumour-free when > 0).
+    overwrite: replace an existing non-empty ``<root>/kaggle_3m``;
+      otherwise that is an error (stale slices would silently mix in).
+  Returns:
+    The patient folder paths, sorted by patient id.
+  """
+  if not sites or len(set(sites)) != len(sites):
+    raise ValueError(f"sites must be non-empty and distinct, got {tuple(sites)}")
+  for site in sites:
+    if not isinstance(site, str) or not _SITE_RE.match(site):
+      raise ValueError(f"site code must be alphanumeric without '_', got {site!r}")
+  if patients_per_site < 1 or slices_per_patient < 1:
+    raise ValueError(f"need patients_per_site >= 1 and slices_per_patient >= 1, "
+                     f"got {patients_per_site} and {slices_per_patient}")
+  if size < 16:
+    raise ValueError(f"size must be >= 16, got {size}")
+  if not 0.0 <= tumour_free_fraction <= 1.0:
+    raise ValueError(f"tumour_free_fraction must be in [0, 1], got {tumour_free_fraction}")
+  rng_for(seed)  # validates the seed
+
+  out = os.path.join(os.fspath(root), "kaggle_3m")
+  _prepare_out_dir(out, overwrite)
+  folders = []
+  for site in sites:
+    for index, name in enumerate(lgg_patient_names(seed, site, patients_per_site)):
+      images, masks = generate_lgg_patient(seed, site, index, n_slices=slices_per_patient, size=size,
+                                           tumour_free_fraction=tumour_free_fraction)
+      folder = os.path.join(out, name)
+      os.makedirs(folder, exist_ok=True)
+      for n in range(slices_per_patient):
+        _save_tiff(images[n], os.path.join(folder, f"{name}_{n + 1}.tif"))
+        _save_tiff(masks[n], os.path.join(folder, f"{name}_{n + 1}_mask.tif"))
+      folders.append(folder)
+  return sorted(folders, key=os.path.basename)
+
+
+# Layout name -> writer. BraTS / ACDC writers are to be added here.
+WRITERS: Mapping[str, Callable[..., list[str]]] = types.MappingProxyType({"lgg": write_lgg})
+
+
+# --------------------------------------------------------------------------
+# CLI.
+# --------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m fedjax_seg.data.phantom --layout lgg --out DIR [--seed 0 --size 64 ...]``."""
+  parser = argparse.ArgumentParser(prog="python -m fedjax_seg.data.phantom",
+                                   description="Write a deterministic phantom data set in a real layout.")
+  parser.add_argument("--layout", choices=sorted(WRITERS), required=True)
+  parser.add_argument("--out", required=True, help="output root (the layout's folders are made inside)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--size", type=int, default=64)
+  parser.add_argument("--sites", default="CS,DU,HT", help="comma-separated institution codes")
+  parser.add_argument("--patients-per-site", type=int, default=4)
+  parser.add_argument("--slices-per-patient", type=int, default=12)
+  parser.add_argument("--tumour-free-fraction", type=float, default=0.3)
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output")
+  args = parser.parse_args(argv)
+
+  sites = tuple(s.strip() for s in args.sites.split(",") if s.strip())
+  try:
+    folders = WRITERS[args.layout](
+        args.out, seed=args.seed, sites=sites, patients_per_site=args.patients_per_site,
+        slices_per_patient=args.slices_per_patient, size=args.size,
+        tumour_free_fraction=args.tumour_free_fraction, overwrite=args.overwrite)
+  except (ValueError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  n_files = 0
+  for folder in folders:
+    files = sorted(os.listdir(folder))
+    n_files += len(files)
+    print(f"{folder}: {sum(not f.endswith('_mask.tif') for f in files)} slices")
+  print(f"wrote {len(folders)} patients, {n_files} files ({args.layout}, seed {args.seed}, "
+        f"size {args.size}) under {os.path.abspath(args.out)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
