@@ -20,6 +20,7 @@ def get_data_config():
   data.image_size = 128
   data.normalize = "slice_max"   # slice_max | zscore | none
   data.split_seed = 0
+  data.stratify_by_site = True  # every site gets val and test patients
   data.val_fraction = 0.2
   data.test_fraction = 0.15
   return data

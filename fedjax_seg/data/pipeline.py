@@ -156,8 +156,10 @@ def build_dataset(data_cfg, verbose: bool = True) -> SegDataset:
     x, y = preprocess.resize_slices(images, labels, data_cfg.image_size)
     x = preprocess.normalize(x, data_cfg.normalize)
     patients[pid] = PatientArrays(pid, site, x, y.astype(np.int32))
+  strata = ({p.id: p.site for p in patients.values()}
+            if data_cfg.get("stratify_by_site", True) else None)
   splits = preprocess.split_patients(list(patients), data_cfg.split_seed,
-                                     data_cfg.val_fraction, data_cfg.test_fraction)
+                                     data_cfg.val_fraction, data_cfg.test_fraction, strata)
   ds = SegDataset(patients, splits, len(class_names), tuple(class_names), root)
   if verbose:
     n = sum(len(p.labels) for p in patients.values())

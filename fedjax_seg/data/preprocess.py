@@ -11,7 +11,8 @@ from PIL import Image
 
 
 def split_patients(patient_ids: Sequence[str], seed: int, val_fraction: float = 0.2,
-                   test_fraction: float = 0.15) -> Dict[str, List[str]]:
+                   test_fraction: float = 0.15, strata: Dict[str, str] | None = None
+                   ) -> Dict[str, List[str]]:
   """Patient-level train/val/test split (SPEC §1.5, seed 001).
 
   First train:val = (1-val_fraction):val_fraction, then ``test_fraction`` of
@@ -19,8 +20,28 @@ def split_patients(patient_ids: Sequence[str], seed: int, val_fraction: float = 
   no patient's slices leak across splits. Each split gets ≥ 1 patient when
   there are ≥ 3 patients.
 
+  With ``strata`` (patient id -> site) the split is done within each site
+  that has ≥ 3 patients (smaller sites go to train), so every hospital has
+  validation and test patients; this keeps the federated by-site split and
+  the centralised baseline on exactly the same train/val/test patients.
+
   Returns {'train': [...], 'val': [...], 'test': [...]} (sorted ids).
   """
+  if strata is not None:
+    out: Dict[str, List[str]] = {"train": [], "val": [], "test": []}
+    groups: Dict[str, List[str]] = {}
+    for p in sorted(patient_ids):
+      groups.setdefault(strata[p], []).append(p)
+    for i, name in enumerate(sorted(groups)):
+      if len(groups[name]) < 3:
+        out["train"] += groups[name]
+        continue
+      part = split_patients(groups[name], seed + 7919 * (i + 1), val_fraction, test_fraction)
+      for k in out:
+        out[k] += part[k]
+    if not out["val"] or not out["test"]:
+      return split_patients(patient_ids, seed, val_fraction, test_fraction)
+    return {k: sorted(v) for k, v in out.items()}
   ids = sorted(patient_ids)
   if len(ids) < 3:
     raise ValueError(f"need at least 3 patients to split train/val/test, got {len(ids)}")

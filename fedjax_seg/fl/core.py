@@ -1,0 +1,182 @@
+"""The federated round: K client updates + one aggregation in ONE jitted program.
+
+    run_round(state, data, key) -> (state', info)
+
+      keys_k     = split(fold_in(key, state.round), K)
+      M_k, st_k  = client_update(M_{t-1}, data_k, keys_k)     for every k
+      M_t, w, ok = aggregator(M_{t-1}, stack(M_k), stack(st_k))
+
+How "for every k" executes is an *execution strategy* (config
+``fl.client_strategy``), chosen per backend because their speeds differ by
+an order of magnitude (see ``benchmarks/round_speed.py`` and
+../shared/perf/NOTES.md):
+  'vmap'      jax.vmap over clients (accelerators: the fast path)
+  'unrolled'  clients unrolled in Python inside the one jit (XLA:CPU: vmap over
+              per-client weights turns convs into slow grouped convs)
+  'map'       lax.map over clients (bounded memory, slow on CPU)
+  'auto'      'vmap' on gpu/tpu, 'unrolled' on cpu
+Likewise ``fl.step_strategy`` for the E local steps: 'scan' (lax.scan),
+'unrolled' (Python loop inside jit), 'auto' ('scan' on gpu/tpu, 'unrolled' on cpu).
+All strategies compute the same function (tested).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_seg import losses, steps
+from fedjax_seg.data.federated import ClientData, sample_batch
+from fedjax_seg.fl import aggregators
+from fedjax_seg.models import ModelFns
+
+CLIENT_STRATEGIES = ("auto", "vmap", "unrolled", "map")
+STEP_STRATEGIES = ("auto", "scan", "unrolled")
+
+
+@flax.struct.dataclass
+class ServerState:
+  """variables: global model {'params', ...}; round: int32 []; server_opt_state:
+  state of an optional server optimiser (empty tuple for plain averaging)."""
+  variables: Any
+  round: jnp.ndarray
+  server_opt_state: Any = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientHParams:
+  local_steps: int = 4          # E optimiser steps per round
+  batch_size: int = 8
+  stats_samples: int = 16       # local samples for the aggregator statistics
+  step_strategy: str = "auto"
+  prox_mu: float = 0.0          # FedProx μ (0 = FedAvg local objective)
+
+
+def resolve_strategy(strategy: str, kind: str = "client", backend: Optional[str] = None) -> str:
+  """Maps 'auto' to the measured default for the current backend."""
+  allowed = CLIENT_STRATEGIES if kind == "client" else STEP_STRATEGIES
+  if strategy not in allowed:
+    raise ValueError(f"config.fl.{kind}_strategy={strategy!r}: expected one of {allowed}")
+  if strategy != "auto":
+    return strategy
+  backend = backend or jax.default_backend()
+  if kind == "client":
+    return "unrolled" if backend == "cpu" else "vmap"
+  return "unrolled" if backend == "cpu" else "scan"
+
+
+def client_stats(fns: ModelFns, loss_name: str, num_classes: int, variables, x, y, mask):
+  """cost (training loss), CE and soft foreground Dice coefficient of a model.
+
+  Dice here is the smooth coefficient 1 − soft_dice_loss (ε = 1, background
+  excluded for >1 class), so the DCEW ratio d_k is finite and > 0 even for a
+  model that predicts no foreground yet.
+  """
+  logits, _ = fns.apply(variables, x, train=False)
+  cost = losses.get_loss(loss_name)(logits, y, num_classes, mask)
+  ce = losses.sparse_cross_entropy(logits, y, mask)
+  dice = 1.0 - losses.soft_dice_loss(logits, y, num_classes, mask,
+                                     include_background=num_classes <= 1)
+  return cost, ce, dice
+
+
+def make_client_update(fns: ModelFns, tx: optax.GradientTransformation, loss_name: str,
+                       num_classes: int, hp: ClientHParams,
+                       augment: Optional[Callable] = None) -> Callable:
+  """Returns the pure ``client_update(variables, data, key) -> (variables', stats)``.
+
+  data: one client's ClientData slice (x [N, ...], y [N, ...], valid [N]).
+  Runs E = hp.local_steps optimiser steps from a fresh optimiser state on
+  batches sampled (by key) from the client's real samples. stats: float32
+  scalars num_samples, train_loss, cost_pre/post, ce_pre/post, dice_pre/post.
+  FedProx: with hp.prox_mu > 0 the local objective adds (μ/2)‖w − w_global‖².
+  """
+  step_strategy = resolve_strategy(hp.step_strategy, "step")
+
+  def client_update(variables, data: ClientData, key):
+    skey, tkey = jax.random.split(key)
+    sx, sy, smask = sample_batch(data, skey, hp.stats_samples)
+    pre = client_stats(fns, loss_name, num_classes, variables, sx, sy, smask)
+    extra = None
+    if hp.prox_mu > 0:
+      anchor = variables["params"]
+      extra = lambda p: 0.5 * hp.prox_mu * optax.global_norm(
+          jax.tree.map(jnp.subtract, p, anchor)) ** 2
+    step = steps.make_train_step(fns, tx, loss_name, num_classes, augment, extra)
+
+    def body(carry, k):
+      v, o = carry
+      bkey, dkey = jax.random.split(k)
+      x, y, m = sample_batch(data, bkey, hp.batch_size)
+      v, o, loss = step(v, o, x, y, m, dkey)
+      return (v, o), loss
+
+    carry = (variables, tx.init(variables["params"]))
+    keys = jax.random.split(tkey, hp.local_steps)
+    if step_strategy == "scan":
+      carry, step_losses = jax.lax.scan(body, carry, keys)
+    else:
+      ls = []
+      for e in range(hp.local_steps):
+        carry, loss = body(carry, keys[e])
+        ls.append(loss)
+      step_losses = jnp.stack(ls)
+    new_vars = carry[0]
+    post = client_stats(fns, loss_name, num_classes, new_vars, sx, sy, smask)
+    stats = {"num_samples": jnp.sum(data.valid), "train_loss": jnp.mean(step_losses),
+             "cost_pre": pre[0], "cost_post": post[0], "ce_pre": pre[1], "ce_post": post[1],
+             "dice_pre": pre[2], "dice_post": post[2]}
+    return new_vars, stats
+  return client_update
+
+
+def map_clients(client_update: Callable, strategy: str) -> Callable:
+  """(variables, data [K, ...], keys [K]) -> (stacked variables [K, ...], stats [K])."""
+  strategy = resolve_strategy(strategy, "client")
+  if strategy == "vmap":
+    return jax.vmap(client_update, in_axes=(None, 0, 0))
+  if strategy == "map":
+    return lambda v, data, keys: jax.lax.map(lambda a: client_update(v, a[0], a[1]), (data, keys))
+
+  def unrolled(v, data, keys):
+    outs = [client_update(v, jax.tree.map(lambda a: a[k], data), keys[k])
+            for k in range(keys.shape[0])]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+  return unrolled
+
+
+def make_run_round(client_update: Callable, aggregator: Callable, client_strategy: str = "auto",
+                   agg_kwargs: Optional[Dict[str, Any]] = None,
+                   server_update: Optional[Callable] = None) -> Callable:
+  """Builds ``run_round(state, data, key) -> (state', info)`` (jit it once).
+
+  info: per-client stats [K], 'weights' [K], 'failed' bool, 'included' [K].
+  ``server_update(state, aggregate) -> (variables, server_opt_state)`` lets a
+  server optimiser (FedAdam, ...) turn the aggregate into the next model;
+  by default the aggregate *is* the next model.
+  """
+  clients = map_clients(client_update, client_strategy)
+  agg_kwargs = dict(agg_kwargs or {})
+
+  def run_round(state: ServerState, data: ClientData, key):
+    k = data.x.shape[0]
+    keys = jax.random.split(jax.random.fold_in(key, state.round), k)
+    stacked, stats = clients(state.variables, data, keys)
+    new_vars, weights, failed = aggregator(state.variables, stacked, stats, **agg_kwargs)
+    opt_state = state.server_opt_state
+    if server_update is not None:
+      new_vars, opt_state = server_update(state, new_vars, failed)
+    info = {**stats, "weights": weights, "failed": failed,
+            "included": weights > 0}
+    return ServerState(new_vars, state.round + 1, opt_state), info
+  return run_round
+
+
+def model_bytes(variables) -> int:
+  """Bytes of one model (all collections) as sent over the wire."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(variables)))

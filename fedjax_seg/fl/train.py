@@ -1,0 +1,185 @@
+"""Federated trainer: partition patients over K hospitals, then rounds of the
+one-jit ``run_round`` with per-round evaluation, logging and checkpoints.
+
+Round 0 is logged before any training (the initial global model), so curves
+start at the same point for every aggregator.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_seg import models, runlog, steps
+from fedjax_seg import train as train_lib
+from fedjax_seg.data import federated, partition, pipeline
+from fedjax_seg.fl import aggregators, core
+
+
+def partition_dataset(ds: pipeline.SegDataset, fl_cfg, verbose: bool = True):
+  """Splits train and val patients over clients with the configured scheme.
+
+  The same scheme is applied to the train split and to the val split (so by
+  site, hospital k validates on its own patients); the test split stays
+  pooled. Returns (names, train_ids [K][...], val_ids [K][...]).
+  """
+  sites = {pid: p.site for pid, p in ds.patients.items()}
+  tumour = {pid: float((p.labels > 0).mean()) for pid, p in ds.patients.items()}
+  kind = fl_cfg.partition
+  k = fl_cfg.num_clients
+  if kind == "by_site":
+    train_sites = sorted({sites[p] for p in ds.splits["train"]})
+    k = k or len(train_sites)
+    train_ids = partition.by_site(ds.splits["train"], sites, k)
+    # validation patients follow their site's client
+    client_of_site = {}
+    for i, ids in enumerate(train_ids):
+      for p in ids:
+        client_of_site[sites[p]] = i
+    val_ids = [[] for _ in range(k)]
+    for p in ds.splits["val"]:
+      if sites[p] in client_of_site:
+        val_ids[client_of_site[sites[p]]].append(p)
+    names = ["+".join(sorted({sites[p] for p in ids})) for ids in train_ids]
+  else:
+    if k < 1:
+      raise ValueError(f"config.fl.num_clients={k}: partition {kind!r} needs num_clients >= 1")
+    train_ids = partition.make_partition(kind, ds.splits["train"], k, fl_cfg.partition_seed,
+                                         sites, tumour, fl_cfg.dirichlet_alpha)
+    val_ids = _deal(ds.splits["val"], k, fl_cfg.partition_seed)
+    names = [f"client{i}" for i in range(k)]
+  return names, train_ids, val_ids
+
+
+def _deal(ids, k, seed):
+  order = np.random.default_rng(seed + 1).permutation(len(ids))
+  out = [[] for _ in range(k)]
+  for r, i in enumerate(order):
+    out[r % k].append(sorted(ids)[i])
+  return out
+
+
+def build_client_data(ds, train_ids):
+  return federated.stack_clients([ds.arrays(ids) for ids in train_ids])
+
+
+def client_hparams(config) -> core.ClientHParams:
+  fl = config.fl
+  return core.ClientHParams(local_steps=fl.local_steps, batch_size=fl.client_batch_size,
+                            stats_samples=fl.stats_samples, step_strategy=fl.step_strategy,
+                            prox_mu=fl.get("prox_mu", 0.0))
+
+
+def agg_kwargs(config) -> Dict:
+  fl = config.fl
+  if config.algorithm == "fedcostw":
+    return {"alpha": fl.alpha, "cost": fl.cost}
+  if config.algorithm == "costw_ce":
+    return {"alpha": fl.alpha}
+  if config.algorithm == "dcew":
+    if abs(fl.alpha + fl.beta + fl.gamma - 1.0) > 1e-6:
+      raise ValueError(f"config.fl.alpha+beta+gamma must be 1 for dcew, got "
+                       f"{fl.alpha}+{fl.beta}+{fl.gamma}")
+    return {"alpha": fl.alpha, "beta": fl.beta, "gamma": fl.gamma}
+  return {}
+
+
+def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
+  """Federated training with ``config.algorithm`` as the aggregator.
+
+  stop_after: test hook, raise train.Interrupted after that many rounds.
+  """
+  t_start = time.time()
+  train_lib.save_config(config, workdir)
+  ds = pipeline.build_dataset(config.data)
+  names, train_ids, val_ids = partition_dataset(ds, config.fl)
+  data = build_client_data(ds, train_ids)
+  print(f"[fl] {config.algorithm}: {len(names)} clients, partition={config.fl.partition}\n"
+        + federated.client_summary(names, train_ids, data, val_ids), flush=True)
+  fns = models.build(config.model, ds.num_classes)
+  key = jax.random.PRNGKey(config.seed)
+  init_key, round_key = jax.random.split(key)
+  variables = fns.init(init_key, jnp.zeros((1,) + data.x.shape[2:], jnp.float32))
+  tx = steps.make_optimizer(config.optimizer)
+  hp = client_hparams(config)
+  client_update = core.make_client_update(fns, tx, config.loss, ds.num_classes, hp,
+                                          augment=train_lib.build_augment(config))
+  run_round = jax.jit(core.make_run_round(client_update, aggregators.get(config.algorithm),
+                                          config.fl.client_strategy, agg_kwargs(config)),
+                      donate_argnums=(0,))
+  state = core.ServerState(variables, jnp.int32(0))
+  mbytes = core.model_bytes(variables)
+  print(f"[fl] model {config.model.name}: {train_lib.num_params(variables):,} parameters, "
+        f"{mbytes / 1e6:.2f} MB per transfer; client strategy "
+        f"{core.resolve_strategy(config.fl.client_strategy)}, step strategy "
+        f"{core.resolve_strategy(config.fl.step_strategy, 'step')}", flush=True)
+
+  ckpt = runlog.Checkpointer(workdir)
+  _, restored = ckpt.restore_latest(state)
+  start = 0
+  if restored is not None:
+    state, start = restored, int(restored.round)
+    print(f"[fl] resumed from checkpoint at round {start}", flush=True)
+  log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None,
+                          key="round")
+  eval_batch = jax.jit(steps.make_eval_batch(fns, config.loss, ds.num_classes))
+  x_va, y_va = ds.split("val")
+  client_val = [ds.arrays(ids) for ids in val_ids]
+
+  def evaluate_row(variables, rnd, info=None):
+    row = {"round": rnd}
+    if rnd % config.fl.eval_every == 0 or rnd == config.fl.rounds:
+      val = steps.evaluate(eval_batch, variables, x_va, y_va, config.eval_batch_size,
+                           ds.class_names)
+      row.update({f"val_{k}": v for k, v in val.items() if not isinstance(v, (bool, str))})
+      if config.fl.eval_clients:
+        row["client_val_dice"] = [
+            steps.evaluate(eval_batch, variables, x, y, config.eval_batch_size,
+                           ds.class_names)["dice_mean"] if len(x) else None
+            for x, y in client_val]
+    if info is not None:
+      info = jax.device_get(info)
+      row.update({"train_loss": float(np.nanmean(np.where(info["included"], info["train_loss"],
+                                                          np.nan))) if info["included"].any()
+                  else float("nan"),
+                  "weights": [float(w) for w in info["weights"]],
+                  "client_train_loss": [float(v) for v in info["train_loss"]],
+                  "failed": bool(info["failed"]),
+                  "excluded": [n for n, inc in zip(names, info["included"]) if not inc],
+                  "bytes_up_per_client": mbytes, "bytes_down_per_client": mbytes,
+                  "bytes_total": 2 * mbytes * len(names)})
+      for key_ in ("dice_pre", "dice_post", "ce_pre", "ce_post"):
+        row[f"client_{key_}"] = [float(v) for v in info[key_]]
+    row["time_s"] = time.time() - t_start
+    return row
+
+  if start == 0:
+    log.append(evaluate_row(state.variables, 0))
+  prog = runlog.Progress(config.fl.rounds, start, what="round")
+  for rnd in range(start, config.fl.rounds):
+    state, info = run_round(state, data, round_key)
+    row = evaluate_row(state.variables, rnd + 1, info)
+    log.append(row)
+    ckpt.save(rnd + 1, state)
+    status = "FAILED (global model kept)" if row["failed"] else ""
+    if row["excluded"]:
+      status += f" excluded: {','.join(row['excluded'])}"
+    w = " ".join(f"{x:.2f}" for x in row["weights"])
+    print(prog.line(rnd + 1, f"train_loss {row['train_loss']:.4f}  val_dice "
+                    f"{row.get('val_dice_mean', float('nan')):.4f}  w [{w}] {status}"), flush=True)
+    if stop_after is not None and rnd + 1 >= stop_after and rnd + 1 < config.fl.rounds:
+      ckpt.close()
+      raise train_lib.Interrupted(f"stopped after round {rnd + 1} (test hook)")
+  ckpt.close()
+  return train_lib.finish(
+      config, workdir, fns, state.variables, ds, eval_batch, log.rows, x_key="round",
+      extra={"rounds": config.fl.rounds, "clients": names, "num_params":
+             train_lib.num_params(state.variables), "bytes_per_round": 2 * mbytes * len(names),
+             "wall_time_s": time.time() - t_start})
+
+
+TRAINERS = {name: train_federated for name in aggregators.AGGREGATORS}

@@ -1,0 +1,101 @@
+"""Aggregators vs NumPy implementations of the SPEC §4.1 formulas."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_seg.fl import aggregators as agg
+
+K = 4
+
+
+def _setup(nan_client=None, seed=0):
+  rng = np.random.default_rng(seed)
+  stacked = {"params": {"w": rng.normal(size=(K, 3, 2)).astype(np.float32),
+                        "b": rng.normal(size=(K, 5)).astype(np.float32)}}
+  glob = {"params": {"w": np.zeros((3, 2), np.float32), "b": np.ones((5,), np.float32)}}
+  stats = {
+      "num_samples": np.array([10., 3., 7., 20.], np.float32),
+      "cost_pre": rng.uniform(0.5, 1.5, K).astype(np.float32),
+      "cost_post": rng.uniform(0.2, 1.0, K).astype(np.float32),
+      "ce_pre": rng.uniform(0.3, 2.0, K).astype(np.float32),
+      "ce_post": rng.uniform(0.1, 1.0, K).astype(np.float32),
+      "dice_pre": rng.uniform(0.05, 0.5, K).astype(np.float32),
+      "dice_post": rng.uniform(0.2, 0.9, K).astype(np.float32),
+  }
+  if nan_client is not None:
+    stacked["params"]["w"][nan_client, 0, 0] = np.nan
+  return glob, stacked, stats
+
+
+def _sig(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def _np_weights(name, stats, ok, alpha=0.5, beta=0.25, gamma=0.25):
+  s = np.where(ok, stats["num_samples"], 0.0)
+  S = s.sum()
+  if name == "fedavg":
+    return s / S
+  if name == "fedcostw":
+    c = np.where(ok, stats["cost_pre"] / stats["cost_post"], 0)
+    return alpha * s / S + (1 - alpha) * c / c.sum()
+  c = np.where(ok, _sig(stats["ce_pre"]) / _sig(stats["ce_post"]), 0)
+  if name == "costw_ce":
+    return alpha * s / S + (1 - alpha) * c / c.sum()
+  d = np.where(ok, stats["dice_post"] / stats["dice_pre"], 0)
+  return alpha * s / S + beta * c / c.sum() + gamma * d / d.sum()
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedcostw", "costw_ce", "dcew"])
+@pytest.mark.parametrize("nan_client", [None, 1])
+def test_aggregator_matches_numpy(name, nan_client):
+  glob, stacked, stats = _setup(nan_client)
+  ok = np.ones(K, bool) if nan_client is None else np.arange(K) != nan_client
+  w_ref = _np_weights(name, stats, ok)
+  new, w, failed = jax.jit(agg.get(name))(glob, stacked, stats)
+  np.testing.assert_allclose(np.asarray(w), w_ref, rtol=1e-5, atol=1e-7)
+  assert float(jnp.sum(w)) == pytest.approx(1.0, abs=1e-6)
+  assert not bool(failed)
+  ref = jax.tree.map(lambda m: np.tensordot(w_ref, np.where(
+      ok.reshape((-1,) + (1,) * (m.ndim - 1)), m, 0), axes=1), stacked)
+  chex.assert_trees_all_close(new, ref, rtol=1e-5, atol=1e-6)
+  chex.assert_tree_all_finite(new)
+  chex.assert_trees_all_equal_shapes(new, glob)
+
+
+def test_fedavg_is_sample_weighted_mean_by_hand():
+  stacked = {"params": {"w": np.array([[1.0], [4.0]], np.float32)}}
+  glob = {"params": {"w": np.array([0.0], np.float32)}}
+  stats = {"num_samples": np.array([1.0, 3.0], np.float32)}
+  new, w, _ = agg.fedavg(glob, stacked, stats)
+  np.testing.assert_allclose(new["params"]["w"], [(1 * 1 + 3 * 4) / 4])
+
+
+def test_nonfinite_stat_excludes_client_and_empty_client_excluded():
+  glob, stacked, stats = _setup()
+  stats["dice_pre"][2] = np.inf
+  stats["num_samples"][3] = 0.0
+  _, w, failed = agg.dcew(glob, stacked, stats)
+  w = np.asarray(w)
+  assert w[2] == 0 and w[3] == 0 and not bool(failed)
+  assert w.sum() == pytest.approx(1.0, abs=1e-6)
+  # fedavg does not read dice, so the inf dice client stays in
+  _, w, _ = agg.fedavg(glob, stacked, stats)
+  assert np.asarray(w)[2] > 0
+
+
+@pytest.mark.parametrize("name", ["fedavg", "dcew"])
+def test_all_clients_nonfinite_keeps_global(name):
+  glob, stacked, stats = _setup()
+  stacked["params"]["b"][:] = np.nan
+  new, w, failed = agg.get(name)(glob, stacked, stats)
+  assert bool(failed)
+  chex.assert_trees_all_close(new, glob)
+  assert float(jnp.sum(w)) == 0.0
+
+
+def test_unknown_aggregator_names_key():
+  with pytest.raises(ValueError, match="config.fl.aggregator='median2'"):
+    agg.get("median2")
