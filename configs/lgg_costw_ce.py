@@ -1,0 +1,13 @@
+"""costw_ce aggregation (SPEC §4.1) over phantom/real Kaggle LGG hospitals.
+
+  python launch.py --config configs/lgg_costw_ce.py --workdir runs/lgg_costw_ce [--config.fl.rounds=...]
+
+Everything else as configs/lgg_fedavg.py.
+"""
+from configs import lgg_fedavg
+
+
+def get_config(arg=None):
+  config = lgg_fedavg.get_config()
+  config.algorithm = "costw_ce"
+  return config

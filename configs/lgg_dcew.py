@@ -1,0 +1,13 @@
+"""dcew aggregation (SPEC §4.1) over phantom/real Kaggle LGG hospitals.
+
+  python launch.py --config configs/lgg_dcew.py --workdir runs/lgg_dcew [--config.fl.rounds=...]
+
+Everything else as configs/lgg_fedavg.py.
+"""
+from configs import lgg_fedavg
+
+
+def get_config(arg=None):
+  config = lgg_fedavg.get_config()
+  config.algorithm = "dcew"
+  return config
