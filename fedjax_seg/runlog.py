@@ -33,6 +33,22 @@ def _jsonable(v):
   return v
 
 
+_JIT_CACHE: Dict[str, Any] = {}
+
+
+def cached_jit(key: str, build, **jit_kwargs):
+  """``jax.jit(build())`` memoised by ``key`` within this process.
+
+  Re-running the same experiment config in one process (a resumed run, a
+  sweep point, a test) then reuses the compiled program instead of
+  re-tracing and re-compiling a structurally identical function. ``key``
+  must capture everything ``build`` closes over (callers use the config JSON).
+  """
+  if key not in _JIT_CACHE:
+    _JIT_CACHE[key] = jax.jit(build(), **jit_kwargs)
+  return _JIT_CACHE[key]
+
+
 class MetricsLog:
   """Append-only metrics.jsonl + metrics.csv. Rows past ``resume_from`` are
   dropped on open so that a resumed run never duplicates rows."""

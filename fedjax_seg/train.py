@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_seg import models, runlog, steps
+from fedjax_seg import evaluation, models, runlog, steps
 from fedjax_seg.data import pipeline
 
 TABLE_KEYS = ["dice_mean", "iou_mean", "precision_mean", "sensitivity_mean",
@@ -42,6 +42,16 @@ def save_config(config, workdir: str) -> None:
       print(f"[train] warning: config differs from the one stored in {path} "
             f"(top-level keys {changed}); resuming with the new config", flush=True)
   runlog.write_json(path, new)
+
+
+def compile_key(config, ds, parts=None) -> str:
+  """Everything a compiled step depends on besides its argument shapes:
+  the whole config, or only the top-level ``parts`` named."""
+  import json as _json
+  blob = _json.loads(config.to_json_best_effort())
+  if parts is not None:
+    blob = {k: blob.get(k) for k in parts}
+  return _json.dumps(blob, sort_keys=True) + str(ds.num_classes)
 
 
 def num_params(variables) -> int:
@@ -80,7 +90,7 @@ def train_centralized(config, workdir: str, stop_after: Optional[int] = None) ->
   variables = fns.init(init_key, jnp.zeros((1,) + x_tr.shape[1:], jnp.float32))
   tx = steps.make_optimizer(config.optimizer)
   state = {"variables": variables, "opt_state": tx.init(variables["params"]),
-           "epoch": np.int32(0)}
+           "epoch": jnp.asarray(0, jnp.int32)}
   print(f"[train] model {config.model.name}: {num_params(variables):,} parameters", flush=True)
 
   ckpt = runlog.Checkpointer(workdir)
@@ -92,9 +102,13 @@ def train_centralized(config, workdir: str, stop_after: Optional[int] = None) ->
   log = runlog.MetricsLog(workdir, resume_from=start)
 
   bs = config.batch_size
-  step = jax.jit(steps.make_train_step(fns, tx, config.loss, ds.num_classes,
-                                       augment=build_augment(config)), donate_argnums=(0, 1))
-  eval_batch = jax.jit(steps.make_eval_batch(fns, config.loss, ds.num_classes))
+  ckey = compile_key(config, ds, ("model", "loss", "optimizer", "augment"))
+  step = runlog.cached_jit("train_step" + ckey, lambda: steps.make_train_step(
+      fns, tx, config.loss, ds.num_classes, augment=build_augment(config)),
+      donate_argnums=(0, 1))
+  eval_batch = runlog.cached_jit("eval" + compile_key(config, ds, ("model", "loss")),
+                                 lambda: steps.make_eval_batch(
+      fns, config.loss, ds.num_classes))
   x_dev, y_dev = jax.device_put(x_tr), jax.device_put(y_tr.astype(np.int32))
   gather = jax.jit(lambda x, y, idx: (x[idx], y[idx]))
   steps_per_epoch = int(np.ceil(len(x_tr) / bs))
@@ -122,7 +136,7 @@ def train_centralized(config, workdir: str, stop_after: Optional[int] = None) ->
            **{f"val_{k}": v for k, v in val.items() if not isinstance(v, (bool, str))},
            "time_s": time.time() - t_start}
     log.append(row)
-    state = {"variables": variables, "opt_state": opt_state, "epoch": np.int32(epoch + 1)}
+    state = {"variables": variables, "opt_state": opt_state, "epoch": jnp.asarray(epoch + 1, jnp.int32)}
     ckpt.save(epoch + 1, state)
     print(prog.line(epoch + 1, f"train_loss {train_loss:.4f}  val_dice {val['dice_mean']:.4f}  "
                     f"val_loss {val['loss']:.4f}"), flush=True)
@@ -146,22 +160,28 @@ def finish(config, workdir, fns, variables, ds, eval_batch, rows, extra: Dict,
     if len(x):
       split_metrics[name] = steps.evaluate(eval_batch, variables, x, y,
                                            config.eval_batch_size, ds.class_names)
+  # Region Dice / HD95 (mm) / seed 001 table for layouts with voxel spacing (BraTS, ACDC).
+  report = evaluation.dataset_report(config, fns, variables, ds, eval_batch, split_metrics)
   results = {"algorithm": config.algorithm, "metrics": split_metrics,
-             "class_names": list(ds.class_names), "background_in_means": False, **extra}
+             "class_names": list(ds.class_names), "background_in_means": False,
+             **(report["results"] if report else {}), **extra}
   runlog.write_json(os.path.join(workdir, "results.json"), results)
   if rows:
     runlog.plot_learning_curves(rows, os.path.join(workdir, "learning_curves.png"), x_key)
   x_te, y_te = ds.split("test")
   if len(x_te):
     logits, _ = jax.jit(lambda v, x: fns.apply(v, x))(variables, x_te[:config.eval_batch_size])
-    runlog.plot_overlays(x_te[:config.eval_batch_size], y_te[:config.eval_batch_size],
-                         np.asarray(jnp.argmax(logits, -1)), os.path.join(workdir, "overlays.png"))
+    runlog.plot_overlays(*evaluation.overlay_samples(
+        x_te[:config.eval_batch_size], y_te[:config.eval_batch_size], np.asarray(jnp.argmax(logits, -1))),
+        os.path.join(workdir, "overlays.png"))
   print("\n[results] foreground means (background excluded); pixel_accuracy includes background\n"
         + runlog.metrics_table(split_metrics, TABLE_KEYS), flush=True)
   per_class = {n: {k.split("/")[1]: v for k, v in m.items() if k.startswith("dice/")}
                for n, m in split_metrics.items()}
   print("\n[results] per-class Dice\n" + runlog.metrics_table(
       per_class, list(ds.class_names)), flush=True)
+  if report:
+    print(report["text"], flush=True)
   print(f"\n[results] written to {os.path.join(workdir, 'results.json')}", flush=True)
   return results
 

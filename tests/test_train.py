@@ -21,6 +21,8 @@ def _final_params(workdir, like):
 def test_centralized_run_writes_outputs_and_learns(tiny, tmp_path):
   c = tiny()
   c.num_epochs = 8
+  c.batch_size = 4
+  c.optimizer.lr = 1e-2
   validate(c)
   res = train.run(c, str(tmp_path))
   for f in ("config.json", "metrics.jsonl", "metrics.csv", "results.json",

@@ -106,11 +106,14 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   variables = fns.init(init_key, jnp.zeros((1,) + data.x.shape[2:], jnp.float32))
   tx = steps.make_optimizer(config.optimizer)
   hp = client_hparams(config)
-  client_update = core.make_client_update(fns, tx, config.loss, ds.num_classes, hp,
-                                          augment=train_lib.build_augment(config))
-  run_round = jax.jit(core.make_run_round(client_update, aggregators.get(config.algorithm),
-                                          config.fl.client_strategy, agg_kwargs(config)),
-                      donate_argnums=(0,))
+  ckey = train_lib.compile_key(config, ds, ("model", "loss", "optimizer", "augment", "algorithm", "fl"))
+
+  def build_round():
+    client_update = core.make_client_update(fns, tx, config.loss, ds.num_classes, hp,
+                                            augment=train_lib.build_augment(config))
+    return core.make_run_round(client_update, aggregators.get(config.algorithm),
+                               config.fl.client_strategy, agg_kwargs(config))
+  run_round = runlog.cached_jit("round" + ckey, build_round, donate_argnums=(0,))
   state = core.ServerState(variables, jnp.int32(0))
   mbytes = core.model_bytes(variables)
   print(f"[fl] model {config.model.name}: {train_lib.num_params(variables):,} parameters, "
@@ -126,7 +129,9 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
     print(f"[fl] resumed from checkpoint at round {start}", flush=True)
   log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None,
                           key="round")
-  eval_batch = jax.jit(steps.make_eval_batch(fns, config.loss, ds.num_classes))
+  eval_batch = runlog.cached_jit("eval" + train_lib.compile_key(config, ds, ("model", "loss")),
+                                 lambda: steps.make_eval_batch(
+      fns, config.loss, ds.num_classes))
   x_va, y_va = ds.split("val")
   client_val = [ds.arrays(ids) for ids in val_ids]
 
