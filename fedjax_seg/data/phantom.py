@@ -3,9 +3,8 @@
 Real data sets cannot be downloaded here, so tests, smoke runs and benchmarks
 use *phantoms*: head-like volumes with a tumour, rendered per hospital with
 that hospital's scanner effects, and written to disk in exactly the layout the
-loaders read (`fedjax_seg.data.layouts`). Only the Kaggle LGG layout (SPEC
-§1.2) is written for now; the module is split so BraTS / ACDC writers can reuse
-the pieces:
+loaders read (`fedjax_seg.data.layouts`): Kaggle LGG (SPEC §1.2), BraTS 2020
+(§1.1) and ACDC (§1.3). The pieces:
 
 * generic helpers: `rng_for` (stable seeding from strings), `grid_2d`,
   `smooth_noise`, `bias_field`, `irregular_blob`;
@@ -14,12 +13,18 @@ the pieces:
   tumour sub-regions: edema halo, enhancing rim, necrotic core);
 * `render_lgg` / `generate_lgg_patient` / `write_lgg`: the LGG contrasts,
   scanner effects and the TIFF writer;
-* `main`: CLI, ``python -m fedjax_seg.data.phantom --layout lgg --out DIR``.
+* `brats_site_effects` / `render_brats` / `generate_brats_patient` /
+  `write_brats`: four modalities (flair, t1, t1ce, t2) + seg {0, 1, 2, 4},
+  NIfTI with a BraTS-like affine, per-site intensity scale, contrast and bias;
+* `generate_acdc_patient` / `write_acdc`: heart-like rings (RV, myocardium,
+  LV) at ED and ES, ``Info.cfg``, anisotropic oblique NIfTI, 5 groups;
+* `main`: CLI, ``python -m fedjax_seg.data.phantom --layout lgg|brats|acdc --out DIR``.
 
 Determinism: every random draw comes from ``np.random.default_rng`` seeded by
 ``(seed, crc32(site), patient index, stream)``; TIFFs are written by Pillow
-without compression or timestamp tags, so the same arguments give
-byte-identical files (in one software environment).
+without compression or timestamp tags, NIfTI by nibabel whose gzip writer
+zeroes the timestamp, so the same arguments give byte-identical files (in
+one software environment).
 """
 
 from __future__ import annotations
@@ -577,34 +582,572 @@ def write_lgg(
   return sorted(folders, key=os.path.basename)
 
 
-# Layout name -> writer. BraTS / ACDC writers are to be added here.
-WRITERS: Mapping[str, Callable[..., list[str]]] = types.MappingProxyType({"lgg": write_lgg})
+# --------------------------------------------------------------------------
+# NIfTI helper shared by the BraTS and ACDC writers.
+# --------------------------------------------------------------------------
+# Streams appended after the LGG ones, so LGG draws never shift.
+_STREAM_MODALITY, _STREAM_HEART, _STREAM_SCANNER, _STREAM_INFO = range(5, 9)
+
+
+def nifti_affine(shape_zyx: Sequence[int], spacing_xyz: Sequence[float], angle: float = 0.0) -> np.ndarray:
+  """A scanner-like 4x4 affine for a volume stored with file axes (x, y, z).
+
+  BraTS convention: x and y flipped (LPS-like ``diag(-sx, -sy, sz)``), origin
+  chosen so that world y is non-negative; ``angle`` (radians) rotates the
+  in-plane axes about z (an oblique short-axis plane, as in ACDC). Column
+  norms are the voxel spacing, so ``header.get_zooms() == spacing_xyz``.
+  """
+  sx, sy, sz = (float(s) for s in spacing_xyz)
+  nz, ny, _ = (int(n) for n in shape_zyx)
+  ca, sa = np.cos(angle), np.sin(angle)
+  rot = np.array([[ca, -sa, 0.0], [sa, ca, 0.0], [0.0, 0.0, 1.0]])
+  lin = rot @ np.diag([-sx, -sy, sz])
+  affine = np.eye(4)
+  affine[:3, :3] = lin
+  affine[:3, 3] = rot @ np.array([0.0, (ny - 1) * sy, -0.5 * (nz - 1) * sz])
+  return affine
+
+
+def save_nifti(volume_zyx: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype) -> None:
+  """Write an internal [Z, Y, X] (or [Z, Y, X, ...]) array as NIfTI-1 with file axes (x, y, z).
+
+  The data are stored unscaled in ``dtype``; qform and sform both hold
+  ``affine`` (code 1, scanner); units mm. nibabel's gzip writer zeroes the
+  timestamp, so the same array gives the same bytes.
+  """
+  import nibabel as nib  # local import: LGG-only users never need it
+
+  arr = np.asarray(volume_zyx)
+  axes = (2, 1, 0) + tuple(range(3, arr.ndim))
+  data = np.ascontiguousarray(np.transpose(arr, axes)).astype(dtype)
+  img = nib.Nifti1Image(data, affine)
+  img.header.set_data_dtype(dtype)
+  img.set_qform(affine, code=1)
+  img.set_sform(affine, code=1)
+  img.header.set_xyzt_units("mm", "sec")
+  nib.save(img, os.fspath(path))
+
+
+# --------------------------------------------------------------------------
+# BraTS 2020 (SPEC §1.1): flair, t1, t1ce, t2 + seg with labels {0, 1, 2, 4}.
+# --------------------------------------------------------------------------
+BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
+BRATS_FOLDER = "MICCAI_BraTS2020_TrainingData"
+
+# Anatomical label (`head_labels`) -> BraTS label; skull-stripped, so scalp and skull are 0.
+BRATS_LABEL_OF = np.array([0, 0, 0, 0, 0, 0, 2, 4, 1], np.uint8)
+BRATS_LABEL_OF.setflags(write=False)
+
+# Nominal tissue intensities per anatomical label, columns (flair, t1, t1ce, t2).
+BRATS_CONTRAST = np.array([
+    [0.00, 0.00, 0.00, 0.00],  # BACKGROUND
+    [0.00, 0.00, 0.00, 0.00],  # SCALP (stripped)
+    [0.00, 0.00, 0.00, 0.00],  # SKULL (stripped)
+    [0.10, 0.20, 0.22, 0.95],  # CSF: dark on FLAIR / T1, bright on T2
+    [0.52, 0.45, 0.47, 0.55],  # GREY
+    [0.40, 0.65, 0.66, 0.38],  # WHITE: bright on T1
+    [0.90, 0.38, 0.40, 0.82],  # EDEMA: bright on FLAIR and T2
+    [0.78, 0.42, 0.95, 0.66],  # ENHANCING: bright on T1ce
+    [0.62, 0.22, 0.24, 0.92],  # NECROTIC: dark on T1 / T1ce, bright on T2
+], dtype=np.float64)
+BRATS_CONTRAST.setflags(write=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class BratsSiteEffects:
+  """Scanner effects of one BraTS contributing site.
+
+  Attributes:
+    base: the site's `SiteEffects` (bias field, noise, tumour size) shared
+      with the LGG model.
+    scale: stored integer units per unit intensity (sites store different
+      intensity ranges, so normalisation matters).
+    modality_gain, modality_offset: per modality (flair, t1, t1ce, t2);
+      the offset applies inside the brain only (background stays 0, as in
+      skull-stripped BraTS).
+    tumour_contrast: per modality multiplier of the tumour-vs-grey-matter
+      contrast (contrast differs between sites' protocols).
+    enhancing_prob: probability of an enhancing (high-grade) tumour with a
+      necrotic core; the rest are LGG-like (edema / non-enhancing only).
+  """
+
+  base: SiteEffects
+  scale: float
+  modality_gain: tuple[float, float, float, float]
+  modality_offset: tuple[float, float, float, float]
+  tumour_contrast: tuple[float, float, float, float]
+  enhancing_prob: float
+
+
+def brats_site_effects(site: str, seed: int = 0) -> BratsSiteEffects:
+  """Deterministic BraTS scanner model of ``site``: `site_effects` plus per-modality draws.
+
+  scale ~ exp(U(log 400, log 3000)); gain_m ~ exp(N(0, 0.12));
+  offset_m ~ U(0, 0.05); tumour contrast_m ~ U(0.8, 1.1);
+  enhancing probability = min(0.95, 0.55 + 0.8 * base.enhancing_prob).
+  """
+  base = site_effects(site, seed)
+  rng = rng_for(seed, "brats", site, _STREAM_MODALITY)
+  return BratsSiteEffects(
+      base=base,
+      scale=float(np.exp(rng.uniform(np.log(400.0), np.log(3000.0)))),
+      modality_gain=tuple(float(g) for g in np.exp(rng.normal(0.0, 0.12, 4))),
+      modality_offset=tuple(float(o) for o in rng.uniform(0.0, 0.05, 4)),
+      tumour_contrast=tuple(float(c) for c in rng.uniform(0.8, 1.1, 4)),
+      enhancing_prob=float(min(0.95, 0.55 + 0.8 * base.enhancing_prob)),
+  )
+
+
+def render_brats(labels: np.ndarray, effects: BratsSiteEffects, rng: np.random.Generator) -> np.ndarray:
+  """Render a `head_labels` volume as the four BraTS modalities with a site's scanner effects.
+
+  Steps: contrast table (tumour contrast scaled per modality) → smooth
+  tissue texture (±5 %) → partial-volume blur → smooth multiplicative 3D
+  bias field (site coefficients + patient jitter + small per-modality
+  jitter) → per-modality gain, offset (brain only) → Gaussian noise (brain
+  only) → background forced to 0 (skull-stripped) → × scale → int16.
+
+  Args:
+    labels: uint8 [D, H, W] anatomical labels.
+    effects: the site's `BratsSiteEffects`.
+    rng: patient-specific generator.
+  Returns:
+    int16 [D, H, W, 4], channels (flair, t1, t1ce, t2).
+  """
+  n_slices, size = labels.shape[0], labels.shape[1]
+  base = effects.base
+  table = BRATS_CONTRAST.copy()
+  tissue = table[GREY].copy()
+  for lab in TUMOUR_LABELS:
+    table[lab] = tissue + np.asarray(effects.tumour_contrast) * (table[lab] - tissue)
+  img = table[labels]  # [D,H,W,4]
+  px, pz = size / 64.0, max(n_slices / 32.0, 0.5)
+  texture = smooth_noise(rng, labels.shape, sigma=(1.5 * pz, size / 24, size / 24))
+  img = img * (1.0 + 0.05 * texture)[..., None]
+  img = gaussian_smooth(img, (0.6 * pz, 0.6 * px, 0.6 * px, 0.0), mode="nearest")
+
+  y, x = grid_2d(size)
+  z = np.linspace(-1.0, 1.0, n_slices) if n_slices > 1 else np.zeros(1)
+  coeffs = np.asarray(base.bias_coeffs) + rng.normal(0.0, 0.5 * base.bias_strength, 8)
+  fields = [bias_field(coeffs + rng.normal(0.0, 0.25 * base.bias_strength, 8), z[:, None, None], y[None], x[None])
+            for _ in BRATS_MODALITIES]
+  img = img * np.stack(fields, axis=-1)
+  brain = (labels >= CSF)[..., None]
+  img = img * np.asarray(effects.modality_gain) + np.asarray(effects.modality_offset) * brain
+  img = img + rng.normal(0.0, base.noise_sigma, img.shape) * brain
+  img = np.where(brain, np.clip(img, 0.0, None), 0.0)
+  return np.clip(np.round(img * effects.scale), 0, np.iinfo(np.int16).max).astype(np.int16)
+
+
+def generate_brats_patient(
+    seed: int,
+    site: str,
+    index: int,
+    *,
+    n_slices: int = 32,
+    size: int = 64,
+    tumour_free_fraction: float = 0.4,
+) -> tuple[np.ndarray, np.ndarray, str]:
+  """One synthetic BraTS patient, in memory, in the internal axis order [z, y, x].
+
+  Returns:
+    (images int16 [D, H, W, 4] (flair, t1, t1ce, t2),
+     seg uint8 [D, H, W] in {0, 1, 2, 4} (necrotic core 1 inside enhancing
+     rim 4 inside edema 2), grade 'HGG' (enhancing tumour) or 'LGG').
+  """
+  effects = brats_site_effects(site, seed)
+  base = effects.base
+  rng_t = rng_for(seed, "brats", site, index, _STREAM_TUMOUR)
+  tumour_slices = tumour_slice_range(rng_t, n_slices, tumour_free_fraction)
+  # High-grade tumours with their edema are large: ~1.8x the LGG radius.
+  radius = 1.8 * base.tumour_radius * float(np.exp(rng_t.normal(0.0, base.tumour_spread)))
+  radius = float(np.clip(radius, 0.2, 0.6))
+  enhancing = bool(rng_t.random() < effects.enhancing_prob)
+  labels = head_labels(rng_for(seed, "brats", site, index, _STREAM_ANATOMY), n_slices, size,
+                       tumour_slices=tumour_slices, tumour_radius=radius, enhancing=enhancing)
+  images = render_brats(labels, effects, rng_for(seed, "brats", site, index, _STREAM_RENDER))
+  return images, BRATS_LABEL_OF[labels], ("HGG" if enhancing else "LGG")
+
+
+def _check_common(seed, sites, per_site, n_slices, size, what="sites") -> None:
+  if not sites or len(set(sites)) != len(sites):
+    raise ValueError(f"{what} must be non-empty and distinct, got {tuple(sites)}")
+  for site in sites:
+    if not isinstance(site, str) or not _SITE_RE.match(site):
+      raise ValueError(f"site code must be alphanumeric without '_', got {site!r}")
+  if per_site < 1 or n_slices < 1:
+    raise ValueError(f"need >= 1 patient per site and >= 1 slice, got {per_site} and {n_slices}")
+  if size < 16:
+    raise ValueError(f"size must be >= 16, got {size}")
+  rng_for(seed)  # validates the seed
+
+
+def write_brats(
+    root: str | os.PathLike,
+    *,
+    seed: int = 0,
+    sites: Sequence[str] = ("CS", "DU", "HT"),
+    patients_per_site: int = 4,
+    slices_per_patient: int = 32,
+    size: int = 64,
+    tumour_free_fraction: float = 0.4,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    compress: bool = True,
+    overwrite: bool = False,
+) -> list[str]:
+  """Write a phantom BraTS 2020 training set (SPEC §1.1) under ``root``.
+
+  Layout (as in the official download)::
+
+      <root>/MICCAI_BraTS2020_TrainingData/name_mapping.csv
+      <root>/MICCAI_BraTS2020_TrainingData/BraTS20_Training_XXX/
+          BraTS20_Training_XXX_{flair,t1,t1ce,t2}.nii.gz   int16 [size, size, slices]
+          BraTS20_Training_XXX_seg.nii.gz                   uint8, labels {0, 1, 2, 4}
+
+  File axes are (x, y, z) with a BraTS-like affine (``nifti_affine``,
+  ``spacing`` mm in x, y, z; 1 mm³ by default). ``name_mapping.csv`` has the
+  official columns; its ``TCGA_TCIA_subject_ID`` (``TCGA-<SITE>-<dddd>``)
+  carries the phantom site, which the loader reads as the hospital. Patient
+  numbers are a seeded shuffle over sites (ids do not reveal the site).
+  Real size is ``size=240, slices_per_patient=155``.
+
+  Args:
+    root: output folder (created).
+    seed: non-negative int; same arguments → byte-identical files.
+    sites: site codes (alphanumeric), each with its own `brats_site_effects`.
+    patients_per_site, slices_per_patient, size: data set dimensions.
+    tumour_free_fraction: ≈ fraction of axial slices without tumour.
+    spacing: voxel size (x, y, z) in mm, written into the affine.
+    compress: ``.nii.gz`` (default) or ``.nii``.
+    overwrite: replace an existing non-empty output folder.
+  Returns:
+    The patient folder paths, sorted.
+  """
+  _check_common(seed, sites, patients_per_site, slices_per_patient, size)
+  if not 0.0 <= tumour_free_fraction <= 1.0:
+    raise ValueError(f"tumour_free_fraction must be in [0, 1], got {tumour_free_fraction}")
+  spacing = tuple(float(s) for s in spacing)
+  if len(spacing) != 3 or min(spacing) <= 0:
+    raise ValueError(f"spacing must be 3 positive numbers (x, y, z mm), got {spacing}")
+  out = os.path.join(os.fspath(root), BRATS_FOLDER)
+  _prepare_out_dir(out, overwrite)
+  ext = ".nii.gz" if compress else ".nii"
+  pairs = [(site, i) for site in sites for i in range(patients_per_site)]
+  order = rng_for(seed, "brats", _STREAM_IDS).permutation(len(pairs))
+  rows, folders = [], []
+  for number, k in enumerate(order, start=1):
+    site, index = pairs[int(k)]
+    tcia = rng_for(seed, "brats", site, _STREAM_IDS).choice(9000, size=patients_per_site, replace=False)[index]
+    name = f"BraTS20_Training_{number:03d}"
+    images, seg, grade = generate_brats_patient(seed, site, index, n_slices=slices_per_patient, size=size,
+                                                tumour_free_fraction=tumour_free_fraction)
+    folder = os.path.join(out, name)
+    os.makedirs(folder, exist_ok=True)
+    affine = nifti_affine(seg.shape, spacing)
+    for m, modality in enumerate(BRATS_MODALITIES):
+      save_nifti(images[..., m], affine, os.path.join(folder, f"{name}_{modality}{ext}"), np.int16)
+    save_nifti(seg, affine, os.path.join(folder, f"{name}_seg{ext}"), np.uint8)
+    rows.append(f"{grade},NA,NA,TCGA-{site}-{int(tcia) + 1000:04d},NA,{name}")
+    folders.append(folder)
+  with open(os.path.join(out, "name_mapping.csv"), "w", newline="\n") as f:
+    f.write("Grade,BraTS_2017_subject_ID,BraTS_2018_subject_ID,TCGA_TCIA_subject_ID,"
+            "BraTS_2019_subject_ID,BraTS_2020_subject_ID\n")
+    f.write("\n".join(sorted(rows, key=lambda r: r.rsplit(",", 1)[1])) + "\n")
+  return sorted(folders)
+
+
+# --------------------------------------------------------------------------
+# ACDC (SPEC §1.3): cardiac cine short-axis ED / ES frames + ground truth.
+# --------------------------------------------------------------------------
+ACDC_GROUPS = ("DCM", "HCM", "MINF", "NOR", "RV")
+ACDC_LABELS = ("background", "RV", "myocardium", "LV")
+
+# Per pathology group, in mm at end-diastole: LV cavity radius at the base,
+# LV wall thickness, ES/ED LV cavity radius ratio, RV size factor, ES/ED RV
+# ratio, infarct wall thinning (fraction of the wall lost in one sector).
+ACDC_GROUP_PRESETS: Mapping[str, Mapping[str, float]] = types.MappingProxyType({
+    "NOR": types.MappingProxyType(dict(lv_radius=24.0, wall=8.0, es_ratio=0.66, rv_scale=1.0, rv_es=0.62,
+                                       infarct=0.0)),
+    "DCM": types.MappingProxyType(dict(lv_radius=33.0, wall=6.0, es_ratio=0.90, rv_scale=1.05, rv_es=0.80,
+                                       infarct=0.0)),
+    "HCM": types.MappingProxyType(dict(lv_radius=19.0, wall=15.0, es_ratio=0.50, rv_scale=0.9, rv_es=0.62,
+                                       infarct=0.0)),
+    "MINF": types.MappingProxyType(dict(lv_radius=28.0, wall=8.0, es_ratio=0.84, rv_scale=1.0, rv_es=0.70,
+                                        infarct=0.55)),
+    "RV": types.MappingProxyType(dict(lv_radius=22.0, wall=8.0, es_ratio=0.68, rv_scale=1.6, rv_es=0.88,
+                                      infarct=0.0)),
+})
+
+# Image intensities (bSSFP-like cine): air, body, fat, lung, blood, myocardium.
+_ACDC_AIR, _ACDC_BODY, _ACDC_FAT, _ACDC_LUNG, _ACDC_BLOOD, _ACDC_MYO = 0.0, 0.35, 0.75, 0.06, 0.9, 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class AcdcPatient:
+  """One synthetic ACDC patient (in memory).
+
+  Attributes:
+    group: pathology group (``NOR``, ``DCM``, ``HCM``, ``MINF``, ``RV``).
+    info: the ``Info.cfg`` entries (ED, ES, Group, Height, NbFrame, Weight).
+    spacing: voxel size (x, y, z) mm (in-plane varies per patient).
+    angle: in-plane rotation of the affine (oblique short-axis plane), rad.
+    frames: {frame number: (image int16 [Z, H, W], gt uint8 [Z, H, W] in 0..3)}
+      for the ED and ES frames.
+  """
+
+  group: str
+  info: Mapping[str, object]
+  spacing: tuple[float, float, float]
+  angle: float
+  frames: Mapping[int, tuple[np.ndarray, np.ndarray]]
+
+
+def _heart_frame(geo: Mapping[str, float], phase: str, n_slices: int, size: int, spacing_yx: float,
+                 rng: np.random.Generator, scanner: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
+  """Labels and image of one cardiac phase: rings LV cavity (3) / myocardium (2) / RV cavity (1)."""
+  fov = size * spacing_yx
+  y, x = grid_2d(size)
+  y, x = y * fov / 2.0, x * fov / 2.0  # mm, image centre = 0
+  es = phase == "ES"
+  labels = np.zeros((n_slices, size, size), np.uint8)
+  image = np.zeros((n_slices, size, size), np.float64)
+  d_body = irregular_blob(y, x, (0.0, 0.0), (0.40 * fov, 0.47 * fov), 0.0, [(2, 0.03, geo["phase_body"])])
+  for s in range(n_slices):
+    t = s / max(n_slices - 1, 1)  # 0 = base, 1 = apex
+    im = np.full((size, size), _ACDC_AIR)
+    im[d_body < 1.0] = _ACDC_FAT
+    im[d_body < 0.93] = _ACDC_BODY
+    for side in (-1.0, 1.0):
+      d_lung = irregular_blob(y, x, (-0.04 * fov, side * 0.25 * fov), (0.24 * fov * (1 - 0.2 * t), 0.14 * fov),
+                              side * 0.2)
+      im[d_lung < 1.0] = _ACDC_LUNG
+    r_in = geo["lv_radius"] * (1.0 - 0.72 * t ** 1.5)
+    wall = geo["wall"] * (1.0 - 0.25 * t)
+    r_out = r_in + wall
+    if es:
+      r_in_es = r_in * geo["es_ratio"]
+      r_out = float(np.sqrt(r_in_es ** 2 + r_out ** 2 - r_in ** 2))  # myocardial area conserved
+      r_in = r_in_es
+    cy, cx = geo["cy"] + geo["drift_y"] * t, geo["cx"] + geo["drift_x"] * t
+    harm = [(2, 0.04, geo["phase_lv"]), (3, 0.03, geo["phase_lv"] * 1.7)]
+    d_in = irregular_blob(y, x, (cy, cx), (r_in * geo["aspect"], r_in), geo["angle"], harm)
+    # Infarct: the wall loses a sector (thinner, akinetic) on the free wall.
+    theta = np.arctan2(y - cy, x - cx)
+    thin = 1.0 - geo["infarct"] * np.clip(np.cos(theta - geo["infarct_dir"]), 0.0, 1.0) ** 2
+    r_wall = r_in + (r_out - r_in) * thin
+    d_out = irregular_blob(y, x, (cy, cx), (r_wall * geo["aspect"], r_wall), geo["angle"], harm)
+    myo = d_out < 1.0
+    lv = d_in < 1.0
+    # RV: crescent wrapped around the septum, on the image left, absent near the apex.
+    rv_scale = geo["rv_scale"] * (geo["rv_es"] if es else 1.0) * max(1.0 - 1.1 * t ** 1.3, 0.0)
+    rv = np.zeros_like(lv)
+    rv_wall = np.zeros_like(lv)
+    if rv_scale > 0.08:
+      r_rv = (geo["lv_radius"] + geo["wall"]) * rv_scale
+      rcy, rcx = cy - 0.15 * r_rv, cx - 0.55 * (r_out + r_rv)
+      d_rv = irregular_blob(y, x, (rcy, rcx), (1.15 * r_rv, 0.85 * r_rv), 0.3, [(2, 0.05, geo["phase_rv"])])
+      septum = np.hypot((y - cy) / geo["aspect"], x - cx) < r_out + 0.6 * spacing_yx + 1.5
+      rv = (d_rv < 1.0) & ~septum & ~myo
+      rv_wall = (d_rv < 1.0 + 3.0 / max(r_rv, 1.0)) & ~rv & ~myo & ~septum
+    im[rv_wall] = _ACDC_MYO + 0.05
+    im[myo] = _ACDC_MYO
+    im[rv] = _ACDC_BLOOD
+    im[lv] = _ACDC_BLOOD
+    lab = np.zeros((size, size), np.uint8)
+    lab[rv] = 1
+    lab[myo & ~lv] = 2
+    lab[lv] = 3
+    labels[s], image[s] = lab, im
+  # Scanner: texture, blur, bias field, gain, noise (Rician-like magnitude).
+  texture = smooth_noise(rng, image.shape, sigma=(0.0, size / 32, size / 32))
+  image = image * (1.0 + 0.04 * texture)
+  image = gaussian_smooth(image, (0.0, 0.5 * size / 64, 0.5 * size / 64), mode="nearest")
+  yy, xx = grid_2d(size)
+  z = np.linspace(-1.0, 1.0, n_slices) if n_slices > 1 else np.zeros(1)
+  field = bias_field(np.asarray(scanner["bias"]), 0.3 * z[:, None, None], yy[None], xx[None])
+  image = image * field * scanner["gain"]
+  noise = scanner["noise"]
+  image = np.hypot(image + rng.normal(0.0, noise, image.shape), rng.normal(0.0, noise, image.shape))
+  stored = np.clip(np.round(image * scanner["scale"]), 0, np.iinfo(np.int16).max).astype(np.int16)
+  return stored, labels
+
+
+def generate_acdc_patient(
+    seed: int,
+    group: str,
+    index: int,
+    *,
+    n_slices: int = 8,
+    size: int = 64,
+    fov_mm: tuple[float, float] = (150.0, 190.0),
+    slice_thickness: float = 10.0,
+) -> AcdcPatient:
+  """One synthetic ACDC patient: geometry from the group preset + jitter, ED and ES frames.
+
+  The LV is an irregular ring (cavity 3 inside myocardium 2) tapering from
+  base to apex; the RV cavity (1) is a crescent beside the septum that
+  vanishes near the apex. ES shrinks the cavities by the group's ratios and
+  thickens the wall (myocardial area conserved). Per-patient scanner: 1.5 T
+  or 3 T (bias strength, noise), gain, stored intensity scale, FOV
+  (in-plane spacing = FOV / size).
+  """
+  if group not in ACDC_GROUP_PRESETS:
+    raise ValueError(f"unknown ACDC group {group!r}; expected one of {ACDC_GROUPS}")
+  p = ACDC_GROUP_PRESETS[group]
+  rng = rng_for(seed, "acdc", group, index, _STREAM_HEART)
+  geo = dict(
+      lv_radius=p["lv_radius"] * float(np.exp(rng.normal(0.0, 0.08))),
+      wall=p["wall"] * float(np.exp(rng.normal(0.0, 0.10))),
+      es_ratio=float(np.clip(p["es_ratio"] + rng.normal(0.0, 0.04), 0.35, 0.97)),
+      rv_scale=p["rv_scale"] * float(np.exp(rng.normal(0.0, 0.08))),
+      rv_es=float(np.clip(p["rv_es"] + rng.normal(0.0, 0.04), 0.4, 0.97)),
+      infarct=p["infarct"] * float(rng.uniform(0.7, 1.0)) if p["infarct"] else 0.0,
+      infarct_dir=float(rng.uniform(-np.pi, np.pi)),
+      aspect=float(rng.uniform(0.9, 1.12)),
+      angle=float(rng.uniform(0.0, np.pi)),
+      cy=float(rng.normal(2.0, 4.0)), cx=float(rng.normal(8.0, 4.0)),
+      drift_y=float(rng.normal(0.0, 3.0)), drift_x=float(rng.normal(4.0, 3.0)),
+      phase_body=float(rng.uniform(0, 2 * np.pi)), phase_lv=float(rng.uniform(0, 2 * np.pi)),
+      phase_rv=float(rng.uniform(0, 2 * np.pi)),
+  )
+  r_scan = rng_for(seed, "acdc", group, index, _STREAM_SCANNER)
+  tesla3 = bool(r_scan.random() < 0.4)
+  strength = 0.30 if tesla3 else 0.15
+  scanner = dict(bias=tuple(r_scan.normal(0.0, strength, 8)), gain=float(np.exp(r_scan.normal(0.0, 0.1))),
+                 noise=float(r_scan.uniform(0.015, 0.04)),
+                 scale=float(np.exp(r_scan.uniform(np.log(150.0), np.log(600.0)))))
+  fov = float(r_scan.uniform(*fov_mm))
+  spacing = (fov / size, fov / size, float(slice_thickness))
+  angle = float(r_scan.uniform(-0.6, 0.6))
+  r_info = rng_for(seed, "acdc", group, index, _STREAM_INFO)
+  n_frames = int(r_info.integers(12, 36))
+  ed = 1
+  es = int(np.clip(round(0.36 * n_frames + r_info.normal(0.0, 1.0)), 3, n_frames))
+  info = {"ED": ed, "ES": es, "Group": group, "Height": round(float(r_info.normal(172.0, 9.0)), 1),
+          "NbFrame": n_frames, "Weight": round(float(r_info.normal(76.0, 14.0)), 1)}
+  r_render = rng_for(seed, "acdc", group, index, _STREAM_RENDER)
+  frames = {ed: _heart_frame(geo, "ED", n_slices, size, spacing[0], r_render, scanner),
+            es: _heart_frame(geo, "ES", n_slices, size, spacing[0], r_render, scanner)}
+  return AcdcPatient(group=group, info=types.MappingProxyType(info), spacing=spacing, angle=angle,
+                     frames=types.MappingProxyType(frames))
+
+
+def format_info_cfg(info: Mapping[str, object]) -> str:
+  """``Info.cfg`` text as in ACDC: ``key: value`` lines in the order ED, ES, Group, Height, NbFrame, Weight."""
+  keys = ("ED", "ES", "Group", "Height", "NbFrame", "Weight")
+  return "".join(f"{k}: {info[k]}\n" for k in keys if k in info)
+
+
+def write_acdc(
+    root: str | os.PathLike,
+    *,
+    seed: int = 0,
+    groups: Sequence[str] = ACDC_GROUPS,
+    patients_per_group: int = 3,
+    slices_per_patient: int = 8,
+    size: int = 64,
+    fov_mm: Sequence[float] = (150.0, 190.0),
+    slice_thickness: float = 10.0,
+    overwrite: bool = False,
+) -> list[str]:
+  """Write a phantom ACDC training set (SPEC §1.3) under ``root``.
+
+  Layout (as in the official download)::
+
+      <root>/training/patientXXX/Info.cfg          ED, ES, Group, Height, NbFrame, Weight
+      <root>/training/patientXXX/patientXXX_frameYY.nii.gz      int16 [size, size, slices]
+      <root>/training/patientXXX/patientXXX_frameYY_gt.nii.gz   uint8 labels 0 bg, 1 RV, 2 myo, 3 LV
+
+  for YY = ED and ES (the 4D cine file is not written). Patients are
+  numbered in blocks of ``patients_per_group`` per group, in the order of
+  ``groups`` (ACDC: DCM, HCM, MINF, NOR, RV). Spacing is anisotropic:
+  in-plane FOV/size with FOV ~ U(fov_mm) per patient, ``slice_thickness``
+  mm between slices; the affine is oblique (rotated in-plane).
+
+  Args:
+    root: output folder (created).
+    seed: non-negative int; same arguments → byte-identical files.
+    groups: pathology groups, a subset of `ACDC_GROUPS`.
+    patients_per_group, slices_per_patient, size: data set dimensions
+      (real ACDC: 20 per group, 6–18 slices, ~ 216×256 in-plane).
+    fov_mm: range of the in-plane field of view, mm.
+    slice_thickness: mm.
+    overwrite: replace an existing non-empty ``<root>/training``.
+  Returns:
+    The patient folder paths, sorted.
+  """
+  _check_common(seed, groups, patients_per_group, slices_per_patient, size, what="groups")
+  for g in groups:
+    if g not in ACDC_GROUP_PRESETS:
+      raise ValueError(f"unknown ACDC group {g!r}; expected a subset of {ACDC_GROUPS}")
+  if len(fov_mm) != 2 or not 0 < fov_mm[0] <= fov_mm[1]:
+    raise ValueError(f"fov_mm must be (low, high) mm with 0 < low <= high, got {tuple(fov_mm)}")
+  if slice_thickness <= 0:
+    raise ValueError(f"slice_thickness must be > 0, got {slice_thickness}")
+  out = os.path.join(os.fspath(root), "training")
+  _prepare_out_dir(out, overwrite)
+  folders = []
+  number = 0
+  for group in groups:
+    for index in range(patients_per_group):
+      number += 1
+      name = f"patient{number:03d}"
+      pat = generate_acdc_patient(seed, group, index, n_slices=slices_per_patient, size=size,
+                                  fov_mm=tuple(fov_mm), slice_thickness=slice_thickness)
+      folder = os.path.join(out, name)
+      os.makedirs(folder, exist_ok=True)
+      with open(os.path.join(folder, "Info.cfg"), "w", newline="\n") as f:
+        f.write(format_info_cfg(pat.info))
+      affine = nifti_affine((slices_per_patient, size, size), pat.spacing, pat.angle)
+      for frame, (image, gt) in pat.frames.items():
+        save_nifti(image, affine, os.path.join(folder, f"{name}_frame{frame:02d}.nii.gz"), np.int16)
+        save_nifti(gt, affine, os.path.join(folder, f"{name}_frame{frame:02d}_gt.nii.gz"), np.uint8)
+      folders.append(folder)
+  return sorted(folders)
+
+
+# Layout name -> writer (used by the CLI and by `pipeline.ensure_phantom`).
+WRITERS: Mapping[str, Callable[..., list[str]]] = types.MappingProxyType(
+    {"lgg": write_lgg, "brats": write_brats, "acdc": write_acdc})
 
 
 # --------------------------------------------------------------------------
 # CLI.
 # --------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-  """``python -m fedjax_seg.data.phantom --layout lgg --out DIR [--seed 0 --size 64 ...]``."""
+  """``python -m fedjax_seg.data.phantom --layout {lgg,brats,acdc} --out DIR [--seed 0 --size 64 ...]``.
+
+  Options left out take the writer's defaults. For ACDC, ``--sites`` lists
+  pathology groups and ``--patients-per-site`` is patients per group.
+  """
   parser = argparse.ArgumentParser(prog="python -m fedjax_seg.data.phantom",
                                    description="Write a deterministic phantom data set in a real layout.")
   parser.add_argument("--layout", choices=sorted(WRITERS), required=True)
   parser.add_argument("--out", required=True, help="output root (the layout's folders are made inside)")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--size", type=int, default=64)
-  parser.add_argument("--sites", default="CS,DU,HT", help="comma-separated institution codes")
-  parser.add_argument("--patients-per-site", type=int, default=4)
-  parser.add_argument("--slices-per-patient", type=int, default=12)
-  parser.add_argument("--tumour-free-fraction", type=float, default=0.3)
+  parser.add_argument("--size", type=int, default=None, help="in-plane size (default 64)")
+  parser.add_argument("--sites", default=None,
+                      help="comma-separated institution codes (ACDC: groups); default per layout")
+  parser.add_argument("--patients-per-site", type=int, default=None, help="(ACDC: per group)")
+  parser.add_argument("--slices-per-patient", type=int, default=None,
+                      help="slices (LGG default 12, BraTS 32, ACDC 8)")
+  parser.add_argument("--tumour-free-fraction", type=float, default=None, help="LGG / BraTS only")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output")
   args = parser.parse_args(argv)
 
-  sites = tuple(s.strip() for s in args.sites.split(",") if s.strip())
+  kwargs: dict[str, object] = {"seed": args.seed, "overwrite": args.overwrite}
+  group_key, count_key = ("groups", "patients_per_group") if args.layout == "acdc" else (
+      "sites", "patients_per_site")
+  if args.sites is not None:
+    kwargs[group_key] = tuple(s.strip() for s in args.sites.split(",") if s.strip())
+  for key, value in ((count_key, args.patients_per_site), ("slices_per_patient", args.slices_per_patient),
+                     ("size", args.size), ("tumour_free_fraction", args.tumour_free_fraction)):
+    if value is not None:
+      kwargs[key] = value
+  if args.layout == "acdc" and "tumour_free_fraction" in kwargs:
+    parser.error("--tumour-free-fraction does not apply to --layout acdc")
   try:
-    folders = WRITERS[args.layout](
-        args.out, seed=args.seed, sites=sites, patients_per_site=args.patients_per_site,
-        slices_per_patient=args.slices_per_patient, size=args.size,
-        tumour_free_fraction=args.tumour_free_fraction, overwrite=args.overwrite)
+    folders = WRITERS[args.layout](args.out, **kwargs)
   except (ValueError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -612,9 +1155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   for folder in folders:
     files = sorted(os.listdir(folder))
     n_files += len(files)
-    print(f"{folder}: {sum(not f.endswith('_mask.tif') for f in files)} slices")
+    if args.layout == "lgg":
+      print(f"{folder}: {sum(not f.endswith('_mask.tif') for f in files)} slices")
+    else:
+      print(f"{folder}: {len(files)} files")
   print(f"wrote {len(folders)} patients, {n_files} files ({args.layout}, seed {args.seed}, "
-        f"size {args.size}) under {os.path.abspath(args.out)}")
+        f"size {kwargs.get('size', 64)}) under {os.path.abspath(args.out)}")
   return 0
 
 

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -25,14 +25,18 @@ from fedjax_seg.data import preprocess
 
 @dataclasses.dataclass
 class PatientArrays:
-  """One patient's preprocessed slices.
+  """One patient's preprocessed samples.
 
-  images: float32 [S, H, W, C]; labels: int32 [S, H, W] in [0, num_classes).
+  images: float32 [S, H, W, C] (2D slices) or [S, D, H, W, C] (3D volumes);
+  labels: int32 [S, H, W] or [S, D, H, W] in [0, num_classes).
+  spacing: voxel size (dz, dy, dx) mm of one sample's grid when the layout
+  knows it (NIfTI), stacking the S slices along z for 2D; None otherwise.
   """
   id: str
   site: str
   images: np.ndarray
   labels: np.ndarray
+  spacing: Optional[Tuple[float, ...]] = None
 
 
 @dataclasses.dataclass
@@ -42,6 +46,7 @@ class SegDataset:
   num_classes: int
   class_names: Tuple[str, ...]
   root: str
+  layout: str = ""
 
   def arrays(self, ids: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
     """Pools the slices of ``ids``: (images [N, H, W, C], labels [N, H, W])."""
@@ -62,7 +67,8 @@ class SegDataset:
       _, y = self.arrays(ids)
       tumour = float((y.reshape(len(y), -1).max(axis=1) > 0).mean()) if len(y) else 0.0
       sites = sorted({self.patients[i].site for i in ids})
-      lines.append(f"  {name:5s}: {len(ids):3d} patients, {len(y):5d} slices, "
+      unit = "volumes" if y.ndim == 4 else "slices"
+      lines.append(f"  {name:5s}: {len(ids):3d} patients, {len(y):5d} {unit}, "
                    f"{tumour:5.1%} with foreground, sites {','.join(sites)}")
     return "\n".join(lines)
 
@@ -110,10 +116,20 @@ def ensure_phantom(layout: str, phantom_cfg: dict, cache_dir: str, verbose: bool
 
 def _load_lgg(root: str, data_cfg) -> Tuple[List[Tuple[str, str, np.ndarray, np.ndarray]], Tuple[str, ...]]:
   from fedjax_seg.data import io, layouts
+  skip = bool(data_cfg.get("skip_bad_patients", False))
   out = []
-  for p in layouts.find_lgg(root):
-    images, masks = io.load_lgg_patient(p)
+  patients = layouts.find_lgg(root, on_error=io.warn_skip if skip else None)
+  for p in patients:
+    try:
+      images, masks = io.load_lgg_patient(p)
+    except io.DataError as e:
+      if not skip:
+        raise
+      io.warn_skip(e)
+      continue
     out.append((p.id, p.site, images, masks))
+  if not out:
+    raise io.DataError(root, f"no usable Kaggle LGG patients: all {len(patients)} were skipped as bad input")
   return out, ("background", "tumour")
 
 
@@ -121,7 +137,14 @@ LOADERS: Dict[str, Callable] = {"lgg": _load_lgg}
 
 
 def register_loader(layout: str, fn: Callable) -> None:
-  """Adds a layout loader ``fn(root, data_cfg) -> (records, class_names)``."""
+  """Adds a layout loader ``fn(root, data_cfg) -> (records, class_names[, info])``.
+
+  records: [(id, site, images, labels)]. Without ``info`` (or with
+  ``info['preprocessed']`` false) images are raw slices [S, H, W(, C)] that
+  `build_dataset` resizes and normalises. With ``info = {'preprocessed':
+  True, 'spacing': {id: (dz, dy, dx)}}`` they are final float32 samples
+  (2D [S, H, W, C] or 3D [S, D, H, W, C]) used as they are.
+  """
   LOADERS[layout] = fn
 
 
@@ -148,9 +171,15 @@ def build_dataset(data_cfg, verbose: bool = True) -> SegDataset:
     raise ValueError(f"data.layout={data_cfg.layout!r} unknown; available: {sorted(LOADERS)}")
   root = resolve_root(data_cfg, verbose)
   t0 = time.time()
-  records, class_names = LOADERS[data_cfg.layout](root, data_cfg)
+  loaded = LOADERS[data_cfg.layout](root, data_cfg)
+  records, class_names = loaded[0], loaded[1]
+  info = loaded[2] if len(loaded) > 2 else {}
   patients = {}
   for pid, site, images, labels in records:
+    if info.get("preprocessed", False):  # NIfTI volume loaders (fedjax_seg.data.volumes)
+      patients[pid] = PatientArrays(pid, site, images.astype(np.float32), labels.astype(np.int32),
+                                    info.get("spacing", {}).get(pid))
+      continue
     if images.ndim == 3:
       images = images[..., None]
     x, y = preprocess.resize_slices(images, labels, data_cfg.image_size)
@@ -160,9 +189,10 @@ def build_dataset(data_cfg, verbose: bool = True) -> SegDataset:
             if data_cfg.get("stratify_by_site", True) else None)
   splits = preprocess.split_patients(list(patients), data_cfg.split_seed,
                                      data_cfg.val_fraction, data_cfg.test_fraction, strata)
-  ds = SegDataset(patients, splits, len(class_names), tuple(class_names), root)
+  ds = SegDataset(patients, splits, len(class_names), tuple(class_names), root, data_cfg.layout)
   if verbose:
     n = sum(len(p.labels) for p in patients.values())
-    print(f"[data] {data_cfg.layout}: {len(patients)} patients, {n} slices from {root} "
+    unit = "volumes" if next(iter(patients.values())).labels.ndim == 4 else "slices"
+    print(f"[data] {data_cfg.layout}: {len(patients)} patients, {n} {unit} from {root} "
           f"in {time.time() - t0:.1f}s\n{ds.summary()}", flush=True)
   return ds

@@ -1,10 +1,18 @@
 """Preprocessing shared by every layout (SPEC §1.5).
 
-All functions are host-side NumPy (run once before training), deterministic.
+All functions are host-side NumPy / SimpleITK (run once before training),
+deterministic. Slices: `resize_slices`, `normalize`; volumes ([Z, Y, X(, C)],
+spacing (dz, dy, dx) mm): `resample_volume`, `crop_or_pad`,
+`normalize_volume`, N4 bias field correction (`N4Params`, `n4_log_bias`,
+`apply_log_bias`, `N4Cache`); patient splits: `split_patients`.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -102,3 +110,276 @@ def normalize(images: np.ndarray, mode: str = "slice_max", foreground: np.ndarra
     z = (x - mean) / np.sqrt(var + 1e-8)
     return np.where(fg, z, 0.0).astype(np.float32)
   raise ValueError(f"data.normalize={mode!r}: expected 'slice_max', 'zscore' or 'none'")
+
+
+# ---------------------------------------------------------------------------
+# Volumes (BraTS, ACDC): axes [Z, Y, X] (+ channels), spacing (dz, dy, dx) mm.
+# ---------------------------------------------------------------------------
+def _to_sitk(volume: np.ndarray, spacing: Sequence[float]):
+  import SimpleITK as sitk
+  img = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
+  img.SetSpacing([float(s) for s in reversed(spacing)])  # SimpleITK axes are (x, y, z)
+  return img
+
+
+def resample_volume(volume: np.ndarray, spacing: Sequence[float], target_spacing: Sequence[float | None],
+                    is_label: bool = False) -> Tuple[np.ndarray, Tuple[float, ...]]:
+  """Resamples a [Z, Y, X] or [Z, Y, X, C] volume to a target voxel spacing.
+
+  Args:
+    volume: image (linear interpolation) or label map (``is_label``:
+      nearest neighbour, values and dtype preserved).
+    spacing: current (dz, dy, dx) mm.
+    target_spacing: wanted (dz, dy, dx) mm; an entry ``None`` or <= 0 keeps
+      that axis (ACDC: ``(None, 1.25, 1.25)`` resamples in-plane only).
+  Returns:
+    (resampled volume, new spacing). The grid keeps the volume's physical
+    extent: n' = max(1, round(n * s / s')), first/last voxel edges aligned
+    (voxel centres map with x' = (x + 0.5) * s / s' - 0.5); edge voxels are
+    extrapolated from their nearest neighbour (no zero rim).
+  """
+  import SimpleITK as sitk
+  spacing = tuple(float(s) for s in spacing)
+  if len(spacing) != 3 or len(target_spacing) != 3:
+    raise ValueError(f"spacing and target_spacing need 3 entries (z, y, x), got {spacing} and "
+                     f"{tuple(target_spacing)}")
+  new_spacing = tuple(s if (t is None or t <= 0) else float(t) for s, t in zip(spacing, target_spacing))
+  shape = volume.shape[:3]
+  new_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, new_spacing))
+  if new_shape == shape and np.allclose(new_spacing, spacing):
+    return volume, spacing
+  # Exact spacing so the extent is preserved: s' = n s / n'.
+  new_spacing = tuple(n * s / m for n, s, m in zip(shape, spacing, new_shape))
+  f = sitk.ResampleImageFilter()
+  f.SetOutputSpacing([float(s) for s in reversed(new_spacing)])
+  f.SetSize([int(n) for n in reversed(new_shape)])
+  f.SetOutputOrigin([0.5 * (t - s) for s, t in zip(reversed(spacing), reversed(new_spacing))])
+  f.SetInterpolator(sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear)
+  f.SetUseNearestNeighborExtrapolator(True)
+  f.SetDefaultPixelValue(0.0)
+  channels = volume[..., None] if volume.ndim == 3 else volume
+  out = np.stack([sitk.GetArrayFromImage(f.Execute(_to_sitk(channels[..., c], spacing)))
+                  for c in range(channels.shape[-1])], axis=-1)
+  out = out[..., 0] if volume.ndim == 3 else out
+  if is_label:
+    out = np.rint(out).astype(volume.dtype)
+  else:
+    out = out.astype(np.float32)
+  return out, new_spacing
+
+
+def crop_or_pad(volume: np.ndarray, shape: Sequence[int], center: Sequence[float] | None = None) -> np.ndarray:
+  """Crops / zero-pads the leading ``len(shape)`` axes of ``volume`` to ``shape``.
+
+  The window is centred on ``center`` (index coordinates per axis; default
+  the array centre) and shifted to stay inside the array where it fits;
+  axes shorter than the target are padded symmetrically (extra voxel at
+  the end). Trailing axes (channels) are untouched.
+  """
+  out = volume
+  for axis, target in enumerate(shape):
+    n = out.shape[axis]
+    target = int(target)
+    if n > target:
+      c = (n - 1) / 2.0 if center is None else float(center[axis])
+      lo = int(np.clip(int(round(c - (target - 1) / 2.0)), 0, n - target))
+      out = np.take(out, np.arange(lo, lo + target), axis=axis)
+    elif n < target:
+      before = (target - n) // 2
+      pad = [(0, 0)] * out.ndim
+      pad[axis] = (before, target - n - before)
+      out = np.pad(out, pad)
+  return out
+
+
+def foreground_center(mask: np.ndarray) -> Tuple[float, ...]:
+  """Centre of the bounding box of ``mask`` (index coordinates); array centre if empty."""
+  idx = np.nonzero(mask)
+  if not idx[0].size:
+    return tuple((n - 1) / 2.0 for n in mask.shape)
+  return tuple((float(i.min()) + float(i.max())) / 2.0 for i in idx)
+
+
+def normalize_volume(volume: np.ndarray, mode: str = "zscore", foreground: np.ndarray | None = None) -> np.ndarray:
+  """Intensity normalisation of one [Z, Y, X, C] volume.
+
+  mode 'slice_max': per axial slice and channel, divide by the max (seed 001;
+       same as `normalize` on the slices).
+  mode 'max': per channel, divide by the volume max -> [0, 1].
+  mode 'zscore': per channel, zero mean / unit std within the foreground
+       (default: voxels where any channel > 0, i.e. the skull-stripped
+       brain); background set to 0.
+  mode 'none': unchanged (float32).
+  """
+  x = volume.astype(np.float32)
+  if mode in ("slice_max", "none"):
+    return normalize(x, mode)
+  if mode == "max":
+    mx = x.max(axis=(0, 1, 2), keepdims=True)
+    return np.where(mx > 0, x / np.maximum(mx, 1e-12), 0.0).astype(np.float32)
+  if mode == "zscore":
+    fg = (x.max(axis=-1) > 0) if foreground is None else foreground.astype(bool)
+    if not fg.any():
+      return np.zeros_like(x)
+    vals = x[fg]  # [N, C]
+    mean, std = vals.mean(axis=0), vals.std(axis=0)
+    z = (x - mean) / np.sqrt(std ** 2 + 1e-8)
+    return np.where(fg[..., None], z, 0.0).astype(np.float32)
+  raise ValueError(f"data.normalize={mode!r}: expected 'slice_max', 'max', 'zscore' or 'none'")
+
+
+# ---------------------------------------------------------------------------
+# N4 bias field correction (SimpleITK), cached on disk.
+# ---------------------------------------------------------------------------
+N4_VERSION = "n4-v1"  # bump when the computation changes: invalidates old cache entries
+
+
+@dataclasses.dataclass(frozen=True)
+class N4Params:
+  """N4 settings (SPEC §1.5); every field enters the cache key.
+
+  Attributes:
+    shrink_factor: the fit runs on the image shrunk by this factor per axis
+      (ITK's recommended speed-up; 2–4).
+    iterations: max iterations per fitting level (its length = #levels).
+    convergence_threshold: stop a level when the field changes less.
+    otsu_bins: histogram bins of the Otsu foreground mask.
+    control_points: B-spline control points per axis at the first level
+      (>= 4: more than the cubic spline order).
+  """
+  shrink_factor: int = 4
+  iterations: Tuple[int, ...] = (50, 50, 30)
+  convergence_threshold: float = 1e-3
+  otsu_bins: int = 200
+  control_points: int = 4
+
+  @classmethod
+  def from_config(cls, cfg) -> "N4Params":
+    cfg = dict(cfg or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    extra = set(cfg) - known - {"enabled", "cache_dir", "verbose"}
+    if extra:
+      raise ValueError(f"unknown config.data.n4 keys {sorted(extra)}; known: {sorted(known | {'enabled', 'cache_dir'})}")
+    kw = {k: cfg[k] for k in known if k in cfg}
+    if "iterations" in kw:
+      kw["iterations"] = tuple(int(i) for i in kw["iterations"])
+    p = cls(**kw)
+    if p.shrink_factor < 1 or not p.iterations or min(p.iterations) < 1 or p.control_points < 4:
+      raise ValueError(f"config.data.n4: need shrink_factor >= 1, iterations >= 1 per level and "
+                       f"control_points >= 4 (> the cubic spline order), got {p}")
+    return p
+
+  def key(self) -> str:
+    return json.dumps({"version": N4_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+
+
+def n4_log_bias(image: np.ndarray, spacing: Sequence[float], params: N4Params = N4Params()) -> np.ndarray:
+  """Fits N4 on the shrunk image; returns the log bias field on the *shrunk* grid.
+
+  The foreground mask is Otsu's threshold of the image (SimpleITK
+  ``OtsuThreshold``, ``params.otsu_bins`` bins). The shrunk grid is
+  ``sitk.Shrink``'s (n // shrink_factor voxels per axis). Use
+  `apply_log_bias` to correct the full-resolution image.
+
+  Args:
+    image: float [Z, Y, X], non-negative.
+    spacing: (dz, dy, dx) mm.
+  Returns:
+    float32 [Z', Y', X'] log bias field (0 = no correction when the mask is
+    too small to fit, e.g. an all-zero image).
+  """
+  import SimpleITK as sitk
+  img = _to_sitk(image, spacing)
+  factors = _shrink_factors(image.shape, params.shrink_factor)
+  shrunk = sitk.Shrink(img, factors)
+  mask = sitk.Shrink(sitk.OtsuThreshold(img, 0, 1, int(params.otsu_bins)), factors)
+  if int(sitk.GetArrayViewFromImage(mask).sum()) < 8:
+    return np.zeros(sitk.GetArrayViewFromImage(shrunk).shape, np.float32)
+  n4 = sitk.N4BiasFieldCorrectionImageFilter()
+  n4.SetMaximumNumberOfIterations([int(i) for i in params.iterations])
+  n4.SetConvergenceThreshold(float(params.convergence_threshold))
+  n4.SetNumberOfControlPoints([int(params.control_points)] * img.GetDimension())
+  n4.Execute(shrunk, mask)
+  log_bias = n4.GetLogBiasFieldAsImage(shrunk)
+  return sitk.GetArrayFromImage(log_bias).astype(np.float32)
+
+
+def _shrink_factors(shape_zyx: Sequence[int], shrink_factor: int) -> List[int]:
+  """Per-axis shrink factors in SimpleITK (x, y, z) order (never more than the axis length)."""
+  return [max(1, min(int(shrink_factor), int(n))) for n in reversed(shape_zyx)]
+
+
+def apply_log_bias(image: np.ndarray, spacing: Sequence[float], log_bias_shrunk: np.ndarray,
+                   shrink_factor: int) -> np.ndarray:
+  """Corrects a [Z, Y, X] image with a log bias field fitted on its shrunk grid (`n4_log_bias`).
+
+  The field is placed on the exact grid ``sitk.Shrink`` produced (same
+  origin and spacing), resampled onto the image grid (linear, nearest-
+  neighbour extrapolation at the borders), and ``image / exp(field)``
+  returned as float32.
+  """
+  import SimpleITK as sitk
+  img = _to_sitk(image, spacing)
+  shrunk = sitk.Shrink(img, _shrink_factors(image.shape, shrink_factor))
+  field = sitk.GetImageFromArray(np.ascontiguousarray(log_bias_shrunk, np.float32))
+  if field.GetSize() != shrunk.GetSize():
+    raise ValueError(f"log bias field of shape {log_bias_shrunk.shape} does not fit image {image.shape} "
+                     f"shrunk by {shrink_factor}")
+  field.CopyInformation(shrunk)
+  f = sitk.ResampleImageFilter()
+  f.SetReferenceImage(img)
+  f.SetInterpolator(sitk.sitkLinear)
+  f.SetUseNearestNeighborExtrapolator(True)
+  full = sitk.GetArrayFromImage(f.Execute(field))
+  return (np.asarray(image, np.float32) / np.exp(full)).astype(np.float32)
+
+
+def _content_hash(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+class N4Cache:
+  """On-disk cache of N4 log bias fields, keyed by (file content, `N4Params`, channel).
+
+  Entries are small: the field on the shrunk grid (float32, shrink³ times
+  smaller than the image), so a BraTS modality costs ~0.5 MB at shrink 4.
+  Both a cache miss and a hit correct the image through the same
+  `apply_log_bias` path, so cold and warm runs give identical arrays.
+  Writes are atomic (temporary file + rename).
+  """
+
+  def __init__(self, cache_dir: str, params: N4Params = N4Params()):
+    self.dir = os.path.abspath(cache_dir)
+    self.params = params
+    self.hits = 0
+    self.misses = 0
+
+  def key(self, path: str, channel: int = 0) -> str:
+    blob = f"{_content_hash(path)}|{channel}|{self.params.key()}"
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+  def correct(self, image: np.ndarray, spacing: Sequence[float], path: str, channel: int = 0) -> Tuple[np.ndarray, bool]:
+    """N4-corrected ``image`` (read from ``path``); returns (corrected float32, cache hit?)."""
+    key = self.key(path, channel)
+    entry = os.path.join(self.dir, key[:2], key + ".npy")
+    log_bias = None
+    if os.path.exists(entry):
+      try:
+        log_bias = np.load(entry)
+      except (OSError, ValueError):  # corrupt entry: recompute
+        log_bias = None
+    hit = log_bias is not None
+    if log_bias is None:
+      log_bias = n4_log_bias(image, spacing, self.params)
+      os.makedirs(os.path.dirname(entry), exist_ok=True)
+      tmp = f"{entry}.{os.getpid()}.tmp"
+      with open(tmp, "wb") as f:
+        np.save(f, log_bias)
+      os.replace(tmp, entry)
+    self.hits += hit
+    self.misses += not hit
+    return apply_log_bias(image, spacing, log_bias, self.params.shrink_factor), hit
