@@ -11,5 +11,5 @@ def get_config(arg=None):
   config.data.phantom.size = 64
   config.data.image_size = 64
   config.model.base = 16
-  config.num_epochs = 25
+  config.num_epochs = 20
   return config
