@@ -22,9 +22,18 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from fedjax_seg import train  # after flag parsing, so --help is fast
   from fedjax_seg.config_utils import validate
+  from fedjax_seg.data.io import DataError
   config = _CONFIG.value
-  validate(config)
-  train.run(config, _WORKDIR.value)
+  try:
+    validate(config)
+    train.run(config, _WORKDIR.value)
+  except (DataError, ValueError, FileNotFoundError, FloatingPointError) as e:
+    # Bad input or config: one clear line naming the file/key, not an XLA stack trace.
+    # Set FEDJAX_SEG_TRACEBACK=1 to see the full traceback.
+    if os.environ.get("FEDJAX_SEG_TRACEBACK"):
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
