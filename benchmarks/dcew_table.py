@@ -8,7 +8,7 @@ run in its own workdir (runs/dcew_table/<method>_s<seed>), so the benchmark is
 resumable: finished runs (results.json present) are skipped, interrupted runs
 resume from their checkpoint.
 
-  python benchmarks/dcew_table.py                      # 3 seeds, 64×64, 12 rounds
+  python benchmarks/dcew_table.py                      # 3 seeds, 48×48, 10 rounds × 5 local steps
   python benchmarks/dcew_table.py --quick              # 2 seeds, 32×32, tiny budget
   python benchmarks/dcew_table.py --root /data/lgg     # real Kaggle LGG (folder with kaggle_3m/)
 
@@ -64,15 +64,15 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   p.add_argument("--methods", nargs="+", default=[m for m, _ in METHODS])
-  p.add_argument("--size", type=int, default=64)
+  p.add_argument("--size", type=int, default=48)
   p.add_argument("--base", type=int, default=16)
   p.add_argument("--depth", type=int, default=4)
-  p.add_argument("--rounds", type=int, default=12)
-  p.add_argument("--local-steps", type=int, default=6)
+  p.add_argument("--rounds", type=int, default=10)
+  p.add_argument("--local-steps", type=int, default=5)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--sites", default="CS,DU,HT,FG")
-  p.add_argument("--patients-per-site", type=int, default=5)
+  p.add_argument("--patients-per-site", type=int, default=4)
   p.add_argument("--root", default="", help="real Kaggle LGG root (default: phantom)")
   p.add_argument("--cache", default="runs/_data")
   p.add_argument("--workdir", default="runs/dcew_table")
