@@ -8,9 +8,11 @@ run in its own workdir (runs/dcew_table/<method>_s<seed>), so the benchmark is
 resumable: finished runs (results.json present) are skipped, interrupted runs
 resume from their checkpoint.
 
-  python benchmarks/dcew_table.py                      # 3 seeds, 48×48, 10 rounds × 5 local steps
+  python benchmarks/dcew_table.py                      # 3 seeds, 48×48, 30 rounds × 5 local steps, Adam 3e-3
   python benchmarks/dcew_table.py --quick              # 2 seeds, 32×32, tiny budget
   python benchmarks/dcew_table.py --root /data/lgg     # real Kaggle LGG (folder with kaggle_3m/)
+  python benchmarks/dcew_table.py --quick --phantom-style anatomical   # ICBM152-anatomy phantom
+                                   # (runs/dcew_table_anatomical*, results dcew_table_anatomical*.md)
 
 Compute budget: every federated client does E local steps of batch b per
 round for R rounds; CL gets the same number of optimiser steps in total
@@ -47,6 +49,7 @@ def make_config(algorithm, seed, args):
   c.data.phantom.size = args.size
   c.data.phantom.patients_per_site = args.patients_per_site
   c.data.phantom.sites = tuple(args.sites.split(","))
+  c.data.phantom.style = args.phantom_style
   c.data.image_size = args.size
   c.model.base = args.base
   c.model.depth = args.depth
@@ -67,18 +70,22 @@ def main():
   p.add_argument("--size", type=int, default=48)
   p.add_argument("--base", type=int, default=16)
   p.add_argument("--depth", type=int, default=4)
-  p.add_argument("--rounds", type=int, default=10)
+  p.add_argument("--rounds", type=int, default=30)
   p.add_argument("--local-steps", type=int, default=5)
   p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--lr", type=float, default=3e-3)
   p.add_argument("--sites", default="CS,DU,HT,FG")
   p.add_argument("--patients-per-site", type=int, default=4)
   p.add_argument("--root", default="", help="real Kaggle LGG root (default: phantom)")
+  p.add_argument("--phantom-style", default="geometric", choices=["geometric", "anatomical"],
+                 help="phantom anatomy: geometric ellipses or ICBM152 brain (fedjax_seg/data/anatomy.py)")
   p.add_argument("--cache", default="runs/_data")
   p.add_argument("--workdir", default="runs/dcew_table")
   p.add_argument("--quick", action="store_true")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
   args = p.parse_args()
+  if args.phantom_style != "geometric":
+    args.workdir += f"_{args.phantom_style}"
   if args.quick:
     args.seeds, args.size, args.base, args.depth, args.rounds, args.local_steps = [0, 1], 32, 8, 3, 4, 4
     args.workdir += "_quick"
@@ -126,7 +133,8 @@ def main():
     lines.append(f"| {name} | {iou[0]:.2f} ± {iou[1]:.2f} | {dice[0]:.2f} ± {dice[1]:.2f} | "
                  f"{len(results[name])} | {f'{paper[0]:.2f} / {paper[1]:.2f}' if paper else '–'} |")
   cmd = "python benchmarks/dcew_table.py " + " ".join(sys.argv[1:])
-  md = (f"Command: `{cmd.strip()}`\n\nData: {'real LGG at ' + args.root if args.root else 'phantom LGG'}, "
+  data_desc = f"real LGG at {args.root}" if args.root else f"phantom LGG ({args.phantom_style})"
+  md = (f"Command: `{cmd.strip()}`\n\nData: {data_desc}, "
         f"sites {args.sites}, {args.size}×{args.size}; U-Net base {args.base} depth {args.depth}; "
         f"R={args.rounds} rounds × E={args.local_steps} steps × batch {args.batch}, Adam lr {args.lr}; "
         f"CL gets the same number of optimiser steps. Test split pooled over sites; mean ± std over seeds "
@@ -134,7 +142,8 @@ def main():
         + "\n".join(lines) + "\n")
   print("\n" + md)
   os.makedirs(args.out, exist_ok=True)
-  tag = "dcew_table_quick" if args.quick else "dcew_table"
+  tag = "dcew_table" + ("" if args.phantom_style == "geometric" else f"_{args.phantom_style}") + (
+      "_quick" if args.quick else "")
   with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
     f.write(md)
   with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
