@@ -18,7 +18,14 @@ loaders read (`fedjax_seg.data.layouts`): Kaggle LGG (SPEC §1.2), BraTS 2020
   NIfTI with a BraTS-like affine, per-site intensity scale, contrast and bias;
 * `generate_acdc_patient` / `write_acdc`: heart-like rings (RV, myocardium,
   LV) at ED and ES, ``Info.cfg``, anisotropic oblique NIfTI, 5 groups;
-* `main`: CLI, ``python -m fedjax_seg.data.phantom --layout lgg|brats|acdc --out DIR``.
+* `main`: CLI, ``python -m fedjax_seg.data.phantom --layout lgg|brats|acdc --out DIR
+  [--style geometric|anatomical]``.
+
+Two styles for LGG and BraTS (``style=`` of `write_lgg` / `write_brats`):
+``'geometric'`` (default; the ellipse head of `head_labels`, no extra
+dependency, byte-stable) and ``'anatomical'`` (real brain anatomy from the
+ICBM152 template, `fedjax_seg.data.anatomy`; needs the ``anatomy`` extra).
+Both go through the same file writers, so the layouts are identical.
 
 Determinism: every random draw comes from ``np.random.default_rng`` seeded by
 ``(seed, crc32(site), patient index, stream)``; TIFFs are written by Pillow
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import os
 import re
 import shutil
@@ -520,6 +528,28 @@ def _prepare_out_dir(out: str, overwrite: bool) -> None:
 
 _SITE_RE = re.compile(r"^[A-Za-z0-9]+$")
 
+PHANTOM_STYLES = ("geometric", "anatomical")
+# Keyword options that only the anatomical style takes, per layout.
+_ANATOMY_OPTIONS = {"lgg": ("fov_mm", "mass_effect"), "brats": ("mass_effect",)}
+
+
+def _anatomy_module(style: str, layout: str, options: Mapping[str, object]):
+  """`fedjax_seg.data.anatomy` for ``style='anatomical'``, None for geometric; validates the options."""
+  if style not in PHANTOM_STYLES:
+    raise ValueError(f"style must be one of {PHANTOM_STYLES}, got {style!r}")
+  unknown = sorted(set(options) - set(_ANATOMY_OPTIONS[layout]))
+  if unknown:
+    raise TypeError(f"write_{layout}: unexpected keyword arguments {unknown} "
+                    f"(anatomical-only options: {list(_ANATOMY_OPTIONS[layout])})")
+  if style == "geometric":
+    if options:
+      raise ValueError(f"write_{layout}: options {sorted(options)} apply only to style='anatomical'")
+    return None
+  from fedjax_seg.data import anatomy  # local import: needs the template (extra 'anatomy')
+
+  anatomy.template_dir()  # fail early, naming the extra to install
+  return anatomy
+
 
 def write_lgg(
     root: str | os.PathLike,
@@ -531,6 +561,8 @@ def write_lgg(
     size: int = 64,
     tumour_free_fraction: float = 0.3,
     overwrite: bool = False,
+    style: str = "geometric",
+    **anatomy_options,
 ) -> list[str]:
   """Write a phantom Kaggle LGG data set (SPEC §1.2) under ``root``.
 
@@ -549,6 +581,11 @@ def write_lgg(
       last slices of each patient are tumour-free when > 0).
     overwrite: replace an existing non-empty ``<root>/kaggle_3m``;
       otherwise that is an error (stale slices would silently mix in).
+    style: ``'geometric'`` (`generate_lgg_patient`) or ``'anatomical'``
+      (`fedjax_seg.data.anatomy.generate_lgg_patient`: ICBM152 anatomy,
+      whole head, axial slab around a tumour grown in white matter).
+    **anatomy_options: anatomical only: ``fov_mm`` (in-plane field of
+      view, default 220), ``mass_effect`` (default 0.3).
   Returns:
     The patient folder paths, sorted by patient id.
   """
@@ -565,14 +602,17 @@ def write_lgg(
   if not 0.0 <= tumour_free_fraction <= 1.0:
     raise ValueError(f"tumour_free_fraction must be in [0, 1], got {tumour_free_fraction}")
   rng_for(seed)  # validates the seed
+  anatomy = _anatomy_module(style, "lgg", anatomy_options)
+  generate = generate_lgg_patient if anatomy is None else functools.partial(
+      anatomy.generate_lgg_patient, **anatomy_options)
 
   out = os.path.join(os.fspath(root), "kaggle_3m")
   _prepare_out_dir(out, overwrite)
   folders = []
   for site in sites:
     for index, name in enumerate(lgg_patient_names(seed, site, patients_per_site)):
-      images, masks = generate_lgg_patient(seed, site, index, n_slices=slices_per_patient, size=size,
-                                           tumour_free_fraction=tumour_free_fraction)
+      images, masks = generate(seed, site, index, n_slices=slices_per_patient, size=size,
+                               tumour_free_fraction=tumour_free_fraction)
       folder = os.path.join(out, name)
       os.makedirs(folder, exist_ok=True)
       for n in range(slices_per_patient):
@@ -791,9 +831,11 @@ def write_brats(
     slices_per_patient: int = 32,
     size: int = 64,
     tumour_free_fraction: float = 0.4,
-    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    spacing: Sequence[float] | None = None,
     compress: bool = True,
     overwrite: bool = False,
+    style: str = "geometric",
+    **anatomy_options,
 ) -> list[str]:
   """Write a phantom BraTS 2020 training set (SPEC §1.1) under ``root``.
 
@@ -816,19 +858,33 @@ def write_brats(
     seed: non-negative int; same arguments → byte-identical files.
     sites: site codes (alphanumeric), each with its own `brats_site_effects`.
     patients_per_site, slices_per_patient, size: data set dimensions.
-    tumour_free_fraction: ≈ fraction of axial slices without tumour.
-    spacing: voxel size (x, y, z) in mm, written into the affine.
+    tumour_free_fraction: ≈ fraction of axial slices without tumour
+      (geometric style; the anatomical volume spans the whole brain and
+      the tumour's own extent decides which slices carry it).
+    spacing: voxel size (x, y, z) in mm, written into the affine. None:
+      1 mm³ (geometric) or the real BraTS field of view 240×240×155 mm
+      divided by the shape (anatomical; `anatomy.brats_spacing`).
     compress: ``.nii.gz`` (default) or ``.nii``.
     overwrite: replace an existing non-empty output folder.
+    style: ``'geometric'`` (`generate_brats_patient`) or ``'anatomical'``
+      (`fedjax_seg.data.anatomy.generate_brats_patient`: ICBM152 anatomy,
+      skull-stripped, tumour grown in white matter).
+    **anatomy_options: anatomical only: ``mass_effect`` (default 0.3).
   Returns:
     The patient folder paths, sorted.
   """
   _check_common(seed, sites, patients_per_site, slices_per_patient, size)
   if not 0.0 <= tumour_free_fraction <= 1.0:
     raise ValueError(f"tumour_free_fraction must be in [0, 1], got {tumour_free_fraction}")
-  spacing = tuple(float(s) for s in spacing)
-  if len(spacing) != 3 or min(spacing) <= 0:
-    raise ValueError(f"spacing must be 3 positive numbers (x, y, z mm), got {spacing}")
+  anatomy = _anatomy_module(style, "brats", anatomy_options)
+  if anatomy is None:
+    spacing = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+      raise ValueError(f"spacing must be 3 positive numbers (x, y, z mm), got {spacing}")
+    generate = functools.partial(generate_brats_patient, tumour_free_fraction=tumour_free_fraction)
+  else:
+    spacing = anatomy.brats_spacing(slices_per_patient, size, spacing)
+    generate = functools.partial(anatomy.generate_brats_patient, spacing=spacing, **anatomy_options)
   out = os.path.join(os.fspath(root), BRATS_FOLDER)
   _prepare_out_dir(out, overwrite)
   ext = ".nii.gz" if compress else ".nii"
@@ -839,8 +895,7 @@ def write_brats(
     site, index = pairs[int(k)]
     tcia = rng_for(seed, "brats", site, _STREAM_IDS).choice(9000, size=patients_per_site, replace=False)[index]
     name = f"BraTS20_Training_{number:03d}"
-    images, seg, grade = generate_brats_patient(seed, site, index, n_slices=slices_per_patient, size=size,
-                                                tumour_free_fraction=tumour_free_fraction)
+    images, seg, grade = generate(seed, site, index, n_slices=slices_per_patient, size=size)
     folder = os.path.join(out, name)
     os.makedirs(folder, exist_ok=True)
     affine = nifti_affine(seg.shape, spacing)
@@ -1132,6 +1187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--slices-per-patient", type=int, default=None,
                       help="slices (LGG default 12, BraTS 32, ACDC 8)")
   parser.add_argument("--tumour-free-fraction", type=float, default=None, help="LGG / BraTS only")
+  parser.add_argument("--style", choices=PHANTOM_STYLES, default=None,
+                      help="LGG / BraTS: geometric (default) or anatomical (ICBM152 anatomy; extra 'anatomy')")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output")
   args = parser.parse_args(argv)
 
@@ -1146,8 +1203,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       kwargs[key] = value
   if args.layout == "acdc" and "tumour_free_fraction" in kwargs:
     parser.error("--tumour-free-fraction does not apply to --layout acdc")
+  if args.style is not None:
+    if args.layout == "acdc":
+      parser.error("--style does not apply to --layout acdc")
+    kwargs["style"] = args.style
   try:
     folders = WRITERS[args.layout](args.out, **kwargs)
+  except ImportError as e:  # anatomy.TemplateUnavailable: names the extra to install
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   except (ValueError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -1159,7 +1223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"{folder}: {sum(not f.endswith('_mask.tif') for f in files)} slices")
     else:
       print(f"{folder}: {len(files)} files")
-  print(f"wrote {len(folders)} patients, {n_files} files ({args.layout}, seed {args.seed}, "
+  style = f", {args.style}" if args.style else ""
+  print(f"wrote {len(folders)} patients, {n_files} files ({args.layout}{style}, seed {args.seed}, "
         f"size {kwargs.get('size', 64)}) under {os.path.abspath(args.out)}")
   return 0
 
