@@ -15,8 +15,11 @@ def get_data_config():
   data.layout = "lgg"
   data.root = ""                 # '' -> phantom written under cache_dir
   data.cache_dir = "runs/_data"
+  # style: 'geometric' (ellipse heads, no extra dependency) | 'anatomical' (ICBM152 brain
+  # anatomy, fedjax_seg/data/anatomy.py; needs `pip install -e '.[anatomy]'`).
   data.phantom = ml_collections.ConfigDict(dict(
-      seed=0, sites=("CS", "DU", "HT"), patients_per_site=6, slices_per_patient=16, size=128))
+      seed=0, sites=("CS", "DU", "HT"), patients_per_site=6, slices_per_patient=16, size=128,
+      style="geometric"))
   data.image_size = 128
   data.normalize = "slice_max"   # slice_max | zscore | none
   data.split_seed = 0
