@@ -11,7 +11,8 @@ slices read from disk (an LGG TIFF pair; a BraTS slice carries all 4
 modalities), so the rows are comparable per slice. All rows of one run are
 on one machine, in one process, after one untimed warm-up read of the files
 (OS page cache warm); only the N4 cache differs between "cold" (empty cache
-folder) and "warm" (the same folder again).
+folder) and "warm" (the same folder again). Both wall time and process CPU
+time are reported: on a shared machine the CPU column is the stable one.
 """
 from __future__ import annotations
 
@@ -40,11 +41,14 @@ def data_cfg(layout, root, cache_dir, image_size, n4=None, ndim=2):
 
 
 def timed(cfg, n_slices):
-  t0 = time.perf_counter()
+  """Wall and process-CPU seconds of one build_dataset (CPU time counts every thread of this process,
+  so it is comparable across runs even when other jobs share the machine)."""
+  c0, t0 = time.process_time(), time.perf_counter()
   ds = pipeline.build_dataset(cfg, verbose=False)
-  dt = time.perf_counter() - t0
+  dt, dc = time.perf_counter() - t0, time.process_time() - c0
   assert sum(len(p.labels) for p in ds.patients.values()) == n_slices or cfg.layout != "lgg"
-  return {"seconds": dt, "slices": n_slices, "slices_per_s": n_slices / dt}
+  return {"seconds": dt, "cpu_seconds": dc, "slices": n_slices, "slices_per_s": n_slices / dt,
+          "slices_per_cpu_s": n_slices / max(dc, 1e-9)}
 
 
 def main(argv=None):
@@ -96,12 +100,15 @@ def main(argv=None):
   print(f"\nLoading throughput (build_dataset end to end; {os.cpu_count()} CPUs; size {args.size}; "
         f"LGG {n_lgg} slices; BraTS {n_brats} slices = {n_vol} volumes of {args.size}x{args.size}x"
         f"{args.brats_slices}; N4 shrink {n4['shrink_factor']}, iterations {list(n4['iterations'])})\n")
-  print("| data | slices | seconds | slices/s |\n|---|---|---|---|")
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  print(f"(1-min load average at the end: {load:.1f})\n")
+  print("| data | slices | wall s | slices/s (wall) | CPU s | slices per CPU-s |\n|---|---|---|---|---|---|")
   for name, r in rows.items():
-    print(f"| {name} | {r['slices']} | {r['seconds']:.2f} | {r['slices_per_s']:.1f} |")
+    print(f"| {name} | {r['slices']} | {r['seconds']:.2f} | {r['slices_per_s']:.1f} | {r['cpu_seconds']:.2f} | "
+          f"{r['slices_per_cpu_s']:.1f} |")
   cold, warm = rows["BraTS, N4 cache cold"], rows["BraTS, N4 cache warm"]
-  print(f"\nN4: {cold['seconds'] / n_vol:.2f}s per volume fitted (cold); warm cache is "
-        f"{cold['seconds'] / warm['seconds']:.1f}x faster than cold")
+  print(f"\nN4: {cold['seconds'] / n_vol:.2f}s wall / {cold['cpu_seconds'] / n_vol:.2f} CPU-s per volume fitted "
+        f"(cold); warm cache is {cold['seconds'] / warm['seconds']:.1f}x faster than cold (wall)")
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -62,7 +62,12 @@ def get_config(arg=None):
   config.fl = None
   if arg == "smoke":
     # 12 phantom patients of 64×64×32 voxels (1 mm), resampled to 2 mm -> 32×32×16;
-    # a small 3D U-Net; about 3 minutes on 2 CPU cores (N4 cache cold).
+    # a small 3D U-Net (base 8, 3 levels) with group norm: the seed's un-normalised
+    # U-Net stays on the all-background solution for ~20 of the 25 epochs at this
+    # size (measured: val / test Dice 0.17 / 0.20, WT 0.69, TC = ET = 0); with group
+    # norm: 0.23 / 0.27, WT 0.83 / 0.86 (ET still 0: the enhancing rim is ~1 voxel
+    # thick at 2 mm). ~3.5 CPU-minutes on 2 cores (N4 cache cold); measured output
+    # and wall times in docs/README_data_formats.md.
     config.data.phantom = ml_collections.ConfigDict(dict(
         seed=0, sites=("CS", "DU", "HT"), patients_per_site=4, slices_per_patient=32, size=64))
     config.data.target_spacing = (2.0, 2.0, 2.0)
@@ -72,6 +77,7 @@ def get_config(arg=None):
     config.data.n4.iterations = (20, 20)
     config.model.base = 8
     config.model.depth = 3
+    config.model.norm = "group"
     config.num_epochs = 25
     config.eval_batch_size = 2
   elif arg not in (None, ""):

@@ -60,7 +60,6 @@ def test_brats_round_trip(brats):
   assert sorted(p.site for p in patients) == ["CS", "CS", "DU", "DU"]  # from name_mapping.csv
   assert layouts.find_brats(os.path.join(root, phantom.BRATS_FOLDER)) == patients
   affine = phantom.nifti_affine((8, 16, 16), (1.0, 1.0, 1.0))
-  index = {s: 0 for s in ("CS", "DU")}
   order = phantom.rng_for(0, "brats", phantom._STREAM_IDS).permutation(4)
   pairs = [(s, i) for s in ("CS", "DU") for i in range(2)]
   for p, k in zip(patients, order):
@@ -81,7 +80,6 @@ def test_brats_round_trip(brats):
     np.testing.assert_array_equal(images, ref_img.astype(np.float32))
     np.testing.assert_array_equal(seg, ref_seg)
     assert p.meta["grade"] == grade
-    index[site] += 1
 
 
 def test_brats_tumour_nested_and_modalities_differ():
@@ -125,8 +123,7 @@ def test_acdc_round_trip(acdc, tmp_path):
     assert info["ED"] == 1 and 1 < info["ES"] <= info["NbFrame"]
     assert p.meta["frame_numbers"] == (info["ED"], info["ES"])
     assert p.images[1].endswith(f"_frame{info['ES']:02d}.nii.gz") and p.masks[1].endswith("_gt.nii.gz")
-    index = 0
-    pat = phantom.generate_acdc_patient(0, p.site, index, n_slices=4, size=32)
+    pat = phantom.generate_acdc_patient(0, p.site, 0, n_slices=4, size=32)  # 1 patient per group
     lv = {}
     for phase, image_path, gt_path in zip(("ED", "ES"), p.images, p.masks):
       image, gt = dio.load_acdc_frame(image_path, gt_path)
