@@ -16,8 +16,8 @@
   (``config.data.layout``) and done with the same functions:
     - LGG (slices): `preprocess.resize_slices` to ``data.image_size`` then
       `preprocess.normalize(data.normalize)`, as `pipeline.build_dataset`;
-    - BraTS / ACDC (volumes): optional N4 (`preprocess.n4_log_bias` +
-      `apply_log_bias`, the computation behind the training cache), then
+    - BraTS / ACDC (volumes): optional N4 (`preprocess.N4Cache`, the
+      training cache under ``data.n4.cache_dir``: same fit, same key), then
       `resample_volume` to ``data.target_spacing`` (and zero padding to at least
       ``image_size`` in-plane), or `resize_slices` to ``image_size`` when no
       target spacing is set, then `normalize_volume(data.normalize)`, as
@@ -34,10 +34,10 @@
   header (labels in the data set's convention: BraTS {0, 1, 2, 4}, ACDC
   0..3, LGG {0, 1}); TIFF input -> ``<stem>_mask.tif`` per slice, {0, 255}
   for binary LGG. Plus an overlay PNG: axial, coronal and sagittal planes
-  through the centre of mass of the predicted foreground (of the ground
-  truth if nothing is predicted; the volume centre if neither has any),
+  through the centre of mass of the tumour (all foreground classes),
   SPEC §5 colours (blue 1 necrotic/core, green 2 edema, red 3 enhancing),
-  with the ground truth beside the prediction when ``--gt`` is given. A
+  with the ground truth beside the prediction when ``--gt`` is given (the
+  planes then go through the ground-truth tumour's centre of mass). A
   single 2D slice gives a single (axial) plane.
 
 Every expected problem (missing run / checkpoint, config-model mismatch,
@@ -483,10 +483,10 @@ def segment(run: LoadedRun, inp: InputImage, batch_size: Optional[int] = None) -
   opts = volumes.VolumeOptions.from_config(d)
   x = inp.data.astype(np.float32)
   spacing = tuple(float(s) for s in inp.spacing)
-  if opts.n4 is not None:
-    x = np.stack([preprocess.apply_log_bias(x[..., i], spacing,
-                                            preprocess.n4_log_bias(x[..., i], spacing, opts.n4),
-                                            opts.n4.shrink_factor) for i in range(c)], axis=-1)
+  if opts.n4 is not None:  # the training cache: a file seen in training is not fitted again
+    cache = preprocess.N4Cache(opts.n4_cache_dir, opts.n4)
+    x = np.stack([cache.correct(x[..., i], spacing, inp.paths[i], inp.channel_of_path[i])[0]
+                  for i in range(c)], axis=-1)
   resampled = bool(opts.target_spacing)
   if resampled:
     x, grid_spacing = preprocess.resample_volume(x, spacing, opts.target_spacing)
@@ -572,6 +572,10 @@ def plot_planes(image: np.ndarray, pred: np.ndarray, gt: Optional[np.ndarray], s
                 path: str, class_names: Sequence[str] = (), title: str = "") -> List[str]:
   """Overlay PNG: axial / coronal / sagittal planes through the tumour centre of mass.
 
+  The centre is the ground truth's foreground centre of mass when ``gt`` has
+  foreground (so a missed tumour is visible), else the prediction's, else the
+  volume centre. A single slice (Z = 1) gives only the axial plane.
+
   Args:
     image: grey values [Z, Y, X]; pred, gt: class maps [Z, Y, X] (gt optional).
     spacing: (dz, dy, dx), for the aspect ratio of each plane.
@@ -583,15 +587,15 @@ def plot_planes(image: np.ndarray, pred: np.ndarray, gt: Optional[np.ndarray], s
   import matplotlib.pyplot as plt
   from matplotlib.patches import Patch
   from fedjax_seg import runlog
-  cz, cy, cx = center_of_mass(pred, gt)
+  cz, cy, cx = center_of_mass(gt, pred)
   dz, dy, dx = (float(s) for s in spacing)
   planes = [("axial", f"z={cz}", lambda a: a[cz], dy / dx, False)]
   if image.shape[0] > 1:
     planes += [("coronal", f"y={cy}", lambda a: a[:, cy, :], dz / dx, True),
                ("sagittal", f"x={cx}", lambda a: a[:, :, cx], dz / dy, True)]
   cols = [("prediction", pred)] + ([("ground truth", gt)] if gt is not None else [])
-  fig, axes = plt.subplots(len(cols), len(planes), figsize=(2.6 * len(planes), 2.6 * len(cols) + 0.5),
-                           squeeze=False)
+  fig, axes = plt.subplots(len(cols), len(planes), figsize=(2.6 * len(planes), 2.8 * len(cols) + 0.6),
+                           squeeze=False, layout="constrained")
   lo, hi = np.percentile(image, [0.5, 99.5]) if image.size else (0, 1)
   img = np.clip((image - lo) / max(hi - lo, 1e-8), 0, 1)
   titles = []
@@ -610,10 +614,9 @@ def plot_planes(image: np.ndarray, pred: np.ndarray, gt: Optional[np.ndarray], s
   handles = [Patch(color=runlog.LABEL_COLOURS[k], label=class_names[k] if k < len(class_names) else str(k))
              for k in present if 0 < k < len(runlog.LABEL_COLOURS)]
   if handles:
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
   if title:
     fig.suptitle(title, fontsize=8)
-  fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 0.95 if title else 1))
   os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
   fig.savefig(path, dpi=72)
   plt.close(fig)

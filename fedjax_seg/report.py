@@ -191,8 +191,9 @@ def metric_columns(runs: List[Run], split: str) -> List[Tuple[str, str]]:
     for k in ((r.results or {}).get("region_metrics", {}).get(split) or {}):
       if k.startswith(("dice/", "hd95/")) and k not in regions:
         regions.append(k)
-  cols += [(f"region {k.replace('/', ' ')}" + (" (mm)" if k.startswith("hd95") else ""), f"region/{k}")
-           for k in sorted(regions, key=lambda k: (not k.startswith("dice"), k))]
+  title = lambda k: (f"{k[5:]} Dice (region)" if k.startswith("dice/") else f"{k[5:]} HD95 (mm)")
+  order = lambda k: (not k.startswith("dice"), {"WT": 0, "TC": 1, "ET": 2}.get(k[5:], 3))  # BraTS order
+  cols += [(title(k), f"region/{k}") for k in sorted(regions, key=order)]
   return cols
 
 

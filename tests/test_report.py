@@ -81,7 +81,8 @@ def _synthetic_federated(wd, algorithm, weights):
   m = {"dice_mean": 0.5, "iou_mean": 0.4, "dice/background": 0.99, "dice/tumour": 0.5,
        "pixel_accuracy": 0.98, "background_in_means": False}
   json.dump({"algorithm": algorithm, "metrics": {"test": m, "val": m}, "class_names": ["background", "tumour"],
-             "clients": ["CS", "DU"], "rounds": len(weights), "bytes_per_round": 2_000_000},
+             "clients": ["CS", "DU"], "rounds": len(weights), "bytes_per_round": 2_000_000,
+             "region_metrics": {"test": {"dice/ET": 0.3, "dice/WT": 0.9, "hd95/WT": 1.25}}},
             open(os.path.join(wd, "results.json"), "w"))
 
 
@@ -101,6 +102,8 @@ def test_federated_sections(tmp_path):
   head, rows = _table(text, "## Results: test split")
   assert {r[0] for r in rows} == {"fedavg", "dcew"}
   assert rows[0][head.index("MB / round")] == "2.000"
+  assert head.index("WT Dice (region)") < head.index("ET Dice (region)") < head.index("WT HD95 (mm)")
+  assert rows[0][head.index("WT Dice (region)")] == "0.9000" and rows[0][head.index("WT HD95 (mm)")] == "1.25"
 
 
 def test_cli(two_runs, tmp_path, capsys):
