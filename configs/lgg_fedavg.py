@@ -33,6 +33,29 @@ def get_fl_config():
   fl.cost = "cost"              # FedCostW cost c(M): 'cost' (training loss) | 'ce'
   fl.eval_every = 1
   fl.eval_clients = True        # per-client validation Dice each round
+  # --- beyond FedAvg (issue 10; docs/README_beyond_fedavg.md); defaults = plain FedAvg ---
+  fl.prox_mu = 0.0              # FedProx μ: local loss + (μ/2)‖w − w_global‖²
+  fl.server_opt = "none"        # none | fedavgm | fedadam | fedyogi | fedadagrad (fl/server_opt.py)
+  fl.server_lr = 1.0            # η on the pseudo-gradient x_{t-1} − ω_t
+  fl.server_momentum = 0.9      # FedAvgM β
+  fl.server_b1 = 0.9            # FedAdam/Yogi/Adagrad β1
+  fl.server_b2 = 0.99           # FedAdam/Yogi β2
+  fl.server_tau = 1e-3          # adaptivity τ (Reddi et al. 2021)
+  fl.norm_k = 0.0               # exclude a client with ‖Δ_k‖ > norm_k × median ‖Δ‖ (0 = off)
+  fl.trim = 0.1                 # trimmed_mean: fraction dropped at each end per coordinate
+  fl.secagg = False             # pairwise-masked fixed-point sums (fl/secagg.py)
+  fl.secagg_bits = 24           # fractional bits of the int32 fixed point
+  fl.secagg_seed = 0            # DH key-agreement session seed
+  fl.dp = ml_collections.ConfigDict(dict(   # DP-FedAvg (fl/dp.py); algorithm must be fedavg
+      enabled=False,
+      clip_norm=1.0,            # C: per-client update L2 clip
+      noise_multiplier=0.0,     # z: noise std z·C/K; 0 with target_epsilon=0 -> clipping only (ε=∞)
+      target_epsilon=0.0,       # > 0: calibrate z so that ε(δ) after fl.rounds rounds = target
+      delta=1e-5,
+      weighting="uniform",      # uniform (w_k = 1/K) | samples (w_k = min(s_k/sample_cap, 1)/K)
+      sample_cap=0.0,
+      accountant="rdp",         # rdp | pld (dp_accounting)
+  ))
   return fl
 
 

@@ -13,6 +13,11 @@ weights renormalised) when any leaf of its model, or any statistic its
 weight depends on, is non-finite, or when it has no samples. If every client
 is excluded the global model is kept and ``failed`` is True.
 
+Robust options (issue 10): ``robust(aggregator, norm_k)`` also excludes a
+client whose update norm exceeds norm_k × the median update norm and reports
+why each client was excluded; ``median`` / ``trimmed_mean`` are coordinate-wise
+robust aggregators (Yin et al., ICML 2018).
+
 Every aggregator returns ``(new_variables, weights [K], failed bool[])``.
 Weighting of clients lives here only; algorithms never re-implement averaging.
 """
@@ -142,8 +147,119 @@ def dcew(global_vars, stacked, stats: Stats, alpha: float = 0.5, beta: float = 0
   return new, w, failed
 
 
+# --- Robust aggregation (issue 10) ---------------------------------------------
+
+
+def update_norms(global_vars, stacked) -> jnp.ndarray:
+  """float32 [K]: ‖M_k − M_{t−1}‖₂ over every inexact leaf (all collections);
+  non-finite for a client with a non-finite leaf."""
+  sq = 0.0
+  for g, m in zip(jax.tree.leaves(global_vars), jax.tree.leaves(stacked)):
+    if jnp.issubdtype(m.dtype, jnp.inexact):
+      d = (m - g[None]).astype(jnp.float32).reshape(m.shape[0], -1)
+      sq = sq + jnp.sum(d * d, axis=1)
+  return jnp.sqrt(sq)
+
+
+def exploding_clients(norms: jnp.ndarray, ok: jnp.ndarray, k: float) -> jnp.ndarray:
+  """bool [K]: ok clients with ‖Δ_k‖ > k · median_{j ok} ‖Δ_j‖ (k <= 0: none).
+
+  The median includes the client itself, so with 2 clients an outlier is
+  never detected (its norm is at most 2× the median); use K >= 3.
+  """
+  if k <= 0:
+    return jnp.zeros_like(ok)
+  med = jnp.nanmedian(jnp.where(ok, norms, jnp.nan))
+  return ok & (norms > k * med)
+
+
+EXCLUSION_REASONS = ("nonfinite", "empty", "norm", "stats")
+
+
+def robust(aggregator: Callable, norm_k: float = 0.0) -> Callable:
+  """Wraps an aggregator: exploding-norm exclusion + per-reason exclusion report.
+
+  Client k is excluded (weight 0, others renormalised by the inner aggregator) for
+    'nonfinite'  a non-finite leaf in M_k,
+    'empty'      s_k = 0 (or non-finite),
+    'norm'       ‖M_k − M_{t−1}‖ > norm_k · median over the clients left (norm_k > 0),
+    'stats'      the inner aggregator dropped it (e.g. a non-finite c_k or d_k).
+  The 'norm' exclusion is passed to the inner aggregator as s_k = 0, so it
+  composes with every aggregator without changing it. Returns the inner
+  aggregator's (new, weights, failed) plus extra {'update_norm' [K],
+  'excl_<reason>' bool [K]} (and the inner aggregator's own extra dict).
+  """
+  def agg(global_vars, stacked, stats: Stats, **kw):
+    norms = update_norms(global_vars, stacked)
+    finite = finite_clients(stacked)
+    empty = ~((stats["num_samples"] > 0) & jnp.isfinite(stats["num_samples"]))
+    explode = exploding_clients(norms, finite & ~empty, norm_k)
+    stats = {**stats, "num_samples": jnp.where(explode, 0.0, stats["num_samples"])}
+    out = aggregator(global_vars, stacked, stats, **kw)
+    new, w, failed = out[:3]
+    extra = dict(out[3]) if len(out) > 3 else {}
+    extra.update({"update_norm": jnp.where(finite, norms, jnp.nan),
+                  "excl_nonfinite": ~finite, "excl_empty": finite & empty,
+                  "excl_norm": explode, "excl_stats": finite & ~empty & ~explode & ~(w > 0)})
+    return new, w, failed, extra
+  agg.wants_round_key = getattr(aggregator, "wants_round_key", False)
+  agg.__name__ = f"robust_{getattr(aggregator, '__name__', 'agg')}"
+  return agg
+
+
+def _nominal_weights(ok: jnp.ndarray) -> jnp.ndarray:
+  n = jnp.sum(ok)
+  return jnp.where(ok, 1.0 / jnp.maximum(n, 1), 0.0).astype(jnp.float32)
+
+
+def coordinate_median(global_vars, stacked, stats: Stats, **_):
+  """ω_i = median_{k ok} M_{k,i} for every coordinate i (Yin et al., 2018).
+
+  Sample counts are ignored (each included client counts once); the mean of
+  the two middle values for an even number of clients. weights: nominal 1/n
+  for the n included clients (the median has no per-client weights).
+  """
+  ok = _base_ok(stacked, stats)
+  failed = ~jnp.any(ok)
+
+  def med(g, m):
+    if not jnp.issubdtype(m.dtype, jnp.inexact):
+      return g
+    okb = ok.reshape((-1,) + (1,) * (m.ndim - 1))
+    new = jnp.nanmedian(jnp.where(okb, m, jnp.nan), axis=0).astype(g.dtype)
+    return jnp.where(failed, g, new)
+  return jax.tree.map(med, global_vars, stacked), _nominal_weights(ok), failed
+
+
+def trimmed_mean(global_vars, stacked, stats: Stats, trim: float = 0.1, **_):
+  """ω_i = mean of the included clients' M_{k,i} after dropping the ⌊trim·n⌋
+  smallest and ⌊trim·n⌋ largest values of coordinate i (Yin et al., 2018).
+
+  n = number of included clients (dynamic under jit); trim in [0, 0.5).
+  trim = 0 is the unweighted mean. weights: nominal 1/n.
+  """
+  if not 0.0 <= trim < 0.5:
+    raise ValueError(f"config.fl.trim={trim}: expected 0 <= trim < 0.5")
+  ok = _base_ok(stacked, stats)
+  n = jnp.sum(ok)
+  t = jnp.floor(trim * n).astype(jnp.int32)
+  failed = ~jnp.any(ok)
+
+  def tmean(g, m):
+    if not jnp.issubdtype(m.dtype, jnp.inexact):
+      return g
+    okb = ok.reshape((-1,) + (1,) * (m.ndim - 1))
+    srt = jnp.sort(jnp.where(okb, m, jnp.inf), axis=0)  # excluded clients sort last
+    pos = jnp.arange(m.shape[0]).reshape(okb.shape)
+    keep = (pos >= t) & (pos < n - t)
+    new = jnp.sum(jnp.where(keep, srt, 0.0), axis=0) / jnp.maximum(n - 2 * t, 1)
+    return jnp.where(failed, g, new.astype(g.dtype))
+  return jax.tree.map(tmean, global_vars, stacked), _nominal_weights(ok), failed
+
+
 AGGREGATORS: Dict[str, Callable] = {
-    "fedavg": fedavg, "fedcostw": fedcostw, "costw_ce": costw_ce, "dcew": dcew}
+    "fedavg": fedavg, "fedcostw": fedcostw, "costw_ce": costw_ce, "dcew": dcew,
+    "median": coordinate_median, "trimmed_mean": trimmed_mean}
 
 
 def get(name: str) -> Callable:

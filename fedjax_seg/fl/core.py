@@ -105,8 +105,10 @@ def make_client_update(fns: ModelFns, tx: optax.GradientTransformation, loss_nam
     extra = None
     if hp.prox_mu > 0:
       anchor = variables["params"]
-      extra = lambda p: 0.5 * hp.prox_mu * optax.global_norm(
-          jax.tree.map(jnp.subtract, p, anchor)) ** 2
+      # Σ of squares, not global_norm(.)**2: d sqrt(x)/dx is inf at x = 0, and the
+      # first local step starts at w = w_global, so that form has a NaN gradient.
+      extra = lambda p: 0.5 * hp.prox_mu * sum(
+          jnp.sum(jnp.square(a - b)) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(anchor)))
     step = steps.make_train_step(fns, tx, loss_name, num_classes, augment, extra)
 
     def body(carry, k):
@@ -156,9 +158,13 @@ def make_run_round(client_update: Callable, aggregator: Callable, client_strateg
   """Builds ``run_round(state, data, key) -> (state', info)`` (jit it once).
 
   info: per-client stats [K], 'weights' [K], 'failed' bool, 'included' [K].
-  ``server_update(state, aggregate) -> (variables, server_opt_state)`` lets a
-  server optimiser (FedAdam, ...) turn the aggregate into the next model;
-  by default the aggregate *is* the next model.
+  ``server_update(state, aggregate, failed) -> (variables, server_opt_state)``
+  lets a server optimiser (FedAdam, ... fl/server_opt.py) turn the aggregate
+  into the next model; by default the aggregate *is* the next model.
+  An aggregator may return a 4th element, a dict of per-round arrays merged
+  into info (DP clip fraction, exclusion reasons, ...); one with attribute
+  ``wants_round_key = True`` also gets ``rng=`` (a key independent of the
+  client keys) and ``round=`` (DP noise, secure-aggregation masks).
   """
   clients = map_clients(client_update, client_strategy)
   agg_kwargs = dict(agg_kwargs or {})
@@ -167,11 +173,17 @@ def make_run_round(client_update: Callable, aggregator: Callable, client_strateg
     k = data.x.shape[0]
     keys = jax.random.split(jax.random.fold_in(key, state.round), k)
     stacked, stats = clients(state.variables, data, keys)
-    new_vars, weights, failed = aggregator(state.variables, stacked, stats, **agg_kwargs)
+    dyn = {}
+    if getattr(aggregator, "wants_round_key", False):
+      dyn = {"rng": jax.random.fold_in(jax.random.fold_in(key, state.round), 0x7FFFFFFF),
+             "round": state.round}
+    out = aggregator(state.variables, stacked, stats, **agg_kwargs, **dyn)
+    new_vars, weights, failed = out[:3]
+    extra = out[3] if len(out) > 3 else {}
     opt_state = state.server_opt_state
     if server_update is not None:
       new_vars, opt_state = server_update(state, new_vars, failed)
-    info = {**stats, "weights": weights, "failed": failed,
+    info = {**stats, **extra, "weights": weights, "failed": failed,
             "included": weights > 0}
     return ServerState(new_vars, state.round + 1, opt_state), info
   return run_round

@@ -17,7 +17,7 @@ import numpy as np
 from fedjax_seg import models, runlog, steps
 from fedjax_seg import train as train_lib
 from fedjax_seg.data import federated, partition, pipeline
-from fedjax_seg.fl import aggregators, core
+from fedjax_seg.fl import aggregators, core, dp, secagg, server_opt
 
 
 def partition_dataset(ds: pipeline.SegDataset, fl_cfg, verbose: bool = True):
@@ -85,7 +85,40 @@ def agg_kwargs(config) -> Dict:
       raise ValueError(f"config.fl.alpha+beta+gamma must be 1 for dcew, got "
                        f"{fl.alpha}+{fl.beta}+{fl.gamma}")
     return {"alpha": fl.alpha, "beta": fl.beta, "gamma": fl.gamma}
+  if config.algorithm == "trimmed_mean":
+    return {"trim": fl.get("trim", 0.1)}
   return {}
+
+
+def check_fl_config(config) -> None:
+  """Issue-10 options: refuses impossible or guarantee-voiding combinations
+  (ValueError naming the keys) before any data is built."""
+  server_opt.from_config(config.fl)
+  dp.check_config(config)
+  secagg.check_config(config)
+  if config.fl.get("norm_k", 0.0) < 0:
+    raise ValueError(f"config.fl.norm_k={config.fl.norm_k} must be >= 0 (0 = off)")
+  if config.algorithm == "trimmed_mean" and not 0 <= config.fl.get("trim", 0.1) < 0.5:
+    raise ValueError(f"config.fl.trim={config.fl.trim}: expected 0 <= trim < 0.5")
+
+
+def build_aggregator(config, num_clients: int, noise_multiplier: float = 0.0):
+  """config.algorithm's aggregator, or DP-FedAvg when config.fl.dp.enabled,
+  optionally through secure aggregation (config.fl.secagg), wrapped by
+  ``aggregators.robust`` (exploding-norm exclusion, exclusion reasons)."""
+  fl = config.fl
+  seeds = (secagg.agree_seeds(num_clients, fl.get("secagg_seed", 0))
+           if fl.get("secagg", False) else None)
+  bits = fl.get("secagg_bits", 24)
+  dpc = fl.get("dp")
+  if dpc is not None and dpc.get("enabled", False):
+    inner = dp.dp_fedavg(dpc.clip_norm, noise_multiplier, dpc.weighting, dpc.sample_cap,
+                         secagg.make_secure_sum(seeds, bits) if seeds is not None else None)
+  else:
+    inner = aggregators.get(config.algorithm)
+    if seeds is not None:
+      inner = secagg.secure(inner, seeds, bits)
+  return aggregators.robust(inner, fl.get("norm_k", 0.0))
 
 
 def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
@@ -94,6 +127,7 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   stop_after: test hook, raise train.Interrupted after that many rounds.
   """
   t_start = time.time()
+  check_fl_config(config)
   train_lib.save_config(config, workdir)
   ds = pipeline.build_dataset(config.data)
   names, train_ids, val_ids = partition_dataset(ds, config.fl)
@@ -107,14 +141,25 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   tx = steps.make_optimizer(config.optimizer)
   hp = client_hparams(config)
   ckey = train_lib.compile_key(config, ds, ("model", "loss", "optimizer", "augment", "algorithm", "fl"))
+  server_tx = server_opt.from_config(config.fl)
+  dpc = config.fl.get("dp")
+  use_dp = dpc is not None and dpc.get("enabled", False)
+  noise_mult = dp.resolve_noise_multiplier(config.fl) if use_dp else 0.0
+  if use_dp:
+    print(f"[fl] DP-FedAvg: clip C={dpc.clip_norm}, noise multiplier z={noise_mult:.4f} "
+          f"(noise std zC/K={noise_mult * dpc.clip_norm / len(names):.4g}), delta={dpc.delta}; "
+          f"epsilon after {config.fl.rounds} rounds = "
+          f"{dp.epsilon(noise_mult, config.fl.rounds, dpc.delta, 1.0, dpc.accountant):.3f} "
+          f"({dpc.accountant}, all {len(names)} clients every round)", flush=True)
 
   def build_round():
     client_update = core.make_client_update(fns, tx, config.loss, ds.num_classes, hp,
                                             augment=train_lib.build_augment(config))
-    return core.make_run_round(client_update, aggregators.get(config.algorithm),
-                               config.fl.client_strategy, agg_kwargs(config))
+    return core.make_run_round(client_update, build_aggregator(config, len(names), noise_mult),
+                               config.fl.client_strategy, agg_kwargs(config),
+                               server_opt.make_server_update(server_tx) if server_tx else None)
   run_round = runlog.cached_jit("round" + ckey, build_round, donate_argnums=(0,))
-  state = core.ServerState(variables, jnp.int32(0))
+  state = core.ServerState(variables, jnp.int32(0), server_opt.init(server_tx, variables))
   mbytes = core.model_bytes(variables)
   print(f"[fl] model {config.model.name}: {train_lib.num_params(variables):,} parameters, "
         f"{mbytes / 1e6:.2f} MB per transfer; client strategy "
@@ -137,6 +182,9 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
 
   def evaluate_row(variables, rnd, info=None):
     row = {"round": rnd}
+    if use_dp:
+      row.update({"epsilon": dp.epsilon(noise_mult, rnd, dpc.delta, 1.0, dpc.accountant),
+                  "dp_delta": dpc.delta, "dp_noise_multiplier": noise_mult})
     if rnd % config.fl.eval_every == 0 or rnd == config.fl.rounds:
       val = steps.evaluate(eval_batch, variables, x_va, y_va, config.eval_batch_size,
                            ds.class_names)
@@ -159,6 +207,7 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
                   "bytes_total": 2 * mbytes * len(names)})
       for key_ in ("dice_pre", "dice_post", "ce_pre", "ce_post"):
         row[f"client_{key_}"] = [float(v) for v in info[key_]]
+      row.update(_robust_row(info, names))
     row["time_s"] = time.time() - t_start
     return row
 
@@ -172,7 +221,10 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
     ckpt.save(rnd + 1, state)
     status = "FAILED (global model kept)" if row["failed"] else ""
     if row["excluded"]:
-      status += f" excluded: {','.join(row['excluded'])}"
+      status += " excluded: " + ",".join(
+          f"{n}({row.get('excluded_reasons', {}).get(n, '?')})" for n in row["excluded"])
+    if use_dp:
+      status += f" eps {row['epsilon']:.2f} clip {row['dp_clip_fraction']:.2f}"
     w = " ".join(f"{x:.2f}" for x in row["weights"])
     print(prog.line(rnd + 1, f"train_loss {row['train_loss']:.4f}  val_dice "
                     f"{row.get('val_dice_mean', float('nan')):.4f}  w [{w}] {status}"), flush=True)
@@ -182,9 +234,33 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   ckpt.close()
   return train_lib.finish(
       config, workdir, fns, state.variables, ds, eval_batch, log.rows, x_key="round",
-      extra={"rounds": config.fl.rounds, "clients": names, "num_params":
+      extra={"rounds": config.fl.rounds, "clients": names,
+             **({"dp": {"noise_multiplier": noise_mult, "clip_norm": dpc.clip_norm,
+                        "delta": dpc.delta, "epsilon": dp.epsilon(
+                            noise_mult, config.fl.rounds, dpc.delta, 1.0, dpc.accountant)}}
+                if use_dp else {}), "num_params":
              train_lib.num_params(state.variables), "bytes_per_round": 2 * mbytes * len(names),
              "wall_time_s": time.time() - t_start})
+
+
+def _robust_row(info, names) -> Dict:
+  """Per-round exclusion reasons, update norms and DP / secagg diagnostics."""
+  row = {}
+  if "excl_nonfinite" in info:
+    reasons = {}
+    for r in aggregators.EXCLUSION_REASONS:
+      for n, flag in zip(names, info[f"excl_{r}"]):
+        if flag and n not in reasons:
+          reasons[n] = r
+    row["excluded_reasons"] = reasons
+    row["client_update_norm"] = [float(v) for v in info["update_norm"]]
+  if "dp_clip_fraction" in info:
+    row.update({"dp_clip_fraction": float(info["dp_clip_fraction"]),
+                "dp_noise_std": float(info["dp_noise_std"]),
+                "dp_contributors": int(info["dp_contributors"])})
+  if "secagg_saturated" in info:
+    row["secagg_saturated"] = [n for n, s in zip(names, info["secagg_saturated"]) if s]
+  return row
 
 
 TRAINERS = {name: train_federated for name in aggregators.AGGREGATORS}
