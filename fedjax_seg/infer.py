@@ -318,7 +318,12 @@ def load_input(path: str) -> InputImage:
     niftis = sorted(n for n in os.listdir(path) if _is_nifti(n))
     if niftis:  # a BraTS patient folder: the 4 modalities in training order
       from fedjax_seg.data import layouts
-      patient = layouts.brats_patient(path, require_seg=False)
+      try:
+        patient = layouts.brats_patient(path, require_seg=False)
+      except io.DataError as e:
+        raise InferError(f"{path}: a folder input must be a BraTS patient folder "
+                         f"(<ID>_{{flair,t1,t1ce,t2}}.nii.gz); for other NIfTI data pass one file "
+                         f"(e.g. an ACDC frame) ({e.problem})") from e
       reads = [_read_nifti(p) for p in patient.images]
       for (img, d, _), p in zip(reads[1:], patient.images[1:]):
         if d.shape != reads[0][1].shape or not np.allclose(img.affine, reads[0][0].affine, atol=1e-3):

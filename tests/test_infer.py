@@ -16,11 +16,15 @@ from fedjax_seg.data import phantom
 
 def _fake_run(config, workdir, num_classes, channels):
   """A run folder as the centralised trainer leaves it (config.json + orbax state), untrained:
-  inference mechanics do not need a trained model, and this skips a training compile."""
+  inference mechanics do not need a trained model. Weights are drawn with NumPy into the
+  model's variable shapes (jax.eval_shape): compiling Flax's threefry initialisers costs
+  ~25 s of CPU, more than the rest of this module."""
   train.save_config(config, workdir)
   fns = models.build(config.model, num_classes)
   spatial = ((8,) if config.model.get("ndim", 2) == 3 else ()) + (config.data.image_size,) * 2
-  variables = fns.init(jax.random.PRNGKey(0), jnp.zeros((1,) + spatial + (channels,)))
+  shapes = jax.eval_shape(lambda: fns.init(jax.random.PRNGKey(0), jnp.zeros((1,) + spatial + (channels,))))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype), shapes)
   tx = steps.make_optimizer(config.optimizer)
   ck = runlog.Checkpointer(workdir)
   ck.save(1, {"variables": variables, "opt_state": tx.init(variables["params"]),
@@ -56,13 +60,13 @@ def brats(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lgg_run(data_cache, tmp_path_factory):
+  """(run folder of a tiny LGG U-Net, the phantom's kaggle_3m/ folder)."""
   from conftest import tiny_config
+  from fedjax_seg.data import pipeline
   c = tiny_config(data_cache)
-  c.num_epochs = 1
-  wd = str(tmp_path_factory.mktemp("lgg_run"))
-  train.run(c, wd)
-  patient = next(dp for dp, _, fs in os.walk(data_cache) if any(f.endswith("_1_mask.tif") for f in fs))
-  return wd, os.path.dirname(patient)  # kaggle_3m/
+  root = pipeline.resolve_root(c.data, verbose=False)  # writes the phantom once per session
+  wd = _fake_run(c, str(tmp_path_factory.mktemp("lgg_run")), 2, 3)
+  return wd, os.path.join(root, "kaggle_3m")
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
