@@ -35,7 +35,8 @@ def get_config(arg=None):
   config.seed = 0
   config.data = get_data_config()
   config.model = ml_collections.ConfigDict(dict(
-      name="unet", base=32, depth=4, dropout=0.5, norm="none"))
+      name="unet", base=32, depth=4, dropout=0.5, norm="none",
+      dtype="float32"))  # compute dtype; "bfloat16": mixed precision (f32 params, f32 aggregation)
   config.loss = "dice_ce"
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-7))

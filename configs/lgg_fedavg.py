@@ -25,7 +25,8 @@ def get_fl_config():
   fl.local_steps = 8            # E optimiser steps per client per round
   fl.client_batch_size = 8
   fl.stats_samples = 16         # local samples on which c(M) and dice(M) are measured
-  fl.client_strategy = "auto"   # auto | vmap | unrolled | map (see benchmarks/round_speed.py)
+  fl.client_strategy = "auto"   # auto | vmap | unrolled | map | sharded (see benchmarks/round_speed.py)
+  fl.clients_per_chunk = 0      # > 0: stream clients to the device C at a time (fl/scale.py)
   fl.step_strategy = "auto"     # auto | scan | unrolled
   fl.alpha = 0.5                # FedCostW / DCEW sample-size weight
   fl.beta = 0.25                # DCEW cost weight

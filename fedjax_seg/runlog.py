@@ -99,13 +99,26 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int = 2):
     path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    # Several processes (launch.py --distributed): each process keeps its own copy
+    # of the (replicated) state in its own workdir, so orbax runs per process.
+    self.local = jax.process_count() > 1
+    mp = (ocp.options.MultiprocessingOptions(
+        primary_host=jax.process_index(), active_processes={jax.process_index()},
+        barrier_sync_key_prefix=f"process{jax.process_index()}")
+          if self.local else ocp.options.MultiprocessingOptions())
+    if self.local:  # orbax refuses create=True with active_processes
+      os.makedirs(path, exist_ok=True)
     self.manager = ocp.CheckpointManager(
-        path, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        path, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                   create=not self.local,
+                                                   multiprocessing_options=mp))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
   def save(self, step: int, state) -> None:
+    if self.local:  # host copy of the replicated global arrays
+      state = jax.device_get(state)
     self.manager.save(step, args=ocp.args.StandardSave(state))
     self.manager.wait_until_finished()
 
@@ -114,6 +127,10 @@ class Checkpointer:
     if step is None:
       return None, None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    if self.local:  # restore on this process's first device; the trainer re-places it
+      dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+                              abstract)
     return step, self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def close(self):

@@ -39,11 +39,13 @@ class ClientData:
 
 
 def stack_clients(per_client: Sequence[Tuple[np.ndarray, np.ndarray]],
-                  min_rows: int = 1) -> ClientData:
+                  min_rows: int = 1, host: bool = False) -> ClientData:
   """Stacks [(x_k [n_k, ...], y_k [n_k, ...])] into a padded ClientData.
 
   N_max = max(max_k n_k, min_rows); an empty client (n_k = 0) is allowed and
   gets all-zero validity (it is then excluded by the aggregators).
+  host=True keeps NumPy arrays in host memory (clients streamed to the device
+  in chunks, fl/scale.py) instead of placing them on the default device.
   """
   if not per_client:
     raise ValueError("stack_clients needs at least one client")
@@ -63,6 +65,8 @@ def stack_clients(per_client: Sequence[Tuple[np.ndarray, np.ndarray]],
         raise ValueError(f"client {i}: sample shape {x.shape[1:]}/{y.shape[1:]} differs from "
                          f"client 0's {x0.shape[1:]}/{y0.shape[1:]}")
       xs[i, :n], ys[i, :n], valid[i, :n] = x, y, 1.0
+  if host:
+    return ClientData(xs, ys, valid)
   return ClientData(jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(valid))
 
 

@@ -266,3 +266,43 @@ def get(name: str) -> Callable:
   if name not in AGGREGATORS:
     raise ValueError(f"config.fl.aggregator={name!r} unknown; available: {sorted(AGGREGATORS)}")
   return AGGREGATORS[name]
+
+
+# --- Linear aggregators as running sums (issue 9: clients streamed in chunks) ---
+
+
+LINEAR_AGGREGATORS = ("fedavg", "fedcostw", "costw_ce", "dcew")
+
+
+def linear_terms(name: str, stacked, stats: Stats, alpha: float = 0.5, beta: float = 0.25,
+                 gamma: float = 0.25, cost: str = "cost", **_):
+  """The weights of a linear aggregator as per-client terms (for streamed rounds).
+
+  fedavg, fedcostw, costw_ce and dcew all weight client k as
+      w_k = Σ_j a_j r_jk / R_j,   R_j = Σ_{i ok} r_ji          (then renormalised)
+  with terms (a_j, r_j): fedavg (1, s); fedcostw/costw_ce (α, s), (1−α, c);
+  dcew (α, s), (β, c), (γ, d)   (seed eqs. 1–4). r_jk and ok_k depend on
+  client k only, so ω = Σ_j a_j N_j / R_j / Σ_{j: R_j > 0} a_j with
+  N_j = Σ_{k ok} r_jk M_k can be accumulated over chunks of clients.
+  Returns (ok bool [K], ((a_j, r_j [K]), ...)); ``linear_weights`` turns them
+  back into exactly the weights the aggregator itself returns.
+  """
+  ok = _base_ok(stacked, stats)
+  s = stats["num_samples"]
+  if name == "fedavg":
+    return ok, ((1.0, s),)
+  if name in ("fedcostw", "costw_ce"):
+    c = _cost_ratio(stats, cost if name == "fedcostw" else "ce")
+    return ok & jnp.isfinite(c), ((alpha, s), (1.0 - alpha, c))
+  if name == "dcew":
+    c = _cost_ratio(stats, "ce")
+    d = _ratio(stats["dice_post"], stats["dice_pre"])
+    return ok & jnp.isfinite(c) & jnp.isfinite(d), ((alpha, s), (beta, c), (gamma, d))
+  raise ValueError(f"config.algorithm={name!r} is not a linear aggregator; streaming clients "
+                   f"in chunks (config.fl.clients_per_chunk) supports {LINEAR_AGGREGATORS}")
+
+
+def linear_weights(terms, ok: jnp.ndarray) -> jnp.ndarray:
+  """w [K] from ``linear_terms`` over all K clients (same formula as the aggregators)."""
+  w = sum(a * _normalise(r, ok) for a, r in terms)
+  return w if len(terms) == 1 else _normalise(w, ok)

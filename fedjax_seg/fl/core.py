@@ -15,6 +15,8 @@ an order of magnitude (see ``benchmarks/round_speed.py`` and
               per-client weights turns convs into slow grouped convs)
   'map'       lax.map over clients (bounded memory, slow on CPU)
   'auto'      'vmap' on gpu/tpu, 'unrolled' on cpu
+  'sharded'   client axis on the mesh axis 'clients' over all devices (shard_map),
+              'auto' per device; K padded to a multiple of D (fl/scale.py)
 Likewise ``fl.step_strategy`` for the E local steps: 'scan' (lax.scan),
 'unrolled' (Python loop inside jit), 'auto' ('scan' on gpu/tpu, 'unrolled' on cpu).
 All strategies compute the same function (tested).
@@ -35,7 +37,7 @@ from fedjax_seg.data.federated import ClientData, sample_batch
 from fedjax_seg.fl import aggregators
 from fedjax_seg.models import ModelFns
 
-CLIENT_STRATEGIES = ("auto", "vmap", "unrolled", "map")
+CLIENT_STRATEGIES = ("auto", "vmap", "unrolled", "map", "sharded")
 STEP_STRATEGIES = ("auto", "scan", "unrolled")
 
 
@@ -140,6 +142,9 @@ def make_client_update(fns: ModelFns, tx: optax.GradientTransformation, loss_nam
 def map_clients(client_update: Callable, strategy: str) -> Callable:
   """(variables, data [K, ...], keys [K]) -> (stacked variables [K, ...], stats [K])."""
   strategy = resolve_strategy(strategy, "client")
+  if strategy == "sharded":
+    from fedjax_seg.fl import scale  # lazy: scale imports this module
+    return scale.sharded_clients(client_update)
   if strategy == "vmap":
     return jax.vmap(client_update, in_axes=(None, 0, 0))
   if strategy == "map":

@@ -18,6 +18,7 @@ from fedjax_seg import models, runlog, steps
 from fedjax_seg import train as train_lib
 from fedjax_seg.data import federated, partition, pipeline
 from fedjax_seg.fl import aggregators, core, dp, secagg, server_opt
+from fedjax_seg.fl import scale
 
 
 def partition_dataset(ds: pipeline.SegDataset, fl_cfg, verbose: bool = True):
@@ -63,8 +64,8 @@ def _deal(ids, k, seed):
   return out
 
 
-def build_client_data(ds, train_ids):
-  return federated.stack_clients([ds.arrays(ids) for ids in train_ids])
+def build_client_data(ds, train_ids, host: bool = False):
+  return federated.stack_clients([ds.arrays(ids) for ids in train_ids], host=host)
 
 
 def client_hparams(config) -> core.ClientHParams:
@@ -128,10 +129,12 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   """
   t_start = time.time()
   check_fl_config(config)
+  scale.check_chunked(config)  # issue 9: clients streamed in chunks (data stay on the host)
+  chunked = bool(config.fl.get("clients_per_chunk", 0))
   train_lib.save_config(config, workdir)
   ds = pipeline.build_dataset(config.data)
   names, train_ids, val_ids = partition_dataset(ds, config.fl)
-  data = build_client_data(ds, train_ids)
+  data = build_client_data(ds, train_ids, host=chunked)
   print(f"[fl] {config.algorithm}: {len(names)} clients, partition={config.fl.partition}\n"
         + federated.client_summary(names, train_ids, data, val_ids), flush=True)
   fns = models.build(config.model, ds.num_classes)
@@ -159,6 +162,13 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
                                config.fl.client_strategy, agg_kwargs(config),
                                server_opt.make_server_update(server_tx) if server_tx else None)
   run_round = runlog.cached_jit("round" + ckey, build_round, donate_argnums=(0,))
+  if chunked:  # issue 9: C clients at a time, aggregate as running sums (fl/scale.py)
+    run_round = scale.make_chunked_round(
+        core.make_client_update(fns, tx, config.loss, ds.num_classes, hp,
+                                augment=train_lib.build_augment(config)),
+        config.algorithm, config.fl.clients_per_chunk, config.fl.client_strategy,
+        agg_kwargs(config), server_opt.make_server_update(server_tx) if server_tx else None,
+        jit=lambda name, build: runlog.cached_jit(name + ckey, build))
   state = core.ServerState(variables, jnp.int32(0), server_opt.init(server_tx, variables))
   mbytes = core.model_bytes(variables)
   print(f"[fl] model {config.model.name}: {train_lib.num_params(variables):,} parameters, "
@@ -172,6 +182,10 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   if restored is not None:
     state, start = restored, int(restored.round)
     print(f"[fl] resumed from checkpoint at round {start}", flush=True)
+  if config.fl.client_strategy == "sharded" and not chunked:
+    # issue 9: state/key replicated, data sharded over the 'clients' mesh axis
+    # (global arrays over every process after launch.py --distributed)
+    state, data, round_key = scale.place_round_inputs(state, data, round_key)
   log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None,
                           key="round")
   eval_batch = runlog.cached_jit("eval" + train_lib.compile_key(config, ds, ("model", "loss")),
@@ -264,3 +278,14 @@ def _robust_row(info, names) -> Dict:
 
 
 TRAINERS = {name: train_federated for name in aggregators.AGGREGATORS}
+
+
+# Semi-supervised methods (FedWeP, MT, CPS, PseudoSeg, supervised-only; issue 5).
+# Imported last: semi_train imports this module lazily, inside its functions.
+from fedjax_seg.fl import semi_train as _semi  # noqa: E402
+TRAINERS.update(_semi.TRAINERS)
+
+# FCL pre-training + fine-tuning (fcl, local_cl, fedrotation, random_init; issue 6).
+# Imported last: fcl_train imports this module lazily, inside its functions.
+from fedjax_seg.fl import fcl_train as _fcl  # noqa: E402
+TRAINERS.update(_fcl.TRAINERS)

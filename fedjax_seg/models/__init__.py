@@ -42,6 +42,40 @@ def _unet(num_classes, base=32, depth=4, dropout=0.5, norm="none", ndim=2, dtype
               norm=norm, ndim=ndim, dtype=jnp.dtype(dtype))
 
 
+# --- SCAUnet / SCAUnet-A (issue 7; fedjax_seg/models/scaunet.py) ---------------
+from fedjax_seg.models.scaunet import SCAUnet, default_adaptive_scales  # noqa: E402
+
+
+def _scaunet_ctor(name, num_classes, base, depth, scales, dropout, norm, ndim, dtype,
+                  upsample, key_dim, depthwise, kw):
+  if kw:
+    raise ValueError(f"unknown config.model keys for {name!r}: {sorted(kw)}")
+  if scales is None:
+    scales = default_adaptive_scales(depth)
+  elif not isinstance(scales, int):
+    scales = tuple(int(s) for s in scales)
+  return SCAUnet(num_classes=num_classes, base=base, depth=depth, scales=scales,
+                 dropout=dropout, norm=norm, ndim=ndim, upsample=upsample, key_dim=key_dim,
+                 depthwise=depthwise, dtype=jnp.dtype(dtype))
+
+
+@register("scaunet")
+def _scaunet(num_classes, base=16, depth=4, scales=4, dropout=0.5, norm="none", ndim=2,
+             dtype="float32", upsample="transpose", key_dim=None, depthwise="shift", **kw):
+  """SCAUnet: the same number of scales N (``scales``, an int) at every level."""
+  return _scaunet_ctor("scaunet", num_classes, base, depth, scales, dropout, norm, ndim, dtype,
+                       upsample, key_dim, depthwise, kw)
+
+
+@register("scaunet_a")
+def _scaunet_a(num_classes, base=16, depth=4, scales=None, dropout=0.5, norm="none", ndim=2,
+               dtype="float32", upsample="transpose", key_dim=None, depthwise="shift", **kw):
+  """SCAUnet-A: N per level, most at full resolution (default (4, 3, 2, 1) for depth 4)."""
+  return _scaunet_ctor("scaunet_a", num_classes, base, depth, scales, dropout, norm, ndim,
+                       dtype, upsample, key_dim, depthwise, kw)
+# --- end SCAUnet ---------------------------------------------------------------
+
+
 def get_model(name: str, **kwargs) -> nn.Module:
   if name not in _REGISTRY:
     raise ValueError(f"config.model.name={name!r} is not a registered model; "
@@ -82,3 +116,19 @@ def build(model_config, num_classes: int) -> ModelFns:
   kwargs = dict(model_config)
   name = kwargs.pop("name")
   return ModelFns(get_model(name, num_classes=num_classes, **kwargs))
+
+
+# --- U-Net encoder + projection head for FCL (issue 6; fedjax_seg/models/encoder.py) ---
+from fedjax_seg.models.encoder import UNetEncoder  # noqa: E402
+
+
+@register("unet_encoder")
+def _unet_encoder(num_classes=None, base=32, depth=4, norm="none", ndim=2, hidden_dim=256,
+                  feature_dim=128, normalize=True, dtype="float32", dropout=None, **kw):
+  """U-Net contracting path + global pool + 2-layer MLP (L2-normalised); num_classes and
+  dropout are accepted (and ignored) so a U-Net's config.model can build it."""
+  if kw:
+    raise ValueError(f"unknown config.model keys for 'unet_encoder': {sorted(kw)}")
+  return UNetEncoder(base=base, depth=depth, norm=norm, ndim=ndim, hidden_dim=hidden_dim,
+                     feature_dim=feature_dim, normalize=normalize, dtype=jnp.dtype(dtype))
+# --- end U-Net encoder -----------------------------------------------------------

@@ -1,0 +1,130 @@
+"""Aggregation speed: the jitted aggregators on K stacked copies of the U-Net's
+parameters, as GB/s of parameter bytes read (K × model bytes / time), against
+two roofs measured on the same stacked bytes in the same run:
+  copy      a plain jitted jnp copy of the K models (reads and writes K × bytes;
+            the issue's roof)
+  sum       a plain jitted jnp.sum over the client axis (reads K × bytes, writes
+            one model: the roof of any linear aggregator)
+Aggregators: fedavg, fedcostw, costw_ce, dcew (weighted sums), robust(fedavg)
+(+ update norms), median, trimmed_mean (sorts: compute-bound, not a memory
+stream). Median of --reps calls after a warm-up/compile call; the 1-min load
+average is recorded with every row (the machine may be shared).
+
+  python benchmarks/aggregate_speed.py                    # K = 2 8 32, U-Net base 32 depth 4 (SPEC)
+  python benchmarks/aggregate_speed.py --quick            # K = 2 8, base 8
+Markdown + JSON in benchmarks/results/aggregate_speed[_quick].{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fedjax_seg import models  # noqa: E402
+from fedjax_seg.fl import aggregators  # noqa: E402
+
+AGGS = ("fedavg", "fedcostw", "costw_ce", "dcew", "robust_fedavg", "median", "trimmed_mean")
+
+
+def _time(fn, reps):
+  jax.block_until_ready(fn())
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts))
+
+
+def _agg(name):
+  if name == "robust_fedavg":
+    return aggregators.robust(aggregators.fedavg, 3.0)
+  return aggregators.get(name)
+
+
+def bench(k, variables, args):
+  nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(variables))
+  scale = jnp.linspace(0.9, 1.1, k, dtype=jnp.float32)
+  stacked = jax.jit(lambda v: jax.tree.map(
+      lambda g: g[None] * scale.reshape((-1,) + (1,) * g.ndim), v))(variables)
+  jax.block_until_ready(stacked)
+  rng = np.random.default_rng(0)
+  stats = {s: jnp.asarray(rng.uniform(0.5, 2.0, k), jnp.float32)
+           for s in ("num_samples", "cost_pre", "cost_post", "ce_pre", "ce_post", "dice_pre",
+                     "dice_post", "train_loss")}
+  read = k * nbytes
+  row = {"K": k, "model_bytes": nbytes, "read_bytes": read, "load": round(os.getloadavg()[0], 2)}
+  copy = jax.jit(lambda s: jax.tree.map(lambda a: a.copy(), s))
+  row["copy"] = _time(lambda: copy(stacked), args.reps)
+  ssum = jax.jit(lambda s: jax.tree.map(lambda a: jnp.sum(a, 0), s))
+  row["sum"] = _time(lambda: ssum(stacked), args.reps)
+  for name in args.aggregators:
+    f = jax.jit(_agg(name))
+    row[name] = _time(lambda: f(variables, stacked, stats)[0], args.reps)
+  for name in ("copy", "sum", *args.aggregators):
+    row[f"{name}_gbps"] = read / row[name] / 1e9
+  print(f"  K={k:3d} ({read / 1e6:.0f} MB read) " + "  ".join(
+      f"{n} {row[n + '_gbps']:.2f}" for n in ("copy", "sum", *args.aggregators))
+        + f" GB/s  load {row['load']}", flush=True)
+  return row
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--ks", type=int, nargs="+", default=[2, 8, 32])
+  p.add_argument("--base", type=int, default=32)
+  p.add_argument("--depth", type=int, default=4)
+  p.add_argument("--aggregators", nargs="+", default=list(AGGS))
+  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--quick", action="store_true")
+  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  args = p.parse_args()
+  if args.quick:
+    args.ks, args.base = [2, 8], 8
+  fns = models.build({"name": "unet", "base": args.base, "depth": args.depth, "dropout": 0.0}, 2)
+  shapes = jax.eval_shape(fns.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  rng = np.random.default_rng(0)  # values do not matter for speed; avoids a slow init compile
+  variables = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), shapes)
+  n_params = sum(a.size for a in jax.tree.leaves(variables))
+  machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"{jax.device_count()} {jax.default_backend()} device(s), jax {jax.__version__}, "
+             f"load at start {os.getloadavg()[0]:.1f}")
+  print(f"[aggregate_speed] {machine}\n[aggregate_speed] U-Net base {args.base} depth "
+        f"{args.depth}: {n_params:,} parameters", flush=True)
+  rows = [bench(k, variables, args) for k in args.ks]
+  names = ("copy", "sum", *args.aggregators)
+  lines = ["| K | MB read | " + " | ".join(f"{n} GB/s" for n in names) + " | load |",
+           "|---|---|" + "---|" * (len(names) + 1)]
+  for r in rows:
+    lines.append(f"| {r['K']} | {r['read_bytes'] / 1e6:.0f} | "
+                 + " | ".join(f"{r[n + '_gbps']:.2f}" for n in names) + f" | {r['load']} |")
+  frac = ["| K | " + " | ".join(f"{n} / copy" for n in args.aggregators) + " |",
+          "|---|" + "---|" * len(args.aggregators)]
+  for r in rows:
+    frac.append(f"| {r['K']} | " + " | ".join(f"{r[n + '_gbps'] / r['copy_gbps']:.2f}"
+                                              for n in args.aggregators) + " |")
+  md = (f"Machine: {machine}, load at end {os.getloadavg()[0]:.1f}. U-Net base {args.base}, "
+        f"depth {args.depth}: {n_params:,} f32 parameters ({rows[0]['model_bytes'] / 1e6:.1f} MB "
+        f"per model); GB/s = K × model bytes / time (median of {args.reps}).\n\n"
+        + "\n".join(lines) + "\n\nFraction of the copy roof:\n\n" + "\n".join(frac) + "\n")
+  print("\n" + md)
+  os.makedirs(args.out, exist_ok=True)
+  tag = "aggregate_speed_quick" if args.quick else "aggregate_speed"
+  with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
+    f.write(md)
+  with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
+    json.dump({"machine": machine, "args": vars(args), "num_params": n_params, "rows": rows},
+              f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,226 @@
+"""Reproduce the two tables of the FedWeP seed (SPEC §4.2) on phantom LGG.
+
+Table 1 (label-at-server) and Table 2 (label-at-client): Dice (foreground,
+test split) for every method × {IID, NonIID} × label fraction {1/16, 1/8, 1/4,
+1/2}, mean ± std over seeds, and a Cost column measured from the byte
+counters of the runs (bytes per client per round, down + up, relative to
+exchanging two models both ways = CPS = 100%). Every run is a normal trainer
+run in its own workdir (runs/fedwep_table[_quick]/<cell>), so the benchmark
+is resumable: finished runs (results.json) are skipped, interrupted runs
+resume from their checkpoint. All runs of one (method, scenario) share one
+compiled round (client arrays padded to a common shape, semi.pad_rows = -1).
+
+  python benchmarks/fedwep_table.py                 # 2 seeds, 48×48, R=20, E=8
+  python benchmarks/fedwep_table.py --quick         # CI-sized: 2 seeds, 32×32, R=6, E=4
+  python benchmarks/fedwep_table.py --quick --fractions 1/4 --tables client
+
+Writes benchmarks/results/fedwep_table[_quick].{md,json}.
+IID: patients dealt evenly over K = #sites clients; NonIID: one client per
+phantom scanner site (scanner effects, tumour-size distributions differ).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import logging  # noqa: E402
+
+from configs import lgg_fedwep  # noqa: E402
+
+FRACTIONS = ["1/16", "1/8", "1/4", "1/2"]
+PARTS = ["iid", "noniid"]
+TABLES = {
+    "server": ("label_at_server", [("MT (+ FedAvg)", "mean_teacher"), ("CPS (+ FedAvg)", "cps"),
+                                   ("PS (+ FedAvg)", "pseudoseg"),
+                                   ("FedWeP-Random (Ours)", "fedwep_random"),
+                                   ("FedWeP-Real (Ours)", "fedwep_real"),
+                                   ("Supervised-only (server alone; ours)", "supervised_only")]),
+    "client": ("label_at_client", [("FedAvg (Fully sup.)", "fedavg_full"),
+                                   ("MT (+ FedAvg)", "mean_teacher"), ("CPS (+ FedAvg)", "cps"),
+                                   ("PS (+ FedAvg)", "pseudoseg"), ("FedWeP (Ours)", "fedwep"),
+                                   ("Supervised-only (labelled patients; ours)", "supervised_only")]),
+}
+# The seed's numbers (real data, Dice): IID 1/16..1/2, NonIID 1/16..1/2, Cost.
+PAPER = {
+    "server": {"MT (+ FedAvg)": ([.242, .236, .441, .340], [.235, .206, .362, .248], "100%"),
+               "CPS (+ FedAvg)": ([.693, .711, .739, .765], [.677, .702, .730, .736], "100%"),
+               "PS (+ FedAvg)": ([.200, .293, .426, .441], [.293, .349, .367, .456], "50%"),
+               "FedWeP-Random (Ours)": ([.557, .593, .662, .694], [.598, .631, .699, .703], "≈50%"),
+               "FedWeP-Real (Ours)": ([.470, .659, .684, .737], [.579, .605, .642, .615], "≈50%")},
+    "client": {"FedAvg (Fully sup.)": ([.744], [.742], "50%"),
+               "MT (+ FedAvg)": ([.437, .451, .617, .714], [.395, .543, .589, .592], "100%"),
+               "CPS (+ FedAvg)": ([.583, .700, .720, .727], [.599, .586, .674, .728], "100%"),
+               "PS (+ FedAvg)": ([.601, .661, .675, .693], [.542, .567, .631, .640], "50%"),
+               "FedWeP (Ours)": ([.584, .681, .690, .716], [.554, .630, .687, .705], "≈50%")},
+}
+
+
+def make_config(method, scenario, fraction, part, seed, args):
+  c = lgg_fedwep.get_config(f"{method},{scenario},{fraction},{part}")
+  c.seed = seed
+  c.semi.label_seed = seed
+  c.fl.partition_seed = seed
+  c.data.cache_dir = args.cache
+  if args.root:
+    c.data.root = args.root
+  c.data.phantom.size = args.size
+  c.data.phantom.patients_per_site = args.patients_per_site
+  c.data.phantom.slices_per_patient = args.slices_per_patient
+  c.data.image_size = args.size
+  c.model.name = args.model
+  c.model.base = args.base
+  c.model.depth = args.depth
+  c.model.dropout = 0.0
+  c.optimizer.lr = args.lr
+  c.fl.rounds = args.rounds
+  c.fl.local_steps = args.local_steps
+  c.fl.client_batch_size = args.batch
+  c.fl.eval_every = args.rounds
+  c.fl.eval_clients = False
+  c.fl.client_strategy = args.client_strategy
+  c.fl.step_strategy = args.step_strategy
+  c.semi.unlabelled_batch_size = args.batch
+  c.semi.server_steps = args.local_steps
+  c.semi.server_batch_size = args.batch
+  c.semi.rampup_rounds = max(1, args.rounds // 4)
+  c.semi.pad_rows = -1
+  c.eval_batch_size = 32
+  return c
+
+
+def cells(table, args):
+  scenario, rows = TABLES[table]
+  for name, method in rows:
+    if args.methods and method not in args.methods:
+      continue
+    for part in PARTS:
+      fracs = ["1"] if method == "fedavg_full" else args.fractions
+      for frac in fracs:
+        for seed in args.seeds:
+          yield name, method, scenario, part, frac, seed
+
+
+def ms(v):
+  m = sum(v) / len(v)
+  return m, math.sqrt(sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+  p.add_argument("--tables", nargs="+", default=["server", "client"], choices=list(TABLES))
+  p.add_argument("--methods", nargs="*", default=[], help="restrict to these config methods")
+  p.add_argument("--fractions", nargs="+", default=FRACTIONS)
+  p.add_argument("--size", type=int, default=48)
+  p.add_argument("--model", default="unet")
+  p.add_argument("--base", type=int, default=8)
+  p.add_argument("--depth", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=20)
+  p.add_argument("--local-steps", type=int, default=8)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--patients-per-site", type=int, default=16)
+  p.add_argument("--slices-per-patient", type=int, default=4)
+  p.add_argument("--client-strategy", default="vmap")
+  p.add_argument("--step-strategy", default="scan")
+  p.add_argument("--root", default="", help="real Kaggle LGG root (default: phantom)")
+  p.add_argument("--cache", default="runs/_data")
+  p.add_argument("--workdir", default="runs/fedwep_table")
+  p.add_argument("--quick", action="store_true")
+  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  args = p.parse_args()
+  if args.quick:
+    args.size, args.rounds, args.local_steps, args.lr = 32, 6, 4, 1e-2
+    args.workdir += "_quick"
+  logging.set_verbosity(logging.WARNING)
+  from fedjax_seg import train
+
+  t0 = time.time()
+  load0 = os.getloadavg()
+  runs = []
+  for table in args.tables:
+    for name, method, scenario, part, frac, seed in cells(table, args):
+      c = make_config(method, scenario, frac, part, seed, args)
+      tag = f"{scenario}_{method}_{part}_f{frac.replace('/', 'o')}_s{seed}"
+      wd = os.path.join(args.workdir, tag)
+      done = os.path.join(wd, "results.json")
+      if not os.path.exists(done):
+        print(f"[fedwep_table] {tag} -> {wd}", flush=True)
+        train.run(c, wd)
+      with open(done) as f:
+        r = json.load(f)
+      runs.append({"table": table, "row": name, "method": method, "part": part, "fraction": frac,
+                   "seed": seed, "dice": r["metrics"]["test"]["dice_mean"],
+                   "val_dice": r["metrics"]["val"]["dice_mean"],
+                   "labelled_fraction_realised": r["labelled_fraction_realised"],
+                   "cost_percent": r["cost_percent"], "bytes": r["bytes_per_client_round"],
+                   "model_bytes": r["model_bytes"], "wall_time_s": r["wall_time_s"]})
+      print(f"[fedwep_table] {tag}: test Dice {runs[-1]['dice']:.4f} "
+            f"({time.time() - t0:.0f}s so far, load {os.getloadavg()[0]:.1f})", flush=True)
+
+  md_parts, summary = [], {}
+  for table in args.tables:
+    scenario, rows = TABLES[table]
+    head = ("| Method | " + " | ".join(f"IID {f}" for f in args.fractions) + " | "
+            + " | ".join(f"NonIID {f}" for f in args.fractions) + " | Cost (measured) | bytes/client/round |")
+    lines = [f"**Table {1 if table == 'server' else 2}: {scenario.replace('_', '-')}** "
+             f"(test Dice, foreground; mean ± std over seeds {args.seeds})", "", head,
+             "|" + "---|" * (2 * len(args.fractions) + 3)]
+    for name, method in rows:
+      rr = [r for r in runs if r["table"] == table and r["row"] == name]
+      if not rr:
+        continue
+      cols = []
+      for part in PARTS:
+        for frac in args.fractions:
+          sel = [r["dice"] for r in rr if r["part"] == part and (r["fraction"] == frac or
+                                                                 method == "fedavg_full")]
+          if method == "fedavg_full" and frac != args.fractions[0]:
+            cols.append("")
+            continue
+          m, s = ms(sel) if sel else (float("nan"), 0)
+          cols.append(f"{m:.3f} ± {s:.3f}" if sel else "–")
+          summary.setdefault(table, {}).setdefault(name, {})[f"{part}_{frac}"] = {
+              "mean": m, "std": s, "runs": sel}
+      b = rr[0]["bytes"]
+      lines.append(f"| {name} | " + " | ".join(cols) + f" | {rr[0]['cost_percent']:.2f}% | "
+                   f"{b['down']:,} ↓ + {b['up']:,} ↑ |")
+    paper = ["", f"Seed's numbers (real data, {scenario.replace('_', '-')}):", "",
+             "| Method | " + " | ".join(f"IID {f}" for f in FRACTIONS) + " | "
+             + " | ".join(f"NonIID {f}" for f in FRACTIONS) + " | Cost |",
+             "|" + "---|" * 10]
+    for name, (iid, non, cost) in PAPER[table].items():
+      pad = lambda v: [f"{x:.3f}" for x in v] + [""] * (4 - len(v))
+      paper.append(f"| {name} | " + " | ".join(pad(iid) + pad(non)) + f" | {cost} |")
+    md_parts.append("\n".join(lines + paper))
+  cmd = "python benchmarks/fedwep_table.py " + " ".join(sys.argv[1:])
+  elapsed = time.time() - t0
+  mb = runs[0]["model_bytes"] if runs else 0
+  md = (f"Command: `{cmd.strip()}`\n\n"
+        f"Data: {'real LGG at ' + args.root if args.root else 'phantom LGG'} "
+        f"({args.patients_per_site} patients/site × 3 sites, {args.slices_per_patient} slices/patient, "
+        f"{args.size}×{args.size}); {args.model} base {args.base} depth {args.depth} "
+        f"({mb:,} B per model); R={args.rounds} rounds × E={args.local_steps} local steps × "
+        f"batch {args.batch} (labelled and unlabelled), Adam lr {args.lr}; label_at_server: "
+        f"{args.local_steps} server steps per round, clients start at round 2. Test split pooled "
+        f"over sites. Wall time {elapsed:.0f}s, load average {load0[0]:.1f} at start / "
+        f"{os.getloadavg()[0]:.1f} at end (shared 2-core machine).\n\n"
+        + "\n\n".join(md_parts) + "\n")
+  print("\n" + md)
+  os.makedirs(args.out, exist_ok=True)
+  tag = "fedwep_table_quick" if args.quick else "fedwep_table"
+  with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
+    f.write(md)
+  with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
+    json.dump({"args": vars(args), "command": cmd, "summary": summary, "runs": runs,
+               "wall_time_s": elapsed, "load_start": load0, "load_end": os.getloadavg()}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,12 @@
+"""ACDC FCL baseline 'random_init' (SPEC §4.3): configs/acdc_fcl_exchange.py with
+config.algorithm = 'random_init'; same data, model, budgets and variants (:smoke, :quick).
+
+  python launch.py --config configs/acdc_fcl_random.py --workdir runs/acdc_fcl_random
+"""
+from configs import acdc_fcl_exchange
+
+
+def get_config(arg=None):
+  config = acdc_fcl_exchange.get_config(arg)
+  config.algorithm = "random_init"
+  return config

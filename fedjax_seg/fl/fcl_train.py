@@ -1,0 +1,345 @@
+"""Trainer for FCL and its baselines: federated self-supervised pre-training of a
+U-Net encoder, then federated (FedAvg) fine-tuning of the full U-Net with N
+annotated patients per client (SPEC §4.3; Wu et al., MICCAI 2021).
+
+    ACDC volumes (ndim=3 load; the 2D slices are the same arrays reshaped)
+      -> patients over K clients (config.fl.partition, ACDC-style 10 clients)
+      -> pre-training (config.algorithm):
+           fcl           contrastive, memory banks exchanged after each round
+           local_cl      the same program with the exchange off
+           fedrotation   FedAvg of a rotation (0/90/180/270°) classifier's encoder
+           random_init   no pre-training
+      -> for each N in config.finetune.labelled_patients: FedAvg U-Net from the
+         encoder (U-Net contracting path copied in, decoder randomly initialised),
+         N labelled patients per client, test Dice
+
+Workdir::
+
+    pretrain/        metrics.jsonl/csv, checkpoints/ (resumable), encoder.msgpack
+    finetune_N<n>/   metrics.jsonl/csv, checkpoints/, results.json
+    results.json     {algorithm, pretrain: {...}, finetune: {N: {test/val metrics}}}
+
+Registered in ``fedjax_seg.fl.train.TRAINERS`` by the block at the end of that
+module, so ``launch.py --config configs/acdc_fcl_exchange.py`` dispatches here.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_seg import models, runlog, steps
+from fedjax_seg import train as train_lib
+from fedjax_seg.data import federated, pipeline
+from fedjax_seg.fl import aggregators, core, fcl
+from fedjax_seg.models import encoder as encoder_lib
+
+ALGORITHMS = {"fcl": "fcl", "local_cl": "local_cl", "fedrotation": "rotation", "random_init": None}
+PRETRAIN_KEYS = {"rounds", "local_steps", "volumes_per_batch", "num_partitions", "temperature",
+                 "momentum", "bank_size", "num_positives", "neg_per_partition", "hidden_dim",
+                 "feature_dim", "optimizer", "augment"}
+FINETUNE_KEYS = {"labelled_patients", "label_seed"}
+
+
+# ---------------------------------------------------------------------------
+# Data.
+
+def load_data(data_cfg, verbose: bool = True) -> Tuple[pipeline.SegDataset, pipeline.SegDataset]:
+  """ACDC (or BraTS) loaded once as volumes; returns (volumes, slices) data sets.
+
+  volumes: patients' images [F, D, H, W, C] (one volume per frame, slices in
+  anatomical order) for partition sampling; slices: the same arrays as
+  [F·D, H, W, C] — exactly what the 2D loader produces (ED slices then ES
+  slices) when ``data.min_foreground_fraction`` is 0. Same patients, same splits.
+  """
+  if int(data_cfg.get("ndim", 2)) != 2:
+    raise ValueError("config.data.ndim must be 2 for FCL (2D slices are fine-tuned; "
+                     "volumes are loaded internally for partition sampling)")
+  if float(data_cfg.get("min_foreground_fraction", 0.0)) > 0:
+    raise ValueError("config.data.min_foreground_fraction must be 0 for FCL: dropping slices "
+                     "would break the slice order that partition sampling relies on")
+  vcfg = copy.deepcopy(data_cfg)
+  vcfg.ndim = 3
+  vcfg.depth = 0
+  vol = pipeline.build_dataset(vcfg, verbose)
+  patients = {}
+  for pid, p in vol.patients.items():
+    if p.images.ndim != 5:
+      raise ValueError(f"layout {data_cfg.layout!r}: expected volumes [F, D, H, W, C], got {p.images.shape}")
+    patients[pid] = pipeline.PatientArrays(
+        pid, p.site, p.images.reshape((-1,) + p.images.shape[2:]),
+        p.labels.reshape((-1,) + p.labels.shape[2:]), p.spacing)
+  sl = pipeline.SegDataset(patients, vol.splits, vol.num_classes, vol.class_names, vol.root,
+                           vol.layout)
+  return vol, sl
+
+
+def client_volumes(vol: pipeline.SegDataset, ids_per_client) -> fcl.VolumeData:
+  return fcl.stack_volumes([[v for pid in ids for v in vol.patients[pid].images]
+                            for ids in ids_per_client])
+
+
+def labelled_subset(ids_per_client: Sequence[Sequence[str]], n: int, seed: int) -> List[List[str]]:
+  """The first n patients of a seeded shuffle of each client's patients (nested in n)."""
+  out = []
+  for k, ids in enumerate(ids_per_client):
+    order = np.random.default_rng([seed, k]).permutation(len(ids))
+    out.append(sorted(sorted(ids)[i] for i in order[:n]))
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Config.
+
+def pretrain_hparams(config) -> fcl.PretrainHParams:
+  method = ALGORITHMS[config.algorithm]
+  p = config.pretrain
+  unknown = set(p.keys()) - PRETRAIN_KEYS
+  if unknown:
+    raise ValueError(f"unknown config.pretrain keys {sorted(unknown)}; known: {sorted(PRETRAIN_KEYS)}")
+  return fcl.PretrainHParams(
+      method=method or "fcl", local_steps=p.local_steps, volumes_per_batch=p.volumes_per_batch,
+      num_partitions=p.num_partitions, temperature=p.temperature, momentum=p.momentum,
+      bank_size=p.bank_size, num_positives=p.num_positives, neg_per_partition=p.neg_per_partition,
+      step_strategy=config.fl.step_strategy)
+
+
+def encoder_config(config, hp: fcl.PretrainHParams):
+  """config.model (a U-Net) -> the matching encoder's model config."""
+  m = config.model
+  if m.name != "unet":
+    raise ValueError(f"config.model.name={m.name!r}: FCL fine-tunes a 'unet'")
+  rotation = hp.method == "rotation"
+  return dict(name="unet_encoder", base=m.base, depth=m.depth, norm=m.get("norm", "none"),
+              ndim=m.get("ndim", 2), hidden_dim=config.pretrain.hidden_dim,
+              feature_dim=4 if rotation else config.pretrain.feature_dim, normalize=not rotation)
+
+
+def validate(config) -> None:
+  if config.algorithm not in ALGORITHMS:
+    raise ValueError(f"config.algorithm={config.algorithm!r}: expected one of {sorted(ALGORITHMS)}")
+  bad = set(config.finetune.keys()) - FINETUNE_KEYS
+  if bad:
+    raise ValueError(f"unknown config.finetune keys {sorted(bad)}; known: {sorted(FINETUNE_KEYS)}")
+  ns = tuple(int(n) for n in config.finetune.labelled_patients)
+  if not ns or min(ns) < 1:
+    raise ValueError(f"config.finetune.labelled_patients={ns}: need N >= 1")
+  pretrain_hparams(config)
+
+
+def _xla_opts(config) -> Dict:
+  """jax.jit kwargs: config.xla_opt_level >= 0 sets XLA's backend optimisation level
+  (0 compiles ~3× faster on XLA:CPU and runs ~5× slower: right for smoke tests)."""
+  level = int(config.get("xla_opt_level", -1))
+  return {"compiler_options": {"xla_backend_optimization_level": level}} if level >= 0 else {}
+
+
+# ---------------------------------------------------------------------------
+# Pre-training.
+
+def pretrain(config, workdir: str, vol: pipeline.SegDataset, train_ids, names,
+             verbose: bool = True) -> Tuple[Dict, Dict]:
+  """Federated self-supervised pre-training; returns (encoder variables, summary).
+
+  Resumes from ``workdir/checkpoints``; logs per round to ``workdir/metrics.jsonl``.
+  """
+  t0 = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  hp = pretrain_hparams(config)
+  ecfg = encoder_config(config, hp)
+  fns = models.ModelFns(models.get_model(**{k: v for k, v in ecfg.items()}))
+  data = client_volumes(vol, train_ids)
+  k = data.x.shape[0]
+  min_depth = int(np.min(np.asarray(data.depth)[np.asarray(data.valid) > 0]))
+  if min_depth < hp.num_partitions:
+    raise ValueError(f"config.pretrain.num_partitions={hp.num_partitions} > the thinnest volume "
+                     f"({min_depth} slices)")
+  key = jax.random.PRNGKey(config.seed)
+  init_key, round_key = jax.random.split(jax.random.fold_in(key, 0xFC1))
+  variables = fns.init(init_key, jnp.zeros((1,) + data.x.shape[3:], jnp.float32))
+  tx = steps.make_optimizer(config.pretrain.optimizer)
+  view = fcl.make_view_augment(config.pretrain.get("augment", {}))
+  ckey = json.dumps({"hp": hp.program_key(), "enc": ecfg, "xla": _xla_opts(config),
+                     "fl": config.fl.client_strategy,
+                     "opt": json.loads(config.pretrain.optimizer.to_json()),
+                     "aug": json.loads(config.pretrain.augment.to_json())}, sort_keys=True)
+  run_round = runlog.cached_jit(
+      "fcl_pretrain" + ckey,
+      lambda: fcl.make_run_round(hp, fcl.make_client_update(hp, fns, tx, view),
+                                 config.fl.client_strategy), donate_argnums=(0,),
+      **_xla_opts(config))
+  exchange_on = jnp.bool_(hp.exchange)
+  state = fcl.init_state(hp, variables, k, ecfg["feature_dim"])
+  mbytes = core.model_bytes(variables)
+  comm = fcl.comm_bytes(hp, mbytes, k, ecfg["feature_dim"])
+  if verbose:
+    print(f"[fcl] pre-training {config.algorithm} ({hp.method}, exchange={hp.exchange}): {k} clients, "
+          f"{int(np.sum(np.asarray(data.valid)))} volumes, encoder {train_lib.num_params(variables):,} "
+          f"params; per client per round up {comm['up']:,} B, down {comm['down']:,} B", flush=True)
+  ckpt = runlog.Checkpointer(workdir)
+  _, restored = ckpt.restore_latest(state)
+  start = 0
+  if restored is not None:
+    state, start = restored, int(restored.round)
+    if verbose:
+      print(f"[fcl] pre-training resumed at round {start}", flush=True)
+  log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None, key="round")
+  rounds = int(config.pretrain.rounds)
+  prog = runlog.Progress(rounds, start, what="round")
+  for rnd in range(start, rounds):
+    state, info = run_round(state, data, round_key, exchange_on)
+    info = jax.device_get(info)
+    inc = np.asarray(info["included"])
+    mean = lambda a: float(np.mean(np.asarray(a)[inc])) if inc.any() else float("nan")
+    row = {"round": rnd + 1, "loss": mean(info["loss"]), "weights": [float(w) for w in info["weights"]],
+           "failed": bool(info["failed"]), "bytes_up_per_client": comm["up"],
+           "bytes_down_per_client": comm["down"], "bytes_total": (comm["up"] + comm["down"]) * k,
+           "time_s": time.time() - t0}
+    for key_ in ("local_loss", "remote_loss", "local_pos", "remote_pos", "negatives", "rotation_acc"):
+      if key_ in info:
+        row[key_] = mean(info[key_])
+    log.append(row)
+    ckpt.save(rnd + 1, state)
+    if verbose:
+      extra = (f" (local {row['local_loss']:.3f}, remote {row['remote_loss']:.3f}, "
+               f"remote positives {row['remote_pos']:.1f})" if hp.contrastive
+               else f" (rotation acc {row['rotation_acc']:.2f})")
+      print(prog.line(rnd + 1, f"pretrain loss {row['loss']:.4f}{extra}"), flush=True)
+  ckpt.close()
+  enc = jax.device_get(state.variables)
+  with open(os.path.join(workdir, "encoder.msgpack"), "wb") as f:
+    f.write(flax.serialization.to_bytes(enc))
+  summary = {"method": hp.method, "exchange": hp.exchange, "rounds": rounds,
+             "bytes_per_client_round": comm, "final": log.rows[-1] if log.rows else {},
+             "wall_time_s": time.time() - t0}
+  return enc, summary
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning.
+
+def finetune(config, workdir: str, ds: pipeline.SegDataset, lab_ids, init_encoder: Optional[Dict],
+             verbose: bool = True, pad_rows: int = 1) -> Dict:
+  """FedAvg U-Net from ``init_encoder`` (None = random init) on ``lab_ids`` per client.
+
+  The U-Net's random init (key from config.seed) is the same for every
+  method; only its contracting path is replaced by the pre-trained encoder.
+  Returns {'val': metrics, 'test': metrics, ...}; written to results.json.
+  """
+  t0 = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  done = os.path.join(workdir, "results.json")
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  fns = models.build(config.model, ds.num_classes)
+  data = federated.stack_clients([ds.arrays(ids) for ids in lab_ids], min_rows=pad_rows)
+  key = jax.random.PRNGKey(config.seed)
+  init_key, round_key = jax.random.split(key)
+  variables = fns.init(init_key, jnp.zeros((1,) + data.x.shape[2:], jnp.float32))
+  if init_encoder is not None:
+    variables = encoder_lib.encoder_to_unet(init_encoder, variables)
+  tx = steps.make_optimizer(config.optimizer)
+  from fedjax_seg.fl import train as fl_train  # lazy: fl.train imports this module at its end
+  hp = fl_train.client_hparams(config)
+  ckey = train_lib.compile_key(config, ds, ("model", "loss", "optimizer", "augment", "fl",
+                                             "xla_opt_level"))
+  run_round = runlog.cached_jit(
+      "fcl_finetune" + ckey,
+      lambda: core.make_run_round(
+          core.make_client_update(fns, tx, config.loss, ds.num_classes, hp,
+                                  augment=train_lib.build_augment(config)),
+          aggregators.get("fedavg"), config.fl.client_strategy), donate_argnums=(0,),
+      **_xla_opts(config))
+  eval_batch = runlog.cached_jit("eval" + train_lib.compile_key(config, ds, ("model", "loss")),
+                                 lambda: steps.make_eval_batch(fns, config.loss, ds.num_classes))
+  state = core.ServerState(variables, jnp.int32(0))
+  ckpt = runlog.Checkpointer(workdir)
+  _, restored = ckpt.restore_latest(state)
+  start = 0
+  if restored is not None:
+    state, start = restored, int(restored.round)
+  log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None, key="round")
+  x_va, y_va = ds.split("val")
+  rounds = int(config.fl.rounds)
+  every = int(config.fl.eval_every)
+  for rnd in range(start, rounds):
+    state, info = run_round(state, data, round_key)
+    info = jax.device_get(info)
+    row = {"round": rnd + 1, "train_loss": float(np.mean(info["train_loss"])),
+           "weights": [float(w) for w in info["weights"]], "time_s": time.time() - t0}
+    if (rnd + 1) % every == 0 or rnd + 1 == rounds:
+      val = steps.evaluate(eval_batch, state.variables, x_va, y_va, config.eval_batch_size,
+                           ds.class_names)
+      row["val_dice_mean"] = val.get("dice_mean")
+    log.append(row)
+    ckpt.save(rnd + 1, state)
+  ckpt.close()
+  out = {}
+  for split in ("val", "test"):
+    x, y = ds.split(split)
+    if len(x):
+      out[split] = steps.evaluate(eval_batch, state.variables, x, y, config.eval_batch_size,
+                                  ds.class_names)
+  results = {"metrics": out, "labelled_patients": [list(ids) for ids in lab_ids],
+             "labelled_slices": int(np.sum(np.asarray(data.valid))), "rounds": rounds,
+             "pretrained": init_encoder is not None, "wall_time_s": time.time() - t0,
+             "background_in_means": False}
+  runlog.write_json(done, results)
+  if verbose:
+    t = out.get("test", {})
+    print(f"[fcl] fine-tuned N={len(lab_ids[0]) if lab_ids else 0}: test Dice "
+          f"{t.get('dice_mean', float('nan')):.4f} (val {out.get('val', {}).get('dice_mean', float('nan')):.4f})"
+          f" in {time.time() - t0:.1f}s", flush=True)
+  return results
+
+
+# ---------------------------------------------------------------------------
+# The experiment.
+
+def train_fcl(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
+  """Pre-train (per config.algorithm), then fine-tune for every N; returns results."""
+  del stop_after  # every stage resumes from its own checkpoints
+  t0 = time.time()
+  validate(config)
+  train_lib.save_config(config, workdir)
+  vol, ds = load_data(config.data)
+  from fedjax_seg.fl import train as fl_train  # lazy: fl.train imports this module at its end
+  names, train_ids, _ = fl_train.partition_dataset(ds, config.fl)
+  data_summary = federated.client_summary(names, train_ids, federated.stack_clients(
+      [ds.arrays(ids) for ids in train_ids]))
+  print(f"[fcl] {config.algorithm}: {len(names)} clients, partition={config.fl.partition}\n"
+        + data_summary, flush=True)
+  results = {"algorithm": config.algorithm, "clients": names, "finetune": {}}
+  enc = None
+  if ALGORITHMS[config.algorithm] is not None:
+    enc, results["pretrain"] = pretrain(config, os.path.join(workdir, "pretrain"), vol, train_ids,
+                                        names)
+  ns = sorted(int(n) for n in config.finetune.labelled_patients)
+  per_patient = max(len(p.labels) for p in ds.patients.values())
+  pad = max(ns) * per_patient  # one row count for every N: one compiled round
+  for n in ns:
+    lab = labelled_subset(train_ids, n, int(config.finetune.label_seed))
+    r = finetune(config, os.path.join(workdir, f"finetune_N{n}"), ds, lab, enc, pad_rows=pad)
+    results["finetune"][str(n)] = {
+        "test_dice_mean": r["metrics"].get("test", {}).get("dice_mean"),
+        "val_dice_mean": r["metrics"].get("val", {}).get("dice_mean"),
+        "test_dice_per_class": {k.split("/", 1)[1]: v for k, v in r["metrics"].get("test", {}).items()
+                                if k.startswith("dice/")},
+        "labelled_patients_per_client": [len(ids) for ids in lab]}
+  results["wall_time_s"] = time.time() - t0
+  runlog.write_json(os.path.join(workdir, "results.json"), results)
+  lines = ["| N (labelled patients / client) | test Dice (fg mean) |", "|---|---|"]
+  lines += [f"| {n} | {v['test_dice_mean']:.4f} |" for n, v in results["finetune"].items()]
+  print(f"\n[fcl] {config.algorithm}\n" + "\n".join(lines), flush=True)
+  return results
+
+
+TRAINERS = {name: train_fcl for name in ALGORITHMS}

@@ -1,0 +1,260 @@
+"""Scale (issue 9): clients sharded over devices, several hosts, clients
+streamed in chunks. Every path computes the same round as ``core.make_run_round``
+(tested in tests/test_sharding.py, tests/test_chunks.py, tests/test_distributed.py).
+
+Sharded clients (``config.fl.client_strategy = 'sharded'``)
+    The client axis is placed on the axis ``'clients'`` of a
+    ``jax.sharding.Mesh`` over all devices (of all processes, after
+    ``jax.distributed.initialize``) with ``jax.shard_map``; each device runs its
+    K/D clients with the per-device strategy ``inner`` ('auto': vmap on gpu/tpu,
+    unrolled on cpu). K not divisible by D is padded to K_p = D·⌈K/D⌉ with
+    zero-sample clients (valid = 0, so s_k = 0 and every aggregator gives them
+    weight 0); their outputs are dropped before the aggregator, so the
+    aggregator sees exactly the K real clients (DP-FedAvg's public denominator K
+    and secure aggregation's K pairwise seeds stay right). The models are not
+    gathered: the aggregator's Σ_k w_k M_k over the sharded axis compiles to
+    per-device partial sums + an all-reduce.
+
+Streamed chunks (``config.fl.clients_per_chunk = C > 0``)
+    Client data stay in host memory; clients go to the device C at a time
+    (the last chunk padded with zero-sample clients, so one program is compiled).
+    The linear aggregators (fedavg, fedcostw, costw_ce, dcew) weight client k as
+    w_k = Σ_j a_j r_jk / R_j with normalisers R_j = Σ_k r_jk over ALL clients
+    (``aggregators.linear_terms``). Choice: ONE pass of client training; each
+    chunk adds its numerators N_j += Σ_{k ok} r_jk M_k and normalisers
+    R_j += Σ_{k ok} r_jk to a running sum, and the model is finalised after the
+    last chunk as ω = Σ_j a_j N_j / R_j / Σ_{j: R_j>0} a_j. (The alternative,
+    stats of all chunks first, would train every client twice.) Memory: one
+    model per term (≤ 3) + one chunk of client models. The result equals the
+    all-at-once round up to float summation order (tested); the weights
+    reported in ``info`` are computed from all K clients' stats by
+    ``aggregators.linear_weights`` and equal the all-at-once weights.
+    Non-linear aggregators (median, trimmed mean, norm-based exclusion, DP with
+    clipping/noise, secure aggregation) need all client models at once and
+    are refused with a ValueError naming the key.
+
+Mixed precision (``config.model.dtype = 'bfloat16'``): the U-Net computes in
+bf16 (convolutions, activations) with f32 parameters, f32 logits/losses,
+f32 gradients, optimiser states and aggregation.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fedjax_seg.data.federated import ClientData
+from fedjax_seg.fl import aggregators, core
+
+CLIENT_AXIS = "clients"
+
+
+def client_mesh(devices=None) -> Mesh:
+  """1-D mesh with axis 'clients' over ``devices`` (default: every device of
+  every process)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (CLIENT_AXIS,))
+
+
+def padded_num_clients(k: int, d: int) -> int:
+  """K_p = d·⌈k/d⌉."""
+  return -(-k // d) * d
+
+
+def pad_clients(data: ClientData, k_pad: int) -> ClientData:
+  """Appends k_pad − K zero-sample clients (x = y = 0, valid = 0).
+
+  NumPy in → NumPy out (host streaming); jax arrays in → jax arrays out (in jit).
+  """
+  k = data.x.shape[0]
+  if k_pad < k:
+    raise ValueError(f"pad_clients: k_pad={k_pad} < K={k}")
+  if k_pad == k:
+    return data
+  xp = np if isinstance(data.x, np.ndarray) else jnp
+  return jax.tree.map(
+      lambda a: xp.concatenate([a, xp.zeros((k_pad - k,) + a.shape[1:], a.dtype)]), data)
+
+
+def _pad_keys(keys, k_pad: int):
+  k = keys.shape[0]
+  return keys if k_pad == k else keys[jnp.arange(k_pad) % k]
+
+
+def sharded_clients(client_update: Callable, mesh: Optional[Mesh] = None,
+                    inner: str = "auto") -> Callable:
+  """(variables, data [K, ...], keys [K]) -> (stacked [K, ...], stats [K]) with
+  the K clients spread over the mesh axis 'clients' (padding: module docstring).
+
+  ``inner`` is the per-device client strategy ('auto', 'vmap', 'unrolled', 'map').
+  The mesh defaults to all devices, looked up at trace time.
+  """
+  inner = core.resolve_strategy(inner, "client")
+  if inner == "sharded":
+    raise ValueError("sharded_clients: inner strategy cannot be 'sharded'")
+  per_device = core.map_clients(client_update, inner)
+
+  def run(variables, data: ClientData, keys):
+    m = client_mesh() if mesh is None else mesh
+    k = keys.shape[0]
+    k_pad = padded_num_clients(k, m.shape[CLIENT_AXIS])
+    data, keys = pad_clients(data, k_pad), _pad_keys(keys, k_pad)
+    # check_vma=False: the replicated global model becomes per-client inside the
+    # local-step scan carry, which the varying-axis checker would reject.
+    f = jax.shard_map(per_device, mesh=m, in_specs=(P(), P(CLIENT_AXIS), P(CLIENT_AXIS)),
+                      out_specs=P(CLIENT_AXIS), check_vma=False)
+    stacked, stats = f(variables, data, keys)
+    if k_pad != k:
+      stacked, stats = jax.tree.map(lambda a: a[:k], (stacked, stats))
+    return stacked, stats
+  return run
+
+
+# --- placement (single host and several hosts) ------------------------------------
+
+
+def to_global(tree, sharding: NamedSharding):
+  """Places every leaf with ``sharding``. Works with several processes: each
+  process holds the full value (host NumPy, a local array or a fully
+  replicated global one) and contributes its addressable shards."""
+  def put(x):
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      raise ValueError("to_global: pass raw uint32 keys (jax.random.PRNGKey), not typed keys")
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+  return jax.tree.map(put, tree)
+
+
+def place_round_inputs(state, data: ClientData, key, mesh: Optional[Mesh] = None):
+  """(state, data, key) on the mesh: state and key replicated; data sharded on
+  'clients' when K is a multiple of the device count, else replicated (the
+  round pads inside the jit). Needed with several processes (the jitted round
+  then spans all of them); on one host it avoids re-sending the data each round."""
+  mesh = client_mesh() if mesh is None else mesh
+  rep = NamedSharding(mesh, P())
+  k, d = data.x.shape[0], mesh.shape[CLIENT_AXIS]
+  dsh = NamedSharding(mesh, P(CLIENT_AXIS)) if k % d == 0 else rep
+  return to_global(state, rep), to_global(data, dsh), to_global(key, rep)
+
+
+# --- streamed chunks of clients ------------------------------------------------------
+
+
+def check_chunked(config) -> None:
+  """Refuses the combinations a streamed round cannot compute exactly."""
+  fl = config.fl
+  c = fl.get("clients_per_chunk", 0)
+  if not c:
+    return
+  if c < 0:
+    raise ValueError(f"config.fl.clients_per_chunk={c} must be >= 0 (0 = all clients at once)")
+  if config.algorithm not in aggregators.LINEAR_AGGREGATORS:
+    raise ValueError(f"config.fl.clients_per_chunk={c} needs a linear aggregator "
+                     f"{aggregators.LINEAR_AGGREGATORS}; config.algorithm={config.algorithm!r} "
+                     f"needs all client models at once")
+  dpc = fl.get("dp")
+  for bad, why in (("norm_k", fl.get("norm_k", 0.0) > 0),
+                   ("secagg", bool(fl.get("secagg", False))),
+                   ("dp.enabled", dpc is not None and bool(dpc.get("enabled", False)))):
+    if why:
+      raise ValueError(f"config.fl.clients_per_chunk={c} cannot be combined with "
+                       f"config.fl.{bad} (needs all client models at once)")
+
+
+def make_chunked_round(client_update: Callable, algorithm: str, clients_per_chunk: int,
+                       client_strategy: str = "auto",
+                       agg_kwargs: Optional[Dict[str, Any]] = None,
+                       server_update: Optional[Callable] = None,
+                       jit: Callable = lambda name, build: jax.jit(build())) -> Callable:
+  """``run_round(state, data, key) -> (state', info)`` streaming C clients at a time.
+
+  Same contract and same result as ``jax.jit(core.make_run_round(client_update,
+  aggregators.get(algorithm), ...))`` (see the module docstring for how the
+  weights' normalisers over all clients are handled). ``data`` may live in host
+  memory (NumPy ClientData, ``federated.stack_clients(..., host=True)``); each
+  chunk is copied to the device when it is its turn. Not jittable as a whole
+  (that would put every chunk on the device at once): it runs two jitted
+  programs, compiled once each: ``chunk`` (C client updates + running sums)
+  and ``finish`` (ω, weights, server update). ``jit(name, build)`` lets a
+  trainer memoise them (runlog.cached_jit).
+  info: per-client stats [K], 'weights' [K], 'failed', 'included' [K], and the
+  robust-report keys 'update_norm', 'excl_nonfinite', 'excl_empty',
+  'excl_norm' (all False), 'excl_stats'.
+  """
+  if clients_per_chunk < 1:
+    raise ValueError(f"config.fl.clients_per_chunk={clients_per_chunk} must be >= 1")
+  agg_kwargs = dict(agg_kwargs or {})
+  aggregators.linear_terms(algorithm, {"a": jnp.zeros((1,))},  # fail fast on the name
+                           {k: jnp.ones((1,)) for k in ("num_samples", "cost_pre", "cost_post",
+                                                        "ce_pre", "ce_post", "dice_pre",
+                                                        "dice_post")}, **agg_kwargs)
+  clients = core.map_clients(client_update, client_strategy)
+  C = clients_per_chunk
+
+  def chunk_step(variables, data, keys, acc):
+    stacked, stats = clients(variables, data, keys)
+    ok, terms = aggregators.linear_terms(algorithm, stacked, stats, **agg_kwargs)
+    sums, norms_ = acc
+
+    def add(n, m, r):
+      okb = ok.reshape((-1,) + (1,) * (m.ndim - 1))
+      mk = jnp.where(okb, m, 0).astype(jnp.float32)
+      return n + jnp.tensordot(jnp.where(ok, r, 0.0).astype(jnp.float32), mk, axes=1)
+    sums = tuple(jax.tree.map(functools.partial(add, r=r), n, stacked)
+                 for n, (_, r) in zip(sums, terms))
+    norms_ = tuple(R + jnp.sum(jnp.where(ok, r, 0.0)) for R, (_, r) in zip(norms_, terms))
+    upd = aggregators.update_norms(variables, stacked)
+    finite = aggregators.finite_clients(stacked)
+    return (sums, norms_), stats, ok, jnp.where(finite, upd, jnp.nan), finite
+
+  def finish(state, acc, stats, ok):
+    sums, norms_ = acc
+    _, terms = aggregators.linear_terms(algorithm, {"a": jnp.zeros_like(ok, jnp.float32)},
+                                        stats, **agg_kwargs)
+    weights = aggregators.linear_weights(terms, ok)
+    coef = [a * (R > 0) for (a, _), R in zip(terms, norms_)]
+    total = sum(coef)
+    failed = ~(total > 0)
+
+    def combine(g, *ns):
+      new = sum(c / jnp.where(total > 0, total, 1.0) * n / jnp.where(R > 0, R, 1.0)
+                for c, n, R in zip(coef, ns, norms_))
+      return jnp.where(failed, g, new.astype(g.dtype))
+    new_vars = jax.tree.map(combine, state.variables, *sums)
+    opt_state = state.server_opt_state
+    if server_update is not None:
+      new_vars, opt_state = server_update(state, new_vars, failed)
+    return core.ServerState(new_vars, state.round + 1, opt_state), weights, failed
+
+  chunk_fn = jit("chunk", lambda: chunk_step)
+  finish_fn = jit("finish", lambda: finish)
+  n_terms = {"fedavg": 1, "dcew": 3}.get(algorithm, 2)
+
+  def run_round(state: core.ServerState, data: ClientData, key):
+    k = data.x.shape[0]
+    keys = jax.random.split(jax.random.fold_in(key, state.round), k)
+    zeros = jax.tree.map(lambda g: jnp.zeros(g.shape, jnp.float32), state.variables)
+    acc = (tuple(zeros for _ in range(n_terms)), tuple(jnp.float32(0) for _ in range(n_terms)))
+    outs = []
+    for lo in range(0, k, C):
+      hi = min(lo + C, k)
+      chunk = pad_clients(jax.tree.map(lambda a: a[lo:hi], data), C)
+      acc, stats, ok, upd, finite = chunk_fn(state.variables, chunk,
+                                             _pad_keys(keys[lo:hi], C), acc)
+      outs.append((stats, ok, upd, finite))
+    stats, ok, upd, finite = jax.tree.map(lambda *xs: jnp.concatenate(xs)[:k], *outs)
+    new_state, weights, failed = finish_fn(state, acc, stats, ok)
+    empty = ~((stats["num_samples"] > 0) & jnp.isfinite(stats["num_samples"]))
+    info = {**stats, "weights": weights, "failed": failed, "included": weights > 0,
+            "update_norm": upd, "excl_nonfinite": ~finite, "excl_empty": finite & empty,
+            "excl_norm": jnp.zeros_like(finite), "excl_stats": finite & ~empty & ~(weights > 0)}
+    return new_state, info
+  return run_round

@@ -1,0 +1,561 @@
+"""Federated semi-supervised segmentation: labelled-fraction plumbing (SPEC
+§1.6), the baselines of SPEC §4.2 and FedWeP, all combined with FedAvg in ONE
+jitted program per round.
+
+Scenarios (``config.semi.scenario``):
+  label_at_client   every client holds labelled AND unlabelled patients; the
+                    labelled ones are ``label_fraction`` of all train patients,
+                    allotted to clients in proportion to their size
+                    (:func:`split_label_at_client`).
+  label_at_server   the server holds ``label_fraction`` of the train patients
+                    (labelled); the remaining patients are partitioned over
+                    the clients, unlabelled (:func:`split_label_at_server`).
+                    Each round ends with ``server_steps`` supervised steps on
+                    the server's data.
+
+Round (all methods):
+
+    ctx          = round_context(state, server data, key)     FedWeP: seed search
+    M_k, st_k    = client_update((M, ctx), (L_k, U_k), key_k)  for every k
+    M            = aggregators.fedavg(M, stack(M_k), stack(st_k))
+    M            = server_update(M, server data)               label_at_server only
+
+Methods (``config.algorithm``), each + FedAvg; M is a dict of communicated models:
+
+  supervised_only  {'model'}          Dice+CE on labelled data only. With
+                                      label_fraction = 1 and label_at_client it is
+                                      the fully supervised FedAvg upper bound; with
+                                      label_at_server the clients are idle (nothing
+                                      to learn from) and it is the server alone.
+  fedwep[_real|_random] {'model'} + 2 seeds   sup(W) + λ(t)·L_RWP(W̃_1, W̃_2)  (fedwep.py)
+  cps              {'a', 'b'}         Cross Pseudo Supervision (Chen et al. 2021): two
+                                      differently initialised models, sup(a)+sup(b) +
+                                      λ(t)·[CE(f_a, Ŷ_b) + CE(f_b, Ŷ_a)]; both communicated.
+  mean_teacher     {'student','teacher'}  Mean Teacher (Tarvainen & Valpola 2017):
+                                      sup(student) + λ(t)·MSE(softmax f_s(U + noise),
+                                      sg(softmax f_t(U))), teacher ← EMA of student
+                                      after every step; both communicated (the
+                                      seed's Cost column: MT 100%). Evaluated: teacher.
+  pseudoseg        {'model'}          PseudoSeg-style pseudo-labelling: Ŷ = sg(argmax
+                                      f(U)) kept where max-softmax ≥ τ, trained on a
+                                      strongly (intensity/noise) augmented view.
+
+λ(t) = unsup_weight · exp(−5 (1 − min(t, T)/T)²), T = rampup_rounds (λ = unsup_weight
+when T = 0). Before ``client_start_round`` clients return the received model
+unchanged (a warm-up that lets the server's supervised steps produce a
+model worth pseudo-labelling with in label_at_server).
+
+Unlabelled client arrays carry all-zero label arrays: the true masks of
+unlabelled patients never enter the training program.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_seg import losses
+from fedjax_seg.data.federated import ClientData, sample_batch, stack_clients
+from fedjax_seg.fl import aggregators, core, fedwep
+from fedjax_seg.models import ModelFns
+
+SCENARIOS = ("label_at_client", "label_at_server")
+FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
+METHODS = ("supervised_only", "fedwep", "fedwep_real", "fedwep_random", "cps",
+           "mean_teacher", "pseudoseg")
+# communicated models per method; evaluated model
+MODELS = {"supervised_only": ("model",), "fedwep": ("model",), "fedwep_real": ("model",),
+          "fedwep_random": ("model",), "pseudoseg": ("model",), "cps": ("a", "b"),
+          "mean_teacher": ("student", "teacher")}
+TRAINABLE = {"cps": ("a", "b"), "mean_teacher": ("student",)}
+EVAL_MODEL = {"cps": "a", "mean_teacher": "teacher"}
+
+
+def is_fedwep(method: str) -> bool:
+  return method.startswith("fedwep")
+
+
+# ---------------------------------------------------------------------------
+# Labelled fractions and scenarios (SPEC §1.6), pure functions of (ids, fraction, seed).
+
+def num_labelled(n: int, fraction: float, minimum: int = 1) -> int:
+  """round(fraction · n), at least ``minimum`` (and at most n)."""
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"config.semi.label_fraction={fraction}: expected 0 < f <= 1")
+  return int(min(n, max(minimum, int(np.floor(fraction * n + 0.5)))))
+
+
+def split_label_at_client(client_ids: Sequence[Sequence[str]], fraction: float, seed: int,
+                          minimum: int = 1) -> Tuple[List[List[str]], List[List[str]]]:
+  """Labelled / unlabelled patients per client.
+
+  m = round(fraction · N) patients are labelled in total (N = all clients'
+  patients, m >= ``minimum``), allotted to clients in proportion to their
+  size by largest remainder, then drawn at random within each client.
+  Returns (labelled [K][...], unlabelled [K][...]).
+  """
+  sizes = np.array([len(c) for c in client_ids], float)
+  m = num_labelled(int(sizes.sum()), fraction, minimum)
+  quota = m * sizes / max(sizes.sum(), 1.0)
+  alloc = np.floor(quota).astype(int)
+  for k in np.argsort(-(quota - alloc), kind="stable")[: m - alloc.sum()]:
+    alloc[k] += 1
+  rng = np.random.default_rng(seed)
+  lab, unl = [], []
+  for k, ids in enumerate(client_ids):
+    ids = sorted(ids)
+    order = rng.permutation(len(ids))
+    pick = set(order[: alloc[k]].tolist())
+    lab.append([p for i, p in enumerate(ids) if i in pick])
+    unl.append([p for i, p in enumerate(ids) if i not in pick])
+  return lab, unl
+
+
+def split_label_at_server(train_ids: Sequence[str], fraction: float, seed: int,
+                          strata: Optional[Dict[str, str]] = None,
+                          minimum: int = 1) -> Tuple[List[str], List[str]]:
+  """(server labelled patients, remaining patients for the clients).
+
+  m = round(fraction · N) patients (>= ``minimum``) go to the server, drawn
+  round-robin over the strata (sites) in a seeded random order so every
+  site contributes (as far as m allows).
+  """
+  ids = sorted(train_ids)
+  m = num_labelled(len(ids), fraction, minimum)
+  rng = np.random.default_rng(seed)
+  groups: Dict[str, List[str]] = {}
+  for p in ids:
+    groups.setdefault((strata or {}).get(p, ""), []).append(p)
+  queues = {g: [v[i] for i in rng.permutation(len(v))] for g, v in sorted(groups.items())}
+  order = [g for g in sorted(queues)]
+  order = [order[i] for i in rng.permutation(len(order))]
+  server: List[str] = []
+  while len(server) < m:
+    for g in order:
+      if queues[g] and len(server) < m:
+        server.append(queues[g].pop(0))
+  rest = [p for p in ids if p not in set(server)]
+  return sorted(server), rest
+
+
+# ---------------------------------------------------------------------------
+# Arrays.
+
+@flax.struct.dataclass
+class ClientPair:
+  """One client's (or all clients', leading K) labelled and unlabelled data."""
+  lab: ClientData
+  unl: ClientData
+
+
+@flax.struct.dataclass
+class SemiData:
+  """clients: ClientPair [K, ...]; server: ClientData [1, M, ...] (valid all 0 when
+  the server holds no data)."""
+  clients: ClientPair
+  server: ClientData
+
+
+def empty_client_data(k: int, sample_shape, label_shape, rows: int = 1) -> ClientData:
+  return ClientData(jnp.zeros((k, rows) + tuple(sample_shape), jnp.float32),
+                    jnp.zeros((k, rows) + tuple(label_shape), jnp.int32),
+                    jnp.zeros((k, rows), jnp.float32))
+
+
+def stack_or_empty(per_client, sample_shape, label_shape, min_rows: int = 1) -> ClientData:
+  if all(len(x) == 0 for x, _ in per_client):
+    return empty_client_data(len(per_client), sample_shape, label_shape, max(min_rows, 1))
+  return stack_clients(per_client, min_rows=min_rows)
+
+
+def build_semi_data(arrays: Callable, lab_ids, unl_ids, server_ids, sample_shape, label_shape,
+                    pad_rows: int = 0) -> SemiData:
+  """arrays(ids) -> (x [n, ...], y [n, ...]) pooled slices of patients.
+
+  Unlabelled labels are replaced by zeros (never seen by training).
+  pad_rows: pad every array to at least this many rows (equal shapes across
+  label fractions → one compiled round for a whole sweep).
+  """
+  lab = [arrays(ids) for ids in lab_ids]
+  unl = [(x, np.zeros_like(y)) for x, y in (arrays(ids) for ids in unl_ids)]
+  clients = ClientPair(stack_or_empty(lab, sample_shape, label_shape, pad_rows),
+                       stack_or_empty(unl, sample_shape, label_shape, pad_rows))
+  server = stack_or_empty([arrays(server_ids)], sample_shape, label_shape, pad_rows)
+  return SemiData(clients, server)
+
+
+# ---------------------------------------------------------------------------
+# Hyper-parameters.
+
+@dataclasses.dataclass(frozen=True)
+class SemiHParams:
+  method: str = "fedwep"
+  scenario: str = "label_at_client"
+  loss: str = "dice_ce"                 # supervised loss
+  unsup_weight: float = 1.0
+  rampup_rounds: int = 0
+  client_start_round: int = 0
+  unlabelled_batch_size: int = 8
+  server_steps: int = 8
+  server_batch_size: int = 8
+  # FedWeP
+  p: float = 0.5
+  sigma: float = 0.1
+  num_seeds: int = 8
+  search_size: int = 8
+  search_inputs: str = "random"
+  pair_criterion: str = "max"
+  pseudo: str = "hard"
+  # Mean Teacher
+  ema_decay: float = 0.99
+  mt_noise: float = 0.1
+  # PseudoSeg
+  threshold: float = 0.9
+  strong_noise: float = 0.1
+  strong_intensity: float = 0.2
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"config.algorithm={self.method!r}: semi-supervised methods are {METHODS}")
+    if self.scenario not in SCENARIOS:
+      raise ValueError(f"config.semi.scenario={self.scenario!r}: expected one of {SCENARIOS}")
+    if is_fedwep(self.method):
+      if self.search_inputs not in fedwep.SEARCH_INPUTS:
+        raise ValueError(f"config.semi.fedwep.search_inputs={self.search_inputs!r}: expected "
+                         f"one of {fedwep.SEARCH_INPUTS} (or 'auto')")
+      if self.search_inputs == "real" and self.scenario != "label_at_server":
+        raise ValueError("FedWeP-Real needs server images: config.semi.scenario must be "
+                         "'label_at_server' (or set config.semi.fedwep.search_inputs='random')")
+      if self.pair_criterion not in fedwep.PAIR_CRITERIA:
+        raise ValueError(f"config.semi.fedwep.pair_criterion={self.pair_criterion!r}: expected "
+                         f"one of {fedwep.PAIR_CRITERIA}")
+      if self.num_seeds < 2:
+        raise ValueError(f"config.semi.fedwep.num_seeds={self.num_seeds}: need >= 2")
+      if not 0.0 <= self.p <= 1.0 or self.sigma < 0:
+        raise ValueError(f"config.semi.fedwep: need 0 <= p <= 1 and sigma >= 0, got "
+                         f"p={self.p}, sigma={self.sigma}")
+
+  @property
+  def models(self) -> Tuple[str, ...]:
+    return MODELS[self.method]
+
+  @property
+  def trainable(self) -> Tuple[str, ...]:
+    return TRAINABLE.get(self.method, ("model",))
+
+  @property
+  def eval_model(self) -> str:
+    return EVAL_MODEL.get(self.method, "model")
+
+  @property
+  def unsupervised(self) -> bool:
+    return self.method != "supervised_only"
+
+  @property
+  def clients_idle(self) -> bool:
+    """label_at_server clients have no labels: a purely supervised method has nothing to do there."""
+    return self.scenario == "label_at_server" and not self.unsupervised
+
+
+def rampup(t, hp: SemiHParams):
+  """λ(t) = unsup_weight · exp(−5 (1 − min(t, T)/T)²) (Laine & Aila 2017 ramp)."""
+  if hp.rampup_rounds <= 0:
+    return jnp.float32(hp.unsup_weight)
+  r = jnp.clip(jnp.asarray(t, jnp.float32) / hp.rampup_rounds, 0.0, 1.0)
+  return hp.unsup_weight * jnp.exp(-5.0 * (1.0 - r) ** 2)
+
+
+# ---------------------------------------------------------------------------
+# Communication accounting.
+
+def comm_bytes(hp: SemiHParams, model_nbytes: int) -> Dict[str, int]:
+  """Bytes per client per round: {'down', 'up', 'total'}.
+
+  FedWeP: down = 1 model + 2 int32 seeds, up = 1 model. CPS / MT: 2 models
+  each way. Supervised / PseudoSeg: 1 model each way. label_at_server
+  supervised_only: 0 (the clients are idle; it is the server alone).
+  """
+  if hp.clients_idle:
+    return {"down": 0, "up": 0, "total": 0}
+  n = len(hp.models)
+  down = n * model_nbytes + (2 * fedwep.SEED_BYTES if is_fedwep(hp.method) else 0)
+  up = n * model_nbytes
+  return {"down": down, "up": up, "total": down + up}
+
+
+def cost_percent(hp: SemiHParams, model_nbytes: int) -> float:
+  """Traffic per client per round relative to exchanging two models both ways (CPS = 100%)."""
+  return 100.0 * comm_bytes(hp, model_nbytes)["total"] / (4.0 * model_nbytes)
+
+
+# ---------------------------------------------------------------------------
+# Models and losses.
+
+def init_models(hp: SemiHParams, fns: ModelFns, key: jax.Array, x0: jnp.ndarray) -> Dict[str, Any]:
+  """The communicated models: CPS gets two independent initialisations;
+  Mean Teacher's teacher starts equal to the student."""
+  if hp.method == "cps":
+    ka, kb = jax.random.split(key)
+    return {"a": fns.init(ka, x0), "b": fns.init(kb, x0)}
+  if hp.method == "mean_teacher":
+    v = fns.init(key, x0)
+    return {"student": v, "teacher": v}
+  return {"model": fns.init(key, x0)}
+
+
+def strong_augment(key, x, intensity: float, noise: float):
+  """Label-preserving photometric 'strong' view: per-sample gain/offset + Gaussian noise."""
+  kg, ko, kn = jax.random.split(key, 3)
+  b = x.shape[0]
+  shape = (b,) + (1,) * (x.ndim - 1)
+  gain = 1.0 + jax.random.uniform(kg, shape, minval=-intensity, maxval=intensity)
+  off = jax.random.uniform(ko, shape, minval=-intensity / 2, maxval=intensity / 2)
+  return x * gain + off + noise * jax.random.normal(kn, x.shape)
+
+
+def _masked_mse(a, b, mask):
+  """mean over valid samples of mean_{pixels, classes} (a − b)²; mask [B]."""
+  per = jnp.mean((a - b) ** 2, axis=tuple(range(1, a.ndim)))
+  w = mask.astype(jnp.float32)
+  return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+class Objective:
+  """Loss pieces of one method over a dict of models.
+
+  params: {name: params} for the trainable models; models: all communicated
+  variables (non-param collections and non-trainable models such as MT's teacher).
+  """
+
+  def __init__(self, hp: SemiHParams, fns: ModelFns, num_classes: int):
+    self.hp, self.fns, self.num_classes = hp, fns, num_classes
+    self.sup_fn = losses.get_loss(hp.loss)
+
+  def _train_apply(self, variables, x, key):
+    return self.fns.apply(variables, x, train=True, key=key)
+
+  def supervised(self, params, models, x, y, mask, key):
+    """Σ_{trainable} sup(f(x; W)); returns (loss, new non-param collections)."""
+    total, new = 0.0, {}
+    for i, name in enumerate(self.hp.trainable):
+      v = {**models[name], "params": params[name]}
+      logits, nv = self._train_apply(v, x, jax.random.fold_in(key, i))
+      total = total + self.sup_fn(logits, y, self.num_classes, mask)
+      new[name] = nv
+    return total, new
+
+  def unsupervised(self, params, models, x, mask, ctx, key):
+    """The method's unlabelled loss (scalar) and a dict of scalar diagnostics."""
+    hp = self.hp
+    apply_t = lambda v, xx, k: self._train_apply(v, xx, k)[0]
+    if is_fedwep(hp.method):
+      v = {**models["model"], "params": params["model"]}
+      return fedwep.rwp_loss(apply_t, v, x, mask, ctx["seeds"], hp.p, hp.sigma, key,
+                             hp.pseudo), {}
+    if hp.method == "cps":
+      ka, kb = jax.random.split(key)
+      la = apply_t({**models["a"], "params": params["a"]}, x, ka)
+      lb = apply_t({**models["b"], "params": params["b"]}, x, kb)
+      return fedwep.cross_pseudo_loss(la, lb, mask, "hard"), {}
+    if hp.method == "mean_teacher":
+      kn, kd = jax.random.split(key)
+      xs = x + hp.mt_noise * jax.random.normal(kn, x.shape)
+      ls = apply_t({**models["student"], "params": params["student"]}, xs, kd)
+      lt, _ = self.fns.apply(models["teacher"], x, train=False)
+      pt = jax.lax.stop_gradient(jax.nn.softmax(lt, -1))
+      return _masked_mse(jax.nn.softmax(ls, -1), pt, mask), {}
+    if hp.method == "pseudoseg":
+      ka, kd = jax.random.split(key)
+      v = {**models["model"], "params": params["model"]}
+      lw, _ = self.fns.apply(v, x, train=False)
+      pw = jax.lax.stop_gradient(jax.nn.softmax(lw, -1))
+      y_hat = jnp.argmax(pw, -1)
+      keep = (jnp.max(pw, -1) >= hp.threshold).astype(jnp.float32)
+      keep = keep * mask.reshape(mask.shape + (1,) * (keep.ndim - 1))
+      xs = strong_augment(ka, x, hp.strong_intensity, hp.strong_noise)
+      ls = apply_t(v, xs, kd)
+      frac = jnp.sum(keep) / jnp.maximum(jnp.sum(jnp.ones_like(keep) * mask.reshape(
+          mask.shape + (1,) * (keep.ndim - 1))), 1.0)
+      return losses.sparse_cross_entropy(ls, y_hat, keep), {"confident_fraction": frac}
+    return jnp.float32(0.0), {}
+
+  def after_step(self, models):
+    """Mean Teacher: θ_t ← α θ_t + (1 − α) θ_s after every optimiser step."""
+    if self.hp.method != "mean_teacher":
+      return models
+    a = self.hp.ema_decay
+    t = jax.tree.map(lambda tp, sp: a * tp + (1 - a) * sp, models["teacher"]["params"],
+                     models["student"]["params"])
+    return {**models, "teacher": {**models["teacher"], "params": t}}
+
+
+def _set_params(models, params, new_state):
+  out = dict(models)
+  for name, p in params.items():
+    out[name] = {**new_state.get(name, models[name]), "params": p}
+  return out
+
+
+def _run_steps(body, carry, keys, strategy: str):
+  if strategy == "scan":
+    return jax.lax.scan(body, carry, keys)
+  outs = []
+  for e in range(keys.shape[0]):
+    carry, o = body(carry, keys[e])
+    outs.append(o)
+  return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+# ---------------------------------------------------------------------------
+# Client update, server update, round.
+
+def make_client_update(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformation,
+                       num_classes: int, chp: core.ClientHParams) -> Callable:
+  """``client_update((models, ctx), ClientPair, key) -> (models', stats)``.
+
+  E = chp.local_steps steps, each on a labelled batch (chp.batch_size, from L_k)
+  and an unlabelled batch (hp.unlabelled_batch_size, from U_k):
+      loss = sup(L_k batch) + λ(t) · unsup(U_k batch)
+  (sup is skipped statically in label_at_server, where clients hold no labels).
+  stats: num_samples (the FedAvg s_k: |L_k| + |U_k|, or |L_k| for supervised_only),
+  train_loss, sup_loss, unsup_loss.
+  """
+  obj = Objective(hp, fns, num_classes)
+  strategy = core.resolve_strategy(chp.step_strategy, "step")
+  has_labels = hp.scenario == "label_at_client"
+
+  def client_update(bcast, data: ClientPair, key):
+    models, ctx = bcast
+    # FedAvg's s_k: the samples the client learns from (labelled only for supervised_only)
+    n_samples = jnp.sum(data.lab.valid) + (jnp.sum(data.unl.valid) if hp.unsupervised else 0.0)
+    if hp.clients_idle:
+      z = jnp.float32(0.0)
+      return models, {"num_samples": n_samples, "train_loss": z, "sup_loss": z, "unsup_loss": z}
+    lam = rampup(ctx["round"] + 1, hp)
+    active = ctx["round"] >= hp.client_start_round
+
+    def loss_fn(params, models, batch, key):
+      (xl, yl, ml), (xu, mu) = batch
+      ks, ku = jax.random.split(key)
+      sup, new_state = (obj.supervised(params, models, xl, yl, ml, ks) if has_labels
+                        else (jnp.float32(0.0), {}))
+      uns = jnp.float32(0.0)
+      if hp.unsupervised:
+        uns, _ = obj.unsupervised(params, models, xu, mu, ctx, ku)
+      return sup + lam * uns, (new_state, sup, uns)
+
+    def body(carry, k):
+      models, opt = carry
+      kl, ku, kd = jax.random.split(k, 3)
+      xl, yl, ml = sample_batch(data.lab, kl, chp.batch_size)
+      xu, _, mu = sample_batch(data.unl, ku, hp.unlabelled_batch_size)
+      params = {n: models[n]["params"] for n in hp.trainable}
+      (value, (new_state, sup, uns)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, models, ((xl, yl, ml), (xu, mu)), kd)
+      updates, opt = tx.update(grads, opt, params)
+      params = optax.apply_updates(params, updates)
+      models = obj.after_step(_set_params(models, params, new_state))
+      return (models, opt), jnp.stack([value, sup, uns])
+
+    opt0 = tx.init({n: models[n]["params"] for n in hp.trainable})
+    keys = jax.random.split(key, chp.local_steps)
+    (new_models, _), hist = _run_steps(body, (models, opt0), keys, strategy)
+    new_models = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_models, models)
+    mean = jnp.mean(hist, axis=0)
+    return new_models, {"num_samples": n_samples, "train_loss": mean[0], "sup_loss": mean[1],
+                        "unsup_loss": mean[2]}
+  return client_update
+
+
+def make_server_update(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformation,
+                       num_classes: int, step_strategy: str = "auto") -> Callable:
+  """``server_update(models, server ClientData [1, M, ...], key) -> (models', loss)``:
+  hp.server_steps supervised steps (fresh optimiser state) on the server's
+  labelled patients, for every trainable model (MT: teacher EMA follows)."""
+  obj = Objective(hp, fns, num_classes)
+  strategy = core.resolve_strategy(step_strategy, "step")
+
+  def server_update(models, server: ClientData, key):
+    data = jax.tree.map(lambda a: a[0], server)
+
+    def loss_fn(params, models, x, y, m, k):
+      value, new_state = obj.supervised(params, models, x, y, m, k)
+      return value, new_state
+
+    def body(carry, k):
+      models, opt = carry
+      kb, kd = jax.random.split(k)
+      x, y, m = sample_batch(data, kb, hp.server_batch_size)
+      params = {n: models[n]["params"] for n in hp.trainable}
+      (value, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, models, x, y, m, kd)
+      updates, opt = tx.update(grads, opt, params)
+      params = optax.apply_updates(params, updates)
+      return (obj.after_step(_set_params(models, params, new_state)), opt), value
+
+    opt0 = tx.init({n: models[n]["params"] for n in hp.trainable})
+    (models, _), vals = _run_steps(body, (models, opt0), jax.random.split(key, hp.server_steps),
+                                   strategy)
+    return models, jnp.mean(vals)
+  return server_update
+
+
+def make_round_context(hp: SemiHParams, fns: ModelFns) -> Callable:
+  """``ctx(models, round, server ClientData, key) -> dict`` broadcast to every client.
+
+  FedWeP: candidate seeds from the key, search set X (real server images or
+  random inputs), the chosen seed pair and its similarity statistics.
+  """
+  def context(models, rnd, server: ClientData, key):
+    ctx = {"round": rnd}
+    if not is_fedwep(hp.method):
+      return ctx, {}
+    kc, kx = jax.random.split(key)
+    seeds = fedwep.candidate_seeds(kc, hp.num_seeds)
+    x = fedwep.search_set(hp.search_inputs, kx, hp.search_size, server.x.shape[2:],
+                          server.x[0], server.valid[0])
+    apply_eval = lambda v, xx: fns.apply(v, xx, train=False)[0]
+    pair, info = fedwep.search_seeds(apply_eval, models["model"], x, seeds, hp.p, hp.sigma,
+                                     hp.pair_criterion)
+    ctx["seeds"] = pair
+    return ctx, {"seeds": pair, "c_star": info["c_star"], "c_mean": info["c_mean"]}
+  return context
+
+
+def make_run_round(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformation,
+                   num_classes: int, chp: core.ClientHParams,
+                   client_strategy: str = "auto") -> Callable:
+  """``run_round(state, SemiData, key) -> (state', info)`` — jit it once.
+
+  Clients run through ``core.map_clients`` (vmap | unrolled | map), averaging
+  is ``aggregators.fedavg`` over the dict of communicated models.
+  """
+  client_update = make_client_update(hp, fns, tx, num_classes, chp)
+  clients = core.map_clients(client_update, client_strategy)
+  server_update = (make_server_update(hp, fns, tx, num_classes, chp.step_strategy)
+                   if hp.scenario == "label_at_server" else None)
+  context = make_round_context(hp, fns)
+
+  def run_round(state: core.ServerState, data: SemiData, key):
+    rkey = jax.random.fold_in(key, state.round)
+    kctx, kcl, ksv = jax.random.split(rkey, 3)
+    ctx, ctx_info = context(state.variables, state.round, data.server, kctx)
+    k = data.clients.unl.x.shape[0]
+    stacked, stats = clients((state.variables, ctx), data.clients, jax.random.split(kcl, k))
+    if hp.clients_idle:
+      new_vars, weights, failed = state.variables, jnp.zeros((k,)), jnp.bool_(False)
+    else:
+      new_vars, weights, failed = aggregators.fedavg(state.variables, stacked, stats)
+    server_loss = jnp.float32(jnp.nan)
+    if server_update is not None:
+      new_vars, server_loss = server_update(new_vars, data.server, ksv)
+    info = {**stats, **ctx_info, "weights": weights, "failed": failed,
+            "included": weights > 0, "server_loss": server_loss,
+            "active": state.round >= hp.client_start_round}
+    return core.ServerState(new_vars, state.round + 1, state.server_opt_state), info
+  return run_round

@@ -1,0 +1,245 @@
+"""Trainer for the federated semi-supervised methods (``fedjax_seg.fl.semi``).
+
+    dataset -> labelled/unlabelled split per scenario (SPEC §1.6) -> SemiData
+      -> cached jitted semi round -> per-round eval / log (incl. bytes) / checkpoint / resume
+      -> train_lib.finish
+
+Registered in ``fedjax_seg.fl.train.TRAINERS`` (see the block at the end of
+that module) for every name in :data:`semi.METHODS`, so
+``launch.py --config configs/lgg_fedwep.py`` and ``fedjax_seg.train.run``
+dispatch here by ``config.algorithm``.
+
+Config (``configs/lgg_fedwep.py``): ``config.fl`` as for FedAvg (partition,
+num_clients, rounds, local_steps, client_batch_size, strategies, eval) plus
+``config.semi`` (scenario, label_fraction, label_seed, weights, server steps,
+and per-method sub-dicts ``fedwep``, ``mt``, ``ps``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_seg import models, runlog, steps
+from fedjax_seg import train as train_lib
+from fedjax_seg.data import pipeline
+from fedjax_seg.fl import core, semi
+
+SEMI_KEYS = {"scenario", "label_fraction", "label_seed", "min_labelled", "unsup_weight",
+             "rampup_rounds", "client_start_round", "unlabelled_batch_size", "server_steps",
+             "server_batch_size", "pad_rows", "fedwep", "mt", "ps"}
+SUB_KEYS = {"fedwep": {"p", "sigma", "num_seeds", "search_size", "search_inputs",
+                       "pair_criterion", "pseudo"},
+            "mt": {"ema_decay", "noise"}, "ps": {"threshold", "strong_noise", "strong_intensity"}}
+
+
+def hparams(config) -> semi.SemiHParams:
+  """SemiHParams from ``config.semi``; unknown keys are errors that name the key."""
+  s = config.semi
+  unknown = set(s.keys()) - SEMI_KEYS
+  if unknown:
+    raise ValueError(f"unknown config.semi keys {sorted(unknown)}; known: {sorted(SEMI_KEYS)}")
+  for sub, keys in SUB_KEYS.items():
+    if sub in s:
+      bad = set(s[sub].keys()) - keys
+      if bad:
+        raise ValueError(f"unknown config.semi.{sub} keys {sorted(bad)}; known: {sorted(keys)}")
+  method = config.algorithm
+  fw = s.get("fedwep", {})
+  search = fw.get("search_inputs", "auto")
+  if method == "fedwep_real":
+    search = "real"
+  elif method == "fedwep_random":
+    search = "random"
+  elif search == "auto":
+    search = "real" if s.scenario == "label_at_server" else "random"
+  mt, ps = s.get("mt", {}), s.get("ps", {})
+  d = semi.SemiHParams()
+  return semi.SemiHParams(
+      method=method, scenario=s.scenario, loss=config.loss,
+      unsup_weight=s.get("unsup_weight", d.unsup_weight),
+      rampup_rounds=s.get("rampup_rounds", d.rampup_rounds),
+      client_start_round=s.get("client_start_round", d.client_start_round),
+      unlabelled_batch_size=s.get("unlabelled_batch_size", d.unlabelled_batch_size),
+      server_steps=s.get("server_steps", d.server_steps),
+      server_batch_size=s.get("server_batch_size", d.server_batch_size),
+      p=fw.get("p", d.p), sigma=fw.get("sigma", d.sigma), num_seeds=fw.get("num_seeds", d.num_seeds),
+      search_size=fw.get("search_size", d.search_size), search_inputs=search,
+      pair_criterion=fw.get("pair_criterion", d.pair_criterion), pseudo=fw.get("pseudo", d.pseudo),
+      ema_decay=mt.get("ema_decay", d.ema_decay), mt_noise=mt.get("noise", d.mt_noise),
+      threshold=ps.get("threshold", d.threshold), strong_noise=ps.get("strong_noise", d.strong_noise),
+      strong_intensity=ps.get("strong_intensity", d.strong_intensity))
+
+
+def split_semi(ds: pipeline.SegDataset, config, verbose: bool = True):
+  """Patients per role. Returns dict(names, lab [K], unl [K], server, val [K]).
+
+  label_at_client: partition all train patients over clients with
+  ``config.fl`` (fl.train.partition_dataset), then label a fraction inside clients.
+  label_at_server: the server takes a site-stratified fraction first; the rest
+  is partitioned over the clients, unlabelled.
+  """
+  from fedjax_seg.fl import train as fl_train  # lazy: fl.train imports this module at its end
+  s = config.semi
+  frac, seed, minimum = float(s.label_fraction), int(s.get("label_seed", 0)), int(
+      s.get("min_labelled", 1))
+  sites = {pid: p.site for pid, p in ds.patients.items()}
+  if s.scenario == "label_at_client":
+    names, train_ids, val_ids = fl_train.partition_dataset(ds, config.fl, verbose)
+    lab, unl = semi.split_label_at_client(train_ids, frac, seed, minimum)
+    server = []
+  elif s.scenario == "label_at_server":
+    server, rest = semi.split_label_at_server(ds.splits["train"], frac, seed, sites, minimum)
+    view = copy.copy(ds)
+    view.splits = {**ds.splits, "train": rest}
+    names, unl, val_ids = fl_train.partition_dataset(view, config.fl, verbose)
+    lab = [[] for _ in unl]
+  else:
+    raise ValueError(f"config.semi.scenario={s.scenario!r}: expected one of {semi.SCENARIOS}")
+  return {"names": names, "lab": lab, "unl": unl, "server": server, "val": val_ids}
+
+
+def summary(split, ds) -> str:
+  n = lambda ids: sum(len(ds.patients[i].labels) for i in ids)
+  lines = ["| client | labelled patients (slices) | unlabelled patients (slices) |", "|---|---|---|"]
+  for k, name in enumerate(split["names"]):
+    lines.append(f"| {name} | {len(split['lab'][k])} ({n(split['lab'][k])}) | "
+                 f"{len(split['unl'][k])} ({n(split['unl'][k])}) |")
+  if split["server"]:
+    lines.append(f"| server | {len(split['server'])} ({n(split['server'])}) | 0 |")
+  return "\n".join(lines)
+
+
+def label_stats(split) -> Dict:
+  n_lab = sum(len(x) for x in split["lab"]) + len(split["server"])
+  n_all = n_lab + sum(len(x) for x in split["unl"])
+  return {"labelled_patients": n_lab, "train_patients": n_all,
+          "labelled_fraction_realised": n_lab / max(n_all, 1)}
+
+
+def _pad_rows(config, ds) -> int:
+  pad = int(config.semi.get("pad_rows", 0))
+  if pad < 0:  # one shape for every fraction and partition of this data set
+    return sum(len(ds.patients[i].labels) for i in ds.splits["train"])
+  return pad
+
+
+def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
+  """Federated semi-supervised training with ``config.algorithm`` in semi.METHODS."""
+  from fedjax_seg.fl import train as fl_train
+  t_start = time.time()
+  hp = hparams(config)
+  train_lib.save_config(config, workdir)
+  ds = pipeline.build_dataset(config.data)
+  split = split_semi(ds, config)
+  sample = ds.patients[ds.splits["train"][0]]
+  data = semi.build_semi_data(ds.arrays, split["lab"], split["unl"], split["server"],
+                              sample.images.shape[1:], sample.labels.shape[1:],
+                              _pad_rows(config, ds))
+  names = split["names"]
+  lstats = label_stats(split)
+  print(f"[semi] {hp.method} ({hp.scenario}, label_fraction={config.semi.label_fraction}, "
+        f"realised {lstats['labelled_fraction_realised']:.3f} = {lstats['labelled_patients']}/"
+        f"{lstats['train_patients']} patients): {len(names)} clients, partition="
+        f"{config.fl.partition}\n" + summary(split, ds), flush=True)
+
+  fns = models.build(config.model, ds.num_classes)
+  key = jax.random.PRNGKey(config.seed)
+  init_key, round_key = jax.random.split(key)
+  x0 = jnp.zeros((1,) + tuple(sample.images.shape[1:]), jnp.float32)
+  variables = semi.init_models(hp, fns, init_key, x0)
+  tx = steps.make_optimizer(config.optimizer)
+  chp = fl_train.client_hparams(config)
+  blob = json.loads(config.to_json_best_effort())
+  shape_free = {k: v for k, v in blob.get("semi", {}).items()
+                if k not in ("label_fraction", "label_seed", "min_labelled", "pad_rows")}
+  ckey = json.dumps({"semi": shape_free, "hp": str(hp)}, sort_keys=True) + train_lib.compile_key(
+      config, ds, ("model", "loss", "optimizer", "algorithm", "fl"))
+  run_round = runlog.cached_jit(
+      "semi_round" + ckey,
+      lambda: semi.make_run_round(hp, fns, tx, ds.num_classes, chp, config.fl.client_strategy),
+      donate_argnums=(0,))
+  state = core.ServerState(variables, jnp.int32(0))
+  mbytes = core.model_bytes(variables[hp.models[0]])
+  comm = semi.comm_bytes(hp, mbytes)
+  cost = semi.cost_percent(hp, mbytes)
+  print(f"[semi] model {config.model.name}: {train_lib.num_params(variables[hp.models[0]]):,} "
+        f"parameters, {mbytes / 1e6:.3f} MB; per client per round: down {comm['down']:,} B, "
+        f"up {comm['up']:,} B ({cost:.2f}% of two models both ways)", flush=True)
+
+  ckpt = runlog.Checkpointer(workdir)
+  _, restored = ckpt.restore_latest(state)
+  start = 0
+  if restored is not None:
+    state, start = restored, int(restored.round)
+    print(f"[semi] resumed from checkpoint at round {start}", flush=True)
+  log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None,
+                          key="round")
+  eval_batch = runlog.cached_jit("eval" + train_lib.compile_key(config, ds, ("model", "loss")),
+                                 lambda: steps.make_eval_batch(fns, config.loss, ds.num_classes))
+  x_va, y_va = ds.split("val")
+  client_val = [ds.arrays(ids) for ids in split["val"]]
+  ev = lambda vs: vs[hp.eval_model]
+
+  def evaluate_row(variables, rnd, info=None):
+    row = {"round": rnd}
+    if rnd % config.fl.eval_every == 0 or rnd == config.fl.rounds:
+      val = steps.evaluate(eval_batch, ev(variables), x_va, y_va, config.eval_batch_size,
+                           ds.class_names)
+      row.update({f"val_{k}": v for k, v in val.items() if not isinstance(v, (bool, str))})
+      if config.fl.eval_clients:
+        row["client_val_dice"] = [
+            steps.evaluate(eval_batch, ev(variables), x, y, config.eval_batch_size,
+                           ds.class_names)["dice_mean"] if len(x) else None
+            for x, y in client_val]
+    if info is not None:
+      info = jax.device_get(info)
+      active = bool(info["active"]) and not hp.clients_idle
+      inc = np.asarray(info["included"])
+      mean_inc = lambda a: float(np.mean(np.asarray(a)[inc])) if inc.any() else float("nan")
+      row.update({"train_loss": mean_inc(info["train_loss"]), "sup_loss": mean_inc(info["sup_loss"]),
+                  "unsup_loss": mean_inc(info["unsup_loss"]),
+                  "server_loss": float(info["server_loss"]),
+                  "weights": [float(w) for w in info["weights"]], "failed": bool(info["failed"]),
+                  "clients_active": active,
+                  "bytes_down_per_client": comm["down"] if active else 0,
+                  "bytes_up_per_client": comm["up"] if active else 0,
+                  "bytes_total": comm["total"] * len(names) if active else 0})
+      if "seeds" in info:
+        row.update({"seeds": [int(s) for s in info["seeds"]], "seed_c_star": float(info["c_star"]),
+                    "seed_c_mean": float(info["c_mean"])})
+    row["time_s"] = time.time() - t_start
+    return row
+
+  if start == 0:
+    log.append(evaluate_row(state.variables, 0))
+  prog = runlog.Progress(config.fl.rounds, start, what="round")
+  for rnd in range(start, config.fl.rounds):
+    state, info = run_round(state, data, round_key)
+    row = evaluate_row(state.variables, rnd + 1, info)
+    log.append(row)
+    ckpt.save(rnd + 1, state)
+    extra = f"  c* {row['seed_c_star']:.4f}" if "seed_c_star" in row else ""
+    print(prog.line(rnd + 1, f"loss {row['train_loss']:.4f} (sup {row['sup_loss']:.4f}, unsup "
+                    f"{row['unsup_loss']:.4f}, server {row['server_loss']:.4f})  val_dice "
+                    f"{row.get('val_dice_mean', float('nan')):.4f}{extra}"), flush=True)
+    if stop_after is not None and rnd + 1 >= stop_after and rnd + 1 < config.fl.rounds:
+      ckpt.close()
+      raise train_lib.Interrupted(f"stopped after round {rnd + 1} (test hook)")
+  ckpt.close()
+  return train_lib.finish(
+      config, workdir, fns, ev(state.variables), ds, eval_batch, log.rows, x_key="round",
+      extra={"rounds": config.fl.rounds, "clients": names, "scenario": hp.scenario,
+             "label_fraction": float(config.semi.label_fraction), **lstats,
+             "num_params": train_lib.num_params(ev(state.variables)),
+             "model_bytes": mbytes, "bytes_per_client_round": comm,
+             "cost_percent": cost, "bytes_per_round": comm["total"] * len(names),
+             "evaluated_model": hp.eval_model, "wall_time_s": time.time() - t_start})
+
+
+TRAINERS = {name: train_semi for name in semi.METHODS}

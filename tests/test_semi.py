@@ -1,0 +1,174 @@
+"""Semi-supervised plumbing (SPEC §1.6), communication accounting, config
+validation, trainer dispatch, and the end-to-end label-at-client claim:
+FedWeP with 1/4 of the patients labelled beats supervised-only training on
+the same labelled patients (measured Dice, fixed seeds)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import lgg_fedwep
+from fedjax_seg import train
+from fedjax_seg.fl import fedwep, semi, semi_train
+
+
+def _ids(k, n):
+  return [[f"P{c}_{i:02d}" for i in range(n)] for c in range(k)]
+
+
+@pytest.mark.parametrize("fraction", semi.FRACTIONS)
+def test_label_at_client_split(fraction):
+  clients = _ids(3, 16) + [[f"P3_{i:02d}" for i in range(8)]]      # 56 patients, unequal clients
+  lab, unl = semi.split_label_at_client(clients, fraction, seed=0)
+  n = sum(len(c) for c in clients)
+  assert sum(len(l) for l in lab) == max(1, round(fraction * n))
+  for c, l, u in zip(clients, lab, unl):
+    assert sorted(l + u) == sorted(c) and not set(l) & set(u)     # a partition of the client
+  # proportional allotment: the client of size 8 gets about half of a size-16 client's share
+  assert abs(len(lab[3]) - fraction * 8) <= 1 and all(abs(len(l) - fraction * 16) <= 1
+                                                      for l in lab[:3])
+  assert semi.split_label_at_client(clients, fraction, seed=0) == (lab, unl)   # deterministic
+  assert semi.split_label_at_client(clients, fraction, seed=1) != (lab, unl)
+
+
+def test_label_at_server_split_is_stratified_and_disjoint():
+  ids = [p for c in _ids(3, 16) for p in c]
+  sites = {p: p.split("_")[0] for p in ids}
+  server, rest = semi.split_label_at_server(ids, 1 / 8, 0, sites)
+  assert len(server) == 6 and sorted(server + rest) == sorted(ids) and not set(server) & set(rest)
+  assert sorted({sites[p] for p in server}) == ["P0", "P1", "P2"]   # every site contributes
+  assert [sum(sites[p] == s for p in server) for s in ("P0", "P1", "P2")] == [2, 2, 2]
+  assert semi.split_label_at_server(ids, 1 / 16, 0, sites)[0].__len__() == 3
+  with pytest.raises(ValueError, match="label_fraction"):
+    semi.split_label_at_server(ids, 0.0, 0, sites)
+
+
+def test_semi_data_hides_unlabelled_masks():
+  rng = np.random.default_rng(0)
+  pts = {f"p{i}": (rng.random((3, 8, 8, 1), np.float32), np.ones((3, 8, 8), np.int32))
+         for i in range(4)}
+  arrays = lambda ids: (np.concatenate([pts[i][0] for i in ids]) if ids else np.zeros((0, 8, 8, 1)),
+                        np.concatenate([pts[i][1] for i in ids]) if ids else np.zeros((0, 8, 8)))
+  d = semi.build_semi_data(arrays, [["p0"], []], [["p1"], ["p2", "p3"]], [], (8, 8, 1), (8, 8),
+                           pad_rows=10)
+  assert d.clients.lab.x.shape == (2, 10, 8, 8, 1) and d.clients.unl.y.shape == (2, 10, 8, 8)
+  assert np.asarray(d.clients.unl.y).max() == 0                      # true masks never shipped
+  assert np.asarray(d.clients.lab.y)[0, :3].min() == 1
+  np.testing.assert_array_equal(np.asarray(d.clients.lab.valid).sum(1), [3, 0])
+  np.testing.assert_array_equal(np.asarray(d.clients.unl.valid).sum(1), [3, 6])
+  assert float(d.server.valid.sum()) == 0                            # label_at_client: no server data
+
+
+def test_communication_accounting():
+  mb = 1000
+  hp = lambda m, s="label_at_client": semi.SemiHParams(method=m, scenario=s)
+  assert semi.comm_bytes(hp("fedwep"), mb) == {"down": mb + 8, "up": mb, "total": 2 * mb + 8}
+  assert semi.comm_bytes(hp("cps"), mb) == {"down": 2 * mb, "up": 2 * mb, "total": 4 * mb}
+  assert semi.comm_bytes(hp("mean_teacher"), mb)["total"] == 4 * mb
+  assert semi.comm_bytes(hp("pseudoseg"), mb)["total"] == 2 * mb
+  assert semi.cost_percent(hp("cps"), mb) == 100.0
+  assert semi.cost_percent(hp("fedwep"), mb) == pytest.approx(50.2)
+  assert semi.comm_bytes(hp("supervised_only", "label_at_server"), mb)["total"] == 0
+
+
+def test_config_validation_names_the_key():
+  c = lgg_fedwep.get_config("fedwep_real,label_at_client")
+  with pytest.raises(ValueError, match="FedWeP-Real needs server images"):
+    semi_train.hparams(c)
+  c = lgg_fedwep.get_config("fedwep")
+  c.semi.typo = 1
+  with pytest.raises(ValueError, match="typo"):
+    semi_train.hparams(c)
+  c = lgg_fedwep.get_config("fedwep")
+  c.semi.fedwep.pair_criterion = "nearest"
+  with pytest.raises(ValueError, match="pair_criterion"):
+    semi_train.hparams(c)
+  assert semi_train.hparams(lgg_fedwep.get_config("fedwep,label_at_server")).search_inputs == "real"
+  assert semi_train.hparams(lgg_fedwep.get_config("fedwep,label_at_client")).search_inputs == "random"
+  full = lgg_fedwep.get_config("fedavg_full")
+  assert (full.algorithm, full.semi.label_fraction) == ("supervised_only", 1.0)
+  with pytest.raises(ValueError, match="method"):
+    lgg_fedwep.get_config("fixmatch")
+
+
+def test_trainers_registered_for_dispatch():
+  from fedjax_seg.fl import train as fl_train
+  for name in semi.METHODS:
+    assert fl_train.TRAINERS[name] is semi_train.train_semi
+  assert fl_train.TRAINERS["fedavg"] is fl_train.train_federated
+
+
+def test_objectives_of_every_method_are_finite_and_mt_teacher_is_ema():
+  """One jitted local step of every method on a 2-client toy federation (tiny U-Net)."""
+  import ml_collections
+  import optax
+  from fedjax_seg import models
+  from fedjax_seg.data.federated import ClientData
+  from fedjax_seg.fl import core
+  fns = models.build(ml_collections.ConfigDict(dict(name="unet", base=2, depth=1, dropout=0.0,
+                                                    norm="none")), 2)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.random((2, 4, 8, 8, 3), np.float32))
+  y = jnp.asarray((rng.random((2, 4, 8, 8)) > 0.7).astype(np.int32))
+  pair = semi.ClientPair(ClientData(x, y, jnp.ones((2, 4))),
+                         ClientData(x, jnp.zeros_like(y), jnp.ones((2, 4))))
+  server = ClientData(x[:1], y[:1], jnp.ones((1, 4)))
+  chp = core.ClientHParams(local_steps=1, batch_size=2, step_strategy="unrolled")
+  for method in ("cps", "mean_teacher", "pseudoseg"):
+    hp = semi.SemiHParams(method=method, unlabelled_batch_size=2, threshold=0.0, ema_decay=0.5)
+    v = semi.init_models(hp, fns, jax.random.PRNGKey(0), x[0, :1])
+    cu = semi.make_client_update(hp, fns, optax.sgd(0.1), 2, chp)
+    new, st = jax.jit(cu)((v, {"round": jnp.int32(3)}), jax.tree.map(lambda a: a[0], pair),
+                          jax.random.PRNGKey(1))
+    assert all(np.isfinite(float(st[k])) for k in ("train_loss", "sup_loss", "unsup_loss")), method
+    assert float(st["unsup_loss"]) > 0, method
+    assert set(new) == set(hp.models)
+    if method == "mean_teacher":   # θ_t ← 0.5 θ_t + 0.5 θ_s after the step
+      exp = jax.tree.map(lambda t, s: 0.5 * t + 0.5 * s, v["teacher"]["params"],
+                         new["student"]["params"])
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                   new["teacher"]["params"], exp)
+    if method == "cps":            # two different models, both updated
+      assert not np.allclose(np.asarray(jax.tree.leaves(new["a"])[0]),
+                             np.asarray(jax.tree.leaves(new["b"])[0]))
+
+
+def _semi_tiny(tiny, method, rounds=8):
+  """Tiny label-at-client federation: 3 phantom sites × 8 patients × 4 slices at 32×32,
+  IID over K = 3 clients, 1/4 of the train patients labelled (4 of 15)."""
+  c = tiny(method)
+  base = lgg_fedwep.get_config(f"{method},label_at_client,1/4,iid")
+  c.fl, c.semi = base.fl, base.semi
+  c.data.phantom.patients_per_site = 8
+  c.data.phantom.slices_per_patient = 4
+  c.fl.rounds = rounds
+  c.fl.local_steps = 10
+  c.fl.eval_every = rounds
+  c.fl.eval_clients = False
+  c.fl.client_strategy, c.fl.step_strategy = "vmap", "scan"
+  c.optimizer.lr = 1e-2
+  c.semi.rampup_rounds = 3
+  return c
+
+
+def test_fedwep_beats_supervised_only_label_at_client(tiny, tmp_path):
+  """Measured (seed 0): FedWeP test Dice 0.81 vs supervised-only 0.04 on the same 4 labelled
+  patients (the supervised model over-segments the other sites' images: precision 0.04)."""
+  res = {}
+  for method in ("supervised_only", "fedwep"):
+    wd = tmp_path / method
+    res[method] = train.run(_semi_tiny(tiny, method), str(wd))   # dispatch through train.run
+    with open(wd / "metrics.jsonl") as f:
+      rows = [json.loads(l) for l in f]
+    assert [r["round"] for r in rows] == list(range(0, 9))
+    mb = res[method]["model_bytes"]
+    assert rows[-1]["bytes_up_per_client"] == mb
+    assert rows[-1]["bytes_down_per_client"] == mb + (8 if method == "fedwep" else 0)
+    assert res[method]["labelled_patients"] == 4 and res[method]["train_patients"] == 15
+  assert res["fedwep"]["bytes_per_client_round"]["total"] == 2 * res["fedwep"]["model_bytes"] + 8
+  assert "seeds" in rows[-1] and 0.9 < rows[-1]["seed_c_star"] <= 1.0 + 1e-5
+  sup, wep = (res[m]["metrics"]["test"]["dice_mean"] for m in ("supervised_only", "fedwep"))
+  assert wep > 0.5 and wep > sup + 0.2, (wep, sup)
