@@ -436,15 +436,20 @@ class Service:
       raise UploadError("patient id is required")
     if len(pid) > PATIENT_ID_MAX or any(ord(ch) < 32 or ord(ch) == 127 for ch in pid):
       raise UploadError(f"patient id must be 1..{PATIENT_ID_MAX} printable characters")
-    with tempfile.TemporaryDirectory(prefix="fedjax_seg_upload_") as tmp:
+    # The staged files live until the job ends: segment() may read them again (the N4 cache keys
+    # on the file content). They are outside the data dir and removed on every path.
+    tmp = tempfile.mkdtemp(prefix="fedjax_seg_upload_")
+    try:
       path = stage_upload(files, tmp, self.run, self.max_unzipped_bytes)
       inp = validate(path, self.run, self.max_unzipped_bytes, tmp)
-      inp.data = np.ascontiguousarray(inp.data)  # everything read before the temp folder goes
-    job = Job(id=uuid.uuid4().hex, patient_id=pid, created=_now(), status="queued", stage="queued",
-              progress=0.0)
-    with self.Session.begin() as s:
-      s.add(job)
-    self.queue.put((job.id, pid, inp))
+      job = Job(id=uuid.uuid4().hex, patient_id=pid, created=_now(), status="queued", stage="queued",
+                progress=0.0)
+      with self.Session.begin() as s:
+        s.add(job)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+    self.queue.put((job.id, pid, inp, tmp))
     return job_json(job)
 
   def _update(self, job_id: str, **kw) -> None:
@@ -461,12 +466,15 @@ class Service:
       item = self.queue.get()
       if item is None:
         return
-      job_id, pid, inp = item
+      job_id, pid, inp, tmp = item
       try:
         self._process(job_id, pid, inp)
       except Exception as e:  # an unexpected failure: the job says so, nothing is stored
         traceback.print_exc()
-        self._update(job_id, status="failed", stage="failed", error=f"{type(e).__name__}: {e}")
+        self._update(job_id, status="failed", stage="failed",
+                     error=_scrub(f"{type(e).__name__}: {e}", tmp))
+      finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
   def _process(self, job_id: str, pid: str, inp: "infer.InputImage") -> None:
     run = self.run
@@ -619,6 +627,10 @@ def create_app(workdir: Optional[str] = None, *, run: Optional["infer.LoadedRun"
   @app.get("/")
   def index():
     return send_file(os.path.join(STATIC_DIR, "index.html"), mimetype="text/html")
+
+  @app.get("/favicon.ico")
+  def favicon():
+    return Response(status=204)
 
   @app.get("/api/info")
   def info():

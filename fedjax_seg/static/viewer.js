@@ -4,7 +4,7 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   const PLANES = ["axial", "coronal", "sagittal"];
-  const DISPLAY = 300;  // longest side of a plane on screen, CSS pixels
+  const DISPLAY = 280;  // longest side of a plane on screen, CSS pixels
   const S = {
     info: null, study: null, pos: [0, 0, 0],  // pos = [z, y, x]
     channel: 0, overlay: true, opacity: 0.45, window: 255, level: 128,
@@ -104,10 +104,6 @@
   async function refreshList() {
     const q = $("search").value.trim();
     const res = await api("/api/studies" + (q ? "?patient=" + encodeURIComponent(q) : ""));
-    const regions = S.info.regions;
-    const head = $("studies-head");
-    while (head.children.length > 2) head.removeChild(head.lastChild);
-    regions.forEach((r) => head.appendChild(el("th", r + " cm³")));
     const body = $("study-list");
     body.textContent = "";
     res.studies.forEach((s) => {
@@ -115,15 +111,14 @@
       tr.dataset.study = s.id;
       if (S.study && S.study.id === s.id) tr.className = "current";
       tr.appendChild(el("td", s.patient_id, "patient"));
-      tr.appendChild(el("td", s.created.replace("T", " ").replace("Z", "")));
-      const vol = Object.fromEntries(s.volumes.map((v) => [v.region, v.cm3]));
-      regions.forEach((r) => tr.appendChild(el("td", r in vol ? fmt(vol[r]) : "")));
+      tr.appendChild(el("td", s.created.replace("T", " ").replace("Z", ""), "created"));
+      tr.appendChild(el("td", s.volumes.map((v) => `${v.region} ${fmt(v.cm3)}`).join(" \u00b7 "), "vols"));
       tr.addEventListener("click", () => openStudy(s.id));
       body.appendChild(tr);
     });
     if (!res.studies.length) {
       const tr = el("tr"); const td = el("td", q ? "no study matches" : "no study yet", "muted");
-      td.colSpan = 2 + regions.length; tr.appendChild(td); body.appendChild(tr);
+      td.colSpan = 3; tr.appendChild(td); body.appendChild(tr);
     }
   }
 
@@ -274,7 +269,7 @@
       const col = S.info.colours[Math.min(k, S.info.colours.length - 1)];
       const item = el("span"); const sw = el("span", null, "swatch");
       sw.style.background = `rgb(${col[0]}, ${col[1]}, ${col[2]})`;
-      item.appendChild(sw); item.appendChild(document.createTextNode(`${k} ${name}`));
+      item.appendChild(sw); item.appendChild(document.createTextNode(name));
       box.appendChild(item);
     });
   }
