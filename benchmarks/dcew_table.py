@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import logging  # noqa: E402
 
+from benchmarks import _runs  # noqa: E402
 from configs import lgg_centralized, lgg_fedavg  # noqa: E402
 
 METHODS = [("CL", "centralized"), ("FedAvg", "fedavg"), ("FedCostW-Avg", "fedcostw"),
@@ -90,7 +90,6 @@ def main():
     args.seeds, args.size, args.base, args.depth, args.rounds, args.local_steps = [0, 1], 32, 8, 3, 4, 4
     args.workdir += "_quick"
   logging.set_verbosity(logging.WARNING)
-  from fedjax_seg import train
   from fedjax_seg.data import pipeline
 
   results = {}
@@ -106,20 +105,12 @@ def main():
         k = len({ds.patients[i].site for i in ds.splits["train"]})
         c.num_epochs = max(1, round(args.rounds * args.local_steps * k * args.batch / n_train))
       wd = os.path.join(args.workdir, f"{algorithm}_s{seed}")
-      done = os.path.join(wd, "results.json")
-      if not os.path.exists(done):
-        print(f"[dcew_table] {name} seed {seed} -> {wd}", flush=True)
-        train.run(c, wd)
-      with open(done) as f:
-        r = json.load(f)["metrics"]["test"]
+      r = _runs.run_or_load(c, wd, "dcew_table")["metrics"]["test"]
       results.setdefault(name, []).append({"seed": seed, "iou": r["iou_mean"], "dice": r["dice_mean"]})
       print(f"[dcew_table] {name} seed {seed}: test mIoU {r['iou_mean']:.4f} Dice {r['dice_mean']:.4f} "
             f"({time.time() - t0:.0f}s so far)", flush=True)
 
-  def ms(v):
-    m = sum(v) / len(v)
-    s = math.sqrt(sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1))
-    return m, s
+  ms = _runs.mean_std
   lines = ["| method | mIoU (fg) % | Dice (fg) % | seeds | paper mIoU / Dice (real LGG) |",
            "|---|---|---|---|---|"]
   summary = {}

@@ -154,6 +154,7 @@ def _semi_tiny(tiny, method, rounds=8):
   return c
 
 
+@pytest.mark.slow  # ~150 s on 2 cores: run by `make test-slow` (keeps `make test` under 15 min)
 def test_fedwep_beats_supervised_only_label_at_client(tiny, tmp_path):
   """Measured (seed 0): FedWeP test Dice 0.81 vs supervised-only 0.04 on the same 4 labelled
   patients (the supervised model over-segments the other sites' images: precision 0.04)."""

@@ -1,0 +1,48 @@
+"""Shared helper of the table benchmarks: run a config in its workdir, or reuse it.
+
+A finished run (``results.json`` present) is reused only when the config stored
+beside it equals the requested one; otherwise the benchmark stops with an error
+naming the differing keys, so a table is never silently built from runs made
+with another budget. Interrupted runs resume from their orbax checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def run_or_load(config, workdir: str, tag: str = "bench") -> Dict:
+  """Returns results.json of the run of ``config`` in ``workdir`` (running it if needed)."""
+  from fedjax_seg import train
+  done = os.path.join(workdir, "results.json")
+  stored = os.path.join(workdir, "config.json")
+  if os.path.exists(stored):
+    with open(stored) as f:
+      old = _flat(json.load(f))
+    new = _flat(json.loads(config.to_json_best_effort()))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+      raise SystemExit(f"error: {workdir} holds a run with another config ({', '.join(diff[:8])}"
+                       f"{' …' if len(diff) > 8 else ''}); delete it or pass another --workdir")
+  if not os.path.exists(done):
+    print(f"[{tag}] running -> {workdir}", flush=True)
+    train.run(config, workdir)
+  with open(done) as f:
+    return json.load(f)
+
+
+def mean_std(v):
+  m = sum(v) / len(v)
+  s = (sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5
+  return m, s
