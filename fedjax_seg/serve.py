@@ -591,7 +591,6 @@ def create_app(workdir: Optional[str] = None, *, run: Optional["infer.LoadedRun"
 
   app = Flask(__name__, static_folder=STATIC_DIR, static_url_path="/static")
   app.config["MAX_CONTENT_LENGTH"] = int(float(max_upload_mb) * 2**20)
-  app.config["JSON_SORT_KEYS"] = False
   app.extensions["fedjax_seg"] = service
 
   def error(message: str, status: int):

@@ -22,3 +22,15 @@ def brats_patient(root):
 def modality_files(folder):
   pid = os.path.basename(folder)
   return [os.path.join(folder, f"{pid}_{m}.nii.gz") for m in ("flair", "t1", "t1ce", "t2")]
+
+
+def lgg_run(workdir, cache_dir):
+  from conftest import tiny_config
+  from test_infer import _fake_run
+  return _fake_run(tiny_config(cache_dir), workdir, 2, 3)
+
+
+def lgg_patient(root):
+  """The folder of one phantom Kaggle LGG patient: <PATIENT>_<n>.tif + <PATIENT>_<n>_mask.tif, 32 x 32."""
+  folders = phantom.write_lgg(root, sites=("CS",), patients_per_site=1, slices_per_patient=10, size=32)
+  return folders[0]

@@ -16,7 +16,7 @@ import pytest
 
 from fedjax_seg import infer, serve
 
-from _serve_common import brats_patient, brats_run, modality_files
+from _serve_common import brats_patient, brats_run, lgg_patient, lgg_run, modality_files
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +231,54 @@ def test_size_limits_413(env, tmp_path):
     r = _post(client, "X", [(io.BytesIO(hb.getvalue()), "h.nii")])
     assert r.status_code == 413 and "over the 1 MB limit" in r.get_json()["error"], r.get_json()
     assert _snapshot(str(tmp_path / "d"), str(tmp_path / "r.db")) == before
+  finally:
+    app.extensions["fedjax_seg"].close()
+
+
+def test_failed_job_stores_nothing(env, server, monkeypatch):
+  run, folder = env
+  app, client, data_dir, db = server
+  files, rows = _snapshot(data_dir, db)
+
+  def boom(*a, **k):
+    raise RuntimeError("simulated inference failure")
+  monkeypatch.setattr(infer, "segment", boom)
+  r = _post(client, "P-fail", _files(modality_files(folder)))
+  assert r.status_code == 202
+  j = app.extensions["fedjax_seg"].wait(r.get_json()["job"]["id"])
+  assert j["status"] == "failed" and j["error"] == "RuntimeError: simulated inference failure"
+  assert j["study_id"] is None
+  assert _snapshot(data_dir, db) == (files, dict(rows, jobs=rows["jobs"] + 1))  # only the job row
+  assert client.get("/api/studies?patient=P-fail").get_json()["studies"] == []
+
+
+def test_lgg_tiff_zip(data_cache, tmp_path):
+  """A Kaggle LGG patient folder as a zip (nested folder, masks and junk inside) on an LGG run."""
+  wd = lgg_run(str(tmp_path / "run"), data_cache)
+  run = infer.load_run(wd)
+  folder = lgg_patient(str(tmp_path / "phantom"))
+  zpath = tmp_path / "patient.zip"
+  with zipfile.ZipFile(zpath, "w") as z:
+    for n in sorted(os.listdir(folder)):
+      z.write(os.path.join(folder, n), "TCGA_x/" + n)
+    z.writestr("__MACOSX/._junk.tif", b"junk")
+  app = serve.create_app(run=run, db_url=f"sqlite:///{tmp_path}/r.db", data_dir=str(tmp_path / "d"))
+  try:
+    client = app.test_client()
+    assert client.get("/api/info").get_json()["regions"] == ["tumour"]
+    sid = _upload_and_wait(app, client, "LGG-1", _files([str(zpath)]))
+    st = client.get(f"/api/studies/{sid}").get_json()
+    inp = infer.load_input(folder)
+    want = infer.to_file_labels(infer.segment(run, inp), run, inp.kind)  # slices in the training order
+    assert st["shape"] == list(want.shape) and st["kind"] == "tiff" and st["spacing"] == [1.0, 1.0, 1.0]
+    saved = np.asarray(nib.load(str(tmp_path / "d" / "studies" / sid / "mask.nii.gz")).dataobj)
+    assert np.array_equal(saved.transpose(2, 1, 0), want)
+    assert st["volumes"] == [{"region": "tumour", "labels": [255], "voxels": int((want == 255).sum()),
+                              "cm3": pytest.approx(int((want == 255).sum()) / 1000.0)}]
+    assert st["modalities"] == ["pre-contrast", "FLAIR", "post-contrast"]
+    # a single slice works too; a 4-channel BraTS-style NIfTI does not fit this model
+    one = sorted(p for p in os.listdir(folder) if not p.endswith("_mask.tif"))[0]
+    _upload_and_wait(app, client, "LGG-2", _files([os.path.join(folder, one)]))
   finally:
     app.extensions["fedjax_seg"].close()
 

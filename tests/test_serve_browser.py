@@ -243,3 +243,13 @@ def test_upload_view_and_screenshot(browser, live, tmp_path):
   assert np.asarray(im).std() > 10  # not a blank page
   print(f"\n[browser] screenshot {out} ({os.path.getsize(out) // 1024} KB); {time.monotonic() - t0:.1f} s; "
         f"progress values seen {sorted(progress_seen)}")
+
+
+def test_missing_browser_skips_locally_and_fails_under_ci(monkeypatch):
+  monkeypatch.delenv("CI", raising=False)
+  with pytest.raises(pytest.skip.Exception, match="install Debian's chromium"):
+    _need(False, "no /usr/bin/chromium")
+  monkeypatch.setenv("CI", "true")
+  with pytest.raises(pytest.fail.Exception, match="CI=true but no /usr/bin/chromium"):
+    _need(False, "no /usr/bin/chromium")
+  _need(True, "unused")
