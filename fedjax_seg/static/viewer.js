@@ -65,6 +65,13 @@
       if (!chosen.length) { showError("choose the files to upload"); return; }
       per.forEach((i) => { if (i.files.length) fd.append("files", i.files[0]); });
     }
+    let total = 0;
+    for (const [k, v] of fd.entries()) if (k === "files") total += v.size;
+    const limit = S.info.max_upload_mb * 1048576;
+    if (total > limit) {  // the server would answer 413; say so without sending the data
+      showError(`upload too large: ${(total / 1048576).toFixed(1)} MB, the limit is ${S.info.max_upload_mb} MB`);
+      return;
+    }
     $("upload-btn").disabled = true;
     $("job-box").hidden = false;
     setJob({ progress: 0, stage: "uploading" });
