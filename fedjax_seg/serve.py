@@ -559,6 +559,15 @@ class Service:
     return np.load(os.path.join(self.study_dir(study_id), name), mmap_mode="r")
 
   def close(self) -> None:
+    """Stops the worker after the current job; queued jobs are dropped (their staged files
+    removed; the next start marks them failed)."""
+    while True:
+      try:
+        item = self.queue.get_nowait()
+      except queue.Empty:
+        break
+      if item is not None:
+        shutil.rmtree(item[3], ignore_errors=True)
     if self.worker is not None:
       self.queue.put(None)
       self.worker.join(timeout=30)

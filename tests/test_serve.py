@@ -318,3 +318,21 @@ def test_page_privacy_defaults(server, monkeypatch):
   monkeypatch.setattr(serve, "create_app", lambda *a, **k: app)
   assert serve.main(["--workdir", "unused"]) == 0
   assert seen == {"host": "127.0.0.1", "port": 8000}
+
+
+def test_job_unfinished_at_restart_is_marked_failed(env, tmp_path):
+  run, folder = env
+  kw = dict(run=run, db_url=f"sqlite:///{tmp_path}/r.db", data_dir=str(tmp_path / "d"))
+  app = serve.create_app(start_worker=False, **kw)  # accepts uploads, never runs them
+  r = _post(app.test_client(), "P-q", _files(modality_files(folder)))
+  assert r.status_code == 202
+  job_id = r.get_json()["job"]["id"]
+  assert app.test_client().get(f"/api/jobs/{job_id}").get_json()["status"] == "queued"
+  app.extensions["fedjax_seg"].close()
+  app2 = serve.create_app(**kw)
+  try:
+    j = app2.test_client().get(f"/api/jobs/{job_id}").get_json()
+    assert j["status"] == "failed" and "stopped before the job finished" in j["error"]
+    assert app2.test_client().get("/api/jobs/nope").status_code == 404
+  finally:
+    app2.extensions["fedjax_seg"].close()
