@@ -5,6 +5,7 @@ Workdir layout:
   config.json        the resolved config of the run
   metrics.jsonl      one JSON object per epoch/round (appended)
   metrics.csv        the same rows as CSV (rewritten after each row)
+  tensorboard/       the same rows as TensorBoard scalars (tensorboardX event files)
   checkpoints/       orbax CheckpointManager (latest 2 kept)
   results.json       final metrics (written at the end)
   learning_curves.png, overlays.png
@@ -12,10 +13,14 @@ Workdir layout:
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import math
 import os
+import sys
 import time
+import warnings
+import weakref
 from typing import Any, Dict, List, Optional
 
 import jax
@@ -49,11 +54,86 @@ def cached_jit(key: str, build, **jit_kwargs):
   return _JIT_CACHE[key]
 
 
-class MetricsLog:
-  """Append-only metrics.jsonl + metrics.csv. Rows past ``resume_from`` are
-  dropped on open so that a resumed run never duplicates rows."""
+_TBX: Any = None  # (EventsWriter, event_pb2, summary_pb2) once imported; False if unavailable
 
-  def __init__(self, workdir: str, resume_from: Optional[int] = None, key: str = "epoch"):
+
+def _tbx():
+  """tensorboardX's synchronous event-file writer and protos, or None (warned once).
+
+  ``import tensorboardX`` imports PyTorch when it is installed (the ``bench``
+  extra), which costs seconds and loads a second CUDA stack next to JAX's; we
+  only need the writer and the protos, so torch is hidden while importing.
+  """
+  global _TBX
+  if _TBX is None:
+    hide = "torch" not in sys.modules
+    if hide:
+      sys.modules["torch"] = None  # `import torch` raises ImportError inside tensorboardX
+    try:
+      from tensorboardX.event_file_writer import EventsWriter
+      from tensorboardX.proto import event_pb2, summary_pb2
+      _TBX = (EventsWriter, event_pb2, summary_pb2)
+    except Exception as e:  # noqa: BLE001 - any import failure: JSONL/CSV still written
+      _TBX = False
+      warnings.warn(f"tensorboardX unavailable ({e!r}): no TensorBoard event files are "
+                    "written; metrics.jsonl/metrics.csv are unaffected "
+                    "(`pip install tensorboardX` to get them)", RuntimeWarning, stacklevel=3)
+    finally:
+      if hide and sys.modules.get("torch", 0) is None:
+        del sys.modules["torch"]
+  return _TBX or None
+
+
+def scalars(row: Dict[str, Any], skip=()) -> Dict[str, float]:
+  """Flatten a metrics row into ``{tag: float}``: nested dicts join keys with '/',
+  lists/arrays append the index (``weights/0``); bools become 0/1, NaN/inf are
+  kept; strings, None and other non-numbers are skipped."""
+  out: Dict[str, float] = {}
+
+  def walk(tag, v):
+    if isinstance(v, dict):
+      for k, x in v.items():
+        walk(f"{tag}/{k}", x)
+    elif isinstance(v, (list, tuple)):
+      for i, x in enumerate(v):
+        walk(f"{tag}/{i}", x)
+    elif isinstance(v, (bool, int, float, np.bool_, np.integer, np.floating)):
+      out[tag] = float(v)
+    elif hasattr(v, "__array__") and not isinstance(v, (str, bytes)):
+      a = np.asarray(v)
+      if a.dtype.kind in "biuf":
+        walk(tag, a.tolist())
+
+  for k, v in row.items():
+    if k not in skip:
+      walk(str(k), v)
+  return out
+
+
+class MetricsLog:
+  """Append-only metrics.jsonl + metrics.csv + TensorBoard scalars. Rows past
+  ``resume_from`` are dropped on open so that a resumed run never duplicates rows.
+
+  TensorBoard: every row is also written to ``<workdir>/tensorboard/`` as one
+  event with one scalar per numeric field (see ``scalars``: ``weights/0``, ...)
+  at step ``row[key]``; the file is flushed after each row, so
+  ``tensorboard --logdir`` shows the curves live. JSONL/CSV stay the source of
+  truth: without tensorboardX (warned once) or on a write error, only they are
+  written. Each MetricsLog opens a new event file:
+  - fresh run (no row kept): old event files in ``tensorboard/`` are deleted,
+    as metrics.jsonl is truncated;
+  - resume with kept rows: the kept rows stay in the old event files (not
+    rewritten); the new file starts with a SessionLog.START at step
+    ``resume_from + 1``, which makes TensorBoard hide the rows the old files
+    hold past the checkpoint (the ones dropped from metrics.jsonl), so the
+    re-run steps are not shown twice. If there are no old event files (a run
+    started before this feature), the kept rows are written to the new file.
+  The file is closed by ``close()``, or when the log is garbage-collected
+  (trainers do not call ``close()``; every row is already flushed).
+  """
+
+  def __init__(self, workdir: str, resume_from: Optional[int] = None, key: str = "epoch",
+               tensorboard: bool = True):
     self.path_jsonl = os.path.join(workdir, "metrics.jsonl")
     self.path_csv = os.path.join(workdir, "metrics.csv")
     self.key = key
@@ -66,7 +146,60 @@ class MetricsLog:
     else:
       self.rows = []
     self._rewrite()
+    self.tb_dir = os.path.join(workdir, "tensorboard")
+    self._tb = None
+    self._tb_close = None
+    if tensorboard:
+      self._tb_guard(self._tb_open, resume_from)
 
+  # -- TensorBoard -----------------------------------------------------------
+  def _tb_guard(self, fn, *args):
+    try:
+      fn(*args)
+    except Exception as e:  # noqa: BLE001 - TensorBoard is a convenience, never fatal
+      warnings.warn(f"TensorBoard logging to {self.tb_dir} disabled: {e!r}", RuntimeWarning,
+                    stacklevel=3)
+      self.close()
+
+  def _tb_open(self, resume_from):
+    tbx = _tbx()
+    if tbx is None:
+      return
+    writer_cls, self._event_pb2, self._summary_pb2 = tbx
+    old = sorted(glob.glob(os.path.join(self.tb_dir, "events.out.tfevents.*")))
+    if not self.rows:
+      for p in old:
+        os.remove(p)
+    os.makedirs(self.tb_dir, exist_ok=True)
+    # The file name has a 1 s timestamp; the suffix keeps a quick resume from
+    # truncating the previous file and sorts files of one second in order.
+    self._tb = writer_cls(os.path.join(self.tb_dir, "events"), f".{time.time_ns()}")
+    self._tb_close = weakref.finalize(self, self._tb.close)
+    if self.rows and old:
+      self._tb.write_event(self._event_pb2.Event(
+          wall_time=time.time(), step=int(resume_from) + 1,
+          session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)))
+    elif self.rows:
+      for r in self.rows:
+        self._tb_write(r, flush=False)
+    self._tb.flush()
+
+  def _tb_write(self, row, flush=True):
+    vals = scalars(row, skip=(self.key,))
+    summ = self._summary_pb2.Summary(value=[
+        self._summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in vals.items()])
+    self._tb.write_event(self._event_pb2.Event(
+        wall_time=time.time(), step=int(row.get(self.key, len(self.rows) - 1)), summary=summ))
+    if flush:
+      self._tb.flush()
+
+  def close(self):
+    """Close the TensorBoard event file (idempotent; JSONL/CSV are closed per write)."""
+    if self._tb_close is not None:
+      self._tb_close()
+    self._tb = self._tb_close = None
+
+  # -- JSONL / CSV -----------------------------------------------------------
   def _rewrite(self):
     with open(self.path_jsonl, "w") as f:
       for r in self.rows:
@@ -81,11 +214,14 @@ class MetricsLog:
         w.writerow(r)
 
   def append(self, row: Dict[str, Any]):
+    raw = row
     row = {k: _jsonable(v) for k, v in row.items()}
     self.rows.append(row)
     with open(self.path_jsonl, "a") as f:
       f.write(json.dumps(row) + "\n")
     self._rewrite() if len(self.rows) < 2 or set(row) - set(self.rows[-2]) else self._append_csv(row)
+    if self._tb is not None:  # the raw row: NaN stays NaN (JSON writes null)
+      self._tb_guard(self._tb_write, raw)
 
   def _append_csv(self, row):
     with open(self.path_csv) as f:
