@@ -4,16 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _np_init
 from fedjax_seg import models
 from fedjax_seg.models import encoder as encoder_lib
 
 
 def np_init(fns, x, seed=0):
-  """Variables with the model's structure, filled from NumPy: no XLA compile of the
-  (RNG-heavy) init, which takes minutes on a loaded CPU machine."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(fns.init, jax.random.PRNGKey(0), x)
-  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
+  return _np_init.np_init(fns.init, jax.random.PRNGKey(0), x, seed=seed, std=0.3)
 
 
 def _build(norm="none", base=4, depth=3, feature_dim=8):

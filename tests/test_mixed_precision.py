@@ -6,20 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from _np_init import numpy_init
 from fedjax_seg import models
 from fedjax_seg.fl import aggregators, core
 
 H = 16
 CFG = {"name": "unet", "base": 4, "depth": 2, "dropout": 0.0}
-
-
-def numpy_init(fns, shape, seed=0):
-  """Model variables with the shapes/dtypes of ``fns.init`` filled from NumPy: the
-  jitted threefry of a real init costs ~25 s of compile on a 2-core CPU."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(fns.init, jax.random.PRNGKey(0), jnp.zeros(shape))
-  return jax.tree.map(lambda s: jnp.asarray(
-      (0.3 * rng.standard_normal(s.shape)).astype(s.dtype)), shapes)
 
 
 def _eqns(jaxpr):

@@ -10,34 +10,13 @@ import ml_collections
 import numpy as np
 import pytest
 
+from _np_init import np_init  # noqa: E402
 from fedjax_seg import models
 from fedjax_seg.models.unet import UNet
 
 
 def _x(shape, seed=0):
   return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
-def np_init(init_fn, *args, seed=0):
-  """Variables with the structure of ``init_fn(*args)`` filled by NumPy.
-
-  Tracing with eval_shape and filling on the host avoids compiling the
-  random initialisers (threefry / truncated normal take seconds to compile
-  on XLA:CPU). Kernels ~ N(0, 1/fan_in) (LeCun), biases 0, norm scales 1,
-  batch-norm running variances 1.
-  """
-  shapes = jax.eval_shape(init_fn, *args)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name in ("kernel", "embedding"):
-      fan_in = int(np.prod(s.shape[:-1])) or 1
-      return jnp.asarray(rng.normal(0, fan_in ** -0.5, s.shape), s.dtype)
-    if name in ("scale", "var"):
-      return jnp.ones(s.shape, s.dtype)
-    return jnp.zeros(s.shape, s.dtype)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _spec(shape):

@@ -13,20 +13,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from _np_init import numpy_init  # noqa: E402
 from fedjax_seg import models  # noqa: E402
 from fedjax_seg.data import federated  # noqa: E402
 from fedjax_seg.fl import aggregators, core, scale  # noqa: E402
 
 H = 16
-
-
-def numpy_init(fns, shape, seed=0):
-  """Model variables with the shapes/dtypes of ``fns.init`` filled from NumPy: the
-  jitted threefry of a real init costs ~25 s of compile on a 2-core CPU."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(fns.init, jax.random.PRNGKey(0), jnp.zeros(shape))
-  return jax.tree.map(lambda s: jnp.asarray(
-      (0.3 * rng.standard_normal(s.shape)).astype(s.dtype)), shapes)
 
 
 def make_data(k, seed=0):
