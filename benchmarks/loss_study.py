@@ -138,7 +138,7 @@ def train_comparison(epochs: int, workroot: str) -> Dict:
   from fedjax_seg import train
   out = {}
   for loss_name in ("ce", "sparse_ce"):
-    config = demo.get_config()
+    config = demo.get_config("geometric")  # the phantom its published numbers used
     config.loss = loss_name
     config.num_epochs = epochs
     workdir = os.path.join(workroot, loss_name)

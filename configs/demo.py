@@ -1,12 +1,13 @@
 """The 'make demo' run: a small centralised U-Net on a phantom LGG data set.
 
 Sized to finish in a few minutes on a 2-core CPU (64×64 slices, base 16).
-  python launch.py --config configs/demo.py --workdir runs/demo
-  python launch.py --config configs/demo.py:anatomical --workdir runs/demo_anat   # ICBM152 anatomy
+  python launch.py --config configs/demo.py --workdir runs/demo                   # ICBM152 anatomy
+  python launch.py --config configs/demo.py:geometric --workdir runs/demo_geom    # ellipse phantom
 
-The ':anatomical' variant (= --config.data.phantom.style=anatomical) renders
-the same hospitals on real brain anatomy (fedjax_seg/data/anatomy.py; needs
-the 'anatomy' extra, docs/BUILD_anatomy.md); measured in docs/README_anatomy.md.
+The default renders the phantom hospitals on real brain anatomy (ICBM152
+template, fedjax_seg/data/anatomy.py; `make venv` installs the template with
+`pip install --no-deps nilearn`, see BUILD.md). ':geometric' is the ellipse
+phantom the model-zoo and loss-study numbers were measured on.
 """
 from configs import lgg_centralized
 
@@ -17,6 +18,7 @@ def get_config(arg=None):
   config.data.image_size = 64
   config.model.base = 16
   config.num_epochs = 20
+  config.data.phantom.style = "anatomical"
   if arg in ("geometric", "anatomical"):
     config.data.phantom.style = arg
   elif arg not in (None, ""):

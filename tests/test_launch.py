@@ -16,7 +16,7 @@ def test_corrupt_tiff_is_a_clear_error(tmp_path):
   d.mkdir(parents=True)
   (d / "TCGA_CS_0001_20000101_1.tif").write_bytes(b"not a tiff")
   (d / "TCGA_CS_0001_20000101_1_mask.tif").write_bytes(b"not a tiff")
-  r = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path / "run"),
+  r = _launch("--config", "configs/demo.py:geometric", "--workdir", str(tmp_path / "run"),
               f"--config.data.root={tmp_path}")
   assert r.returncode == 2, r.stderr
   assert "TCGA_CS_0001_20000101_1.tif" in r.stderr and "cannot read TIFF" in r.stderr
@@ -24,13 +24,13 @@ def test_corrupt_tiff_is_a_clear_error(tmp_path):
 
 
 def test_impossible_config_names_the_key(tmp_path):
-  r = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path / "run"),
+  r = _launch("--config", "configs/demo.py:geometric", "--workdir", str(tmp_path / "run"),
               "--config.data.image_size=60")
   assert r.returncode == 2
   assert "config.data.image_size=60" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_unknown_override_is_rejected(tmp_path):
-  r = _launch("--config", "configs/demo.py", "--workdir", str(tmp_path / "run"),
+  r = _launch("--config", "configs/demo.py:geometric", "--workdir", str(tmp_path / "run"),
               "--config.no_such_key=1")
   assert r.returncode != 0 and "no_such_key" in r.stderr

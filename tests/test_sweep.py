@@ -124,7 +124,7 @@ def test_failed_point_does_not_stop_the_others(tiny, tmp_path):
 
 
 def test_launch_bad_sweep_key_is_one_error_line(tmp_path):
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/demo.py",
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/demo.py:geometric",
                       "--workdir", str(tmp_path / "w"), "--sweep", "seed=0,1;optimizer.nope=1"],
                      cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 2, r.stderr[-2000:]
