@@ -173,3 +173,19 @@ def test_fedwep_beats_supervised_only_label_at_client(tiny, tmp_path):
   assert "seeds" in rows[-1] and 0.9 < rows[-1]["seed_c_star"] <= 1.0 + 1e-5
   sup, wep = (res[m]["metrics"]["test"]["dice_mean"] for m in ("supervised_only", "fedwep"))
   assert wep > 0.5 and wep > sup + 0.2, (wep, sup)
+
+
+def test_mean_teacher_init_shares_no_buffers_with_the_student():
+  """The semi round donates its state: teacher and student must be distinct buffers
+  (found by benchmarks/fedwep_table.py: 'Attempt to donate the same buffer twice')."""
+  from fedjax_seg import models
+  fns = models.build({"name": "unet", "base": 2, "depth": 2, "dropout": 0.0}, 2)
+  v = semi.init_models(_Hp("mean_teacher"), fns, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+  ptr = lambda t: {a.unsafe_buffer_pointer() for a in jax.tree.leaves(t)}
+  assert not ptr(v["student"]) & ptr(v["teacher"])
+  jax.tree.map(np.testing.assert_array_equal, v["student"], v["teacher"])
+
+
+class _Hp:  # init_models reads only .method
+  def __init__(self, method):
+    self.method = method

@@ -304,7 +304,9 @@ def init_models(hp: SemiHParams, fns: ModelFns, key: jax.Array, x0: jnp.ndarray)
     return {"a": fns.init(ka, x0), "b": fns.init(kb, x0)}
   if hp.method == "mean_teacher":
     v = fns.init(key, x0)
-    return {"student": v, "teacher": v}
+    # a copy, not the same arrays: the round donates its state, and XLA refuses to
+    # donate one buffer twice (JaxRuntimeError 'Attempt to donate the same buffer twice')
+    return {"student": v, "teacher": jax.tree.map(jnp.copy, v)}
   return {"model": fns.init(key, x0)}
 
 
