@@ -51,7 +51,7 @@ Imaging Centre, Montreal Neurological Institute, McGill University.
 Permission to use, copy, modify, and distribute this software and its
 documentation for any purpose and without fee is hereby granted, provided
 that the above copyright notice appear in all copies." (See
-docs/BUILD_anatomy.md.)
+BUILD.md ("Building the anatomical phantom").)
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def template_dir() -> str:
   """
   hint = (f"the anatomical phantom needs the ICBM152 template shipped in the nilearn wheel: "
           f"pip install -e '.[{EXTRA}]' (or just the data files: pip install --no-deps nilearn); "
-          f"see docs/BUILD_anatomy.md")
+          f"see BUILD.md, 'Building the anatomical phantom'")
   spec = importlib.util.find_spec("nilearn")
   if spec is None or not spec.submodule_search_locations:
     raise TemplateUnavailable(f"nilearn is not installed: {hint}")
