@@ -216,22 +216,14 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
     row["time_s"] = time.time() - t_start
     return row
 
-  if start == 0:
-    log.append(evaluate_row(state.variables, 0))
-  prog = runlog.Progress(config.fl.rounds, start, what="round")
-  for rnd in range(start, config.fl.rounds):
-    state, info = run_round(state, data, round_key)
-    row = evaluate_row(state.variables, rnd + 1, info)
-    log.append(row)
-    ckpt.save(rnd + 1, state)
+  def describe(row):
     extra = f"  c* {row['seed_c_star']:.4f}" if "seed_c_star" in row else ""
-    print(prog.line(rnd + 1, f"loss {row['train_loss']:.4f} (sup {row['sup_loss']:.4f}, unsup "
-                    f"{row['unsup_loss']:.4f}, server {row['server_loss']:.4f})  val_dice "
-                    f"{row.get('val_dice_mean', float('nan')):.4f}{extra}"), flush=True)
-    if stop_after is not None and rnd + 1 >= stop_after and rnd + 1 < config.fl.rounds:
-      ckpt.close()
-      raise train_lib.Interrupted(f"stopped after round {rnd + 1} (test hook)")
-  ckpt.close()
+    return (f"loss {row['train_loss']:.4f} (sup {row['sup_loss']:.4f}, unsup "
+            f"{row['unsup_loss']:.4f}, server {row['server_loss']:.4f})  val_dice "
+            f"{row.get('val_dice_mean', float('nan')):.4f}{extra}")
+
+  state = fl_train.round_loop(lambda s: run_round(s, data, round_key), state, start,
+                              config.fl.rounds, evaluate_row, log, ckpt, describe, stop_after)
   return train_lib.finish(
       config, workdir, fns, ev(state.variables), ds, eval_batch, log.rows, x_key="round",
       extra={"rounds": config.fl.rounds, "clients": names, "scenario": hp.scenario,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -225,14 +225,7 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
     row["time_s"] = time.time() - t_start
     return row
 
-  if start == 0:
-    log.append(evaluate_row(state.variables, 0))
-  prog = runlog.Progress(config.fl.rounds, start, what="round")
-  for rnd in range(start, config.fl.rounds):
-    state, info = run_round(state, data, round_key)
-    row = evaluate_row(state.variables, rnd + 1, info)
-    log.append(row)
-    ckpt.save(rnd + 1, state)
+  def describe(row):
     status = "FAILED (global model kept)" if row["failed"] else ""
     if row["excluded"]:
       status += " excluded: " + ",".join(
@@ -240,12 +233,11 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
     if use_dp:
       status += f" eps {row['epsilon']:.2f} clip {row['dp_clip_fraction']:.2f}"
     w = " ".join(f"{x:.2f}" for x in row["weights"])
-    print(prog.line(rnd + 1, f"train_loss {row['train_loss']:.4f}  val_dice "
-                    f"{row.get('val_dice_mean', float('nan')):.4f}  w [{w}] {status}"), flush=True)
-    if stop_after is not None and rnd + 1 >= stop_after and rnd + 1 < config.fl.rounds:
-      ckpt.close()
-      raise train_lib.Interrupted(f"stopped after round {rnd + 1} (test hook)")
-  ckpt.close()
+    return (f"train_loss {row['train_loss']:.4f}  val_dice "
+            f"{row.get('val_dice_mean', float('nan')):.4f}  w [{w}] {status}")
+
+  state = round_loop(lambda s: run_round(s, data, round_key), state, start, config.fl.rounds,
+                     evaluate_row, log, ckpt, describe, stop_after)
   return train_lib.finish(
       config, workdir, fns, state.variables, ds, eval_batch, log.rows, x_key="round",
       extra={"rounds": config.fl.rounds, "clients": names,
@@ -255,6 +247,29 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
                 if use_dp else {}), "num_params":
              train_lib.num_params(state.variables), "bytes_per_round": 2 * mbytes * len(names),
              "wall_time_s": time.time() - t_start})
+
+
+def round_loop(step: Callable, state, start: int, rounds: int, evaluate_row: Callable,
+               log: runlog.MetricsLog, ckpt: runlog.Checkpointer, describe: Callable,
+               stop_after: Optional[int] = None):
+  """The rounds of every federated trainer: round 0 evaluated on a fresh start, then per
+  round ``state, info = step(state)``, ``row = evaluate_row(variables, r, info)`` logged,
+  checkpointed and printed (``describe(row)``); ``stop_after`` interrupts (test hook).
+  Closes ``ckpt`` and returns the final state."""
+  if start == 0:
+    log.append(evaluate_row(state.variables, 0))
+  prog = runlog.Progress(rounds, start, what="round")
+  for rnd in range(start, rounds):
+    state, info = step(state)
+    row = evaluate_row(state.variables, rnd + 1, info)
+    log.append(row)
+    ckpt.save(rnd + 1, state)
+    print(prog.line(rnd + 1, describe(row)), flush=True)
+    if stop_after is not None and rnd + 1 >= stop_after and rnd + 1 < rounds:
+      ckpt.close()
+      raise train_lib.Interrupted(f"stopped after round {rnd + 1} (test hook)")
+  ckpt.close()
+  return state
 
 
 def _robust_row(info, names) -> Dict:
