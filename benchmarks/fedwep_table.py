@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import logging  # noqa: E402
 
+from benchmarks import _runs  # noqa: E402
 from configs import lgg_fedwep  # noqa: E402
 
 FRACTIONS = ["1/16", "1/8", "1/4", "1/2"]
@@ -89,6 +89,12 @@ def make_config(method, scenario, fraction, part, seed, args):
   c.semi.server_steps = args.local_steps
   c.semi.server_batch_size = args.batch
   c.semi.rampup_rounds = max(1, args.rounds // 4)
+  if scenario == "label_at_server":
+    # the server's supervised steps at --lr; the clients' unlabelled-only steps at
+    # --unlabelled-lr, from round --client-start-round on (see configs/lgg_fedwep.py)
+    c.semi.server_sup_lr = args.lr
+    c.optimizer.lr = args.unlabelled_lr
+    c.semi.client_start_round = args.client_start_round
   c.semi.pad_rows = -1
   c.eval_batch_size = 32
   return c
@@ -106,11 +112,6 @@ def cells(table, args):
           yield name, method, scenario, part, frac, seed
 
 
-def ms(v):
-  m = sum(v) / len(v)
-  return m, math.sqrt(sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1))
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -124,6 +125,10 @@ def main():
   p.add_argument("--rounds", type=int, default=20)
   p.add_argument("--local-steps", type=int, default=8)
   p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--unlabelled-lr", type=float, default=None,
+                 help="label-at-server clients' step size (default --lr / 10)")
+  p.add_argument("--client-start-round", type=int, default=None,
+                 help="label-at-server: clients join at this round (default --rounds // 2)")
   p.add_argument("--lr", type=float, default=3e-3)
   p.add_argument("--patients-per-site", type=int, default=16)
   p.add_argument("--slices-per-patient", type=int, default=4)
@@ -138,8 +143,11 @@ def main():
   if args.quick:
     args.size, args.rounds, args.local_steps, args.lr = 32, 6, 4, 1e-2
     args.workdir += "_quick"
+  if args.unlabelled_lr is None:
+    args.unlabelled_lr = args.lr / 10
+  if args.client_start_round is None:
+    args.client_start_round = args.rounds // 2
   logging.set_verbosity(logging.WARNING)
-  from fedjax_seg import train
 
   t0 = time.time()
   load0 = os.getloadavg()
@@ -149,12 +157,7 @@ def main():
       c = make_config(method, scenario, frac, part, seed, args)
       tag = f"{scenario}_{method}_{part}_f{frac.replace('/', 'o')}_s{seed}"
       wd = os.path.join(args.workdir, tag)
-      done = os.path.join(wd, "results.json")
-      if not os.path.exists(done):
-        print(f"[fedwep_table] {tag} -> {wd}", flush=True)
-        train.run(c, wd)
-      with open(done) as f:
-        r = json.load(f)
+      r = _runs.run_or_load(c, wd, "fedwep_table")
       runs.append({"table": table, "row": name, "method": method, "part": part, "fraction": frac,
                    "seed": seed, "dice": r["metrics"]["test"]["dice_mean"],
                    "val_dice": r["metrics"]["val"]["dice_mean"],
@@ -184,7 +187,7 @@ def main():
           if method == "fedavg_full" and frac != args.fractions[0]:
             cols.append("")
             continue
-          m, s = ms(sel) if sel else (float("nan"), 0)
+          m, s = _runs.mean_std(sel) if sel else (float("nan"), 0)
           cols.append(f"{m:.3f} ± {s:.3f}" if sel else "–")
           summary.setdefault(table, {}).setdefault(name, {})[f"{part}_{frac}"] = {
               "mean": m, "std": s, "runs": sel}
@@ -208,7 +211,8 @@ def main():
         f"{args.size}×{args.size}); {args.model} base {args.base} depth {args.depth} "
         f"({mb:,} B per model); R={args.rounds} rounds × E={args.local_steps} local steps × "
         f"batch {args.batch} (labelled and unlabelled), Adam lr {args.lr}; label_at_server: "
-        f"{args.local_steps} server steps per round, clients start at round 2. Test split pooled "
+        f"{args.local_steps} server steps per round at lr {args.lr}, clients (unlabelled only) at "
+        f"lr {args.unlabelled_lr:g} from round {args.client_start_round}. Test split pooled "
         f"over sites. Wall time {elapsed:.0f}s, load average {load0[0]:.1f} at start / "
         f"{os.getloadavg()[0]:.1f} at end (shared 2-core machine).\n\n"
         + "\n\n".join(md_parts) + "\n")

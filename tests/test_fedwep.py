@@ -174,3 +174,31 @@ def test_rwp_loss_gradient_equals_constant_pseudo_label_gradient():
   g_wt = jax.grad(lambda wt: losses.sparse_cross_entropy(apply_t({"params": wt}, x, None), y2,
                                                          mask))(w1)
   chex.assert_trees_all_close(g_w, jax.tree.map(jnp.multiply, g_wt, z1), atol=1e-6)
+
+
+def test_dice_ce_pseudo_loss_against_numpy():
+  """pseudo_loss='dice_ce': ℓ(a, argmax b) + ℓ(b, argmax a) with ℓ = soft Dice (batch, ε=1)
+  + CE, against a hand-written NumPy reference; unknown names are errors."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(5))
+  l1 = np.asarray(jax.random.normal(k1, (2, 3, 3, 2))) * 2
+  l2 = np.asarray(jax.random.normal(k2, (2, 3, 3, 2))) * 2
+  mask = np.array([1.0, 0.0])      # second sample padded out
+
+  def ref(a, y, m):
+    p = np.exp(a - a.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    w = np.broadcast_to(m[:, None, None], y.shape)
+    g = np.eye(2)[y]
+    inter = (p * g * w[..., None]).sum((0, 1, 2))
+    den = (p * w[..., None]).sum((0, 1, 2)) + (g * w[..., None]).sum((0, 1, 2)) + 1.0
+    dice = 1.0 - np.mean((2 * inter + 1.0) / den)
+    ce = -(np.log(np.take_along_axis(p, y[..., None], -1))[..., 0] * w).sum() / w.sum()
+    return dice + ce
+  want = ref(l1, l2.argmax(-1), mask) + ref(l2, l1.argmax(-1), mask)
+  got = fedwep.cross_pseudo_loss(jnp.asarray(l1), jnp.asarray(l2), jnp.asarray(mask), "hard",
+                                 "dice_ce")
+  assert float(got) == pytest.approx(want, rel=1e-5)
+  ce_only = fedwep.cross_pseudo_loss(jnp.asarray(l1), jnp.asarray(l2), jnp.asarray(mask), "hard")
+  assert abs(float(ce_only) - want) > 1e-2      # the Dice term is really there
+  with pytest.raises(ValueError, match="pseudo_loss"):
+    fedwep.cross_pseudo_loss(jnp.asarray(l1), jnp.asarray(l2), None, "hard", "focal")

@@ -189,3 +189,35 @@ def test_mean_teacher_init_shares_no_buffers_with_the_student():
 class _Hp:  # init_models reads only .method
   def __init__(self, method):
     self.method = method
+
+
+def test_label_at_server_round_uses_its_own_server_optimiser():
+  """run_round(server_tx=...): clients step with ``tx``, the server's supervised steps with
+  ``server_tx``. With clients idle (supervised_only) and server_tx = SGD(0) nothing moves;
+  with the default (server_tx = tx = SGD(0.1)) the server's steps change the model."""
+  import ml_collections
+  import optax
+  from fedjax_seg import models
+  from fedjax_seg.data.federated import ClientData
+  from fedjax_seg.fl import core
+  fns = models.build(ml_collections.ConfigDict(dict(name="unet", base=2, depth=1, dropout=0.0,
+                                                    norm="none")), 2)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.random((2, 4, 8, 8, 3), np.float32))
+  y = jnp.asarray((rng.random((2, 4, 8, 8)) > 0.7).astype(np.int32))
+  empty = ClientData(x, jnp.zeros_like(y), jnp.zeros((2, 4)))
+  data = semi.SemiData(semi.ClientPair(empty, ClientData(x, jnp.zeros_like(y), jnp.ones((2, 4)))),
+                       ClientData(x[:1], y[:1], jnp.ones((1, 4))))
+  chp = core.ClientHParams(local_steps=1, batch_size=2, step_strategy="unrolled")
+  hp = semi.SemiHParams(method="supervised_only", scenario="label_at_server", server_steps=2,
+                        server_batch_size=2)
+  v = semi.init_models(hp, fns, jax.random.PRNGKey(0), x[0, :1])
+  moved = {}
+  for name, server_tx in (("frozen", optax.sgd(0.0)), ("default", None)):
+    rr = jax.jit(semi.make_run_round(hp, fns, optax.sgd(0.1), 2, chp, "unrolled", server_tx))
+    state, info = rr(core.ServerState(jax.tree.map(jnp.copy, v), jnp.int32(0)), data,
+                     jax.random.PRNGKey(1))
+    assert np.isfinite(float(info["server_loss"]))
+    moved[name] = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                      zip(jax.tree.leaves(state.variables), jax.tree.leaves(v)))
+  assert moved["frozen"] == 0.0 and moved["default"] > 1e-4, moved

@@ -194,11 +194,27 @@ def search_set(kind: str, key: jax.Array, n: int, sample_shape, server_x: Option
 # ---------------------------------------------------------------------------
 # Client loss.
 
+PSEUDO_LOSSES = ("ce", "dice_ce")
+
+
+def hard_pseudo_loss(logits: jnp.ndarray, labels: jnp.ndarray, mask=None,
+                     loss: str = "ce") -> jnp.ndarray:
+  """ℓ(logits, Y) for integer pseudo-labels Y: 'ce' = sparse CE (default);
+  'dice_ce' = soft Dice + CE (the supervised loss; its Dice term keeps a rare
+  foreground class from being out-voted by background pixels)."""
+  if loss == "ce":
+    return losses.sparse_cross_entropy(logits, labels, mask)
+  if loss == "dice_ce":
+    return losses.dice_ce_loss(logits, labels, logits.shape[-1], mask)
+  raise ValueError(f"config.semi.pseudo_loss={loss!r}: expected one of {PSEUDO_LOSSES}")
+
+
 def cross_pseudo_loss(logits_1: jnp.ndarray, logits_2: jnp.ndarray, mask=None,
-                      pseudo: str = "hard") -> jnp.ndarray:
+                      pseudo: str = "hard", loss: str = "ce") -> jnp.ndarray:
   """ℓ(logits_1, Y_2) + ℓ(logits_2, Y_1) with Y_j = stop_gradient(pseudo-label of logits_j).
 
-  pseudo='hard': Y = argmax (SPEC §4.2), ℓ = sparse CE.
+  pseudo='hard': Y = argmax (SPEC §4.2), ℓ = ``loss`` (sparse CE by default,
+  or Dice+CE, see :func:`hard_pseudo_loss`).
   pseudo='soft': Y = softmax probabilities, ℓ = CE against soft targets
   (an ablation; here stop_gradient is what keeps gradients out of Y).
   logits_*: [B, ..., C]; mask: per-sample [B] or per-pixel [B, ...].
@@ -206,8 +222,8 @@ def cross_pseudo_loss(logits_1: jnp.ndarray, logits_2: jnp.ndarray, mask=None,
   if pseudo == "hard":
     y1 = jax.lax.stop_gradient(jnp.argmax(logits_1, axis=-1))
     y2 = jax.lax.stop_gradient(jnp.argmax(logits_2, axis=-1))
-    return (losses.sparse_cross_entropy(logits_1, y2, mask)
-            + losses.sparse_cross_entropy(logits_2, y1, mask))
+    return (hard_pseudo_loss(logits_1, y2, mask, loss)
+            + hard_pseudo_loss(logits_2, y1, mask, loss))
   if pseudo == "soft":
     t1 = jax.lax.stop_gradient(jax.nn.softmax(logits_1, axis=-1))
     t2 = jax.lax.stop_gradient(jax.nn.softmax(logits_2, axis=-1))
@@ -217,7 +233,7 @@ def cross_pseudo_loss(logits_1: jnp.ndarray, logits_2: jnp.ndarray, mask=None,
 
 
 def rwp_loss(apply_train: Callable, variables, x_u: jnp.ndarray, mask_u, seeds: jnp.ndarray,
-             p: float, sigma: float, key: jax.Array, pseudo: str = "hard"):
+             p: float, sigma: float, key: jax.Array, pseudo: str = "hard", loss: str = "ce"):
   """L_RWP on one unlabelled batch (Fig. 1c).
 
   apply_train(variables, x, key) -> logits (train mode, dropout from key).
@@ -227,4 +243,4 @@ def rwp_loss(apply_train: Callable, variables, x_u: jnp.ndarray, mask_u, seeds: 
   k1, k2 = jax.random.split(key)
   logits_1 = apply_train(perturb_variables(variables, seeds[0], p, sigma), x_u, k1)
   logits_2 = apply_train(perturb_variables(variables, seeds[1], p, sigma), x_u, k2)
-  return cross_pseudo_loss(logits_1, logits_2, mask_u, pseudo)
+  return cross_pseudo_loss(logits_1, logits_2, mask_u, pseudo, loss)

@@ -211,6 +211,8 @@ class SemiHParams:
   search_inputs: str = "random"
   pair_criterion: str = "max"
   pseudo: str = "hard"
+  # ℓ on hard pseudo-labels (FedWeP, CPS, PseudoSeg): 'ce' (SPEC) | 'dice_ce'
+  pseudo_loss: str = "ce"
   # Mean Teacher
   ema_decay: float = 0.99
   mt_noise: float = 0.1
@@ -224,6 +226,9 @@ class SemiHParams:
       raise ValueError(f"config.algorithm={self.method!r}: semi-supervised methods are {METHODS}")
     if self.scenario not in SCENARIOS:
       raise ValueError(f"config.semi.scenario={self.scenario!r}: expected one of {SCENARIOS}")
+    if self.pseudo_loss not in fedwep.PSEUDO_LOSSES:
+      raise ValueError(f"config.semi.pseudo_loss={self.pseudo_loss!r}: expected one of "
+                       f"{fedwep.PSEUDO_LOSSES}")
     if is_fedwep(self.method):
       if self.search_inputs not in fedwep.SEARCH_INPUTS:
         raise ValueError(f"config.semi.fedwep.search_inputs={self.search_inputs!r}: expected "
@@ -358,12 +363,12 @@ class Objective:
     if is_fedwep(hp.method):
       v = {**models["model"], "params": params["model"]}
       return fedwep.rwp_loss(apply_t, v, x, mask, ctx["seeds"], hp.p, hp.sigma, key,
-                             hp.pseudo), {}
+                             hp.pseudo, hp.pseudo_loss), {}
     if hp.method == "cps":
       ka, kb = jax.random.split(key)
       la = apply_t({**models["a"], "params": params["a"]}, x, ka)
       lb = apply_t({**models["b"], "params": params["b"]}, x, kb)
-      return fedwep.cross_pseudo_loss(la, lb, mask, "hard"), {}
+      return fedwep.cross_pseudo_loss(la, lb, mask, "hard", hp.pseudo_loss), {}
     if hp.method == "mean_teacher":
       kn, kd = jax.random.split(key)
       xs = x + hp.mt_noise * jax.random.normal(kn, x.shape)
@@ -383,7 +388,7 @@ class Objective:
       ls = apply_t(v, xs, kd)
       frac = jnp.sum(keep) / jnp.maximum(jnp.sum(jnp.ones_like(keep) * mask.reshape(
           mask.shape + (1,) * (keep.ndim - 1))), 1.0)
-      return losses.sparse_cross_entropy(ls, y_hat, keep), {"confident_fraction": frac}
+      return fedwep.hard_pseudo_loss(ls, y_hat, keep, hp.pseudo_loss), {"confident_fraction": frac}
     return jnp.float32(0.0), {}
 
   def after_step(self, models):
@@ -531,15 +536,18 @@ def make_round_context(hp: SemiHParams, fns: ModelFns) -> Callable:
 
 def make_run_round(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformation,
                    num_classes: int, chp: core.ClientHParams,
-                   client_strategy: str = "auto") -> Callable:
+                   client_strategy: str = "auto",
+                   server_tx: Optional[optax.GradientTransformation] = None) -> Callable:
   """``run_round(state, SemiData, key) -> (state', info)`` — jit it once.
 
   Clients run through ``core.map_clients`` (vmap | unrolled | map), averaging
-  is ``aggregators.fedavg`` over the dict of communicated models.
+  is ``aggregators.fedavg`` over the dict of communicated models. ``tx`` is the
+  clients' optimiser; ``server_tx`` (default ``tx``) the label_at_server
+  server's.
   """
   client_update = make_client_update(hp, fns, tx, num_classes, chp)
   clients = core.map_clients(client_update, client_strategy)
-  server_update = (make_server_update(hp, fns, tx, num_classes, chp.step_strategy)
+  server_update = (make_server_update(hp, fns, server_tx or tx, num_classes, chp.step_strategy)
                    if hp.scenario == "label_at_server" else None)
   context = make_round_context(hp, fns)
 

@@ -32,7 +32,7 @@ from fedjax_seg.fl import core, semi
 
 SEMI_KEYS = {"scenario", "label_fraction", "label_seed", "min_labelled", "unsup_weight",
              "rampup_rounds", "client_start_round", "unlabelled_batch_size", "server_steps",
-             "server_batch_size", "pad_rows", "fedwep", "mt", "ps"}
+             "server_batch_size", "pad_rows", "pseudo_loss", "server_sup_lr", "fedwep", "mt", "ps"}
 SUB_KEYS = {"fedwep": {"p", "sigma", "num_seeds", "search_size", "search_inputs",
                        "pair_criterion", "pseudo"},
             "mt": {"ema_decay", "noise"}, "ps": {"threshold", "strong_noise", "strong_intensity"}}
@@ -71,9 +71,17 @@ def hparams(config) -> semi.SemiHParams:
       p=fw.get("p", d.p), sigma=fw.get("sigma", d.sigma), num_seeds=fw.get("num_seeds", d.num_seeds),
       search_size=fw.get("search_size", d.search_size), search_inputs=search,
       pair_criterion=fw.get("pair_criterion", d.pair_criterion), pseudo=fw.get("pseudo", d.pseudo),
+      pseudo_loss=s.get("pseudo_loss", d.pseudo_loss),
       ema_decay=mt.get("ema_decay", d.ema_decay), mt_noise=mt.get("noise", d.mt_noise),
       threshold=ps.get("threshold", d.threshold), strong_noise=ps.get("strong_noise", d.strong_noise),
       strong_intensity=ps.get("strong_intensity", d.strong_intensity))
+
+
+def _with_lr(opt_config, lr: float):
+  c = copy.deepcopy(opt_config)
+  with c.unlocked():
+    c.lr = lr
+  return c
 
 
 def split_semi(ds: pipeline.SegDataset, config, verbose: bool = True):
@@ -154,6 +162,10 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
   x0 = jnp.zeros((1,) + tuple(sample.images.shape[1:]), jnp.float32)
   variables = semi.init_models(hp, fns, init_key, x0)
   tx = steps.make_optimizer(config.optimizer)
+  server_sup_lr = config.semi.get("server_sup_lr", 0.0) or 0.0
+  server_tx = None
+  if server_sup_lr > 0:   # label_at_server: the server's supervised steps at their own step size
+    server_tx = steps.make_optimizer(_with_lr(config.optimizer, server_sup_lr))
   chp = fl_train.client_hparams(config)
   blob = json.loads(config.to_json_best_effort())
   shape_free = {k: v for k, v in blob.get("semi", {}).items()
@@ -162,7 +174,8 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
       config, ds, ("model", "loss", "optimizer", "algorithm", "fl"))
   run_round = runlog.cached_jit(
       "semi_round" + ckey,
-      lambda: semi.make_run_round(hp, fns, tx, ds.num_classes, chp, config.fl.client_strategy),
+      lambda: semi.make_run_round(hp, fns, tx, ds.num_classes, chp, config.fl.client_strategy,
+                                  server_tx),
       donate_argnums=(0,))
   state = core.ServerState(variables, jnp.int32(0))
   mbytes = core.model_bytes(variables[hp.models[0]])
