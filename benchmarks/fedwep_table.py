@@ -138,6 +138,7 @@ def main():
   p.add_argument("--cache", default="runs/_data")
   p.add_argument("--workdir", default="runs/fedwep_table")
   p.add_argument("--quick", action="store_true")
+  p.add_argument("--name", default="", help="results file stem (default fedwep_table[_quick])")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
   args = p.parse_args()
   if args.quick:
@@ -218,7 +219,7 @@ def main():
         + "\n\n".join(md_parts) + "\n")
   print("\n" + md)
   os.makedirs(args.out, exist_ok=True)
-  tag = "fedwep_table_quick" if args.quick else "fedwep_table"
+  tag = args.name or ("fedwep_table_quick" if args.quick else "fedwep_table")
   with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
     f.write(md)
   with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
