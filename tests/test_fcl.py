@@ -374,7 +374,7 @@ def test_e2e_smoke_fcl_local_cl_random(data_cache, tmp_path):
   assert again["finetune"] == out["fcl"]["finetune"]
 
 
-@pytest.mark.slow  # ~6 min on 2 cores: run by `make test-slow`
+@pytest.mark.slow  # 10.6 min on 2 cores shared with a benchmark: run by `make test-slow`
 def test_fcl_beats_random_init_at_one_labelled_patient(data_cache, tmp_path):
   """The issue's end-to-end claim at the budget of `benchmarks/fcl_table.py --quick`
   (phantom ACDC 32×32, 10 clients, 10 pre-training rounds, 20 × 10 fine-tuning steps at
