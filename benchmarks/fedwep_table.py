@@ -32,6 +32,7 @@ from absl import logging  # noqa: E402
 
 from benchmarks import _runs  # noqa: E402
 from configs import lgg_fedwep  # noqa: E402
+from fedjax_seg.fl import semi_train  # noqa: E402
 
 FRACTIONS = ["1/16", "1/8", "1/4", "1/2"]
 PARTS = ["iid", "noniid"]
@@ -90,11 +91,12 @@ def make_config(method, scenario, fraction, part, seed, args):
   c.semi.server_batch_size = args.batch
   c.semi.rampup_rounds = max(1, args.rounds // 4)
   if scenario == "label_at_server":
-    # the server's supervised steps at --lr; the clients' unlabelled-only steps at
-    # --unlabelled-lr, from round --client-start-round on (see configs/lgg_fedwep.py)
-    c.semi.server_sup_lr = args.lr
-    c.optimizer.lr = args.unlabelled_lr
-    c.semi.client_start_round = args.client_start_round
+    # configs/lgg_fedwep.py: server at --lr, clients at --lr × client_lr_scale from
+    # client_start_round on; the two options below override the config's rule
+    if args.client_lr_scale is not None:
+      c.semi.client_lr_scale = args.client_lr_scale
+    if args.client_start_round is not None:
+      c.semi.client_start_round = args.client_start_round
   c.semi.pad_rows = -1
   c.eval_batch_size = 32
   return c
@@ -125,10 +127,11 @@ def main():
   p.add_argument("--rounds", type=int, default=20)
   p.add_argument("--local-steps", type=int, default=8)
   p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--unlabelled-lr", type=float, default=None,
-                 help="label-at-server clients' step size (default --lr / 10)")
+  p.add_argument("--client-lr-scale", type=float, default=None,
+                 help="label-at-server clients step at --lr × this (default: the config's 0.1)")
   p.add_argument("--client-start-round", type=int, default=None,
-                 help="label-at-server: clients join at this round (default --rounds // 2)")
+                 help="label-at-server: clients join at this round (default: the config's "
+                      "--rounds // 2)")
   p.add_argument("--lr", type=float, default=3e-3)
   p.add_argument("--patients-per-site", type=int, default=16)
   p.add_argument("--slices-per-patient", type=int, default=4)
@@ -144,10 +147,6 @@ def main():
   if args.quick:
     args.size, args.rounds, args.local_steps, args.lr = 32, 6, 4, 1e-2
     args.workdir += "_quick"
-  if args.unlabelled_lr is None:
-    args.unlabelled_lr = args.lr / 10
-  if args.client_start_round is None:
-    args.client_start_round = args.rounds // 2
   logging.set_verbosity(logging.WARNING)
 
   t0 = time.time()
@@ -203,6 +202,9 @@ def main():
       pad = lambda v: [f"{x:.3f}" for x in v] + [""] * (4 - len(v))
       paper.append(f"| {name} | " + " | ".join(pad(iid) + pad(non)) + f" | {cost} |")
     md_parts.append("\n".join(lines + paper))
+  srv = make_config("fedwep", "label_at_server", args.fractions[0], "iid", args.seeds[0], args)
+  srv_clients = (f"lr {srv.optimizer.lr * srv.semi.client_lr_scale:g} from round "
+                 f"{semi_train.start_round(srv)}")
   cmd = "python benchmarks/fedwep_table.py " + " ".join(sys.argv[1:])
   elapsed = time.time() - t0
   mb = runs[0]["model_bytes"] if runs else 0
@@ -213,7 +215,7 @@ def main():
         f"({mb:,} B per model); R={args.rounds} rounds × E={args.local_steps} local steps × "
         f"batch {args.batch} (labelled and unlabelled), Adam lr {args.lr}; label_at_server: "
         f"{args.local_steps} server steps per round at lr {args.lr}, clients (unlabelled only) at "
-        f"lr {args.unlabelled_lr:g} from round {args.client_start_round}. Test split pooled "
+        f"{srv_clients}. Test split pooled "
         f"over sites. Wall time {elapsed:.0f}s, load average {load0[0]:.1f} at start / "
         f"{os.getloadavg()[0]:.1f} at end (shared 2-core machine).\n\n"
         + "\n\n".join(md_parts) + "\n")

@@ -42,12 +42,12 @@ def get_semi_config():
   semi.min_labelled = 1
   semi.unsup_weight = 1.0             # λ of the unlabelled loss
   semi.rampup_rounds = 5              # sigmoid ramp-up of λ over rounds (0 = constant)
-  semi.client_start_round = 0         # clients idle before this round (label_at_server warm-up)
+  semi.client_start_round = 0         # clients idle before this round; -1 = fl.rounds // 2
   semi.pseudo_loss = "ce"             # ℓ on hard pseudo-labels (FedWeP, CPS, PS): ce | dice_ce
   semi.unlabelled_batch_size = 8
   semi.server_steps = 8               # label_at_server: supervised steps per round at the server
   semi.server_batch_size = 8
-  semi.server_sup_lr = 0.0            # label_at_server: server step size (0 = config.optimizer.lr)
+  semi.client_lr_scale = 1.0          # clients step at optimizer.lr × this (server: optimizer.lr)
   semi.pad_rows = 0                   # -1: pad client arrays to all train slices (one compile per sweep)
   semi.fedwep = ml_collections.ConfigDict(dict(
       p=0.5,                  # probability a weight is perturbed
@@ -88,8 +88,7 @@ def get_config(arg=None):
     # steps than the server's supervised ones. At the same step size every method collapsed
     # to an all-background model (Dice 0.000), with or without a warm-up; at a tenth,
     # FedWeP matched the server alone. The half-schedule warm-up is a conservative extra.
-    config.semi.client_start_round = config.fl.rounds // 2
-    config.semi.server_sup_lr = config.optimizer.lr
-    config.optimizer.lr = config.optimizer.lr / 10
+    config.semi.client_start_round = -1     # half of fl.rounds
+    config.semi.client_lr_scale = 0.1
   config.algorithm = method
   return config

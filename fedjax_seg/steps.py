@@ -21,13 +21,14 @@ from fedjax_seg import losses, metrics
 from fedjax_seg.models import ModelFns
 
 
-def make_optimizer(opt_cfg) -> optax.GradientTransformation:
+def make_optimizer(opt_cfg, lr: Optional[float] = None) -> optax.GradientTransformation:
   """Optimiser from ``config.optimizer`` (name: adam | sgd | momentum | adamw).
 
-  Adam defaults are seed 001's: lr 1e-3, β1 0.9, β2 0.999, ε 1e-7.
+  Adam defaults are seed 001's: lr 1e-3, β1 0.9, β2 0.999, ε 1e-7. ``lr``
+  overrides ``opt_cfg.lr`` (e.g. the semi-supervised clients' scaled step).
   """
   name = opt_cfg.get("name", "adam")
-  lr = opt_cfg.get("lr", 1e-3)
+  lr = opt_cfg.get("lr", 1e-3) if lr is None else lr
   if name == "adam":
     return optax.adam(lr, b1=opt_cfg.get("b1", 0.9), b2=opt_cfg.get("b2", 0.999),
                       eps=opt_cfg.get("eps", 1e-7))

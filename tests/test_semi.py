@@ -221,3 +221,27 @@ def test_label_at_server_round_uses_its_own_server_optimiser():
     moved[name] = max(float(jnp.max(jnp.abs(a - b))) for a, b in
                       zip(jax.tree.leaves(state.variables), jax.tree.leaves(v)))
   assert moved["frozen"] == 0.0 and moved["default"] > 1e-4, moved
+
+
+def test_label_at_server_config_rule_follows_overrides():
+  """configs/lgg_fedwep.py label_at_server: clients join at half of fl.rounds (resolved at run
+  time, so an override of the rounds moves it) and step at optimizer.lr × 0.1, the server at
+  optimizer.lr; label_at_client keeps one optimiser."""
+  import optax
+  c = lgg_fedwep.get_config("fedwep,label_at_server")
+  c.fl.rounds = 14
+  c.optimizer.lr = 2e-2
+  assert semi_train.hparams(c).client_start_round == 7
+  client_tx, server_tx = semi_train.optimizers(c)
+  p = {"w": jnp.zeros(3)}
+  g = {"w": jnp.ones(3)}
+  step = lambda tx: float(tx.update(g, tx.init(p), p)[0]["w"][0])   # Adam: first step ≈ -lr
+  assert step(server_tx) == pytest.approx(-2e-2, rel=1e-4)
+  assert step(client_tx) == pytest.approx(-2e-3, rel=1e-4)
+  c = lgg_fedwep.get_config("fedwep,label_at_client")
+  assert semi_train.hparams(c).client_start_round == 0
+  a, b = semi_train.optimizers(c)
+  assert a is b and isinstance(a, optax.GradientTransformation)
+  c.semi.client_lr_scale = 0.0
+  with pytest.raises(ValueError, match="client_lr_scale"):
+    semi_train.optimizers(c)

@@ -543,7 +543,7 @@ def make_run_round(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformat
   Clients run through ``core.map_clients`` (vmap | unrolled | map), averaging
   is ``aggregators.fedavg`` over the dict of communicated models. ``tx`` is the
   clients' optimiser; ``server_tx`` (default ``tx``) the label_at_server
-  server's.
+  server's (``semi_train.optimizers``).
   """
   client_update = make_client_update(hp, fns, tx, num_classes, chp)
   clients = core.map_clients(client_update, client_strategy)

@@ -32,7 +32,7 @@ from fedjax_seg.fl import core, semi
 
 SEMI_KEYS = {"scenario", "label_fraction", "label_seed", "min_labelled", "unsup_weight",
              "rampup_rounds", "client_start_round", "unlabelled_batch_size", "server_steps",
-             "server_batch_size", "pad_rows", "pseudo_loss", "server_sup_lr", "fedwep", "mt", "ps"}
+             "server_batch_size", "pad_rows", "pseudo_loss", "client_lr_scale", "fedwep", "mt", "ps"}
 SUB_KEYS = {"fedwep": {"p", "sigma", "num_seeds", "search_size", "search_inputs",
                        "pair_criterion", "pseudo"},
             "mt": {"ema_decay", "noise"}, "ps": {"threshold", "strong_noise", "strong_intensity"}}
@@ -64,7 +64,7 @@ def hparams(config) -> semi.SemiHParams:
       method=method, scenario=s.scenario, loss=config.loss,
       unsup_weight=s.get("unsup_weight", d.unsup_weight),
       rampup_rounds=s.get("rampup_rounds", d.rampup_rounds),
-      client_start_round=s.get("client_start_round", d.client_start_round),
+      client_start_round=start_round(config),
       unlabelled_batch_size=s.get("unlabelled_batch_size", d.unlabelled_batch_size),
       server_steps=s.get("server_steps", d.server_steps),
       server_batch_size=s.get("server_batch_size", d.server_batch_size),
@@ -77,11 +77,23 @@ def hparams(config) -> semi.SemiHParams:
       strong_intensity=ps.get("strong_intensity", d.strong_intensity))
 
 
-def _with_lr(opt_config, lr: float):
-  c = copy.deepcopy(opt_config)
-  with c.unlocked():
-    c.lr = lr
-  return c
+def start_round(config) -> int:
+  """``config.semi.client_start_round``; -1 means half of ``config.fl.rounds`` (resolved
+  here, so a command-line override of the rounds moves it too)."""
+  r = config.semi.get("client_start_round", 0)
+  return config.fl.rounds // 2 if r < 0 else r
+
+
+def optimizers(config):
+  """(clients' tx, server's tx): the server's supervised steps (label_at_server) use
+  ``optimizer.lr``; the clients' steps ``optimizer.lr × semi.client_lr_scale``."""
+  scale = config.semi.get("client_lr_scale", 1.0)
+  if not scale > 0:
+    raise ValueError(f"config.semi.client_lr_scale={scale} must be > 0")
+  server_tx = steps.make_optimizer(config.optimizer)
+  if scale == 1.0:
+    return server_tx, server_tx
+  return steps.make_optimizer(config.optimizer, config.optimizer.lr * scale), server_tx
 
 
 def split_semi(ds: pipeline.SegDataset, config, verbose: bool = True):
@@ -161,11 +173,7 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
   init_key, round_key = jax.random.split(key)
   x0 = jnp.zeros((1,) + tuple(sample.images.shape[1:]), jnp.float32)
   variables = semi.init_models(hp, fns, init_key, x0)
-  tx = steps.make_optimizer(config.optimizer)
-  server_sup_lr = config.semi.get("server_sup_lr", 0.0) or 0.0
-  server_tx = None
-  if server_sup_lr > 0:   # label_at_server: the server's supervised steps at their own step size
-    server_tx = steps.make_optimizer(_with_lr(config.optimizer, server_sup_lr))
+  tx, server_tx = optimizers(config)
   chp = fl_train.client_hparams(config)
   blob = json.loads(config.to_json_best_effort())
   shape_free = {k: v for k, v in blob.get("semi", {}).items()
