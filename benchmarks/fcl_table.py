@@ -84,7 +84,7 @@ def main():
   p.add_argument("--pretrain-rounds", type=int, default=None)
   p.add_argument("--pretrain-local-steps", type=int, default=None)
   p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate")
-  p.add_argument("--client-strategy", default="map", help="core.map_clients strategy")
+  p.add_argument("--client-strategy", default="map", help="backends.for_each_client backend")
   p.add_argument("--step-strategy", default="scan")
   p.add_argument("--root", default="", help="real ACDC root (default: phantom)")
   p.add_argument("--cache", default="runs/_data")

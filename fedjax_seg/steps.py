@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from fedjax_seg import losses, metrics
+from fedjax_seg.fl import local
 from fedjax_seg.models import ModelFns
 
 
@@ -65,16 +66,25 @@ def make_loss(fns: ModelFns, loss_name: str, num_classes: int,
 def make_train_step(fns: ModelFns, tx: optax.GradientTransformation, loss_name: str,
                     num_classes: int, augment: Optional[AugmentFn] = None,
                     extra_loss: Optional[Callable] = None):
-  """One optimiser step on one batch (pure, jittable, vmappable)."""
+  """One optimiser step on one batch (pure, jittable, vmappable): the one local-training
+  loop of ``fl/local.py`` with E = 1 on this batch.
+
+  step(variables, opt_state, x, y, mask, key) -> (variables', opt_state', loss float32 []).
+  """
   loss = make_loss(fns, loss_name, num_classes, augment, extra_loss)
 
   def step(variables, opt_state, x, y, mask, key):
-    (value, new_vars), grads = jax.value_and_grad(loss, has_aux=True)(
-        variables["params"], variables, x, y, mask, key)
-    updates, opt_state = tx.update(grads, opt_state, variables["params"])
-    params = optax.apply_updates(variables["params"], updates)
-    return {**new_vars, "params": params}, opt_state, value
+    batch_loss = lambda params, v, k: loss(params, v, x, y, mask, k)
+    variables, opt_state, (losses, _) = local.local_train(
+        lambda p, v, k: _no_aux(batch_loss(p, v, k)), tx, variables, key[None],
+        strategy="unrolled", opt_state=opt_state)
+    return variables, opt_state, losses[0]
   return step
+
+
+def _no_aux(out):
+  value, new_vars = out
+  return value, (new_vars, ())
 
 
 def make_eval_batch(fns: ModelFns, loss_name: str, num_classes: int):

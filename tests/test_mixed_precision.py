@@ -70,7 +70,7 @@ def test_bf16_round_keeps_f32_models_and_aggregate():
   assert {str(a.dtype) for a in jax.tree.leaves(state.variables)} == {"float32"}
   assert info["weights"].dtype == jnp.float32 and info["dice_post"].dtype == jnp.float32
   # the weighted sum itself is an f32 contraction
-  stacked, stats = jax.eval_shape(core.map_clients(cu, "vmap"), variables, data,
+  stacked, stats = jax.eval_shape(backends.for_each_client(cu, "vmap"), variables, data,
                                   jax.random.split(jax.random.PRNGKey(0), 2))
   assert {str(a.dtype) for a in jax.tree.leaves(stacked)} == {"float32"}
   sums = [d for d in _conv_dtypes(lambda s, st: aggregators.dcew(variables, s, st)[0],

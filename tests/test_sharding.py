@@ -1,4 +1,4 @@
-"""Clients sharded over devices (issue 9, fl/scale.py): the sharded round equals
+"""Clients sharded over devices (fl/backends.py 'sharded', fl/backends.py placement): the sharded round equals
 the single-device round on 4 forced CPU devices, K=3 padded to 4.
 
 XLA_FLAGS=--xla_force_host_platform_device_count=4 must be set before jax is
@@ -11,7 +11,7 @@ import sys
 import jax
 import pytest
 
-from fedjax_seg.fl import core, scale
+from fedjax_seg.fl import backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,26 +26,27 @@ def test_sharded_round_equals_unsharded_on_4_cpu_devices():
 
 
 def test_sharded_is_a_client_strategy():
-  assert "sharded" in core.CLIENT_STRATEGIES
-  assert core.resolve_strategy("sharded") == "sharded"
-  with pytest.raises(ValueError, match="inner"):
-    scale.sharded_clients(lambda *a: a, inner="sharded")
+  assert "sharded" in backends.CLIENT_STRATEGIES
+  assert backends.resolve_strategy("sharded") == "sharded"
+  for inner in ("sharded", "debug"):
+    with pytest.raises(ValueError, match="per-device backend"):
+      backends.for_each_client(lambda *a: a, "sharded", inner=inner)
 
 
 def test_padding_arithmetic_and_pad_clients():
   import numpy as np
   from fedjax_seg.data import federated
-  assert [scale.padded_num_clients(k, 4) for k in (1, 3, 4, 5, 8)] == [4, 4, 4, 8, 8]
+  assert [backends.padded_num_clients(k, 4) for k in (1, 3, 4, 5, 8)] == [4, 4, 4, 8, 8]
   data = federated.ClientData(np.ones((3, 2, 4), np.float32), np.ones((3, 2), np.int32),
                               np.ones((3, 2), np.float32))
-  p = scale.pad_clients(data, 4)
+  p = backends.pad_clients(data, 4)
   assert isinstance(p.x, np.ndarray) and p.x.shape == (4, 2, 4)
   assert p.valid[3].sum() == 0 and p.x[3].sum() == 0 and p.valid[:3].sum() == 6
-  assert scale.pad_clients(data, 3) is data
+  assert backends.pad_clients(data, 3) is data
   with pytest.raises(ValueError):
-    scale.pad_clients(data, 2)
+    backends.pad_clients(data, 2)
 
 
 def test_client_mesh_single_device():
-  mesh = scale.client_mesh()
+  mesh = backends.client_mesh()
   assert mesh.axis_names == ("clients",) and mesh.size == jax.device_count()

@@ -6,25 +6,15 @@
       M_k, st_k  = client_update(M_{t-1}, data_k, keys_k)     for every k
       M_t, w, ok = aggregator(M_{t-1}, stack(M_k), stack(st_k))
 
-How "for every k" executes is an *execution strategy* (config
-``fl.client_strategy``), chosen per backend because their speeds differ by
-an order of magnitude (see ``benchmarks/round_speed.py`` and
-../shared/perf/NOTES.md):
-  'vmap'      jax.vmap over clients (accelerators: the fast path)
-  'unrolled'  clients unrolled in Python inside the one jit (XLA:CPU: vmap over
-              per-client weights turns convs into slow grouped convs)
-  'map'       lax.map over clients (bounded memory, slow on CPU)
-  'auto'      'vmap' on gpu/tpu, 'unrolled' on cpu
-  'sharded'   client axis on the mesh axis 'clients' over all devices (shard_map),
-              'auto' per device; K padded to a multiple of D (fl/scale.py)
-Likewise ``fl.step_strategy`` for the E local steps: 'scan' (lax.scan),
-'unrolled' (Python loop inside jit), 'auto' ('scan' on gpu/tpu, 'unrolled' on cpu).
-All strategies compute the same function (tested).
+How "for every k" executes is the backend of ``fl/backends.py``
+(config ``fl.client_strategy``: vmap | unrolled | map | sharded | debug | auto);
+the E local steps run through the one local-training loop of ``fl/local.py``
+(config ``fl.step_strategy``: scan | unrolled | auto). All strategies compute
+the same function (tested).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
@@ -34,11 +24,9 @@ import optax
 
 from fedjax_seg import losses, steps
 from fedjax_seg.data.federated import ClientData, sample_batch
-from fedjax_seg.fl import aggregators
+from fedjax_seg.fl import aggregators, backends, local
 from fedjax_seg.models import ModelFns
 
-CLIENT_STRATEGIES = ("auto", "vmap", "unrolled", "map", "sharded")
-STEP_STRATEGIES = ("auto", "scan", "unrolled")
 
 
 @flax.struct.dataclass
@@ -57,19 +45,6 @@ class ClientHParams:
   stats_samples: int = 16       # local samples for the aggregator statistics
   step_strategy: str = "auto"
   prox_mu: float = 0.0          # FedProx μ (0 = FedAvg local objective)
-
-
-def resolve_strategy(strategy: str, kind: str = "client", backend: Optional[str] = None) -> str:
-  """Maps 'auto' to the measured default for the current backend."""
-  allowed = CLIENT_STRATEGIES if kind == "client" else STEP_STRATEGIES
-  if strategy not in allowed:
-    raise ValueError(f"config.fl.{kind}_strategy={strategy!r}: expected one of {allowed}")
-  if strategy != "auto":
-    return strategy
-  backend = backend or jax.default_backend()
-  if kind == "client":
-    return "unrolled" if backend == "cpu" else "vmap"
-  return "unrolled" if backend == "cpu" else "scan"
 
 
 def client_stats(fns: ModelFns, loss_name: str, num_classes: int, variables, x, y, mask):
@@ -98,63 +73,35 @@ def make_client_update(fns: ModelFns, tx: optax.GradientTransformation, loss_nam
   scalars num_samples, train_loss, cost_pre/post, ce_pre/post, dice_pre/post.
   FedProx: with hp.prox_mu > 0 the local objective adds (μ/2)‖w − w_global‖².
   """
-  step_strategy = resolve_strategy(hp.step_strategy, "step")
+  loss = steps.make_loss(fns, loss_name, num_classes, augment)
 
   def client_update(variables, data: ClientData, key):
     skey, tkey = jax.random.split(key)
     sx, sy, smask = sample_batch(data, skey, hp.stats_samples)
     pre = client_stats(fns, loss_name, num_classes, variables, sx, sy, smask)
-    extra = None
-    if hp.prox_mu > 0:
-      anchor = variables["params"]
-      # Σ of squares, not global_norm(.)**2: d sqrt(x)/dx is inf at x = 0, and the
-      # first local step starts at w = w_global, so that form has a NaN gradient.
-      extra = lambda p: 0.5 * hp.prox_mu * sum(
-          jnp.sum(jnp.square(a - b)) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(anchor)))
-    step = steps.make_train_step(fns, tx, loss_name, num_classes, augment, extra)
+    anchor = variables["params"]
 
-    def body(carry, k):
-      v, o = carry
+    def loss_fn(params, v, k):
       bkey, dkey = jax.random.split(k)
       x, y, m = sample_batch(data, bkey, hp.batch_size)
-      v, o, loss = step(v, o, x, y, m, dkey)
-      return (v, o), loss
+      value, new_vars = loss(params, v, x, y, m, dkey)
+      if hp.prox_mu > 0:
+        # Σ of squares, not global_norm(.)**2: d sqrt(x)/dx is inf at x = 0, and the
+        # first local step starts at w = w_global, so that form has a NaN gradient.
+        value = value + 0.5 * hp.prox_mu * sum(
+            jnp.sum(jnp.square(a - b))
+            for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(anchor)))
+      return value, (new_vars, ())
 
-    carry = (variables, tx.init(variables["params"]))
-    keys = jax.random.split(tkey, hp.local_steps)
-    if step_strategy == "scan":
-      carry, step_losses = jax.lax.scan(body, carry, keys)
-    else:
-      ls = []
-      for e in range(hp.local_steps):
-        carry, loss = body(carry, keys[e])
-        ls.append(loss)
-      step_losses = jnp.stack(ls)
-    new_vars = carry[0]
+    new_vars, _, (step_losses, _) = local.local_train(
+        loss_fn, tx, variables, jax.random.split(tkey, hp.local_steps),
+        strategy=hp.step_strategy)
     post = client_stats(fns, loss_name, num_classes, new_vars, sx, sy, smask)
     stats = {"num_samples": jnp.sum(data.valid), "train_loss": jnp.mean(step_losses),
              "cost_pre": pre[0], "cost_post": post[0], "ce_pre": pre[1], "ce_post": post[1],
              "dice_pre": pre[2], "dice_post": post[2]}
     return new_vars, stats
   return client_update
-
-
-def map_clients(client_update: Callable, strategy: str) -> Callable:
-  """(variables, data [K, ...], keys [K]) -> (stacked variables [K, ...], stats [K])."""
-  strategy = resolve_strategy(strategy, "client")
-  if strategy == "sharded":
-    from fedjax_seg.fl import scale  # lazy: scale imports this module
-    return scale.sharded_clients(client_update)
-  if strategy == "vmap":
-    return jax.vmap(client_update, in_axes=(None, 0, 0))
-  if strategy == "map":
-    return lambda v, data, keys: jax.lax.map(lambda a: client_update(v, a[0], a[1]), (data, keys))
-
-  def unrolled(v, data, keys):
-    outs = [client_update(v, jax.tree.map(lambda a: a[k], data), keys[k])
-            for k in range(keys.shape[0])]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-  return unrolled
 
 
 def make_run_round(client_update: Callable, aggregator: Callable, client_strategy: str = "auto",
@@ -171,7 +118,7 @@ def make_run_round(client_update: Callable, aggregator: Callable, client_strateg
   ``wants_round_key = True`` also gets ``rng=`` (a key independent of the
   client keys) and ``round=`` (DP noise, secure-aggregation masks).
   """
-  clients = map_clients(client_update, client_strategy)
+  clients = backends.for_each_client(client_update, client_strategy)
   agg_kwargs = dict(agg_kwargs or {})
 
   def run_round(state: ServerState, data: ClientData, key):

@@ -6,7 +6,7 @@ One pre-training round is ONE jitted program (``make_run_round``)::
 
     keys_k                 = split(fold_in(key, round), K)
     upload_k, private_k'   = client_update(θ_{t-1}, (volumes_k, private_k, inbox_k), keys_k)
-                             for every k, through core.map_clients (vmap | unrolled | map)
+                             for every k, through backends.for_each_client (any backend)
     θ_t                    = aggregators.fedavg(θ_{t-1}, stack(upload_k.variables), s_k = #volumes)
     inbox_k'               = exchange(stack(upload_k.bank))_k = every other client's bank
 
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_seg.fl import aggregators, core
+from fedjax_seg.fl import aggregators, backends, local
 from fedjax_seg.models import ModelFns
 
 METHODS = ("fcl", "local_cl", "rotation")
@@ -426,16 +426,6 @@ def init_state(hp: PretrainHParams, variables, num_clients: int, feature_dim: in
                        empty_inbox(num_clients, hp.bank_size, feature_dim))
 
 
-def _run_steps(body, carry, keys, strategy: str):
-  if core.resolve_strategy(strategy, "step") == "scan":
-    return jax.lax.scan(body, carry, keys)
-  outs = []
-  for e in range(keys.shape[0]):
-    carry, out = body(carry, keys[e])
-    outs.append(out)
-  return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-
-
 def make_client_update(hp: PretrainHParams, fns: ModelFns, tx: optax.GradientTransformation,
                        view: Callable) -> Callable:
   """``client_update(θ, (volumes_k, private_k, inbox_k), key) -> (upload, private', stats)``.
@@ -448,57 +438,49 @@ def make_client_update(hp: PretrainHParams, fns: ModelFns, tx: optax.GradientTra
   def contrastive_client(variables, inp, key):
     data, private, inbox = inp
 
-    def body(carry, k):
-      v, opt, mom, bank = carry
+    # carried state (v, momentum encoder, bank); only v's params step
+    def loss_fn(params, s, k):
+      v, mom, bank = s
       kb, k1, k2, kd, ks = jax.random.split(k, 5)
       x, lab, mask = partition_batch(data.x, data.depth, data.valid, kb,
                                      hp.volumes_per_batch, hp.num_partitions)
       keys_, _ = fns.apply(mom, view(k2, x), train=False)
       bank = bank_push(bank, jax.lax.stop_gradient(keys_), lab, mask)
-      x1 = view(k1, x)
+      q, new_v = fns.apply({**v, "params": params}, view(k1, x), train=True, key=kd)
+      loss, aux = fcl_loss(q, lab, mask, bank, inbox, ks, lcfg)
+      return loss, ((new_v, mom, bank), aux)
 
-      def loss_fn(params):
-        q, new_v = fns.apply({**v, "params": params}, x1, train=True, key=kd)
-        loss, aux = fcl_loss(q, lab, mask, bank, inbox, ks, lcfg)
-        return loss, (new_v, aux)
-      (loss, (new_v, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
-      updates, opt = tx.update(grads, opt, v["params"])
-      v = {**new_v, "params": optax.apply_updates(v["params"], updates)}
-      mom = momentum_update(mom, v, hp.momentum)
-      return (v, opt, mom, bank), {"loss": loss, **aux}
-
-    carry = (variables, tx.init(variables["params"]), private.momentum, private.bank)
-    (v, _, mom, bank), outs = _run_steps(body, carry, jax.random.split(key, hp.local_steps),
-                                         hp.step_strategy)
-    stats = {"num_samples": jnp.sum(data.valid), **jax.tree.map(jnp.mean, outs)}
+    (v, mom, bank), _, (losses, aux) = local.local_train(
+        loss_fn, tx, (variables, private.momentum, private.bank),
+        jax.random.split(key, hp.local_steps), strategy=hp.step_strategy,
+        params=lambda s: s[0]["params"],
+        merge=lambda s, new, p: ({**new[0], "params": p}, new[1], new[2]),
+        after_step=lambda s: (s[0], momentum_update(s[1], s[0], hp.momentum), s[2]))
+    stats = {"num_samples": jnp.sum(data.valid), "loss": jnp.mean(losses),
+             **jax.tree.map(jnp.mean, aux)}
     upload = {"variables": v, "bank": BankFeatures(bank.feats, bank.labels, bank.valid)}
     return upload, ClientPrivate(mom, bank), stats
 
   def rotation_client(variables, inp, key):
     data, private, inbox = inp
 
-    def body(carry, k):
-      v, opt = carry
+    def loss_fn(params, v, k):
       kb, kr, ka, kd = jax.random.split(k, 4)
       x, _, mask = partition_batch(data.x, data.depth, data.valid, kb,
                                    hp.volumes_per_batch, hp.num_partitions)
       rot = jax.random.randint(kr, (x.shape[0],), 0, 4)
       x = rotate90(view(ka, x), rot)
+      logits, new_v = fns.apply({**v, "params": params}, x, train=True, key=kd)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, rot)
+      acc = (jnp.argmax(logits, -1) == rot).astype(jnp.float32)
+      m = jnp.maximum(jnp.sum(mask), 1.0)
+      return jnp.sum(ce * mask) / m, (new_v, {"rotation_acc": jnp.sum(acc * mask) / m})
 
-      def loss_fn(params):
-        logits, new_v = fns.apply({**v, "params": params}, x, train=True, key=kd)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, rot)
-        acc = (jnp.argmax(logits, -1) == rot).astype(jnp.float32)
-        m = jnp.maximum(jnp.sum(mask), 1.0)
-        return jnp.sum(ce * mask) / m, (new_v, jnp.sum(acc * mask) / m)
-      (loss, (new_v, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
-      updates, opt = tx.update(grads, opt, v["params"])
-      v = {**new_v, "params": optax.apply_updates(v["params"], updates)}
-      return (v, opt), {"loss": loss, "rotation_acc": acc}
-
-    (v, _), outs = _run_steps(body, (variables, tx.init(variables["params"])),
-                              jax.random.split(key, hp.local_steps), hp.step_strategy)
-    stats = {"num_samples": jnp.sum(data.valid), **jax.tree.map(jnp.mean, outs)}
+    v, _, (losses, aux) = local.local_train(
+        loss_fn, tx, variables, jax.random.split(key, hp.local_steps),
+        strategy=hp.step_strategy)
+    stats = {"num_samples": jnp.sum(data.valid), "loss": jnp.mean(losses),
+             **jax.tree.map(jnp.mean, aux)}
     return {"variables": v}, private, stats
 
   return contrastive_client if hp.contrastive else rotation_client
@@ -511,7 +493,7 @@ def make_run_round(hp: PretrainHParams, client_update: Callable, client_strategy
   exchange_on: bool scalar (traced): FCL passes True, local CL False — the
   same compiled program. info: per-client stats [K], weights, failed, included.
   """
-  clients = core.map_clients(client_update, client_strategy)
+  clients = backends.for_each_client(client_update, client_strategy)
 
   def run_round(state: PretrainState, data: VolumeData, key, exchange_on=True):
     k = data.x.shape[0]

@@ -1,8 +1,8 @@
-"""Scale (issue 9): clients sharded over devices, several hosts, clients
-streamed in chunks. Every path computes the same round as ``core.make_run_round``
+"""Scale: clients sharded over devices, several hosts, clients streamed in chunks.
+Every path computes the same round as ``core.make_run_round``
 (tested in tests/test_sharding.py, tests/test_chunks.py, tests/test_distributed.py).
 
-Sharded clients (``config.fl.client_strategy = 'sharded'``)
+Sharded clients (``config.fl.client_strategy = 'sharded'``, ``backends.for_each_client``)
     The client axis is placed on the axis ``'clients'`` of a
     ``jax.sharding.Mesh`` over all devices (of all processes, after
     ``jax.distributed.initialize``) with ``jax.shard_map``; each device runs its
@@ -48,71 +48,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_seg.data.federated import ClientData
-from fedjax_seg.fl import aggregators, core
-
-CLIENT_AXIS = "clients"
-
-
-def client_mesh(devices=None) -> Mesh:
-  """1-D mesh with axis 'clients' over ``devices`` (default: every device of
-  every process)."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (CLIENT_AXIS,))
-
-
-def padded_num_clients(k: int, d: int) -> int:
-  """K_p = d·⌈k/d⌉."""
-  return -(-k // d) * d
-
-
-def pad_clients(data: ClientData, k_pad: int) -> ClientData:
-  """Appends k_pad − K zero-sample clients (x = y = 0, valid = 0).
-
-  NumPy in → NumPy out (host streaming); jax arrays in → jax arrays out (in jit).
-  """
-  k = data.x.shape[0]
-  if k_pad < k:
-    raise ValueError(f"pad_clients: k_pad={k_pad} < K={k}")
-  if k_pad == k:
-    return data
-  xp = np if isinstance(data.x, np.ndarray) else jnp
-  return jax.tree.map(
-      lambda a: xp.concatenate([a, xp.zeros((k_pad - k,) + a.shape[1:], a.dtype)]), data)
-
-
-def _pad_keys(keys, k_pad: int):
-  k = keys.shape[0]
-  return keys if k_pad == k else keys[jnp.arange(k_pad) % k]
-
-
-def sharded_clients(client_update: Callable, mesh: Optional[Mesh] = None,
-                    inner: str = "auto") -> Callable:
-  """(variables, data [K, ...], keys [K]) -> (stacked [K, ...], stats [K]) with
-  the K clients spread over the mesh axis 'clients' (padding: module docstring).
-
-  ``inner`` is the per-device client strategy ('auto', 'vmap', 'unrolled', 'map').
-  The mesh defaults to all devices, looked up at trace time.
-  """
-  inner = core.resolve_strategy(inner, "client")
-  if inner == "sharded":
-    raise ValueError("sharded_clients: inner strategy cannot be 'sharded'")
-  per_device = core.map_clients(client_update, inner)
-
-  def run(variables, data: ClientData, keys):
-    m = client_mesh() if mesh is None else mesh
-    k = keys.shape[0]
-    k_pad = padded_num_clients(k, m.shape[CLIENT_AXIS])
-    data, keys = pad_clients(data, k_pad), _pad_keys(keys, k_pad)
-    # check_vma=False: the replicated global model becomes per-client inside the
-    # local-step scan carry, which the varying-axis checker would reject.
-    f = jax.shard_map(per_device, mesh=m, in_specs=(P(), P(CLIENT_AXIS), P(CLIENT_AXIS)),
-                      out_specs=P(CLIENT_AXIS), check_vma=False)
-    stacked, stats = f(variables, data, keys)
-    if k_pad != k:
-      stacked, stats = jax.tree.map(lambda a: a[:k], (stacked, stats))
-    return stacked, stats
-  return run
-
+from fedjax_seg.fl import aggregators, backends, core
+from fedjax_seg.fl.backends import CLIENT_AXIS, client_mesh, pad_clients, pad_keys
 
 # --- placement (single host and several hosts) ------------------------------------
 
@@ -196,7 +133,7 @@ def make_chunked_round(client_update: Callable, algorithm: str, clients_per_chun
                            {k: jnp.ones((1,)) for k in ("num_samples", "cost_pre", "cost_post",
                                                         "ce_pre", "ce_post", "dice_pre",
                                                         "dice_post")}, **agg_kwargs)
-  clients = core.map_clients(client_update, client_strategy)
+  clients = backends.for_each_client(client_update, client_strategy)
   C = clients_per_chunk
 
   def chunk_step(variables, data, keys, acc):
@@ -248,7 +185,7 @@ def make_chunked_round(client_update: Callable, algorithm: str, clients_per_chun
       hi = min(lo + C, k)
       chunk = pad_clients(jax.tree.map(lambda a: a[lo:hi], data), C)
       acc, stats, ok, upd, finite = chunk_fn(state.variables, chunk,
-                                             _pad_keys(keys[lo:hi], C), acc)
+                                             pad_keys(keys[lo:hi], C), acc)
       outs.append((stats, ok, upd, finite))
     stats, ok, upd, finite = jax.tree.map(lambda *xs: jnp.concatenate(xs)[:k], *outs)
     new_state, weights, failed = finish_fn(state, acc, stats, ok)

@@ -61,7 +61,7 @@ import optax
 
 from fedjax_seg import losses
 from fedjax_seg.data.federated import ClientData, sample_batch, stack_clients
-from fedjax_seg.fl import aggregators, core, fedwep
+from fedjax_seg.fl import aggregators, backends, core, fedwep, local
 from fedjax_seg.models import ModelFns
 
 SCENARIOS = ("label_at_client", "label_at_server")
@@ -408,16 +408,6 @@ def _set_params(models, params, new_state):
   return out
 
 
-def _run_steps(body, carry, keys, strategy: str):
-  if strategy == "scan":
-    return jax.lax.scan(body, carry, keys)
-  outs = []
-  for e in range(keys.shape[0]):
-    carry, o = body(carry, keys[e])
-    outs.append(o)
-  return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-
-
 # ---------------------------------------------------------------------------
 # Client update, server update, round.
 
@@ -433,8 +423,8 @@ def make_client_update(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransfo
   train_loss, sup_loss, unsup_loss.
   """
   obj = Objective(hp, fns, num_classes)
-  strategy = core.resolve_strategy(chp.step_strategy, "step")
   has_labels = hp.scenario == "label_at_client"
+  trainable = _trainable(hp)
 
   def client_update(bcast, data: ClientPair, key):
     models, ctx = bcast
@@ -446,37 +436,31 @@ def make_client_update(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransfo
     lam = rampup(ctx["round"] + 1, hp)
     active = ctx["round"] >= hp.client_start_round
 
-    def loss_fn(params, models, batch, key):
-      (xl, yl, ml), (xu, mu) = batch
-      ks, ku = jax.random.split(key)
+    def loss_fn(params, models, k):
+      kl, ku, kd = jax.random.split(k, 3)
+      xl, yl, ml = sample_batch(data.lab, kl, chp.batch_size)
+      xu, _, mu = sample_batch(data.unl, ku, hp.unlabelled_batch_size)
+      ks, kun = jax.random.split(kd)
       sup, new_state = (obj.supervised(params, models, xl, yl, ml, ks) if has_labels
                         else (jnp.float32(0.0), {}))
       uns = jnp.float32(0.0)
       if hp.unsupervised:
-        uns, _ = obj.unsupervised(params, models, xu, mu, ctx, ku)
-      return sup + lam * uns, (new_state, sup, uns)
+        uns, _ = obj.unsupervised(params, models, xu, mu, ctx, kun)
+      return sup + lam * uns, (new_state, (sup, uns))
 
-    def body(carry, k):
-      models, opt = carry
-      kl, ku, kd = jax.random.split(k, 3)
-      xl, yl, ml = sample_batch(data.lab, kl, chp.batch_size)
-      xu, _, mu = sample_batch(data.unl, ku, hp.unlabelled_batch_size)
-      params = {n: models[n]["params"] for n in hp.trainable}
-      (value, (new_state, sup, uns)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, models, ((xl, yl, ml), (xu, mu)), kd)
-      updates, opt = tx.update(grads, opt, params)
-      params = optax.apply_updates(params, updates)
-      models = obj.after_step(_set_params(models, params, new_state))
-      return (models, opt), jnp.stack([value, sup, uns])
-
-    opt0 = tx.init({n: models[n]["params"] for n in hp.trainable})
-    keys = jax.random.split(key, chp.local_steps)
-    (new_models, _), hist = _run_steps(body, (models, opt0), keys, strategy)
+    new_models, _, (values, (sups, unss)) = local.local_train(
+        loss_fn, tx, models, jax.random.split(key, chp.local_steps),
+        strategy=chp.step_strategy, after_step=obj.after_step, **trainable)
     new_models = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_models, models)
-    mean = jnp.mean(hist, axis=0)
-    return new_models, {"num_samples": n_samples, "train_loss": mean[0], "sup_loss": mean[1],
-                        "unsup_loss": mean[2]}
+    return new_models, {"num_samples": n_samples, "train_loss": jnp.mean(values),
+                        "sup_loss": jnp.mean(sups), "unsup_loss": jnp.mean(unss)}
   return client_update
+
+
+def _trainable(hp: SemiHParams) -> Dict[str, Callable]:
+  """local_train's params/merge for a dict of named models, of which hp.trainable step."""
+  return {"params": lambda models: {n: models[n]["params"] for n in hp.trainable},
+          "merge": lambda models, new_state, params: _set_params(models, params, new_state)}
 
 
 def make_server_update(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformation,
@@ -485,29 +469,19 @@ def make_server_update(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransfo
   hp.server_steps supervised steps (fresh optimiser state) on the server's
   labelled patients, for every trainable model (MT: teacher EMA follows)."""
   obj = Objective(hp, fns, num_classes)
-  strategy = core.resolve_strategy(step_strategy, "step")
 
   def server_update(models, server: ClientData, key):
     data = jax.tree.map(lambda a: a[0], server)
 
-    def loss_fn(params, models, x, y, m, k):
-      value, new_state = obj.supervised(params, models, x, y, m, k)
-      return value, new_state
-
-    def body(carry, k):
-      models, opt = carry
+    def loss_fn(params, models, k):
       kb, kd = jax.random.split(k)
       x, y, m = sample_batch(data, kb, hp.server_batch_size)
-      params = {n: models[n]["params"] for n in hp.trainable}
-      (value, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, models, x, y, m, kd)
-      updates, opt = tx.update(grads, opt, params)
-      params = optax.apply_updates(params, updates)
-      return (obj.after_step(_set_params(models, params, new_state)), opt), value
+      value, new_state = obj.supervised(params, models, x, y, m, kd)
+      return value, (new_state, ())
 
-    opt0 = tx.init({n: models[n]["params"] for n in hp.trainable})
-    (models, _), vals = _run_steps(body, (models, opt0), jax.random.split(key, hp.server_steps),
-                                   strategy)
+    models, _, (vals, _) = local.local_train(
+        loss_fn, tx, models, jax.random.split(key, hp.server_steps), strategy=step_strategy,
+        after_step=obj.after_step, **_trainable(hp))
     return models, jnp.mean(vals)
   return server_update
 
@@ -540,13 +514,13 @@ def make_run_round(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformat
                    server_tx: Optional[optax.GradientTransformation] = None) -> Callable:
   """``run_round(state, SemiData, key) -> (state', info)`` — jit it once.
 
-  Clients run through ``core.map_clients`` (vmap | unrolled | map), averaging
+  Clients run through ``backends.for_each_client`` (any backend), averaging
   is ``aggregators.fedavg`` over the dict of communicated models. ``tx`` is the
   clients' optimiser; ``server_tx`` (default ``tx``) the label_at_server
   server's (``semi_train.optimizers``).
   """
   client_update = make_client_update(hp, fns, tx, num_classes, chp)
-  clients = core.map_clients(client_update, client_strategy)
+  clients = backends.for_each_client(client_update, client_strategy)
   server_update = (make_server_update(hp, fns, server_tx or tx, num_classes, chp.step_strategy)
                    if hp.scenario == "label_at_server" else None)
   context = make_round_context(hp, fns)

@@ -17,7 +17,7 @@ import numpy as np
 from fedjax_seg import models, runlog, steps
 from fedjax_seg import train as train_lib
 from fedjax_seg.data import federated, partition, pipeline
-from fedjax_seg.fl import aggregators, core, dp, secagg, server_opt
+from fedjax_seg.fl import aggregators, backends, core, dp, secagg, server_opt
 from fedjax_seg.fl import scale
 
 
@@ -173,8 +173,8 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   mbytes = core.model_bytes(variables)
   print(f"[fl] model {config.model.name}: {train_lib.num_params(variables):,} parameters, "
         f"{mbytes / 1e6:.2f} MB per transfer; client strategy "
-        f"{core.resolve_strategy(config.fl.client_strategy)}, step strategy "
-        f"{core.resolve_strategy(config.fl.step_strategy, 'step')}", flush=True)
+        f"{backends.resolve_strategy(config.fl.client_strategy)}, step strategy "
+        f"{backends.resolve_strategy(config.fl.step_strategy, 'step')}", flush=True)
 
   ckpt = runlog.Checkpointer(workdir)
   _, restored = ckpt.restore_latest(state)

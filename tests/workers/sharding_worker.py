@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from _np_init import numpy_init  # noqa: E402
 from fedjax_seg import models  # noqa: E402
 from fedjax_seg.data import federated  # noqa: E402
-from fedjax_seg.fl import aggregators, core, scale  # noqa: E402
+from fedjax_seg.fl import aggregators, backends, core, scale  # noqa: E402
 
 H = 16
 
@@ -60,7 +60,7 @@ def main():
   print(f"OK sharded == unsharded, K={k} dcew on 4 devices (padded to 4): max |diff| {d:.2e}",
         flush=True)
   # a padding client (no samples) gets weight 0 from the aggregators themselves
-  pdata = scale.pad_clients(data, 4)
+  pdata = backends.pad_clients(data, 4)
   ones = {s: jnp.ones(4) for s in ("ce_pre", "ce_post", "dice_pre", "dice_post", "cost_pre",
                                    "cost_post")}
   stacked = jax.tree.map(lambda a: jnp.stack([a] * 4), variables)

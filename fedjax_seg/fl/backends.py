@@ -1,0 +1,196 @@
+"""``for_each_client``: the one way every algorithm runs a function over its K clients.
+
+    run = for_each_client(fn, backend)
+    out = run(broadcast, per_client, keys)
+
+      fn(broadcast, client_k, key_k) -> out_k        one client (pure, jittable)
+      broadcast                                     the same for every client (the global
+                                                    model, a round context, ...)
+      per_client   any pytree, every leaf [K, ...]  client data AND per-client state
+      keys         [K] PRNG keys (raw uint32 [K, 2])
+      out          the pytree of out_k, every leaf stacked to [K, ...]
+
+How "for every k" executes is the *backend* (config ``fl.client_strategy``),
+chosen per platform because their speeds differ by an order of magnitude
+(``benchmarks/round_speed.py``; measured on a 2-core XLA:CPU, K = 8 clients of a
+U-Net: a vmapped round ran 2–7× slower than the unrolled one, because vmap over
+per-client weights turns convolutions into grouped convolutions, which XLA:CPU
+executes slowly; on accelerators vmap is the fast path):
+
+  'vmap'      jax.vmap over the client axis (accelerators)
+  'unrolled'  clients unrolled in Python inside the one jitted program (XLA:CPU)
+  'map'       lax.map over clients: bounded memory, one client's program compiled once
+  'sharded'   the client axis on the mesh axis 'clients' over all devices (shard_map),
+              each device running its K/D clients with ``inner``; K is padded to a
+              multiple of D with all-zero clients whose outputs are dropped
+  'debug'     a Python loop over clients; an exception names the client index and the
+              stage, and (outside jit) a non-finite output is reported the same way
+  'auto'      'vmap' on gpu/tpu, 'unrolled' on cpu
+
+Every backend computes the same function (tests/test_backends.py). Streaming
+clients C at a time with running sums (config ``fl.clients_per_chunk``) is the
+round-level variant in ``fl/scale.py``; it runs each chunk through this layer.
+
+The E local optimiser steps have their own strategy (``fl.step_strategy``:
+'scan' | 'unrolled' | 'auto'), resolved by :func:`resolve_strategy` too and
+used by ``fl/local.py``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+CLIENT_STRATEGIES = ("auto", "vmap", "unrolled", "map", "sharded", "debug")
+STEP_STRATEGIES = ("auto", "scan", "unrolled")
+CLIENT_AXIS = "clients"
+
+
+class ClientError(RuntimeError):
+  """Raised by the 'debug' backend: names the client index and the stage."""
+
+
+def resolve_strategy(strategy: str, kind: str = "client", platform: Optional[str] = None) -> str:
+  """Maps 'auto' to the measured default of the platform (``jax.default_backend()``).
+
+  kind: 'client' (config.fl.client_strategy) or 'step' (config.fl.step_strategy).
+  """
+  allowed = CLIENT_STRATEGIES if kind == "client" else STEP_STRATEGIES
+  if strategy not in allowed:
+    raise ValueError(f"config.fl.{kind}_strategy={strategy!r}: expected one of {allowed}")
+  if strategy != "auto":
+    return strategy
+  platform = platform or jax.default_backend()
+  if kind == "client":
+    return "unrolled" if platform == "cpu" else "vmap"
+  return "unrolled" if platform == "cpu" else "scan"
+
+
+def num_clients(per_client) -> int:
+  """K: the leading dimension shared by every leaf of ``per_client``."""
+  leaves = jax.tree.leaves(per_client)
+  if not leaves:
+    raise ValueError("for_each_client: per-client inputs have no arrays (K unknown)")
+  ks = {int(np.shape(a)[0]) for a in leaves}
+  if len(ks) != 1:
+    raise ValueError(f"for_each_client: per-client leaves disagree on K: {sorted(ks)}")
+  return ks.pop()
+
+
+def padded_num_clients(k: int, d: int) -> int:
+  """K_p = d·⌈k/d⌉."""
+  return -(-k // d) * d
+
+
+def pad_clients(per_client, k_pad: int):
+  """Appends k_pad − K all-zero clients to every leaf of any pytree [K, ...].
+
+  Zero clients of ClientData have valid = 0 (no samples), so every aggregator
+  gives them weight 0; callers drop their outputs anyway. NumPy in → NumPy out
+  (host streaming); jax arrays in → jax arrays out (inside jit).
+  """
+  k = num_clients(per_client)
+  if k_pad < k:
+    raise ValueError(f"pad_clients: k_pad={k_pad} < K={k}")
+  if k_pad == k:
+    return per_client
+
+  def pad(a):
+    xp = np if isinstance(a, np.ndarray) else jnp
+    return xp.concatenate([a, xp.zeros((k_pad - k,) + a.shape[1:], a.dtype)])
+  return jax.tree.map(pad, per_client)
+
+
+def pad_keys(keys, k_pad: int):
+  """[K] keys → [k_pad] (padding clients reuse real clients' keys; their outputs are dropped)."""
+  k = keys.shape[0]
+  return keys if k_pad == k else keys[jnp.arange(k_pad) % k]
+
+
+def client_mesh(devices=None) -> Mesh:
+  """1-D mesh with axis 'clients' over ``devices`` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (CLIENT_AXIS,))
+
+
+def _take(tree, k):
+  return jax.tree.map(lambda a: a[k], tree)
+
+
+def _stack(outs):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def for_each_client(fn: Callable, backend: str, *, inner: str = "auto",
+                    mesh: Optional[Mesh] = None, stage: str = "client update") -> Callable:
+  """Returns ``run(broadcast, per_client [K, ...], keys [K]) -> out [K, ...]``.
+
+  backend: one of CLIENT_STRATEGIES (module docstring). ``inner`` is the
+  per-device backend of 'sharded'; ``mesh`` its device mesh (default: all
+  devices, looked up at trace time). ``stage`` names what ``fn`` does in the
+  'debug' backend's error messages.
+  """
+  backend = resolve_strategy(backend, "client")
+  if backend == "sharded":
+    return _sharded(fn, inner, mesh, stage)
+  if backend == "vmap":
+    return jax.vmap(fn, in_axes=(None, 0, 0))
+  if backend == "map":
+    return lambda b, pc, keys: jax.lax.map(lambda a: fn(b, a[0], a[1]), (pc, keys))
+  if backend == "debug":
+    return _debug(fn, stage)
+
+  def unrolled(b, pc, keys):
+    return _stack([fn(b, _take(pc, k), keys[k]) for k in range(keys.shape[0])])
+  return unrolled
+
+
+def _debug(fn: Callable, stage: str) -> Callable:
+  def run(b, pc, keys):
+    outs = []
+    for k in range(keys.shape[0]):
+      try:
+        out = fn(b, _take(pc, k), keys[k])
+      except Exception as e:  # annotate, keep the cause chained
+        raise ClientError(f"client {k}: {stage}: {type(e).__name__}: {e}") from e
+      for path, leaf in jax.tree_util.tree_leaves_with_path(out):
+        if isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(leaf.dtype, jnp.floating):
+          continue
+        if not bool(jnp.all(jnp.isfinite(leaf))):
+          raise ClientError(f"client {k}: {stage}: non-finite output at "
+                            f"{jax.tree_util.keystr(path)}")
+      outs.append(out)
+    return _stack(outs)
+  return run
+
+
+def _sharded(fn: Callable, inner: str, mesh: Optional[Mesh], stage: str) -> Callable:
+  inner = resolve_strategy(inner, "client")
+  if inner in ("sharded", "debug"):
+    raise ValueError(f"for_each_client: the per-device backend of 'sharded' cannot be {inner!r}")
+  per_device = for_each_client(fn, inner, stage=stage)
+
+  def run(b, pc, keys):
+    m = client_mesh() if mesh is None else mesh
+    k = keys.shape[0]
+    k_pad = padded_num_clients(k, m.shape[CLIENT_AXIS])
+    pc, keys = pad_clients(pc, k_pad), pad_keys(keys, k_pad)
+    # check_vma=False: the replicated broadcast becomes per-client inside the
+    # local-step scan carry, which the varying-axis checker would reject.
+    f = jax.shard_map(per_device, mesh=m, in_specs=(P(), P(CLIENT_AXIS), P(CLIENT_AXIS)),
+                      out_specs=P(CLIENT_AXIS), check_vma=False)
+    out = f(b, pc, keys)
+    return out if k_pad == k else jax.tree.map(lambda a: a[:k], out)
+  return run
+
+
+def jit_round(build: Callable[[], Callable], backend: str, jit: Callable) -> Callable:
+  """The round program: ``jit(build)`` unless the backend is 'debug' (then it runs eagerly,
+  so a client's error and its non-finite outputs surface with the client index)."""
+  if resolve_strategy(backend, "client") == "debug":
+    return build()
+  return jit(build)
+

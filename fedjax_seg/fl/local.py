@@ -1,0 +1,87 @@
+"""The one optimiser-step loop: every client update, the label-at-server
+server steps, FCL pre-training and centralised training step through it.
+
+    state, opt_state, (losses [E], aux [E]) = local_train(loss_fn, tx, state, keys, ...)
+
+    for e in range(E):                       # E = len(keys)
+      (loss_e, (s', aux_e)), g = value_and_grad(loss_fn, has_aux=True)(params(s), s, keys[e])
+      u, opt_state = tx.update(g, opt_state, params(s))
+      s = after_step(merge(s, s', apply_updates(params(s), u)))
+
+``loss_fn`` samples its own batch from its key (``data.federated.sample_batch``),
+so the loop is the same whether data live in the client's arrays or arrive one
+batch at a time (centralised: a closure over the batch, E = 1). ``s'`` carries
+whatever the forward pass changed besides the parameters (batch statistics,
+an FCL memory bank, ...); ``merge`` puts the stepped parameters back.
+``after_step`` is the hook for updates that follow every optimiser step:
+Mean Teacher's EMA teacher, FCL's momentum encoder.
+
+Steps run as ``lax.scan`` ('scan') or unrolled inside the jitted program
+('unrolled'): config ``fl.step_strategy``, 'auto' per platform
+(``backends.resolve_strategy``); both compute the same function.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_seg.fl import backends
+
+
+def flax_params(variables):
+  """params(s) for flax variables {'params': ..., 'batch_stats': ...}."""
+  return variables["params"]
+
+
+def flax_merge(variables, new_variables, params):
+  """merge(s, s', p) for flax variables: the forward pass's collections + stepped params."""
+  return {**new_variables, "params": params}
+
+
+def run_steps(body: Callable, carry, keys, strategy: str):
+  """``lax.scan(body, carry, keys)`` or the same loop unrolled in Python.
+
+  body(carry, key) -> (carry, out); returns (carry, out stacked to [len(keys), ...]).
+  """
+  if backends.resolve_strategy(strategy, "step") == "scan":
+    return jax.lax.scan(body, carry, keys)
+  outs = []
+  for e in range(keys.shape[0]):
+    carry, out = body(carry, keys[e])
+    outs.append(out)
+  return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def local_train(loss_fn: Callable, tx: optax.GradientTransformation, state: Any, keys,
+                *, strategy: str, params: Callable = flax_params, merge: Callable = flax_merge,
+                after_step: Optional[Callable] = None,
+                opt_state: Any = None) -> Tuple[Any, Any, Tuple[jnp.ndarray, Any]]:
+  """E = keys.shape[0] optimiser steps of ``tx`` on ``loss_fn`` (module docstring).
+
+  Args:
+    loss_fn: (params, state, key) -> (scalar loss, (state', aux)); aux any pytree.
+    tx: the optimiser; a fresh ``tx.init(params(state))`` unless ``opt_state`` is given.
+    state: what the steps carry (flax variables by default; any pytree with ``params``).
+    keys: [E] PRNG keys, one per step.
+    strategy: 'scan' | 'unrolled' | 'auto' (config fl.step_strategy).
+    params / merge: how to read the trainable parameters out of ``state`` and put the
+      stepped ones back (defaults: flax variables' 'params' collection).
+    after_step: state -> state, applied after every optimiser step.
+  Returns (state, opt_state, (losses float32 [E], aux stacked [E, ...])).
+  """
+  def body(carry, key):
+    s, o = carry
+    p = params(s)
+    (value, (new_s, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, s, key)
+    updates, o = tx.update(grads, o, p)
+    s = merge(s, new_s, optax.apply_updates(p, updates))
+    if after_step is not None:
+      s = after_step(s)
+    return (s, o), (value, aux)
+
+  o0 = tx.init(params(state)) if opt_state is None else opt_state
+  (state, opt_state), hist = run_steps(body, (state, o0), keys, strategy)
+  return state, opt_state, hist
