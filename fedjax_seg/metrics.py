@@ -9,7 +9,9 @@ Two layers:
   :func:`per_sample_dice`;
 * host-side (NumPy) reductions of those counts into Python floats:
   :func:`metrics_from_counts`, :func:`region_dice_from_counts`, plus the
-  NumPy-only :func:`brats_region_dice` and :func:`hd95`.
+  NumPy-only :func:`brats_region_dice`, :func:`hd95` (two conventions,
+  ``'pooled'`` as medpy and ``'max_directed'`` as MONAI) and
+  :func:`surface_distances`.
 
 Conventions: ``pred`` and ``labels`` are int arrays of the same shape (class
 indices, no channel axis; take ``argmax(logits, -1)`` first).  ``mask`` is
@@ -46,6 +48,8 @@ __all__ = [
     "region_dice_from_counts",
     "brats_region_dice",
     "hd95",
+    "surface_distances",
+    "HD95_CONVENTIONS",
     "BRATS_REGIONS",
     "BRATS_CLASS_NAMES",
     "LGG_CLASS_NAMES",
@@ -358,30 +362,22 @@ def _distance_to(surface: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     return np.abs(sitk.GetArrayFromImage(dist)).astype(np.float64)
 
 
-def hd95(pred_mask, gt_mask, spacing: Optional[Sequence[float]] = None,
-         percentile: float = 95.0) -> float:
-    """95th-percentile symmetric Hausdorff distance in mm (2D or 3D, NumPy).
+HD95_CONVENTIONS = ("pooled", "max_directed")
 
-    Surfaces are the boundary voxels of each mask (foreground voxels with a
-    background face neighbour; the outside of the array is background).  The
-    distances from every surface voxel of A to the nearest surface voxel of
-    B, and from every surface voxel of B to the nearest of A, are pooled and
-    their ``percentile``-th percentile (``np.percentile``, linear) returned.
-    Distances use the voxel ``spacing`` (mm per voxel, in NumPy axis order;
-    default 1.0 on every axis) and SimpleITK's exact Euclidean distance map.
 
-    Conventions (the result is always finite):
-      * both masks empty -> 0.0;
-      * exactly one empty -> the image diagonal, ``sqrt(Σ (n_i·s_i)²)`` mm,
-        the largest distance possible inside the image, so that means over
-        cases stay finite and a missed / hallucinated lesion is maximally
-        penalised.
+def _crop_to_union(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``a`` and ``b`` cropped to the bounding box of ``a | b``.
 
-    Args:
-      pred_mask, gt_mask: boolean (or 0/1) arrays of the same 2D/3D shape.
-      spacing: voxel size per axis in mm.
-      percentile: 95 by default; 100 gives the classic Hausdorff distance.
+    Exact for surface distances: every foreground voxel lies inside the box
+    and the outside of the array counts as background in :func:`_surface`,
+    so both surfaces and all distances between them are unchanged.
     """
+    idx = np.nonzero(a | b)
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+    return a[box], b[box]
+
+
+def _check_masks(pred_mask, gt_mask, spacing):
     a = np.asarray(pred_mask).astype(bool)
     b = np.asarray(gt_mask).astype(bool)
     if a.shape != b.shape:
@@ -393,13 +389,79 @@ def hd95(pred_mask, gt_mask, spacing: Optional[Sequence[float]] = None,
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != a.ndim:
         raise ValueError(f"spacing {spacing} does not match {a.ndim}D masks")
+    return a, b, spacing
+
+
+def surface_distances(pred_mask, gt_mask,
+                      spacing: Optional[Sequence[float]] = None
+                      ) -> Tuple[np.ndarray, np.ndarray]:
+    """Directed surface distances (float64 1-D arrays, mm):
+    ``(pred surface -> nearest gt surface, gt surface -> nearest pred surface)``.
+
+    One entry per boundary voxel of the source mask (foreground voxels with a
+    background face neighbour; the outside of the array is background, as
+    medpy's ``binary_erosion(border_value=0)``).  Both masks must be
+    non-empty.  The masks are cropped to the bounding box of their union
+    first (exact, see :func:`_crop_to_union`), so small lesions in large
+    volumes stay cheap.
+    """
+    a, b, spacing = _check_masks(pred_mask, gt_mask, spacing)
+    if not (a.any() and b.any()):
+        raise ValueError("surface_distances needs two non-empty masks")
+    a, b = _crop_to_union(a, b)
+    sa, sb = _surface(a), _surface(b)
+    d_ab = _distance_to(sb, spacing)[sa]     # A surface -> nearest B surface
+    d_ba = _distance_to(sa, spacing)[sb]
+    return d_ab, d_ba
+
+
+def hd95(pred_mask, gt_mask, spacing: Optional[Sequence[float]] = None,
+         percentile: float = 95.0, convention: str = "pooled") -> float:
+    """95th-percentile symmetric Hausdorff distance in mm (2D or 3D, NumPy).
+
+    Surfaces are the boundary voxels of each mask (foreground voxels with a
+    background face neighbour; the outside of the array is background).  The
+    distances from every surface voxel of A to the nearest surface voxel of
+    B (``d_AB``), and from every surface voxel of B to the nearest of A
+    (``d_BA``), are reduced by ``convention``:
+
+      * ``'pooled'``: ``percentile(concat(d_AB, d_BA))`` -- medpy's
+        ``hd95`` (``np.percentile(np.hstack((hd1, hd2)), 95)``);
+      * ``'max_directed'``: ``max(percentile(d_AB), percentile(d_BA))`` --
+        MONAI's ``compute_hausdorff_distance(percentile=95)`` and, up to its
+        surface-element area weights, DeepMind surface-distance's
+        ``compute_robust_hausdorff``.  Never smaller than ``'pooled'``.
+
+    Percentiles are ``np.percentile`` (linear interpolation).  Distances use
+    the voxel ``spacing`` (mm per voxel, in NumPy axis order; default 1.0 on
+    every axis, i.e. voxel units) and SimpleITK's exact Euclidean distance map.
+
+    Conventions (the result is always finite; MONAI returns nan / inf here):
+      * both masks empty -> 0.0;
+      * exactly one empty -> the image diagonal, ``sqrt(Σ (n_i·s_i)²)`` mm,
+        the largest distance possible inside the image, so that means over
+        cases stay finite and a missed / hallucinated lesion is maximally
+        penalised.
+
+    Args:
+      pred_mask, gt_mask: boolean (or 0/1) arrays of the same 2D/3D shape.
+      spacing: voxel size per axis in mm.
+      percentile: 95 by default; 100 gives the classic Hausdorff distance
+        (both conventions agree there).
+      convention: one of :data:`HD95_CONVENTIONS`.
+    """
+    if convention not in HD95_CONVENTIONS:
+        raise ValueError(f"hd95 convention={convention!r}: expected one of "
+                         f"{HD95_CONVENTIONS}")
+    a, b, spacing = _check_masks(pred_mask, gt_mask, spacing)
     has_a, has_b = a.any(), b.any()
     if not has_a and not has_b:
         return 0.0
     if not (has_a and has_b):
         return float(np.sqrt(np.sum((np.asarray(a.shape) *
                                      np.asarray(spacing)) ** 2)))
-    sa, sb = _surface(a), _surface(b)
-    d_ab = _distance_to(sb, spacing)[sa]     # A surface -> nearest B surface
-    d_ba = _distance_to(sa, spacing)[sb]
-    return float(np.percentile(np.concatenate([d_ab, d_ba]), percentile))
+    d_ab, d_ba = surface_distances(a, b, spacing)
+    if convention == "pooled":
+        return float(np.percentile(np.concatenate([d_ab, d_ba]), percentile))
+    return float(max(np.percentile(d_ab, percentile),
+                     np.percentile(d_ba, percentile)))

@@ -248,6 +248,87 @@ def test_hd95_matches_scipy_reference():
         assert metrics.hd95(x, y, sp) == pytest.approx(ref, rel=1e-5)
 
 
+def _brute_force_directed(a, b, spacing):
+    """Reference surface distances without distance transforms: surfaces by
+    scipy's binary erosion (outside = background, as medpy), all pairwise
+    Euclidean distances between surface voxel centres in mm."""
+    from scipy import ndimage
+    from scipy.spatial.distance import cdist
+    sa = a & ~ndimage.binary_erosion(a, border_value=0)
+    sb = b & ~ndimage.binary_erosion(b, border_value=0)
+    d = cdist(np.argwhere(sa) * np.asarray(spacing),
+              np.argwhere(sb) * np.asarray(spacing))
+    return d.min(axis=1), d.min(axis=0)
+
+
+def _square_with_spur():
+    # A: a 5x5 square (16 surface pixels).  B: the same square plus a
+    # 1-pixel-wide spur of 6 pixels leaving its right side at row 5.
+    a = np.zeros((12, 18), bool)
+    a[3:8, 3:8] = True
+    b = a.copy()
+    b[5, 8:14] = True
+    return a, b
+
+
+def test_hd95_conventions_hand_computed():
+    # A -> B (16 values): A's (5, 7) is interior in B, nearest B surface 1 px
+    # away; the other 15 lie on B's surface -> 15 x 0, 1 x 1.
+    # B -> A (21 values): 15 shared surface pixels at 0, the spur at 1..6.
+    # pooled (37 values: 30 x 0, 1, 1, 2, 3, 4, 5, 6): index 36 * .95 = 34.2
+    #   -> 4 + 0.2 * (5 - 4) = 4.2 px.
+    # max_directed: A -> B index 15 * .95 = 14.25 -> 0.25; B -> A index
+    #   20 * .95 = 19 -> 5.0; max = 5.0 px.
+    a, b = _square_with_spur()
+    assert metrics.hd95(a, b) == pytest.approx(4.2)
+    assert metrics.hd95(a, b, convention="pooled") == pytest.approx(4.2)
+    assert metrics.hd95(a, b, convention="max_directed") == pytest.approx(5.0)
+    assert metrics.hd95(b, a, convention="max_directed") == pytest.approx(5.0)
+    # spacing (2, 0.5) mm: the spur runs along axis 1 -> every distance x 0.5
+    assert metrics.hd95(a, b, (2.0, 0.5)) == pytest.approx(2.1)
+    assert metrics.hd95(a, b, (2.0, 0.5), convention="max_directed") == pytest.approx(2.5)
+    d_ab, d_ba = metrics.surface_distances(a, b)
+    assert sorted(d_ab) == [0.0] * 15 + [1.0]
+    assert sorted(d_ba) == [0.0] * 15 + [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    # percentile 100: both conventions are the classic Hausdorff distance
+    for conv in metrics.HD95_CONVENTIONS:
+        assert metrics.hd95(a, b, percentile=100, convention=conv) == pytest.approx(6.0)
+    with pytest.raises(ValueError, match="convention"):
+        metrics.hd95(a, b, convention="mean")
+
+
+def test_hd95_conventions_match_brute_force_reference():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(7)
+    cases = [((16, 20), (0.7, 1.3)), ((9, 12, 11), (2.5, 1.0, 0.8))]
+    # a small lesion far from the border of a large volume (exercises the crop)
+    big_a = np.zeros((30, 40, 40), bool)
+    big_a[10:14, 20:26, 5:9] = True
+    big_b = np.zeros_like(big_a)
+    big_b[11:15, 21:25, 6:12] = True
+    for shape, sp in cases:
+        x = ndimage.binary_opening(rng.random(shape) > 0.5)
+        y = ndimage.binary_opening(rng.random(shape) > 0.5)
+        d_xy, d_yx = _brute_force_directed(x, y, sp)
+        assert metrics.hd95(x, y, sp, convention="pooled") == pytest.approx(
+            np.percentile(np.concatenate([d_xy, d_yx]), 95), rel=1e-6)
+        assert metrics.hd95(x, y, sp, convention="max_directed") == pytest.approx(
+            max(np.percentile(d_xy, 95), np.percentile(d_yx, 95)), rel=1e-6)
+    sp = (3.0, 1.0, 1.0)
+    d_ab, d_ba = _brute_force_directed(big_a, big_b, sp)
+    got_ab, got_ba = metrics.surface_distances(big_a, big_b, sp)
+    np.testing.assert_allclose(np.sort(got_ab), np.sort(d_ab), rtol=1e-6)
+    np.testing.assert_allclose(np.sort(got_ba), np.sort(d_ba), rtol=1e-6)
+    assert metrics.hd95(big_a, big_b, sp, convention="max_directed") == pytest.approx(
+        max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)), rel=1e-6)
+    # the empty conventions do not depend on the convention
+    z = np.zeros_like(big_a)
+    for conv in metrics.HD95_CONVENTIONS:
+        assert metrics.hd95(z, z, sp, convention=conv) == 0.0
+        assert metrics.hd95(big_a, z, sp, convention=conv) == pytest.approx(
+            math.sqrt(90.0 ** 2 + 40.0 ** 2 + 40.0 ** 2))
+
+
 def test_metric_table_keys_exist():
     c = len(metrics.BRATS_CLASS_NAMES)
     m = metrics.metrics_from_counts(np.ones((c, 4)),
