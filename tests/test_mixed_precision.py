@@ -8,7 +8,7 @@ import optax
 
 from _np_init import numpy_init
 from fedjax_seg import models
-from fedjax_seg.fl import aggregators, core
+from fedjax_seg.fl import aggregators, backends, core
 
 H = 16
 CFG = {"name": "unet", "base": 4, "depth": 2, "dropout": 0.0}
