@@ -52,6 +52,9 @@ def main(argv):
   from fedjax_seg.config_utils import validate
   from fedjax_seg.data.io import DataError
   config = _CONFIG.value
+  from fedjax_seg import compile_cache  # persistent XLA cache: docs/performance.md
+  cache_dir = compile_cache.enable(config.get("compile_cache_dir"))
+  print(f"[compile] persistent compilation cache: {cache_dir or 'off'}", flush=True)
   try:
     validate(config)
     import shlex

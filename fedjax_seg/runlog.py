@@ -17,6 +17,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -39,18 +40,102 @@ def _jsonable(v):
 
 
 _JIT_CACHE: Dict[str, Any] = {}
+_COMPILE_S: Dict[str, float] = {}
 
 
-def cached_jit(key: str, build, **jit_kwargs):
-  """``jax.jit(build())`` memoised by ``key`` within this process.
+def compile_times(reset: bool = False) -> Dict[str, float]:
+  """Seconds spent compiling each ``cached_jit`` program since the last reset:
+  ``{name: s}``, ``name`` being the key's leading word (``round``, ``train_step``,
+  ``eval``, ...). A program already compiled in this process (same key and
+  argument shapes) reads 0.0 once it is called; one that was never called is
+  absent. ``reset=True`` returns the times and starts a new record (a run's
+  ``finish`` does, so each run's results hold its own compile times)."""
+  out = dict(_COMPILE_S)
+  if reset:
+    _COMPILE_S.clear()
+  return out
+
+
+def reset_compile_times() -> None:
+  """Start a new compile-time record (``compile_times()`` is empty until the next call)."""
+  _COMPILE_S.clear()
+
+
+def _signature(args, kwargs):
+  """What makes jax.jit compile again: the pytree structure and every leaf's
+  type, shape, dtype, weak type and sharding."""
+  leaves, tree = jax.tree.flatten((args, kwargs))
+  if any(isinstance(a, jax.core.Tracer) for a in leaves):
+    return None  # called inside another trace: nothing is compiled here
+  return tree, tuple((type(a), getattr(a, "shape", None), getattr(a, "dtype", None),
+                      getattr(a, "weak_type", None), getattr(a, "sharding", None))
+                     for a in leaves)
+
+
+class TimedJit:
+  """``jax.jit(fn)`` that compiles ahead of time, and times it, the first time
+  it is called with each argument signature.
+
+  The first call with a new signature runs ``jitted.lower(*args).compile()``
+  (printing ``[compile] compiling <name> program ...`` before and the seconds
+  after), adds the seconds to ``compile_times()[name]``, then calls the jitted
+  function, which reuses that executable (no second compilation). Every call
+  goes through the jitted function, so jax.jit semantics (donation, new
+  shapes, shardings) are unchanged. Attributes (``lower``, ``trace``, ...)
+  are the jitted function's.
+  """
+
+  def __init__(self, name: str, jitted, verbose: bool = True):
+    self.name, self.jitted, self.verbose = name, jitted, verbose
+    self._compiled: set = set()
+
+  def __call__(self, *args, **kwargs):
+    try:
+      sig = _signature(args, kwargs)
+      hash(sig)
+    except TypeError:  # an unhashable leaf: leave it to jax.jit, untimed
+      sig = None
+    if sig is None:
+      pass
+    elif sig not in self._compiled:
+      self._compile(args, kwargs)
+      self._compiled.add(sig)
+    else:
+      _COMPILE_S.setdefault(self.name, 0.0)
+    return self.jitted(*args, **kwargs)
+
+  def _compile(self, args, kwargs):
+    if self.verbose:
+      print(f"[compile] compiling {self.name} program ...", flush=True)
+    t0 = time.perf_counter()
+    self.jitted.lower(*args, **kwargs).compile()
+    s = time.perf_counter() - t0
+    _COMPILE_S[self.name] = _COMPILE_S.get(self.name, 0.0) + s
+    if self.verbose:
+      print(f"[compile] {self.name} program: {s:.1f} s", flush=True)
+
+  def __getattr__(self, attr):
+    return getattr(self.jitted, attr)
+
+
+def _program_name(key: str) -> str:
+  m = re.match(r"[A-Za-z0-9_]+", key)
+  return m.group(0) if m else "jit"
+
+
+def cached_jit(key: str, build, name: Optional[str] = None, **jit_kwargs) -> TimedJit:
+  """``jax.jit(build(), **jit_kwargs)`` memoised by ``key`` within this process,
+  with its compile time measured (``TimedJit``, ``compile_times()``).
 
   Re-running the same experiment config in one process (a resumed run, a
   sweep point, a test) then reuses the compiled program instead of
   re-tracing and re-compiling a structurally identical function. ``key``
   must capture everything ``build`` closes over (callers use the config JSON).
+  ``name`` (default: the key's leading word, e.g. ``round``) labels the
+  progress line and the compile-time record.
   """
   if key not in _JIT_CACHE:
-    _JIT_CACHE[key] = jax.jit(build(), **jit_kwargs)
+    _JIT_CACHE[key] = TimedJit(name or _program_name(key), jax.jit(build(), **jit_kwargs))
   return _JIT_CACHE[key]
 
 

@@ -165,6 +165,7 @@ def finish(config, workdir, fns, variables, ds, eval_batch, rows, extra: Dict,
   results = {"algorithm": config.algorithm, "metrics": split_metrics,
              "class_names": list(ds.class_names), "background_in_means": False,
              **(report["results"] if report else {}), **extra}
+  results["compile_s"] = runlog.compile_times(reset=True)  # {program: s} of this run
   runlog.write_json(os.path.join(workdir, "results.json"), results)
   if rows:
     runlog.plot_learning_curves(rows, os.path.join(workdir, "learning_curves.png"), x_key)

@@ -8,6 +8,15 @@ from absl import logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
 
+# One persistent compilation cache for every test session, and for the launch.py
+# subprocesses tests start (they read the variable): a re-run of the suite reads
+# the programs the last one compiled. Its own folder, next to the runs' one;
+# FEDJAX_SEG_COMPILE_CACHE= (empty) runs the tests without a cache.
+from fedjax_seg import compile_cache  # noqa: E402
+
+os.environ.setdefault(compile_cache.ENV_VAR, compile_cache.default_dir() + "-tests")
+compile_cache.enable()
+
 
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
