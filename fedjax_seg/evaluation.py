@@ -15,6 +15,14 @@ then averaged over volumes. Conventions (from `metrics.hd95`): both masks
 empty -> 0 mm; exactly one empty -> the image diagonal in mm (a missed or
 hallucinated region is maximally penalised). Region Dice is one global Dice
 over all voxels of the split (empty vs empty = 1).
+
+For every data set, `per_patient_report` adds one record per validation and
+test patient (results.json ``per_patient``): per-class Dice and IoU over all
+of the patient's voxels, per-class HD95 on the patient's 3D volume (in mm
+when the spacing is known, else in pixels with unit spacing on every axis,
+z = slice index for stacked 2D slices), their foreground means, and for
+BraTS the WT / TC / ET region Dice and HD95. These records are what
+``python -m fedjax_seg.report compare`` pairs across runs (`fedjax_seg.stats`).
 """
 from __future__ import annotations
 
@@ -34,6 +42,12 @@ SEED001_TEST = {
 }
 
 
+# The HD95 reduction used for every HD95 in results.json (`metrics.hd95`):
+# 'pooled' = the 95th percentile of both directions' surface distances
+# pooled (medpy's hd95). Recorded in results.json as ``hd95_convention``.
+HD95_CONVENTION = "pooled"
+
+
 def make_predict(fns) -> Callable:
   """Jitted ``predict(variables, x) -> int32 class map`` (argmax of the logits)."""
   return jax.jit(lambda v, x: jnp.argmax(fns.apply(v, x)[0], axis=-1).astype(jnp.int32))
@@ -47,6 +61,26 @@ def predict(predict_fn, variables, x: np.ndarray, batch_size: int) -> np.ndarray
                                 batch_size)
     out.append(np.asarray(predict_fn(variables, bx))[: int(bm.sum())])
   return np.concatenate(out) if out else np.zeros((0,) + x.shape[1:-1], np.int32)
+
+
+def predict_patients(predict_fn, variables, ds, ids: Sequence[str], batch_size: int
+                     ) -> Dict[str, np.ndarray]:
+  """Class maps of patients ``ids``: {id: int32 [S, ...] (the patient's samples)}.
+
+  The patients' samples are pooled and run in fixed-size padded batches of
+  ``batch_size`` (one compile whatever the patients' sizes), then split back.
+  """
+  ids = list(ids)
+  if not ids:
+    return {}
+  x, _ = ds.arrays(ids)
+  pred = predict(predict_fn, variables, x, batch_size)
+  out, i = {}, 0
+  for pid in ids:
+    n = len(ds.patients[pid].labels)
+    out[pid] = pred[i:i + n]
+    i += n
+  return out
 
 
 def patient_volumes(labels: np.ndarray, pred: np.ndarray) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
@@ -65,10 +99,13 @@ def regions_for(class_names: Sequence[str]) -> Tuple[Tuple[str, Tuple[int, ...]]
   return tuple((name, (c,)) for c, name in enumerate(class_names) if c > 0)
 
 
-def region_metrics(ds, ids: Sequence[str], predict_fn, variables, batch_size: int) -> Dict[str, float]:
+def region_metrics(ds, ids: Sequence[str], predict_fn, variables, batch_size: int,
+                   preds: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, float]:
   """Region Dice (global over the split) and mean HD95 (mm, per volume) for patients ``ids``.
 
-  Returns {'dice/<R>', 'hd95/<R>', 'num_volumes'} for each region R.
+  ``preds``: {id: class map} already computed (`predict_patients`); patients
+  missing from it are predicted here. Returns {'dice/<R>', 'hd95/<R>',
+  'num_volumes'} for each region R.
   """
   regions = regions_for(ds.class_names)
   counts = np.zeros((len(regions), 3))
@@ -76,19 +113,83 @@ def region_metrics(ds, ids: Sequence[str], predict_fn, variables, batch_size: in
   n_vol = 0
   for pid in ids:
     p = ds.patients[pid]
-    pred = predict(predict_fn, variables, p.images, batch_size)
+    pred = preds[pid] if preds is not None and pid in preds else predict(
+        predict_fn, variables, p.images, batch_size)
     for pv, gv in patient_volumes(p.labels, pred):
       n_vol += 1
       for r, (name, classes) in enumerate(regions):
         a, b = np.isin(pv, classes), np.isin(gv, classes)
         counts[r] += [np.sum(a & b), np.sum(a & ~b), np.sum(~a & b)]
-        hd[name].append(metrics.hd95(a, b, p.spacing))
+        hd[name].append(metrics.hd95(a, b, p.spacing, convention=HD95_CONVENTION))
   out: Dict[str, float] = {}
   for r, (name, _) in enumerate(regions):
     tp, fp, fn = counts[r]
     out[f"dice/{name}"] = float(2 * tp / (2 * tp + fp + fn)) if (tp + fp + fn) > 0 else 1.0
     out[f"hd95/{name}"] = float(np.mean(hd[name])) if hd[name] else float("nan")
   out["num_volumes"] = n_vol
+  return out
+
+
+def _hd95_over_volumes(labels: np.ndarray, pred: np.ndarray, classes: Sequence[int],
+                       spacing: Optional[Sequence[float]]) -> float:
+  """Mean over the patient's volumes (one for 2D slices, one per 3D sample) of the HD95 of ``classes``."""
+  vals = [metrics.hd95(np.isin(pv, classes), np.isin(gv, classes), spacing, convention=HD95_CONVENTION)
+          for pv, gv in patient_volumes(labels, pred)]
+  return float(np.mean(vals))
+
+
+def patient_record(patient, pred: np.ndarray, class_names: Sequence[str], use_spacing: bool) -> Dict:
+  """One patient's metrics (JSON-ready).
+
+  Args:
+    patient: `pipeline.PatientArrays` (labels int [S, H, W] or [S, D, H, W]).
+    pred: int class map of the same shape as ``patient.labels``.
+    class_names: C names, class 0 = background.
+    use_spacing: HD95 in mm with ``patient.spacing``; False: unit spacing (pixels).
+  Returns {'id', 'site', 'num_samples', 'dice': {class: v} (all C classes),
+  'iou': {class: v}, 'hd95': {class: v} (foreground classes), 'gt_voxels':
+  {class: int} (foreground), 'dice_mean' / 'iou_mean' / 'hd95_mean' (over
+  the foreground classes)} and for BraTS 'region_dice' / 'region_hd95'
+  {WT, TC, ET}. Dice / IoU count every voxel of the patient (empty vs empty
+  = 1); HD95 as `metrics.hd95` (both empty 0, one empty the image diagonal).
+  """
+  labels = np.asarray(patient.labels)
+  pred = np.asarray(pred)
+  if pred.shape != labels.shape:
+    raise ValueError(f"patient {patient.id}: prediction {pred.shape} vs labels {labels.shape}")
+  c = len(class_names)
+  m = np.bincount((labels.astype(np.int64) * c + pred).reshape(-1), minlength=c * c).reshape(c, c)
+  tp = np.diag(m).astype(np.float64)
+  fp, fn = m.sum(0) - tp, m.sum(1) - tp
+  counts = np.stack([tp, fp, fn, m.sum() - tp - fp - fn], axis=1)
+  pooled = metrics.metrics_from_counts(counts, class_names=tuple(class_names))
+  spacing = patient.spacing if use_spacing else None
+  fg = list(enumerate(class_names))[1:]
+  rec: Dict = {"id": patient.id, "site": patient.site, "num_samples": int(len(labels)),
+               "dice": {n: pooled[f"dice/{n}"] for n in class_names},
+               "iou": {n: pooled[f"iou/{n}"] for n in class_names},
+               "hd95": {n: _hd95_over_volumes(labels, pred, (k,), spacing) for k, n in fg},
+               "gt_voxels": {n: int(m[k].sum()) for k, n in fg}}
+  for key in ("dice", "iou", "hd95"):
+    rec[f"{key}_mean"] = float(np.mean([rec[key][n] for _, n in fg])) if fg else float("nan")
+  if tuple(class_names) == metrics.BRATS_CLASS_NAMES:
+    rec["region_dice"] = metrics.brats_region_dice(pred, labels)
+    rec["region_hd95"] = {name: _hd95_over_volumes(labels, pred, cls, spacing)
+                          for name, cls in metrics.BRATS_REGIONS}
+  return rec
+
+
+def per_patient_report(ds, preds: Dict[str, Dict[str, np.ndarray]]) -> Dict:
+  """results.json ``per_patient``: {split: [`patient_record`, ...] in ``ds.splits[split]`` order,
+  'hd95_convention', 'hd95_units' ('mm' when every patient has a spacing, else 'pixels')}.
+
+  ``preds``: {split: {patient id: class map}} (`predict_patients`).
+  """
+  use_spacing = bool(ds.patients) and all(p.spacing is not None for p in ds.patients.values())
+  out: Dict = {split: [patient_record(ds.patients[pid], pred, ds.class_names, use_spacing)
+                       for pid, pred in by_id.items()] for split, by_id in preds.items()}
+  out["hd95_convention"] = HD95_CONVENTION
+  out["hd95_units"] = "mm" if use_spacing else "pixels"
   return out
 
 
@@ -133,18 +234,23 @@ def seed001_table(named: Dict[str, Dict[str, float]], with_seed: bool = True) ->
   return "\n".join(lines), table
 
 
-def dataset_report(config, fns, variables, ds, eval_batch, split_metrics: Dict[str, Dict]) -> Optional[Dict]:
+def dataset_report(config, fns, variables, ds, eval_batch, split_metrics: Dict[str, Dict],
+                   predict_fn: Optional[Callable] = None,
+                   preds: Optional[Dict[str, Dict[str, np.ndarray]]] = None) -> Optional[Dict]:
   """Extra final metrics for data sets with known voxel spacing; None for the others (LGG).
 
+  ``predict_fn`` (`make_predict`) and ``preds`` ({split: {id: class map}})
+  reuse what the caller already compiled / predicted.
   Returns {'results': {...merged into results.json...}, 'text': printed block}.
   """
   if not ds.patients or any(p.spacing is None for p in ds.patients.values()):
     return None
   bs = config.eval_batch_size
-  predict_fn = make_predict(fns)
-  region = {name: region_metrics(ds, ds.splits[name], predict_fn, variables, bs)
+  predict_fn = make_predict(fns) if predict_fn is None else predict_fn
+  preds = preds or {}
+  region = {name: region_metrics(ds, ds.splits[name], predict_fn, variables, bs, preds.get(name))
             for name in ("train", "val", "test") if ds.splits.get(name)}
-  results: Dict = {"region_metrics": region, "hd95_units": "mm"}
+  results: Dict = {"region_metrics": region, "hd95_units": "mm", "hd95_convention": HD95_CONVENTION}
   is_brats = tuple(ds.class_names) == metrics.BRATS_CLASS_NAMES
   if not is_brats:
     names = [n for n, _ in regions_for(ds.class_names)]

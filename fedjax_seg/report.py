@@ -1,6 +1,7 @@
 """Markdown report over training runs: tables, learning curves, per-client Dice, weights, overlays.
 
     python -m fedjax_seg.report RUN [RUN ...] [--out report.md] [--split test]
+    python -m fedjax_seg.report compare REF B [C ...] [--metric dice_mean] [--split test] [--out FILE]
 
 Each RUN is a workdir of `launch.py` (config.json, metrics.jsonl,
 results.json, overlays.png) or a folder holding such workdirs (a sweep's
@@ -23,6 +24,15 @@ results.json, overlays.png) or a folder holding such workdirs (a sweep's
 
 Runs without results.json (still training, or interrupted) are listed as
 unfinished and left out of the tables.
+
+``compare``: paired comparison of methods (`fedjax_seg.stats`, docs/comparisons.md).
+Each argument is a run (a workdir with results.json) or a sweep (a folder of
+runs, one per seed; the seed is config.json's ``seed``). Runs are paired by
+seed, patients by id, on the results.json ``per_patient`` records of
+``--split``; the first argument is the reference. Prints a Markdown table
+(mean paired difference, hierarchical bootstrap CI, Wilcoxon and Holm p,
+wins / ties / losses, minimal detectable difference) and writes it as JSON
+to ``--out`` when given.
 """
 from __future__ import annotations
 
@@ -422,9 +432,140 @@ def write_report(paths: Sequence[str], out: str = "report.md", splits: Sequence[
   return text
 
 
+# ---------------------------------------------------------------------------
+# compare: paired (seed, patient) comparison of methods.
+# ---------------------------------------------------------------------------
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def method_runs(path: str) -> List[str]:
+  """Run workdirs of one compare argument: the folder itself when it holds
+  results.json or config.json (a run), else its sub-folders that do (a sweep)."""
+  p = os.path.abspath(path)
+  if not os.path.isdir(p):
+    raise ReportError(f"{path}: does not exist or is not a folder")
+  is_run = lambda d: any(os.path.isfile(os.path.join(d, f)) for f in ("results.json", "config.json"))
+  if is_run(p):
+    return [p]
+  subs = sorted(os.path.join(p, n) for n in os.listdir(p) if is_run(os.path.join(p, n)))
+  if not subs:
+    raise ReportError(f"{path}: neither a run (no results.json) nor a sweep (no sub-folder with one)")
+  return subs
+
+
+def load_method(path: str, split: str, metric: str) -> Dict[object, Dict[str, float]]:
+  """{seed: {patient id: value of ``metric``}} of the run or sweep at ``path``.
+
+  ``metric`` names a per-patient record field: 'dice_mean', 'iou_mean',
+  'hd95_mean', or '<field>/<name>' such as 'dice/tumour', 'hd95/LV',
+  'region_dice/WT'.
+  """
+  out: Dict[object, Dict[str, float]] = {}
+  where: Dict[object, str] = {}
+  for wd in method_runs(path):
+    res_path = os.path.join(wd, "results.json")
+    if not os.path.isfile(res_path):
+      raise ReportError(f"{wd}: no results.json (unfinished run?)")
+    cfg_path = os.path.join(wd, "config.json")
+    if not os.path.isfile(cfg_path) or "seed" not in _read_json(cfg_path):
+      raise ReportError(f"{wd}: no config.json with a 'seed' to pair runs by")
+    seed = _read_json(cfg_path)["seed"]
+    recs = (_read_json(res_path).get("per_patient") or {}).get(split)
+    if not recs:
+      raise ReportError(f"{wd}: results.json has no per_patient records for split {split!r} "
+                        "(written by train.finish; re-run the evaluation)")
+    if seed in out:
+      raise ReportError(f"{path}: two runs with seed {seed} ({where[seed]}, {wd}): "
+                        "pass one config's runs per argument")
+    vals = {}
+    for r in recs:
+      v = _record_value(r, metric)
+      if v is None:
+        raise ReportError(f"{wd}: no per-patient metric {metric!r}; available: "
+                          + ", ".join(_record_metrics(r)))
+      vals[str(r["id"])] = v
+    out[seed], where[seed] = vals, wd
+  return out
+
+
+def _record_value(rec: Dict, metric: str) -> Optional[float]:
+  v = rec
+  for part in metric.split("/", 1):
+    v = v.get(part) if isinstance(v, dict) else None
+  if isinstance(v, bool) or not isinstance(v, (int, float)):
+    return None
+  return float(v)
+
+
+def _record_metrics(rec: Dict) -> List[str]:
+  out = []
+  for k, v in rec.items():
+    if isinstance(v, dict):
+      out += [f"{k}/{n}" for n in v]
+    elif isinstance(v, float):
+      out.append(k)
+  return out
+
+
+def _method_names(paths: Sequence[str]) -> List[str]:
+  names = [os.path.basename(os.path.normpath(p)) for p in paths]
+  return names if len(set(names)) == len(names) else [os.path.normpath(p) for p in paths]
+
+
+def compare_main(argv: Sequence[str]) -> int:
+  from fedjax_seg import stats
+  ap = argparse.ArgumentParser(
+      prog="python -m fedjax_seg.report compare",
+      description="Paired (seed, patient) comparison of runs or sweeps against the first one.")
+  ap.add_argument("methods", nargs="+", help="runs or sweeps; the first is the reference")
+  ap.add_argument("--metric", default="dice_mean",
+                  help="per-patient metric: dice_mean, iou_mean, hd95_mean, dice/<class>, hd95/<class>, "
+                       "region_dice/<R>, region_hd95/<R> (default dice_mean)")
+  ap.add_argument("--split", default="test", help="test or val (default test)")
+  ap.add_argument("--out", default=None, help="also write the result as JSON here")
+  ap.add_argument("--n-boot", type=int, default=stats.DEFAULT_N_BOOT,
+                  help=f"bootstrap resamples (default {stats.DEFAULT_N_BOOT})")
+  ap.add_argument("--rng-seed", type=int, default=stats.DEFAULT_RNG_SEED,
+                  help=f"bootstrap RNG seed (default {stats.DEFAULT_RNG_SEED})")
+  ap.add_argument("--ci", type=float, default=stats.DEFAULT_CI_LEVEL,
+                  help=f"confidence level (default {stats.DEFAULT_CI_LEVEL})")
+  args = ap.parse_args(list(argv))
+  try:
+    if len(args.methods) < 2:
+      raise ReportError("compare needs a reference and at least one more run or sweep")
+    if args.n_boot < 2 or not 0.0 < args.ci < 1.0:
+      raise ReportError(f"--n-boot must be >= 2 and --ci in (0, 1), got {args.n_boot}, {args.ci}")
+    names = _method_names(args.methods)
+    data = {n: load_method(p, args.split, args.metric) for n, p in zip(names, args.methods)}
+    for n in names[1:]:
+      if not set(data[names[0]]) & set(data[n]):
+        raise ReportError(f"no common seeds between {names[0]} (seeds {sorted(data[names[0]], key=str)}) "
+                          f"and {n} (seeds {sorted(data[n], key=str)})")
+    result = stats.compare(data, names[0], args.metric, args.n_boot, args.rng_seed, args.ci)
+  except (ReportError, OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  result["split"] = args.split
+  result["paths"] = dict(zip(names, [os.path.abspath(p) for p in args.methods]))
+  print(f"## Paired comparison ({args.split} split)\n\n" + stats.markdown(result), end="")
+  if args.out:
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(result, f, indent=1)
+    os.replace(tmp, args.out)
+    print(f"\n[compare] JSON written to {os.path.abspath(args.out)}")
+  return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] == "compare":
+    return compare_main(argv[1:])
   ap = argparse.ArgumentParser(prog="python -m fedjax_seg.report",
-                               description="Markdown report over training runs (or sweep folders).")
+                               description="Markdown report over training runs (or sweep folders). "
+                               "'python -m fedjax_seg.report compare --help': paired comparisons.")
   ap.add_argument("runs", nargs="+", help="run workdirs, or folders of runs (a sweep's --workdir)")
   ap.add_argument("--out", default="report.md", help="Markdown file to write (figures in <stem>_files/)")
   ap.add_argument("--splits", default="test,val", help="comma-separated splits to tabulate")

@@ -160,20 +160,28 @@ def finish(config, workdir, fns, variables, ds, eval_batch, rows, extra: Dict,
     if len(x):
       split_metrics[name] = steps.evaluate(eval_batch, variables, x, y,
                                            config.eval_batch_size, ds.class_names)
+  # Per-patient Dice / IoU / HD95 of every val and test patient (for paired comparisons,
+  # `python -m fedjax_seg.report compare`): one jitted predict, fixed-size padded batches.
+  predict_fn = evaluation.make_predict(fns)
+  preds = {name: evaluation.predict_patients(predict_fn, variables, ds, ds.splits.get(name, []),
+                                             config.eval_batch_size) for name in ("val", "test")}
+  per_patient = evaluation.per_patient_report(ds, preds)
   # Region Dice / HD95 (mm) / seed 001 table for layouts with voxel spacing (BraTS, ACDC).
-  report = evaluation.dataset_report(config, fns, variables, ds, eval_batch, split_metrics)
+  report = evaluation.dataset_report(config, fns, variables, ds, eval_batch, split_metrics,
+                                     predict_fn=predict_fn, preds=preds)
   results = {"algorithm": config.algorithm, "metrics": split_metrics,
              "class_names": list(ds.class_names), "background_in_means": False,
-             **(report["results"] if report else {}), **extra}
+             "hd95_convention": per_patient["hd95_convention"],
+             **(report["results"] if report else {}), "per_patient": per_patient, **extra}
   results["compile_s"] = runlog.compile_times(reset=True)  # {program: s} of this run
   runlog.write_json(os.path.join(workdir, "results.json"), results)
   if rows:
     runlog.plot_learning_curves(rows, os.path.join(workdir, "learning_curves.png"), x_key)
   x_te, y_te = ds.split("test")
   if len(x_te):
-    logits, _ = jax.jit(lambda v, x: fns.apply(v, x))(variables, x_te[:config.eval_batch_size])
+    p_te = np.concatenate([preds["test"][pid] for pid in ds.splits["test"]])  # x_te's order
     runlog.plot_overlays(*evaluation.overlay_samples(
-        x_te[:config.eval_batch_size], y_te[:config.eval_batch_size], np.asarray(jnp.argmax(logits, -1))),
+        x_te[:config.eval_batch_size], y_te[:config.eval_batch_size], p_te[:config.eval_batch_size]),
         os.path.join(workdir, "overlays.png"))
   print("\n[results] foreground means (background excluded); pixel_accuracy includes background\n"
         + runlog.metrics_table(split_metrics, TABLE_KEYS), flush=True)

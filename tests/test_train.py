@@ -34,8 +34,22 @@ def test_centralized_run_writes_outputs_and_learns(tiny, tmp_path):
   assert res["metrics"]["test"]["background_in_means"] is False
   assert res["metrics"]["test"]["dice_mean"] > 0.3  # learns the phantom tumour
   with open(tmp_path / "results.json") as f:
-    assert json.load(f)["metrics"]["test"]["dice_mean"] == pytest.approx(
-        res["metrics"]["test"]["dice_mean"])
+    saved = json.load(f)
+  assert saved["metrics"]["test"]["dice_mean"] == pytest.approx(res["metrics"]["test"]["dice_mean"])
+  # one per-patient record per val / test patient (paired comparisons), HD95 in pixels for LGG
+  pp = saved["per_patient"]
+  assert pp["hd95_units"] == "pixels" and pp["hd95_convention"] == saved["hd95_convention"] == "pooled"
+  from fedjax_seg.data import pipeline
+  ds = pipeline.build_dataset(c.data, verbose=False)
+  for split in ("val", "test"):
+    assert [r["id"] for r in pp[split]] == ds.splits[split]
+    for r in pp[split]:
+      assert r["site"] == ds.patients[r["id"]].site and r["num_samples"] == len(ds.patients[r["id"]].labels)
+      assert set(r["dice"]) == set(r["iou"]) == {"background", "tumour"} and set(r["hd95"]) == {"tumour"}
+      assert 0.0 <= r["dice_mean"] <= 1.0 and np.isfinite(r["hd95_mean"]) and r["hd95_mean"] >= 0.0
+  _, y_te = ds.split("test")
+  assert sum(r["gt_voxels"]["tumour"] for r in pp["test"]) == int((y_te == 1).sum())
+  assert np.mean([r["dice_mean"] for r in pp["test"]]) > 0.3
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path):
