@@ -27,7 +27,9 @@ unfinished and left out of the tables.
 
 ``compare``: paired comparison of methods (`fedjax_seg.stats`, docs/comparisons.md).
 Each argument is a run (a workdir with results.json) or a sweep (a folder of
-runs, one per seed; the seed is config.json's ``seed``). Runs are paired by
+runs, one per seed; the seed is config.json's ``seed``); ``PATH@key=value,...``
+keeps only the runs whose config matches (one algorithm of a
+``seed=...;algorithm=...`` sweep). Runs are paired by
 seed, patients by id, on the results.json ``per_patient`` records of
 ``--split``; the first argument is the reference. Prints a Markdown table
 (mean paired difference, hierarchical bootstrap CI, Wilcoxon and Holm p,
@@ -455,30 +457,58 @@ def method_runs(path: str) -> List[str]:
   return subs
 
 
+def split_method_arg(arg: str) -> Tuple[str, Dict[str, str]]:
+  """'runs/cmp@algorithm=dcew,fl.rounds=5' -> ('runs/cmp', {'algorithm': 'dcew', 'fl.rounds': '5'}).
+
+  No '@' (or an existing path containing one): the whole argument, no filter.
+  """
+  if "@" not in arg or os.path.exists(arg):
+    return arg, {}
+  path, _, spec = arg.rpartition("@")
+  filt = {}
+  for item in spec.split(","):
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+      raise ReportError(f"{arg}: filter {item!r} is not key=value")
+    filt[key.strip()] = value.strip()
+  return path, filt
+
+
+def _matches(config: Dict, filt: Dict[str, str]) -> bool:
+  flat = flatten(config)
+  return all(k in flat and value in (str(flat[k]), json.dumps(flat[k])) for k, value in filt.items())
+
+
 def load_method(path: str, split: str, metric: str) -> Dict[object, Dict[str, float]]:
   """{seed: {patient id: value of ``metric``}} of the run or sweep at ``path``.
 
-  ``metric`` names a per-patient record field: 'dice_mean', 'iou_mean',
-  'hd95_mean', or '<field>/<name>' such as 'dice/tumour', 'hd95/LV',
-  'region_dice/WT'.
+  ``path`` may end in ``@key=value[,key=value]`` (config dot paths) to keep
+  only the runs of a sweep whose config.json matches, e.g. one algorithm of
+  a ``seed=...;algorithm=...`` sweep. ``metric`` names a per-patient record
+  field: 'dice_mean', 'iou_mean', 'hd95_mean', or '<field>/<name>' such as
+  'dice/tumour', 'hd95/LV', 'region_dice/WT'.
   """
+  path, filt = split_method_arg(path)
   out: Dict[object, Dict[str, float]] = {}
   where: Dict[object, str] = {}
   for wd in method_runs(path):
+    cfg_path = os.path.join(wd, "config.json")
+    config = _read_json(cfg_path) if os.path.isfile(cfg_path) else None
+    if filt and (config is None or not _matches(config, filt)):
+      continue
     res_path = os.path.join(wd, "results.json")
     if not os.path.isfile(res_path):
       raise ReportError(f"{wd}: no results.json (unfinished run?)")
-    cfg_path = os.path.join(wd, "config.json")
-    if not os.path.isfile(cfg_path) or "seed" not in _read_json(cfg_path):
+    if config is None or "seed" not in config:
       raise ReportError(f"{wd}: no config.json with a 'seed' to pair runs by")
-    seed = _read_json(cfg_path)["seed"]
+    seed = config["seed"]
     recs = (_read_json(res_path).get("per_patient") or {}).get(split)
     if not recs:
       raise ReportError(f"{wd}: results.json has no per_patient records for split {split!r} "
                         "(written by train.finish; re-run the evaluation)")
     if seed in out:
       raise ReportError(f"{path}: two runs with seed {seed} ({where[seed]}, {wd}): "
-                        "pass one config's runs per argument")
+                        "select one config's runs, e.g. PATH@algorithm=NAME")
     vals = {}
     for r in recs:
       v = _record_value(r, metric)
@@ -487,6 +517,8 @@ def load_method(path: str, split: str, metric: str) -> Dict[object, Dict[str, fl
                           + ", ".join(_record_metrics(r)))
       vals[str(r["id"])] = v
     out[seed], where[seed] = vals, wd
+  if not out:
+    raise ReportError(f"{path}: no run matches {','.join(f'{k}={v}' for k, v in filt.items())}")
   return out
 
 
@@ -509,9 +541,13 @@ def _record_metrics(rec: Dict) -> List[str]:
   return out
 
 
-def _method_names(paths: Sequence[str]) -> List[str]:
-  names = [os.path.basename(os.path.normpath(p)) for p in paths]
-  return names if len(set(names)) == len(names) else [os.path.normpath(p) for p in paths]
+def _method_names(args: Sequence[str]) -> List[str]:
+  """Short unique names: the folder's basename (or the filter, for PATH@key=value), else the argument."""
+  def short(arg):
+    path, filt = split_method_arg(arg)
+    return ",".join(f"{k}={v}" for k, v in filt.items()) if filt else os.path.basename(os.path.normpath(path))
+  names = [short(a) for a in args]
+  return names if len(set(names)) == len(names) else [os.path.normpath(a) for a in args]
 
 
 def compare_main(argv: Sequence[str]) -> int:
@@ -519,7 +555,9 @@ def compare_main(argv: Sequence[str]) -> int:
   ap = argparse.ArgumentParser(
       prog="python -m fedjax_seg.report compare",
       description="Paired (seed, patient) comparison of runs or sweeps against the first one.")
-  ap.add_argument("methods", nargs="+", help="runs or sweeps; the first is the reference")
+  ap.add_argument("methods", nargs="+",
+                  help="runs or sweeps (PATH@key=value,... keeps a sweep's matching runs); "
+                       "the first is the reference")
   ap.add_argument("--metric", default="dice_mean",
                   help="per-patient metric: dice_mean, iou_mean, hd95_mean, dice/<class>, hd95/<class>, "
                        "region_dice/<R>, region_hd95/<R> (default dice_mean)")
@@ -548,7 +586,7 @@ def compare_main(argv: Sequence[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   result["split"] = args.split
-  result["paths"] = dict(zip(names, [os.path.abspath(p) for p in args.methods]))
+  result["paths"] = dict(zip(names, args.methods))
   print(f"## Paired comparison ({args.split} split)\n\n" + stats.markdown(result), end="")
   if args.out:
     tmp = args.out + ".tmp"

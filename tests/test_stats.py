@@ -116,9 +116,10 @@ def test_wilcoxon_and_pairing_details():
 # ---------------------------------------------------------------------------
 # report compare (CLI) on hand-written run folders
 # ---------------------------------------------------------------------------
-def _fake_run(wd, seed, dice, split="test", per_patient=True):
+def _fake_run(wd, seed, dice, split="test", per_patient=True, algorithm="centralized"):
   os.makedirs(wd, exist_ok=True)
-  json.dump({"seed": seed, "algorithm": "centralized"}, open(os.path.join(wd, "config.json"), "w"))
+  json.dump({"seed": seed, "algorithm": algorithm, "fl": {"rounds": 3}},
+            open(os.path.join(wd, "config.json"), "w"))
   recs = [{"id": pid, "site": "CS", "num_samples": 2, "dice": {"background": 1.0, "tumour": v},
            "iou": {"background": 1.0, "tumour": v / (2 - v)}, "hd95": {"tumour": 10 * (1 - v)},
            "dice_mean": v, "iou_mean": v / (2 - v), "hd95_mean": 10 * (1 - v)} for pid, v in dice.items()]
@@ -161,6 +162,24 @@ def test_cli_compare_two_sweeps(sweeps, tmp_path, capsys):
                       str(sweeps / "fedavg"), "--metric", "hd95/tumour", "--n-boot", "200"]) == 0
   text = capsys.readouterr().out
   assert "lower is better" in text and "a single common seed" in text and "seeds left unpaired: 1" in text
+
+
+def test_cli_compare_one_sweep_of_two_algorithms(tmp_path, capsys):
+  """A 'seed=...;algorithm=...' sweep in one folder: PATH@algorithm=NAME selects each method."""
+  for name, vals in (("fedavg", A_VALS), ("dcew", B_VALS)):
+    for seed, dice in vals.items():
+      _fake_run(str(tmp_path / "cmp" / f"seed={seed},algorithm={name}"), seed, dice, algorithm=name)
+  cmp = str(tmp_path / "cmp")
+  assert report.main(["compare", cmp + "@algorithm=fedavg", cmp + "@algorithm=dcew,fl.rounds=3",
+                      "--n-boot", "200"]) == 0
+  text = capsys.readouterr().out
+  assert "against `algorithm=fedavg`" in text
+  row = next(l for l in text.splitlines() if l.startswith("| algorithm=dcew,fl.rounds=3 |"))
+  assert "6 / 0 / 0" in row
+  assert report.main(["compare", cmp, cmp + "@algorithm=dcew"]) == 2
+  assert "two runs with seed 0" in capsys.readouterr().err
+  assert report.main(["compare", cmp + "@algorithm=fedavg", cmp + "@algorithm=nope"]) == 2
+  assert "no run matches algorithm=nope" in capsys.readouterr().err
 
 
 def test_cli_compare_errors(sweeps, tmp_path, capsys):
