@@ -11,109 +11,127 @@ sampled from the client's data + the aggregator statistics) is executed as
             devices (fl/scale.py; with one device it is 'unrolled' + a shard_map)
   torch     a per-client PyTorch loop of the same U-Net (same layers, Dice+CE,
             Adam, E steps, stats forward passes before/after, FedAvg of the
-            state dicts); skipped with a message if torch is not importable
-            (pip install -e '.[bench]')
-and reported as ms/round (median of --reps after a warm-up/compile call),
-rounds/s, client-steps/s (K·E/round time), achieved GFLOP/s (XLA cost
-analysis of the compiled programs; the torch loop is credited with the same
-FLOPs as the JAX loop) against the machine's measured f32 matmul peak, and
-speedups vs `loop` and vs `torch` — all measured in one run, with the load
-average (`uptime`) recorded at every row: the machine may be shared.
+            state dicts) with torch's threads = --threads (0: all cores)
+  torch1    the same PyTorch loop on one thread (torch.set_num_threads(1))
+Each torch row runs in its own subprocess (no JAX imported there, nothing else
+running): in the JAX process, torch's threads competed with XLA's and its
+speed collapsed. Without torch installed the torch rows are skipped with a
+message (pip install -e '.[bench]').
+
+Reported per row (docs/performance.md describes every column): ms/round
+(median of --reps after a warm-up call), rounds/s, client-steps/s (K·E/round
+time), process CPU seconds per round (all threads; CPU/wall = cores busy),
+achieved GFLOP/s (XLA cost analysis of the compiled programs; the torch loop is
+credited with the JAX loop's FLOPs) against the machine's measured f32 matmul
+peak, compile seconds cold (trace + lower + XLA compile into an empty
+persistent cache, one fresh cache folder per K and strategy) and cached (the
+same programs compiled again by a second process that reads that cache; the
+cache hits are recorded), and the 1-minute load average when the row started
+(the machine may be shared); then speedups vs `loop` and vs the torch loops.
 Markdown + JSON results go to benchmarks/results/round_speed[_quick].{md,json}.
 
   python benchmarks/round_speed.py                 # K = 1 2 4 8 16 32, 64×64, base 16, depth 4
   python benchmarks/round_speed.py --quick         # K = 1 2 4, 32×32, base 8, depth 3
   python benchmarks/round_speed.py --size 32 --base 8 --depth 3 --ks 1 8 32
+  python benchmarks/round_speed.py --quick --ks 1 --strategies torch torch1
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+JAX_STRATEGIES = ("loop", "unrolled", "vmap", "sharded")
+TORCH_STRATEGIES = ("torch", "torch1")
+_RESULT = "ROUND_SPEED_RESULT "  # prefix of a worker's JSON line on stdout
 
 
-def _threads_from_argv() -> int:
-  """--threads N (0 = all cores) must reach XLA_FLAGS before jax is imported."""
+def _flag_from_argv(name, default=None):
+  """The value of ``--name V`` / ``--name=V`` in sys.argv, read before argparse
+  (needed before jax is imported)."""
   for i, a in enumerate(sys.argv):
-    if a == "--threads" and i + 1 < len(sys.argv):
-      return int(sys.argv[i + 1])
-    if a.startswith("--threads="):
-      return int(a.split("=", 1)[1])
-  return 0
+    if a == name and i + 1 < len(sys.argv):
+      return sys.argv[i + 1]
+    if a.startswith(name + "="):
+      return a.split("=", 1)[1]
+  return default
 
 
-THREADS = _threads_from_argv()
-if THREADS == 1:  # one thread for XLA and torch alike (on a shared, oversubscribed
-  # machine a 2-thread torch step measured 130x slower than a 1-thread one)
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_cpu_multi_thread_eigen=false").strip()
+THREADS = int(_flag_from_argv("--threads", 0))
+TORCH_WORKER = _flag_from_argv("--torch-worker")  # JSON spec: this process is one torch row
+XLA_FLAGS_IN = os.environ.get("XLA_FLAGS")        # handed unchanged to the compile worker
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+if TORCH_WORKER is None:  # the torch worker never imports JAX
+  if THREADS == 1:  # one thread for XLA and torch alike (on a shared, oversubscribed
+    # machine a 2-thread torch step measured 130x slower than a 1-thread one)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_multi_thread_eigen=false").strip()
+  import jax  # noqa: E402
+  import jax.numpy as jnp  # noqa: E402
+  import optax  # noqa: E402
+  from jax import monitoring  # noqa: E402
 
-from fedjax_seg import models  # noqa: E402
-from fedjax_seg.data import federated  # noqa: E402
-from fedjax_seg.fl import aggregators, core  # noqa: E402
-
-
-def _block(tree):
-  jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, tree)
-  return tree
-
-
-def _time(fn, reps, warm=True):
-  compile_s = 0.0
-  if warm:
-    t0 = time.perf_counter()
-    _block(fn())
-    compile_s = time.perf_counter() - t0
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    _block(fn())
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts)), compile_s
-
-
-def _flops(compiled) -> float:
-  ca = compiled.cost_analysis()
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0] if ca else {}
-  return float((ca or {}).get("flops", 0.0))
+  from fedjax_seg import compile_cache, models  # noqa: E402
+  from fedjax_seg.data import federated  # noqa: E402
+  from fedjax_seg.fl import aggregators, core  # noqa: E402
 
 
 def _load() -> float:
   return round(os.getloadavg()[0], 2)
 
 
-def matmul_peak(n=2048, reps=5) -> float:
-  """Measured f32 matmul GFLOP/s (jitted n×n @ n×n): the machine's roof."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-  f = jax.jit(lambda a, b: a @ b)
-  t, _ = _time(lambda: f(a, a), reps)
-  return 2 * n ** 3 / t / 1e9
+def _time(fn, reps, block=lambda r: r):
+  """(median wall s, first-call s, mean process CPU s) of ``reps`` calls after a warm-up call."""
+  t0 = time.perf_counter()
+  block(fn())
+  first = time.perf_counter() - t0
+  ts, cpu0 = [], time.process_time()
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    block(fn())
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts)), first, (time.process_time() - cpu0) / max(reps, 1)
 
 
-# --- the same U-Net and client update in PyTorch ------------------------------------
+def client_arrays(k, args):
+  """The K clients' samples (numpy): the same data in the JAX process and the torch worker."""
+  rng = np.random.default_rng(0)
+  per = []
+  for _ in range(k):
+    x = rng.normal(size=(args.samples, args.size, args.size, 3)).astype(np.float32)
+    per.append((x, (x[..., 0] > 0.8).astype(np.int32)))
+  return per
 
 
-def torch_round_fn(k, args, data_np, variables):
-  """Returns (run() -> None, num_params) or None (torch missing: message printed)."""
+# --- the same U-Net and client update in PyTorch (its own process) -------------------
+
+
+def torch_worker(spec):
+  """One torch row: ``spec`` = {k, threads, args}; prints the result as one JSON line."""
   try:
     import torch
     import torch.nn as tnn
     import torch.nn.functional as F
-  except ImportError:
-    print("  [torch] not importable: torch rows skipped (pip install -e '.[bench]')", flush=True)
-    return None
-  torch.set_num_threads(THREADS or os.cpu_count() or 1)
+  except ImportError as e:
+    print(_RESULT + json.dumps({"error": f"torch not importable ({e})"}), flush=True)
+    return
+  k, threads = spec["k"], spec["threads"]
+  args = argparse.Namespace(**spec["args"])
+  torch.set_num_threads(threads)
+  if threads == 1:
+    torch.set_num_interop_threads(1)
 
   class Block(tnn.Module):
     def __init__(s, i, o):
@@ -161,9 +179,10 @@ def torch_round_fn(k, args, data_np, variables):
   model = UNet(args.base, args.depth)
   n_params = sum(p.numel() for p in model.parameters())
   global_state = {n: v.clone() for n, v in model.state_dict().items()}
-  xs = [torch.from_numpy(np.ascontiguousarray(data_np.x[i].transpose(0, 3, 1, 2))) for i in range(k)]
-  ys = [torch.from_numpy(data_np.y[i].astype(np.int64)) for i in range(k)]
-  ns = [int(data_np.valid[i].sum()) for i in range(k)]
+  per = client_arrays(k, args)
+  xs = [torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))) for x, _ in per]
+  ys = [torch.from_numpy(y.astype(np.int64)) for _, y in per]
+  ns = [len(x) for x, _ in per]
   rng = np.random.default_rng(0)
 
   def run():
@@ -187,138 +206,292 @@ def torch_round_fn(k, args, data_np, variables):
     with torch.no_grad():
       for n in global_state:
         global_state[n] = sum(w / tot * s[n] for w, s in zip(weights, states))
-  return run, n_params
+
+  load = _load()
+  t, first, cpu = _time(run, args.reps)
+  print(_RESULT + json.dumps({"torch": torch.__version__, "params": n_params, "time": t,
+                              "first_s": first, "cpu_s": cpu, "load": load,
+                              "threads": torch.get_num_threads()}), flush=True)
+
+
+def _worker_result(cmd, env=None, timeout=None):
+  """Run a worker subprocess; its JSON result line, or {'error': ...}."""
+  try:
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout} s"}
+  lines = [ln for ln in r.stdout.splitlines() if ln.startswith(_RESULT)]
+  if r.returncode != 0 or not lines:
+    return {"error": f"exit {r.returncode}: {r.stderr.strip()[-800:]}"}
+  return json.loads(lines[-1][len(_RESULT):])
+
+
+def torch_row(k, strategy, args):
+  """One torch row measured in a subprocess: the worker's result dict (or {'error': ...})."""
+  threads = 1 if strategy == "torch1" else (THREADS or os.cpu_count() or 1)
+  spec = {"k": k, "threads": threads,
+          "args": {a: getattr(args, a) for a in ("size", "base", "depth", "batch", "samples",
+                                                 "local_steps", "reps")}}
+  return _worker_result([sys.executable, os.path.abspath(__file__),
+                         "--torch-worker", json.dumps(spec)])
+
+
+# --- JAX strategies ------------------------------------------------------------------
+
+
+def _block(tree):
+  jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, tree)
+  return tree
+
+
+def _flops(compiled) -> float:
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else {}
+  return float((ca or {}).get("flops", 0.0))
+
+
+def matmul_peak(n=2048, reps=5) -> float:
+  """Measured f32 matmul GFLOP/s (jitted n×n @ n×n): the machine's roof."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  t, _, _ = _time(lambda: f(a, a), reps, _block)
+  return 2 * n ** 3 / t / 1e9
 
 
 _VARS = {}
+_HITS = []  # persistent-cache hit events (the compile worker reports them)
 
 
-def bench(k, args, peak):
+def _count_hits(name, **kw):
+  if name == "/jax/compilation_cache/cache_hits":
+    _HITS.append(name)
+
+
+def setup(k, args):
+  """Model functions, the K clients' data, initial variables (the same for every K)."""
   fns = models.build({"name": "unet", "base": args.base, "depth": args.depth, "dropout": 0.0,
                       "dtype": args.dtype}, 2)
-  rng = np.random.default_rng(0)
-  n = args.samples
-  per = []
-  for _ in range(k):
-    x = rng.normal(size=(n, args.size, args.size, 3)).astype(np.float32)
-    per.append((x, (x[..., 0] > 0.8).astype(np.int32)))
-  data_np = federated.stack_clients(per, host=True)
-  data = jax.tree.map(jnp.asarray, data_np)
+  data = jax.tree.map(jnp.asarray, federated.stack_clients(client_arrays(k, args), host=True))
   vkey = (args.base, args.depth, args.size, args.dtype)
   if vkey not in _VARS:  # the same initial model for every K (init compiles slowly on CPU)
     _VARS[vkey] = fns.init(jax.random.PRNGKey(0), jnp.zeros((1, args.size, args.size, 3)))
-  variables = _VARS[vkey]
-  n_params = sum(int(a.size) for a in jax.tree.leaves(variables))
-  tx = optax.adam(1e-3)
-  out = {"K": k, "params": n_params, "load": {}}
+  return fns, data, _VARS[vkey]
+
+
+def build(k, strategy, args, fns, data, variables):
+  """Compile ``strategy``'s programs: (run() -> output, FLOPs per round, compile seconds).
+
+  Compile seconds = trace + lower + XLA compile of the programs of one round
+  (ahead of time); the loop's one client update run to get the aggregator's
+  input shapes is not counted."""
   key = jax.random.PRNGKey(1)
+  step_strategy = "unrolled" if strategy in ("unrolled", "sharded") else args.step_strategy
+  hp = core.ClientHParams(local_steps=args.local_steps, batch_size=args.batch,
+                          stats_samples=args.batch, step_strategy=step_strategy)
+  cu = core.make_client_update(fns, optax.adam(1e-3), "dice_ce", 2, hp)
+  if strategy == "loop":
+    clients = [jax.tree.map(lambda a: a[i], data) for i in range(k)]
+    keys = list(jax.random.split(key, k))
+    t0 = time.perf_counter()
+    cu_c = jax.jit(cu).lower(variables, clients[0], keys[0]).compile()
+    compile_s = time.perf_counter() - t0
+    outs = [cu_c(variables, clients[0], keys[0])]
+    t0 = time.perf_counter()
+    agg_c = jax.jit(aggregators.fedavg).lower(
+        variables, *jax.tree.map(lambda *xs: jnp.stack(xs), *(outs * k))).compile()
+    compile_s += time.perf_counter() - t0
+
+    def run():
+      o = [cu_c(variables, clients[i], keys[i]) for i in range(k)]
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[a[0] for a in o])
+      stats = jax.tree.map(lambda *xs: jnp.stack(xs), *[a[1] for a in o])
+      return agg_c(variables, stacked, stats)[0]
+    return run, _flops(cu_c) * k + _flops(agg_c), compile_s
   state = core.ServerState(variables, jnp.int32(0))
+  t0 = time.perf_counter()
+  rr = jax.jit(core.make_run_round(cu, aggregators.fedavg, strategy)).lower(
+      state, data, key).compile()
+  compile_s = time.perf_counter() - t0
+
+  def run():
+    return rr(state, data, key)[0].variables
+  return run, _flops(rr), compile_s
+
+
+def _skip_unrolled(k, strategy, args):
+  return strategy == "unrolled" and k > args.max_unrolled_k
+
+
+def _use_cache(cache_root, k, strategy):
+  """A persistent cache folder of its own per (K, strategy): 'cold' is a real first compile."""
+  return compile_cache.enable(os.path.join(cache_root, f"K{k}_{strategy}"))
+
+
+def bench(k, args, peak, cache_root):
+  fns, data, variables = setup(k, args)
+  n_params = sum(int(a.size) for a in jax.tree.leaves(variables))
+  out = {"K": k, "params": n_params, "load": {}}
   steps_per_round = k * args.local_steps
   for strategy in args.strategies:
-    if strategy == "unrolled" and k > args.max_unrolled_k:
+    if _skip_unrolled(k, strategy, args):
       print(f"  K={k:3d} {strategy:9s} skipped (K > --max-unrolled-k={args.max_unrolled_k})",
             flush=True)
       continue
     out["load"][strategy] = _load()
-    if strategy == "torch":
-      tr = torch_round_fn(k, args, data_np, variables)
-      if tr is None:
+    if strategy in TORCH_STRATEGIES:
+      if not args.torch_ok:
         continue
-      run, tparams = tr
-      if tparams != n_params:
-        raise RuntimeError(f"torch U-Net has {tparams} params, JAX {n_params}: not the same model")
-      t, c = _time(run, args.reps)
-      fl = out.get("loop_flops", 0.0)
+      if strategy == "torch1" and THREADS == 1:
+        print(f"  K={k:3d} torch1    skipped (--threads 1: the 'torch' row is one thread)",
+              flush=True)
+        continue
+      tr = torch_row(k, strategy, args)
+      if "error" in tr:
+        print(f"  K={k:3d} {strategy:9s} failed: {tr['error']}", flush=True)
+        continue
+      if tr["params"] != n_params:
+        raise RuntimeError(f"torch U-Net has {tr['params']} params, JAX {n_params}: "
+                           "not the same model")
+      t, first, cpu = tr["time"], tr["first_s"], tr["cpu_s"]
+      out["load"][strategy], args.torch_version = tr["load"], tr["torch"]
+      out[f"{strategy}_threads"] = tr["threads"]
+      out[f"{strategy}_compile_cold_s"] = out[f"{strategy}_compile_cached_s"] = None
+      fl = out.get("loop_flops")  # credited with the JAX loop's FLOPs (None without a loop row)
     else:
-      step_strategy = "unrolled" if strategy in ("unrolled", "sharded") else args.step_strategy
-      hp = core.ClientHParams(local_steps=args.local_steps, batch_size=args.batch,
-                              stats_samples=args.batch, step_strategy=step_strategy)
-      cu = core.make_client_update(fns, tx, "dice_ce", 2, hp)
-      t0 = time.perf_counter()
-      if strategy == "loop":
-        clients = [jax.tree.map(lambda a: a[i], data) for i in range(k)]
-        keys = list(jax.random.split(key, k))
-        cu_c = jax.jit(cu).lower(variables, clients[0], keys[0]).compile()
-        outs = [cu_c(variables, clients[0], keys[0])]
-        agg_c = jax.jit(aggregators.fedavg).lower(
-            variables, *jax.tree.map(lambda *xs: jnp.stack(xs), *(outs * k))).compile()
-        fl = _flops(cu_c) * k + _flops(agg_c)
-
-        def run():
-          o = [cu_c(variables, clients[i], keys[i]) for i in range(k)]
-          stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[a[0] for a in o])
-          stats = jax.tree.map(lambda *xs: jnp.stack(xs), *[a[1] for a in o])
-          return agg_c(variables, stacked, stats)[0]
-      else:
-        rr = jax.jit(core.make_run_round(cu, aggregators.fedavg, strategy)).lower(
-            state, data, key).compile()
-        fl = _flops(rr)
-
-        def run():
-          return rr(state, data, key)[0].variables
-      c = time.perf_counter() - t0
-      t, c1 = _time(run, args.reps)
-      c += c1
+      _use_cache(cache_root, k, strategy)
+      run, fl, compile_s = build(k, strategy, args, fns, data, variables)
+      t, first, cpu = _time(run, args.reps, _block)
+      out[f"{strategy}_threads"] = 1 if THREADS == 1 else "all"
+      out[f"{strategy}_compile_cold_s"] = compile_s
+      out[f"{strategy}_compile_cached_s"] = None  # filled in by the compile worker
     out[strategy] = t
-    out[f"{strategy}_compile_s"] = c
+    out[f"{strategy}_first_s"] = first
+    out[f"{strategy}_cpu_s"] = cpu
     out[f"{strategy}_flops"] = fl
     out[f"{strategy}_rounds_per_s"] = 1.0 / t
     out[f"{strategy}_client_steps_per_s"] = steps_per_round / t
-    out[f"{strategy}_gflops_per_s"] = fl / t / 1e9
-    out[f"{strategy}_pct_peak"] = 100.0 * fl / t / 1e9 / peak
+    out[f"{strategy}_gflops_per_s"] = None if fl is None else fl / t / 1e9
+    out[f"{strategy}_pct_peak"] = None if fl is None else 100.0 * fl / t / 1e9 / peak
+    cold = out[f"{strategy}_compile_cold_s"]
     print(f"  K={k:3d} {strategy:9s} {t * 1e3:9.1f} ms/round  {1 / t:7.2f} rounds/s  "
-          f"{steps_per_round / t:8.1f} client-steps/s  {fl / t / 1e9:6.1f} GFLOP/s "
-          f"({100 * fl / t / 1e9 / peak:4.1f}% of peak)  compile+first {c:6.1f} s  "
+          f"{steps_per_round / t:8.1f} client-steps/s  CPU {cpu:6.2f} s/round  "
+          f"{_fmt(None if fl is None else fl / t / 1e9, '6.1f')} GFLOP/s  "
+          f"compile {_fmt(cold, '5.1f')} s  first call {first:5.1f} s  "
           f"load {out['load'][strategy]}", flush=True)
-  for s in args.strategies:
-    if s in out:
-      if s != "loop" and "loop" in out:
-        out[f"{s}_vs_loop"] = out[s] / out["loop"]          # time ratio (< 1: faster than loop)
-      if s != "torch" and "torch" in out:
-        out[f"{s}_vs_torch"] = out[s] / out["torch"]
   return out
+
+
+def compile_worker(args, cache_root):
+  """The 'cached' compile column: compile every (K, JAX strategy) again in this
+  second process from the caches the first one wrote."""
+  monitoring.register_event_listener(_count_hits)
+  res = {}
+  for k in args.ks:
+    fns, data, variables = setup(k, args)
+    for strategy in args.strategies:
+      if strategy not in JAX_STRATEGIES or _skip_unrolled(k, strategy, args):
+        continue
+      _use_cache(cache_root, k, strategy)
+      n0 = len(_HITS)
+      _, _, compile_s = build(k, strategy, args, fns, data, variables)
+      res[f"{k}/{strategy}"] = {"compile_s": compile_s, "hits": len(_HITS) - n0}
+  print(_RESULT + json.dumps(res), flush=True)
+
+
+def cached_compiles(rows, cache_root):
+  """Run the compile worker (same command line, same XLA_FLAGS) and merge its seconds into rows."""
+  if not any(s in r for r in rows for s in JAX_STRATEGIES):
+    return
+  print("[round_speed] compiling again in a second process from the persistent cache ...",
+        flush=True)
+  env = dict(os.environ)
+  if XLA_FLAGS_IN is None:
+    env.pop("XLA_FLAGS", None)
+  else:
+    env["XLA_FLAGS"] = XLA_FLAGS_IN
+  res = _worker_result([sys.executable, os.path.abspath(__file__), *sys.argv[1:],
+                        "--compile-worker", cache_root], env=env)
+  if "error" in res:
+    print(f"[round_speed] cached compile failed: {res['error']}", flush=True)
+    return
+  for r in rows:
+    for s in JAX_STRATEGIES:
+      got = res.get(f"{r['K']}/{s}")
+      if s in r and got:
+        r[f"{s}_compile_cached_s"], r[f"{s}_cache_hits"] = got["compile_s"], got["hits"]
+        print(f"  K={r['K']:3d} {s:9s} compile cold {r[s + '_compile_cold_s']:6.1f} s, cached "
+              f"{got['compile_s']:6.2f} s ({got['hits']} cache hits)", flush=True)
 
 
 def _fmt(x, spec):
   return "–" if x is None else format(x, spec)
 
 
-def markdown(rows, args, machine, peak, torch_version):
+def markdown(rows, args, machine, peak):
   e = args.local_steps
   head = ("Machine: " + machine + f". f32 matmul peak (jitted 2048², measured): {peak:.1f} GFLOP/s."
           f"\nU-Net base {args.base}, depth {args.depth}, {args.size}×{args.size}×3, 2 classes, "
           f"compute dtype {args.dtype}, batch {args.batch}, E={e} local Adam steps + 2 stats "
           f"forward passes per client, FedAvg; median of {args.reps} rounds after a warm-up; "
-          f"torch {torch_version or 'not installed'}. Load = 1-min load average when the row "
-          f"started (the machine is shared; ratios come from one run).\n")
-  t1 = ["| K | strategy | ms/round | rounds/s | client-steps/s | GFLOP/round | GFLOP/s | % of "
-        "matmul peak | compile+first s | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+          f"torch {args.torch_version or 'not installed'} (each torch row in its own process). "
+          "CPU = process CPU seconds per round, all threads. Compile: trace + lower + XLA "
+          "compile of one round's programs, cold = into an empty persistent cache, cached = "
+          "a second process reading it. Load = 1-min load average when the row started "
+          "(the machine is shared; ratios come from one run). docs/performance.md explains "
+          "every column.\n")
+  t1 = ["| K | strategy | threads | ms/round | rounds/s | client-steps/s | CPU s/round | "
+        "GFLOP/round | GFLOP/s | % of matmul peak | compile s cold | compile s cached | "
+        "first call s | load |", "|---|" + "---|" * 13]
   for r in rows:
     for s in args.strategies:
       if s in r:
-        t1.append(f"| {r['K']} | {s} | {r[s] * 1e3:.0f} | {r[s + '_rounds_per_s']:.2f} | "
-                  f"{r[s + '_client_steps_per_s']:.1f} | {r[s + '_flops'] / 1e9:.2f} | "
-                  f"{r[s + '_gflops_per_s']:.1f} | {r[s + '_pct_peak']:.1f}% | "
-                  f"{r[s + '_compile_s']:.1f} | {r['load'][s]} |")
-  others = [s for s in args.strategies if s not in ("loop", "torch")]
-  t2 = ["| K | " + " | ".join(f"{s} vs loop" for s in others)
-        + " | JAX loop vs torch loop | best JAX vs torch loop |",
-        "|---|" + "---|" * (len(others) + 2)]
+        fl = r[s + "_flops"]
+        t1.append(f"| {r['K']} | {s} | {r[s + '_threads']} | {r[s] * 1e3:.0f} | "
+                  f"{r[s + '_rounds_per_s']:.2f} | {r[s + '_client_steps_per_s']:.1f} | "
+                  f"{r[s + '_cpu_s']:.2f} | {_fmt(None if fl is None else fl / 1e9, '.2f')} | "
+                  f"{_fmt(r[s + '_gflops_per_s'], '.1f')} | "
+                  f"{_fmt(r[s + '_pct_peak'], '.1f')}{'%' if r[s + '_pct_peak'] is not None else ''} | "
+                  f"{_fmt(r[s + '_compile_cold_s'], '.1f')} | "
+                  f"{_fmt(r.get(s + '_compile_cached_s'), '.2f')} | "
+                  f"{r[s + '_first_s']:.1f} | {r['load'][s]} |")
+  jax_s = [s for s in args.strategies if s in JAX_STRATEGIES]
+  others = [s for s in jax_s if s != "loop"]
+  torches = [s for s in args.strategies if s in TORCH_STRATEGIES and any(s in r for r in rows)]
+  cols = ([f"{s} vs loop" for s in others] + [f"JAX loop vs {t}" for t in torches]
+          + [f"best JAX vs {t}" for t in torches])
+  if not cols:
+    return head + "\n" + "\n".join(t1) + "\n"
+  t2 = ["| K | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
   for r in rows:
     cells = [f"{r['loop'] / r[s]:.2f}×" if s in r and "loop" in r else "–" for s in others]
-    best = min((r[s], s) for s in args.strategies if s in r and s != "torch")
-    cells.append(f"{r['torch'] / r['loop']:.2f}×" if "torch" in r and "loop" in r else "–")
-    cells.append(f"{r['torch'] / best[0]:.2f}× ({best[1]})" if "torch" in r else "–")
+    cells += [f"{r[t] / r['loop']:.2f}×" if t in r and "loop" in r else "–" for t in torches]
+    best = min(((r[s], s) for s in jax_s if s in r), default=None)
+    cells += [f"{r[t] / best[0]:.2f}× ({best[1]})" if t in r and best else "–" for t in torches]
     t2.append(f"| {r['K']} | " + " | ".join(cells) + " |")
   return (head + "\n" + "\n".join(t1) + "\n\nSpeedups (time of the reference / time of the "
           "strategy; > 1 = faster than the reference):\n\n" + "\n".join(t2) + "\n")
 
 
+def _speedups(rows):
+  for out in rows:
+    for s in list(JAX_STRATEGIES) + list(TORCH_STRATEGIES):
+      if s not in out:
+        continue
+      if s != "loop" and "loop" in out:
+        out[f"{s}_vs_loop"] = out[s] / out["loop"]          # time ratio (< 1: faster than loop)
+      for t in TORCH_STRATEGIES:
+        if s != t and t in out:
+          out[f"{s}_vs_{t}"] = out[s] / out[t]
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-  p.add_argument("--strategies", nargs="+", default=["loop", "unrolled", "vmap", "torch"],
-                 help="of loop unrolled vmap sharded torch")
+  p.add_argument("--ks", type=int, nargs="+", default=None,
+                 help="client counts (default 1 2 4 8 16 32; --quick: 1 2 4)")
+  p.add_argument("--strategies", nargs="+", default=["loop", "unrolled", "vmap", "torch", "torch1"],
+                 choices=list(JAX_STRATEGIES + TORCH_STRATEGIES),
+                 help="of loop unrolled vmap sharded torch torch1")
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--base", type=int, default=16)
   p.add_argument("--depth", type=int, default=4)
@@ -333,20 +506,24 @@ def main():
   p.add_argument("--threads", type=int, default=0,
                  help="0: all cores (default); 1: one thread for XLA and torch (a shared, "
                  "loaded machine); other values set torch's threads only")
+  p.add_argument("--no-cached-compile", action="store_true",
+                 help="skip the second process that measures the 'compile s cached' column")
   p.add_argument("--quick", action="store_true")
   p.add_argument("--tag", default=None, help="output file stem (default round_speed[_quick])")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  p.add_argument("--compile-worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.quick:
-    args.ks, args.size, args.base, args.depth, args.samples = [1, 2, 4], 32, 8, 3, 8
-  try:
-    import torch
-    torch_version = torch.__version__
-  except ImportError:
-    torch_version = None
-    if "torch" in args.strategies:
-      print("[round_speed] torch is not importable: the PyTorch per-client loop is skipped "
-            "(pip install -e '.[bench]' or pip install torch)", flush=True)
+    args.size, args.base, args.depth, args.samples = 32, 8, 3, 8
+  args.ks = args.ks or ([1, 2, 4] if args.quick else [1, 2, 4, 8, 16, 32])
+  if args.compile_worker:
+    compile_worker(args, args.compile_worker)
+    return
+  args.torch_version = None
+  args.torch_ok = importlib.util.find_spec("torch") is not None
+  if not args.torch_ok and any(s in TORCH_STRATEGIES for s in args.strategies):
+    print("[round_speed] torch is not importable: the PyTorch per-client loop rows are skipped "
+          "(pip install -e '.[bench]' or pip install torch)", flush=True)
   machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"{jax.device_count()} {jax.default_backend()} device(s) "
              f"({jax.devices()[0].device_kind}), jax {jax.__version__}, "
@@ -356,17 +533,28 @@ def main():
   print(f"[round_speed] {machine}\n[round_speed] f32 matmul peak {peak:.1f} GFLOP/s\n"
         f"[round_speed] U-Net base {args.base} depth {args.depth}, {args.size}×{args.size}, "
         f"batch {args.batch}, E={args.local_steps}, dtype {args.dtype}", flush=True)
-  rows = [bench(k, args, peak) for k in args.ks]
-  md = markdown(rows, args, machine + f", load at end {_load()}", peak, torch_version)
+  cache_root = tempfile.mkdtemp(prefix="round_speed_cache_")
+  try:
+    rows = [bench(k, args, peak, cache_root) for k in args.ks]
+    if not args.no_cached_compile:
+      cached_compiles(rows, cache_root)
+  finally:
+    compile_cache.enable("")
+    shutil.rmtree(cache_root, ignore_errors=True)
+  _speedups(rows)
+  md = markdown(rows, args, machine + f", load at end {_load()}", peak)
   print("\n" + md)
   os.makedirs(args.out, exist_ok=True)
   tag = args.tag or ("round_speed_quick" if args.quick else "round_speed")
   with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
     f.write(md)
   with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-    json.dump({"machine": machine, "matmul_peak_gflops": peak, "torch": torch_version,
+    json.dump({"machine": machine, "matmul_peak_gflops": peak, "torch": args.torch_version,
                "args": vars(args), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
-  main()
+  if TORCH_WORKER is not None:
+    torch_worker(json.loads(TORCH_WORKER))
+  else:
+    main()
