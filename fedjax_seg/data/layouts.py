@@ -39,6 +39,11 @@ OnError = Optional[Callable[[DataError], None]]
 
 PathLike = str | os.PathLike
 
+# The site of a patient whose contributing institution is unknown (BraTS without
+# ``name_mapping.csv``, or with ``NA`` as its TCIA id). `partition.by_site`
+# refuses a data set where every patient has it.
+UNKNOWN_SITE = "other"
+
 # A patient folder: >= 2 alphanumeric tokens joined by '_' (excludes e.g. '__MACOSX', '.ipynb_checkpoints').
 _PATIENT_DIR_RE = re.compile(r"^[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+$")
 
@@ -186,12 +191,47 @@ def _nifti_path(folder: str, stem: str) -> Optional[str]:
   return None
 
 
+def _present_files(folder: str, limit: int = 12) -> str:
+  """``'a.nii.gz, b.nii.gz'`` (sorted, at most ``limit`` names) of what ``folder`` holds, for error messages."""
+  try:
+    names = sorted(os.listdir(folder))
+  except OSError:
+    return "(folder unreadable)"
+  if not names:
+    return "(nothing)"
+  shown = ", ".join(names[:limit])
+  return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _missing(folder: str, expected: str, problem: str) -> DataError:
+  """A one-line `DataError` for a missing file: names it and lists what the patient folder holds."""
+  return DataError(os.path.join(folder, expected),
+                   f"{problem}; {os.path.basename(folder)}/ holds: {_present_files(folder)}")
+
+
+# Known misnamed files of the official data sets: patient id -> accepted stems of
+# its seg file besides ``<ID>_seg``. The Kaggle copy of BraTS 2020 names patient
+# 355's label map ``W39_1998.09.19_Segm.nii``.
+BRATS_SEG_ALIASES: Mapping[str, tuple[str, ...]] = {
+    "BraTS20_Training_355": ("W39_1998.09.19_Segm",),
+}
+
+
+def brats_seg_path(folder: str, pid: str) -> Optional[str]:
+  """The seg file of a BraTS patient folder: ``<ID>_seg.nii[.gz]``, else a `BRATS_SEG_ALIASES` name, else None."""
+  for stem in (f"{pid}_seg",) + tuple(BRATS_SEG_ALIASES.get(pid, ())):
+    path = _nifti_path(folder, stem)
+    if path is not None:
+      return path
+  return None
+
+
 def brats_site_table(base: str) -> dict[str, dict[str, str]]:
   """``name_mapping.csv`` of a BraTS folder → {BraTS id: {'site', 'grade'}} ({} if absent).
 
   The site is the institution token of ``TCGA_TCIA_subject_ID``
   (``TCGA-CS-4941`` → ``CS``, ``TCGA-02-0006`` → ``02``); patients without
-  a TCIA id (``NA``) get site ``other``.
+  a TCIA id (``NA``) get site `UNKNOWN_SITE` (``other``).
   """
   path = os.path.join(base, "name_mapping.csv")
   if not os.path.isfile(path):
@@ -205,19 +245,22 @@ def brats_site_table(base: str) -> dict[str, dict[str, str]]:
           continue
         tcia = (row.get("TCGA_TCIA_subject_ID") or "").strip()
         tokens = tcia.split("-")
-        site = tokens[1] if len(tokens) >= 3 and tokens[1] else "other"
+        site = tokens[1] if len(tokens) >= 3 and tokens[1] else UNKNOWN_SITE
         table[pid] = {"site": site, "grade": (row.get("Grade") or "").strip()}
   except (OSError, csv.Error, UnicodeDecodeError) as e:
     raise DataError(path, f"cannot read name_mapping.csv: {e}") from e
   return table
 
 
-def brats_patient(folder: PathLike, site: str = "other", require_seg: bool = True) -> Patient:
+def brats_patient(folder: PathLike, site: str = UNKNOWN_SITE, require_seg: bool = True) -> Patient:
   """Index one BraTS patient folder ``<ID>/<ID>_{flair,t1,t1ce,t2,seg}.nii[.gz]``.
+
+  The seg may also have a known alias name (`BRATS_SEG_ALIASES`: patient
+  355's ``W39_1998.09.19_Segm.nii``).
 
   Raises:
     DataError: folder missing or empty, a missing modality or seg (names the
-      expected file).
+      expected file and lists the files the folder holds).
   """
   folder = os.path.abspath(os.fspath(folder))
   if not os.path.isdir(folder):
@@ -229,13 +272,15 @@ def brats_patient(folder: PathLike, site: str = "other", require_seg: bool = Tru
   for modality in BRATS_MODALITIES:
     path = _nifti_path(folder, f"{pid}_{modality}")
     if path is None:
-      raise DataError(os.path.join(folder, f"{pid}_{modality}.nii.gz"),
-                      f"missing modality {modality!r} (neither .nii.gz nor .nii exists); BraTS needs "
-                      f"{', '.join(BRATS_MODALITIES)}")
+      raise _missing(folder, f"{pid}_{modality}.nii.gz",
+                     f"missing modality {modality!r} (neither .nii.gz nor .nii exists); BraTS needs "
+                     f"{', '.join(BRATS_MODALITIES)}")
     images.append(path)
-  seg = _nifti_path(folder, f"{pid}_seg")
+  seg = brats_seg_path(folder, pid)
   if seg is None and require_seg:
-    raise DataError(os.path.join(folder, f"{pid}_seg.nii.gz"), "missing segmentation (seg) file")
+    aliases = BRATS_SEG_ALIASES.get(pid, ())
+    also = f" (nor its known alias {', '.join(a + '.nii[.gz]' for a in aliases)})" if aliases else ""
+    raise _missing(folder, f"{pid}_seg.nii.gz", f"missing segmentation (seg) file{also}")
   return Patient(id=pid, site=site, folder=folder, images=tuple(images),
                  masks=(seg,) if seg else ())
 
@@ -257,7 +302,7 @@ def find_brats(root: PathLike, on_error: OnError = None) -> list[Patient]:
       ``BraTS2020_TrainingData/``). Other entries are ignored.
     on_error: see module docstring.
   Returns:
-    Patients sorted by id; ``site`` from ``name_mapping.csv`` (``other``
+    Patients sorted by id; ``site`` from ``name_mapping.csv`` (`UNKNOWN_SITE`
     without it), ``meta['grade']`` HGG / LGG when known.
   Raises:
     DataError: root missing, no patient folders, or a bad patient folder
@@ -275,7 +320,7 @@ def find_brats(root: PathLike, on_error: OnError = None) -> list[Patient]:
       continue
     info = sites.get(name, {})
     try:
-      p = brats_patient(path, site=info.get("site", "other"))
+      p = brats_patient(path, site=info.get("site", UNKNOWN_SITE))
     except DataError as e:
       if on_error is None:
         raise
@@ -370,10 +415,9 @@ def acdc_patient(folder: PathLike, frames: tuple[str, ...] = ("ED", "ES")) -> Pa
     stem = f"{pid}_frame{number:02d}"
     image, gt = _nifti_path(folder, stem), _nifti_path(folder, stem + "_gt")
     if image is None:
-      raise DataError(os.path.join(folder, stem + ".nii.gz"), f"missing {phase} frame {number} "
-                                                             f"(Info.cfg says {phase}: {number})")
+      raise _missing(folder, stem + ".nii.gz", f"missing {phase} frame {number} (Info.cfg says {phase}: {number})")
     if gt is None:
-      raise DataError(os.path.join(folder, stem + "_gt.nii.gz"), f"missing ground truth of the {phase} frame")
+      raise _missing(folder, stem + "_gt.nii.gz", f"missing ground truth of the {phase} frame")
     images.append(image)
     masks.append(gt)
     numbers.append(number)

@@ -29,7 +29,14 @@ def by_site(patient_ids: Sequence[str], sites: Dict[str, str], num_clients: int 
   With ``num_clients`` = 0 (or = #sites) each site is one client. With fewer
   clients than sites, sites are merged (largest first onto the smallest
   client); more clients than sites is an error (it would split a site).
+
+  Raises:
+    ValueError: no patient has a known site (every site is
+      `layouts.UNKNOWN_SITE` or empty, e.g. BraTS without
+      ``name_mapping.csv``): one client named ``other`` is not a federation.
+      The message names ``config.fl.partition`` and the alternatives.
   """
+  _check_sites(patient_ids, sites)
   groups: Dict[str, List[str]] = {}
   for p in sorted(patient_ids):
     groups.setdefault(sites[p], []).append(p)
@@ -45,6 +52,21 @@ def by_site(patient_ids: Sequence[str], sites: Dict[str, str], num_clients: int 
     j = int(np.argmin([len(c) for c in clients]))
     clients[j] += groups[n]
   return [sorted(c) for c in clients]
+
+
+def _check_sites(patient_ids: Sequence[str], sites: Dict[str, str] | None) -> None:
+  """Raises ValueError when ``by_site`` has no site information to split on."""
+  from fedjax_seg.data.layouts import UNKNOWN_SITE  # local import: layouts pulls in io
+
+  ids = list(patient_ids)
+  known = [p for p in ids if sites and (sites.get(p) or UNKNOWN_SITE) != UNKNOWN_SITE]
+  if ids and not known:
+    raise ValueError(
+        f"config.fl.partition='by_site' needs site ids, but none of the {len(ids)} patients has one "
+        f"(every site is {UNKNOWN_SITE!r}; BraTS reads the site from TCGA_TCIA_subject_ID in "
+        f"name_mapping.csv next to the patient folders, which is missing or all NA): add that file, or "
+        f"split without sites: --config.fl.partition=iid --config.fl.num_clients=N "
+        f"(or partition=dirichlet)")
 
 
 def dirichlet(patient_ids: Sequence[str], bins: Dict[str, int], num_clients: int, alpha: float,
