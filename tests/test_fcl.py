@@ -276,18 +276,18 @@ def test_only_parameters_and_features_cross_the_client_boundary():
   k = data.x.shape[0]
   client_update = fcl.make_client_update(hp, fns, tx, lambda key, x: x)
   state = fcl.init_state(hp, variables, k, dim)
-  one = jax.tree.map(lambda a: a[0], (data, state.private, state.inbox))
+  one = jax.tree.map(lambda a: a[0], (data, state.clients, state.server))
   upload, private, _ = jax.eval_shape(client_update, variables, one, jax.random.PRNGKey(0))
   param_shapes = sorted(a.shape for a in jax.tree.leaves(variables))
-  assert set(upload) == {"variables", "bank"}            # the momentum encoder stays private
-  assert sorted(a.shape for a in jax.tree.leaves(upload["variables"])) == param_shapes
+  assert set(upload) == {"model", "bank"}            # the momentum encoder stays private
+  assert sorted(a.shape for a in jax.tree.leaves(upload["model"])) == param_shapes
   bank = upload["bank"]
   assert isinstance(bank, fcl.BankFeatures) and isinstance(private, fcl.ClientPrivate)
   assert bank.feats.shape == (hp.bank_size, dim)         # feature vectors of the configured dim
   assert bank.labels.shape == bank.valid.shape == (hp.bank_size,)
   run_round = fcl.make_run_round(hp, client_update, "map")
   new_state, _ = jax.eval_shape(run_round, state, data, jax.random.PRNGKey(0), jnp.bool_(True))
-  inbox = new_state.inbox
+  inbox = new_state.server
   r = (k - 1) * hp.bank_size
   assert inbox.feats.shape == (k, r, dim)
   assert inbox.labels.shape == inbox.valid.shape == inbox.origin.shape == (k, r)

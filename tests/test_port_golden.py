@@ -119,7 +119,7 @@ def case_fcl(method, client_strategy="map", step_strategy="scan"):
   rr = jax.jit(fcl.make_run_round(hp, cu, client_strategy))
   for _ in range(2):
     state, info = rr(state, data, jax.random.PRNGKey(1), jnp.bool_(True))
-  return {"model": _fp(state.variables), "private": _fp(state.private),
+  return {"model": _fp(state.variables), "private": _fp(state.clients),
           "loss": [float(t) for t in info["loss"]]}
 
 

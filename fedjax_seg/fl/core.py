@@ -6,6 +6,9 @@
       M_k, st_k  = client_update(M_{t-1}, data_k, keys_k)     for every k
       M_t, w, ok = aggregator(M_{t-1}, stack(M_k), stack(st_k))
 
+This family is one ``Algorithm`` (fl/algorithm.py: :func:`supervised_algorithm`)
+run by the shared round ``algorithm.make_round``.
+
 How "for every k" executes is the backend of ``fl/backends.py``
 (config ``fl.client_strategy``: vmap | unrolled | map | sharded | debug | auto);
 the E local steps run through the one local-training loop of ``fl/local.py``
@@ -17,25 +20,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Dict, Optional, Tuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_seg import losses, steps
 from fedjax_seg.data.federated import ClientData, sample_batch
-from fedjax_seg.fl import aggregators, backends, local
+from fedjax_seg.fl import algorithm, aggregators, backends, local
 from fedjax_seg.models import ModelFns
 
 
 
-@flax.struct.dataclass
-class ServerState:
-  """variables: global model {'params', ...}; round: int32 []; server_opt_state:
-  state of an optional server optimiser (empty tuple for plain averaging)."""
-  variables: Any
-  round: jnp.ndarray
-  server_opt_state: Any = ()
+# The one server state of every algorithm (variables, round, server_opt_state,
+# per-client state, algorithm server state): fl/algorithm.py.
+ServerState = algorithm.ServerState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,41 +102,62 @@ def make_client_update(fns: ModelFns, tx: optax.GradientTransformation, loss_nam
   return client_update
 
 
+def model_aggregate(aggregator: Callable, agg_kwargs: Optional[Dict[str, Any]] = None) -> Callable:
+  """``Algorithm.aggregate`` for clients that upload one model (upload['model']).
+
+  ``aggregator(global, stacked, stats, **agg_kwargs) -> (agg, weights, failed[, extra])``
+  (fl/aggregators.py, dp.py, secagg.py); one with attribute ``wants_round_key = True``
+  also gets ``rng=`` (the round's aggregation key, independent of the client keys) and
+  ``round=`` (DP noise, secure-aggregation masks).
+  """
+  agg_kwargs = dict(agg_kwargs or {})
+
+  def aggregate(state, upload, stats, a_key):
+    dyn = ({"rng": a_key, "round": state.round}
+           if getattr(aggregator, "wants_round_key", False) else {})
+    out = aggregator(state.variables, upload["model"], stats, **agg_kwargs, **dyn)
+    return out[0], out[1], out[2], (out[3] if len(out) > 3 else {})
+  return aggregate
+
+
+def optimiser_server_update(server_update: Optional[Callable]) -> Callable:
+  """``Algorithm.server_update`` from an optional server optimiser
+  ``server_update(state, aggregate, failed) -> (variables, server_opt_state)``
+  (fl/server_opt.py); without one the aggregate *is* the next model."""
+  def update(state, agg, failed, upload, clients, weights, server_data, key, **_):
+    opt_state = state.server_opt_state
+    if server_update is not None:
+      agg, opt_state = server_update(state, agg, failed)
+    return state.replace(variables=agg, round=state.round + 1, server_opt_state=opt_state,
+                         clients=clients), {}
+  return update
+
+
+def supervised_algorithm(client_update: Callable, aggregator: Callable,
+                         agg_kwargs: Optional[Dict[str, Any]] = None,
+                         server_update: Optional[Callable] = None,
+                         name: str = "supervised") -> algorithm.Algorithm:
+  """FedAvg / FedProx / FedCostW / CostW+CE / DCEW / median / trimmed mean / DP /
+  secure aggregation / server optimisers: a ``client_update(variables, data_k, key)
+  -> (variables', stats)`` (:func:`make_client_update`) uploading its model, the
+  aggregator over the uploaded models, an optional server optimiser."""
+  def client(bcast, inp, key):
+    data, client_state, _ = inp
+    new_vars, stats = client_update(bcast, data, key)
+    return {"model": new_vars}, client_state, stats
+  return algorithm.Algorithm(name, ("model",), client, model_aggregate(aggregator, agg_kwargs),
+                             server_update=optimiser_server_update(server_update))
+
+
 def make_run_round(client_update: Callable, aggregator: Callable, client_strategy: str = "auto",
                    agg_kwargs: Optional[Dict[str, Any]] = None,
                    server_update: Optional[Callable] = None) -> Callable:
-  """Builds ``run_round(state, data, key) -> (state', info)`` (jit it once).
-
-  info: per-client stats [K], 'weights' [K], 'failed' bool, 'included' [K].
-  ``server_update(state, aggregate, failed) -> (variables, server_opt_state)``
-  lets a server optimiser (FedAdam, ... fl/server_opt.py) turn the aggregate
-  into the next model; by default the aggregate *is* the next model.
-  An aggregator may return a 4th element, a dict of per-round arrays merged
-  into info (DP clip fraction, exclusion reasons, ...); one with attribute
-  ``wants_round_key = True`` also gets ``rng=`` (a key independent of the
-  client keys) and ``round=`` (DP noise, secure-aggregation masks).
-  """
-  clients = backends.for_each_client(client_update, client_strategy)
-  agg_kwargs = dict(agg_kwargs or {})
-
-  def run_round(state: ServerState, data: ClientData, key):
-    k = data.x.shape[0]
-    keys = jax.random.split(jax.random.fold_in(key, state.round), k)
-    stacked, stats = clients(state.variables, data, keys)
-    dyn = {}
-    if getattr(aggregator, "wants_round_key", False):
-      dyn = {"rng": jax.random.fold_in(jax.random.fold_in(key, state.round), 0x7FFFFFFF),
-             "round": state.round}
-    out = aggregator(state.variables, stacked, stats, **agg_kwargs, **dyn)
-    new_vars, weights, failed = out[:3]
-    extra = out[3] if len(out) > 3 else {}
-    opt_state = state.server_opt_state
-    if server_update is not None:
-      new_vars, opt_state = server_update(state, new_vars, failed)
-    info = {**stats, **extra, "weights": weights, "failed": failed,
-            "included": weights > 0}
-    return ServerState(new_vars, state.round + 1, opt_state), info
-  return run_round
+  """``run_round(state, data, key) -> (state', info)`` of :func:`supervised_algorithm`
+  (jit it once). info: per-client stats [K], 'weights' [K], 'failed' bool,
+  'included' [K], plus the aggregator's extra dict (DP clip fraction, exclusion
+  reasons, ...)."""
+  return algorithm.make_round(
+      supervised_algorithm(client_update, aggregator, agg_kwargs, server_update), client_strategy)
 
 
 def model_bytes(variables) -> int:

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_seg.fl import aggregators, backends, local
+from fedjax_seg.fl import aggregators, algorithm, local
 from fedjax_seg.models import ModelFns
 
 METHODS = ("fcl", "local_cl", "rotation")
@@ -404,33 +404,24 @@ class ClientPrivate:
   bank: MemoryBank
 
 
-@flax.struct.dataclass
-class PretrainState:
-  """Server model + per-client state ([K] leading axis) of a pre-training run.
-
-  variables: global main encoder θ; round int32 []; private: ClientPrivate [K]
-  (contrastive) or () (rotation); inbox: RemoteBank [K] or ().
-  """
-  variables: Any
-  round: jnp.ndarray
-  private: Any = ()
-  inbox: Any = ()
-
-
-def init_state(hp: PretrainHParams, variables, num_clients: int, feature_dim: int) -> PretrainState:
+def init_state(hp: PretrainHParams, variables, num_clients: int,
+               feature_dim: int) -> algorithm.ServerState:
+  """Server state of a pre-training run: variables = global main encoder θ; clients =
+  ClientPrivate [K] (contrastive) or () (rotation); server = the RemoteBank inbox [K]
+  each client receives next round (contrastive) or ()."""
   if not hp.contrastive:
-    return PretrainState(variables, jnp.int32(0))
+    return algorithm.ServerState(variables, jnp.int32(0))
   stack = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients,) + a.shape), t)
   private = ClientPrivate(stack(variables), stack(init_bank(hp.bank_size, feature_dim)))
-  return PretrainState(variables, jnp.int32(0), private,
-                       empty_inbox(num_clients, hp.bank_size, feature_dim))
+  return algorithm.ServerState(variables, jnp.int32(0), clients=private,
+                               server=empty_inbox(num_clients, hp.bank_size, feature_dim))
 
 
 def make_client_update(hp: PretrainHParams, fns: ModelFns, tx: optax.GradientTransformation,
                        view: Callable) -> Callable:
   """``client_update(θ, (volumes_k, private_k, inbox_k), key) -> (upload, private', stats)``.
 
-  upload = {'variables': θ_k, ['bank': (feats, labels, valid) of the local bank]};
+  upload = {'model': θ_k, ['bank': (feats, labels, valid) of the local bank]};
   stats: num_samples (#volumes), loss, and for FCL local/remote loss and counts.
   """
   lcfg = hp.loss_config()
@@ -458,7 +449,7 @@ def make_client_update(hp: PretrainHParams, fns: ModelFns, tx: optax.GradientTra
         after_step=lambda s: (s[0], momentum_update(s[1], s[0], hp.momentum), s[2]))
     stats = {"num_samples": jnp.sum(data.valid), "loss": jnp.mean(losses),
              **jax.tree.map(jnp.mean, aux)}
-    upload = {"variables": v, "bank": BankFeatures(bank.feats, bank.labels, bank.valid)}
+    upload = {"model": v, "bank": BankFeatures(bank.feats, bank.labels, bank.valid)}
     return upload, ClientPrivate(mom, bank), stats
 
   def rotation_client(variables, inp, key):
@@ -481,31 +472,47 @@ def make_client_update(hp: PretrainHParams, fns: ModelFns, tx: optax.GradientTra
         strategy=hp.step_strategy)
     stats = {"num_samples": jnp.sum(data.valid), "loss": jnp.mean(losses),
              **jax.tree.map(jnp.mean, aux)}
-    return {"variables": v}, private, stats
+    return {"model": v}, private, stats
 
   return contrastive_client if hp.contrastive else rotation_client
 
 
-def make_run_round(hp: PretrainHParams, client_update: Callable, client_strategy: str = "auto"):
-  """``run_round(state, volumes, key, exchange_on=True) -> (state', info)``: all clients,
-  FedAvg and the feature exchange in one program (jit it once).
+def make_algorithm(hp: PretrainHParams, client_update: Callable) -> algorithm.Algorithm:
+  """Pre-training as an ``Algorithm``: clients upload their encoder (+ their bank's
+  features for FCL), FedAvg averages the encoders, and the server routes every
+  included client's bank to the others (the downlink of the next round).
 
-  exchange_on: bool scalar (traced): FCL passes True, local CL False — the
-  same compiled program. info: per-client stats [K], weights, failed, included.
+  Round option ``exchange_on`` (traced bool): FCL passes True, local CL False —
+  the same compiled program.
   """
-  clients = backends.for_each_client(client_update, client_strategy)
+  def client(bcast, inp, key):
+    return client_update(bcast, inp, key)
 
-  def run_round(state: PretrainState, data: VolumeData, key, exchange_on=True):
-    k = data.x.shape[0]
-    keys = jax.random.split(jax.random.fold_in(key, state.round), k)
-    upload, private, stats = clients(state.variables, (data, state.private, state.inbox), keys)
-    new_vars, weights, failed = aggregators.fedavg(state.variables, upload["variables"],
-                                                   {"num_samples": stats["num_samples"]})
-    inbox = state.inbox
+  def aggregate(state, upload, stats, a_key):
+    out = aggregators.fedavg(state.variables, upload["model"],
+                             {"num_samples": stats["num_samples"]})
+    return out[0], out[1], out[2], {}
+
+  def server_update(state, agg, failed, upload, clients, weights, server_data, key,
+                    exchange_on=True):
+    inbox = state.server
     if hp.contrastive:
       inbox = exchange(upload["bank"], exchange_on, include=weights > 0)
-    info = {**stats, "weights": weights, "failed": failed, "included": weights > 0}
-    return PretrainState(new_vars, state.round + 1, private, inbox), info
+    return state.replace(variables=agg, round=state.round + 1, clients=clients,
+                         server=inbox), {}
+
+  return algorithm.Algorithm(hp.method, ("model", "bank") if hp.contrastive else ("model",),
+                             client, aggregate, server_update=server_update,
+                             downlink=lambda state: state.server)
+
+
+def make_run_round(hp: PretrainHParams, client_update: Callable, client_strategy: str = "auto"):
+  """``run_round(state, volumes, key, exchange_on=True) -> (state', info)``: all clients,
+  FedAvg and the feature exchange in one program (jit it once)."""
+  run = algorithm.make_round(make_algorithm(hp, client_update), client_strategy)
+
+  def run_round(state, data: VolumeData, key, exchange_on=True):
+    return run(state, data, key, exchange_on=exchange_on)
   return run_round
 
 

@@ -61,7 +61,7 @@ import optax
 
 from fedjax_seg import losses
 from fedjax_seg.data.federated import ClientData, sample_batch, stack_clients
-from fedjax_seg.fl import aggregators, backends, core, fedwep, local
+from fedjax_seg.fl import aggregators, algorithm, core, fedwep, local
 from fedjax_seg.models import ModelFns
 
 SCENARIOS = ("label_at_client", "label_at_server")
@@ -508,38 +508,58 @@ def make_round_context(hp: SemiHParams, fns: ModelFns) -> Callable:
   return context
 
 
+def make_algorithm(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformation,
+                   num_classes: int, chp: core.ClientHParams,
+                   server_tx: Optional[optax.GradientTransformation] = None,
+                   aggregator: Optional[Callable] = None,
+                   agg_kwargs: Optional[Dict[str, Any]] = None) -> algorithm.Algorithm:
+  """The semi-supervised method ``hp.method`` as an ``Algorithm`` (fl/algorithm.py).
+
+  broadcast: the models and the round context (FedWeP's seed pair); clients upload
+  their dict of models; ``aggregator`` (default FedAvg; robust / DP / secure
+  aggregation wrap it like any single-model uploader) averages them; in
+  label_at_server the server then runs its supervised steps (``server_tx``,
+  default ``tx``). Round data: :class:`SemiData`.
+  """
+  client_update = make_client_update(hp, fns, tx, num_classes, chp)
+  server_steps = (make_server_update(hp, fns, server_tx or tx, num_classes, chp.step_strategy)
+                  if hp.scenario == "label_at_server" else None)
+  context = make_round_context(hp, fns)
+  averaged = core.model_aggregate(aggregator or aggregators.fedavg, agg_kwargs)
+
+  def broadcast(state, server, key):
+    ctx, ctx_info = context(state.variables, state.round, server, key)
+    return (state.variables, ctx), ctx_info
+
+  def client(bcast, inp, key):
+    data, client_state, _ = inp
+    models, stats = client_update(bcast, data, key)
+    return {"model": models}, client_state, stats
+
+  def aggregate(state, upload, stats, a_key):
+    if hp.clients_idle:  # clients hold nothing to learn from: the server's model stays
+      return state.variables, jnp.zeros_like(stats["num_samples"]), jnp.bool_(False), {}
+    return averaged(state, upload, stats, a_key)
+
+  def server_update(state, agg, failed, upload, clients, weights, server, key, **_):
+    server_loss = jnp.float32(jnp.nan)
+    if server_steps is not None:
+      agg, server_loss = server_steps(agg, server, key)
+    new = state.replace(variables=agg, round=state.round + 1, clients=clients)
+    return new, {"server_loss": server_loss, "active": state.round >= hp.client_start_round}
+
+  return algorithm.Algorithm(hp.method, ("model",), client, aggregate, broadcast=broadcast,
+                             server_update=server_update,
+                             split_data=lambda d: (d.clients, d.server), key_scheme="split3")
+
+
 def make_run_round(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformation,
                    num_classes: int, chp: core.ClientHParams,
                    client_strategy: str = "auto",
-                   server_tx: Optional[optax.GradientTransformation] = None) -> Callable:
-  """``run_round(state, SemiData, key) -> (state', info)`` — jit it once.
-
-  Clients run through ``backends.for_each_client`` (any backend), averaging
-  is ``aggregators.fedavg`` over the dict of communicated models. ``tx`` is the
-  clients' optimiser; ``server_tx`` (default ``tx``) the label_at_server
-  server's (``semi_train.optimizers``).
-  """
-  client_update = make_client_update(hp, fns, tx, num_classes, chp)
-  clients = backends.for_each_client(client_update, client_strategy)
-  server_update = (make_server_update(hp, fns, server_tx or tx, num_classes, chp.step_strategy)
-                   if hp.scenario == "label_at_server" else None)
-  context = make_round_context(hp, fns)
-
-  def run_round(state: core.ServerState, data: SemiData, key):
-    rkey = jax.random.fold_in(key, state.round)
-    kctx, kcl, ksv = jax.random.split(rkey, 3)
-    ctx, ctx_info = context(state.variables, state.round, data.server, kctx)
-    k = data.clients.unl.x.shape[0]
-    stacked, stats = clients((state.variables, ctx), data.clients, jax.random.split(kcl, k))
-    if hp.clients_idle:
-      new_vars, weights, failed = state.variables, jnp.zeros((k,)), jnp.bool_(False)
-    else:
-      new_vars, weights, failed = aggregators.fedavg(state.variables, stacked, stats)
-    server_loss = jnp.float32(jnp.nan)
-    if server_update is not None:
-      new_vars, server_loss = server_update(new_vars, data.server, ksv)
-    info = {**stats, **ctx_info, "weights": weights, "failed": failed,
-            "included": weights > 0, "server_loss": server_loss,
-            "active": state.round >= hp.client_start_round}
-    return core.ServerState(new_vars, state.round + 1, state.server_opt_state), info
-  return run_round
+                   server_tx: Optional[optax.GradientTransformation] = None,
+                   aggregator: Optional[Callable] = None,
+                   agg_kwargs: Optional[Dict[str, Any]] = None) -> Callable:
+  """``run_round(state, SemiData, key) -> (state', info)`` of :func:`make_algorithm`
+  through any ``backends.for_each_client`` backend — jit it once."""
+  return algorithm.make_round(make_algorithm(hp, fns, tx, num_classes, chp, server_tx,
+                                             aggregator, agg_kwargs), client_strategy)

@@ -1,0 +1,192 @@
+"""The algorithm interface: every federated method is four pure functions run by
+the same round.
+
+    run_round = make_round(algorithm, client_strategy)
+    state', info = run_round(state, data, key)            # jit it once
+
+    per_client, server_data = algorithm.split_data(data)
+    r_key                   = fold_in(key, state.round)
+    bcast, info_b           = algorithm.broadcast(state, server_data, b_key)
+    upload_k, c_k', stats_k = algorithm.client_update(bcast, (data_k, c_k, down_k), key_k)
+                                                          for every k (backends.for_each_client)
+    agg, w, failed, info_a  = algorithm.aggregate(state, upload [K], stats [K], a_key)
+    state', info_s          = algorithm.server_update(state, agg, failed, upload, c', w,
+                                                      server_data, s_key, **round_options)
+
+* ``state`` (:class:`ServerState`) holds the broadcast model(s) ``variables``, the
+  round counter, the server optimiser's state, the **per-client state**
+  ``clients`` (every leaf with a leading K axis: client k only ever sees row k;
+  checkpointed with the rest) and the algorithm's own server state ``server``.
+* ``down_k = algorithm.downlink(state)[k]``: a per-client message from the
+  server besides the broadcast (FCL: the other clients' feature banks); ``()``
+  for most methods.
+* ``upload_k`` is a dict whose keys are **declared** in ``algorithm.uploads``
+  ('model', 'bank', ...). Byte counters (:func:`comm_bytes`) and the privacy
+  wrappers read them from there: DP-FedAvg and secure aggregation protect the
+  'model' entry and are refused for an algorithm that uploads anything else.
+* Keys: ``b_key``/``s_key`` and the K client keys come from ``r_key`` by the
+  algorithm's ``key_scheme`` ('flat': client keys = split(r_key, K), as the
+  supervised family and FCL; 'split3': (b, clients, s) = split(r_key, 3), as the
+  semi-supervised methods); ``a_key = fold_in(r_key, 2³¹−1)`` for aggregators that
+  draw noise or masks. Every key is a pure function of (key, round, k).
+
+``info`` always has the per-client stats [K], 'weights' [K], 'failed' and
+'included' [K] (weights > 0), plus what broadcast/aggregate/server_update add.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_seg.fl import backends
+
+AGG_KEY_SALT = 0x7FFFFFFF
+
+
+@flax.struct.dataclass
+class ServerState:
+  """variables: broadcast global model(s); round: int32 []; server_opt_state: an
+  optional server optimiser's state (() for plain averaging); clients: per-client
+  state, every leaf [K, ...] (() when the algorithm keeps none); server: the
+  algorithm's own server-side state (() when none)."""
+  variables: Any
+  round: jnp.ndarray
+  server_opt_state: Any = ()
+  clients: Any = ()
+  server: Any = ()
+
+
+def _default_broadcast(state, server_data, key):
+  return state.variables, {}
+
+
+def _default_downlink(state):
+  return ()
+
+
+def _default_split(data):
+  return data, ()
+
+
+def default_server_update(state: ServerState, agg, failed, upload, clients, weights,
+                          server_data, key, **_) -> Tuple[ServerState, Dict]:
+  """The aggregate is the next global model; per-client state as the clients left it."""
+  return state.replace(variables=agg, round=state.round + 1, clients=clients), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  """One federated method. Every function is pure and traced inside the round.
+
+  name: for messages. uploads: the keys of each client's upload dict.
+  client_update: (bcast, (data_k, client_state_k, down_k), key_k) -> (upload_k,
+    client_state_k', stats_k) with stats_k a dict of float32 scalars including
+    'num_samples'.
+  aggregate: (state, upload [K], stats [K], a_key) -> (agg, weights [K], failed, extra).
+  broadcast: (state, server_data, b_key) -> (bcast, info). Default: state.variables.
+  server_update: (state, agg, failed, upload, client_states', weights, server_data,
+    s_key, **round_options) -> (state', info). Default: :func:`default_server_update`.
+  downlink: state -> per-client messages [K] (default ()).
+  split_data: round data -> (per-client data [K], server data). Default (data, ()).
+  key_scheme: 'flat' | 'split3' (module docstring).
+  """
+  name: str
+  uploads: Tuple[str, ...]
+  client_update: Callable
+  aggregate: Callable
+  broadcast: Callable = _default_broadcast
+  server_update: Callable = default_server_update
+  downlink: Callable = _default_downlink
+  split_data: Callable = _default_split
+  key_scheme: str = "flat"
+
+  def __post_init__(self):
+    if self.key_scheme not in ("flat", "split3"):
+      raise ValueError(f"Algorithm {self.name}: key_scheme {self.key_scheme!r} "
+                       f"is not 'flat' or 'split3'")
+    if not self.uploads:
+      raise ValueError(f"Algorithm {self.name}: declare what clients upload (uploads=...)")
+
+
+def round_keys(scheme: str, r_key, k: int):
+  """(b_key, client keys [K], s_key, a_key) of one round from r_key = fold_in(key, round)."""
+  a_key = jax.random.fold_in(r_key, AGG_KEY_SALT)
+  if scheme == "flat":
+    return r_key, jax.random.split(r_key, k), r_key, a_key
+  kb, kc, ks = jax.random.split(r_key, 3)
+  return kb, jax.random.split(kc, k), ks, a_key
+
+
+def make_round(alg: Algorithm, client_strategy: str = "auto", **for_each_kwargs) -> Callable:
+  """``run_round(state, data, key, **round_options) -> (state', info)``; jit it once.
+
+  client_strategy: a backend of ``backends.for_each_client`` (any backend runs any
+  algorithm: per-client data, state and downlink are one pytree padded as needed).
+  round_options: traced values forwarded to ``server_update`` (e.g. FCL's exchange switch).
+  """
+  clients = backends.for_each_client(alg.client_update, client_strategy,
+                                     stage=f"{alg.name} client update", **for_each_kwargs)
+
+  def run_round(state: ServerState, data, key, **round_options):
+    per_client, server_data = alg.split_data(data)
+    k = backends.num_clients(per_client)
+    r_key = jax.random.fold_in(key, state.round)
+    b_key, c_keys, s_key, a_key = round_keys(alg.key_scheme, r_key, k)
+    bcast, info_b = alg.broadcast(state, server_data, b_key)
+    upload, new_clients, stats = clients(bcast, (per_client, state.clients, alg.downlink(state)),
+                                         c_keys)
+    missing = set(upload) ^ set(alg.uploads)
+    if missing:
+      raise ValueError(f"Algorithm {alg.name}: client upload keys {sorted(upload)} differ "
+                       f"from the declared uploads {list(alg.uploads)}")
+    agg, weights, failed, info_a = alg.aggregate(state, upload, stats, a_key)
+    new_state, info_s = alg.server_update(state, agg, failed, upload, new_clients, weights,
+                                          server_data, s_key, **round_options)
+    info = {**stats, **info_b, **info_a, **info_s, "weights": weights, "failed": failed,
+            "included": weights > 0}
+    return new_state, info
+  return run_round
+
+
+def nbytes(tree) -> int:
+  """Bytes of a pytree of arrays or ShapeDtypeStructs."""
+  return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
+
+
+def comm_bytes(alg: Algorithm, state: ServerState, data) -> Dict[str, Any]:
+  """Bytes per client per round, read from what the algorithm declares it sends.
+
+  up: one client's upload (every declared entry; also per entry in 'up_by_entry');
+  down: the broadcast plus that client's downlink message. Computed from shapes only
+  (``jax.eval_shape``), nothing runs.
+  """
+  per_client, server_data = alg.split_data(data)
+  k = backends.num_clients(per_client)
+  take0 = lambda t: jax.tree.map(lambda a: a[0], t)
+  key = jax.random.PRNGKey(0)
+  bcast, _ = jax.eval_shape(lambda s, d: alg.broadcast(s, d, key), state, server_data)
+  down_k = jax.eval_shape(lambda s: take0(alg.downlink(s)), state)
+  upload, _, _ = jax.eval_shape(
+      lambda b, pc, ck: alg.client_update(b, (take0(pc), take0(ck), down_k_zero(down_k)), key),
+      bcast, per_client, state.clients)
+  by_entry = {name: nbytes(upload[name]) for name in alg.uploads}
+  return {"up": sum(by_entry.values()), "down": nbytes(bcast) + nbytes(down_k),
+          "up_by_entry": by_entry, "clients": k}
+
+
+def down_k_zero(shapes):
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def model_only(alg_name: str, uploads: Tuple[str, ...], what: str) -> None:
+  """Refuses a model-only wrapper (DP, secure aggregation, ...) for an algorithm that
+  uploads more than one model."""
+  if tuple(uploads) != ("model",):
+    raise ValueError(f"{what} protects one uploaded model; {alg_name} uploads "
+                     f"{list(uploads)}")
