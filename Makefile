@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow bench clean config-reference
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# docs/config_reference.md from configs/*.py (tests/test_docs.py checks it is current)
+config-reference: $(STAMP)
+	$(BIN)/python tools/gen_config_reference.py
 
 clean:
 	rm -rf runs .pytest_cache
