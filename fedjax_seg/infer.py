@@ -13,23 +13,25 @@
       (``*_mask.tif`` files in it are ignored; slices are ordered by their
       trailing number n, as in training).
 * Preprocessing is the training one, chosen by the *training* layout
-  (``config.data.layout``) and done with the same functions:
-    - LGG (slices): `preprocess.resize_slices` to ``data.image_size`` then
-      `preprocess.normalize(data.normalize)`, as `pipeline.build_dataset`;
+  (``config.data.layout``), through the very functions the loaders call
+  (`preprocess_input`), so the network input equals the training sample of
+  the same file bit for bit:
+    - LGG (slices): `pipeline.preprocess_slices` (resize to
+      ``data.image_size``, `preprocess.normalize(data.normalize)`);
     - BraTS / ACDC (volumes): optional N4 (`preprocess.N4Cache`, the
       training cache under ``data.n4.cache_dir``: same fit, same key), then
-      `resample_volume` to ``data.target_spacing`` (and zero padding to at least
-      ``image_size`` in-plane), or `resize_slices` to ``image_size`` when no
-      target spacing is set, then `normalize_volume(data.normalize)`, as
-      `volumes.preprocess_volume`. Differences, all deliberate: the whole
-      volume is segmented (no z crop to ``data.depth``, no in-plane crop: a
-      sliding window covers everything), so ``zscore`` statistics are taken
-      over the whole volume rather than the training crop.
-* 2D models run slice by slice; 3D models (``config.model.ndim == 3``) run a
-  sliding window of ``(data.depth or Z, image_size, image_size)`` with 50 %
-  overlap, averaging softmax probabilities. Probabilities are mapped back
-  onto the input grid (bilinear resize / linear resampling) before the
-  argmax, so the mask has exactly the input's voxel grid.
+      `volumes.prepare_volume`: resampling to ``data.target_spacing`` and
+      the in-plane crop / pad to ``image_size`` around the non-zero
+      bounding box (or a resize to ``image_size`` without a target
+      spacing), the 3D ``data.depth`` crop, and normalisation whose
+      ``zscore`` statistics are taken over that same cropped grid.
+* 2D models run slice by slice; 3D models on windows of
+  ``(data.depth or Z', image_size, image_size)`` (one window when
+  ``data.depth`` is set). Probabilities are mapped back onto the input grid
+  with `volumes.restore_geometry` (the crop put back in place, voxels
+  outside the training crop background, padding dropped, then linear
+  resampling / bilinear resize back) before the argmax, so the mask has
+  exactly the input's voxel grid and lines up with the input file.
 * Outputs: NIfTI input -> a uint8 NIfTI mask with the input's affine and
   header (labels in the data set's convention: BraTS {0, 1, 2, 4}, ACDC
   0..3, LGG {0, 1}); TIFF input -> ``<stem>_mask.tif`` per slice, {0, 255}
@@ -443,24 +445,15 @@ def _pad_to(x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 def _resize_probs(p: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
   """Bilinear in-plane resize of probabilities [S, h, w, K] -> [S, H, W, K]."""
-  from PIL import Image
-  if p.shape[1:3] == tuple(hw):
-    return p
-  out = np.empty((p.shape[0],) + tuple(hw) + (p.shape[-1],), np.float32)
-  for s in range(p.shape[0]):
-    for k in range(p.shape[-1]):
-      out[s, :, :, k] = np.asarray(Image.fromarray(p[s, :, :, k].astype(np.float32), mode="F").resize(
-          (hw[1], hw[0]), Image.BILINEAR))
-  return out
+  from fedjax_seg.data import volumes
+  return volumes._resize_inplane(p, hw)
 
 
 def _multiple(n: int, m: int) -> int:
   return int(np.ceil(n / m) * m)
 
 
-def segment(run: LoadedRun, inp: InputImage, batch_size: Optional[int] = None) -> np.ndarray:
-  """Class map int32 [Z, Y, X] (training classes) on the input's grid."""
-  from fedjax_seg.data import preprocess
+def _check_channels(run: LoadedRun, inp: InputImage) -> None:
   c = inp.data.shape[-1]
   if c != run.in_channels:
     names = LAYOUT_CHANNEL_NAMES.get(run.layout, ())
@@ -469,56 +462,68 @@ def segment(run: LoadedRun, inp: InputImage, batch_size: Optional[int] = None) -
             "acdc": "; pass a 3D NIfTI cine frame"}.get(run.layout, "")
     raise InferError(f"input {inp.paths[0]} has {c} channel(s) but the model of {run.workdir} was trained "
                      f"on {run.in_channels} ({', '.join(names)}; config.data.layout={run.layout!r}){hint}")
-  d = run.config.data
-  size = int(d.image_size)
-  bs = int(batch_size or run.config.get("eval_batch_size", 8))
-  prob_fn = make_prob_fn(run, bs)
-  z, h, w = inp.data.shape[:3]
 
-  if run.layout == "lgg":  # slices: exactly pipeline.build_dataset's preprocessing
+
+def preprocess_input(run: LoadedRun, inp: InputImage):
+  """The network input of ``inp``, made by the training preprocessing of ``run``.
+
+  Returns (x float32 [Z', S, S, C], geometry): for volumes (BraTS / ACDC)
+  optional N4 (the training cache) then `volumes.prepare_volume` and its
+  `volumes.VolumeGeometry`; for slices (LGG) `pipeline.preprocess_slices`
+  and None. ``x`` equals the training samples of the same file bit for bit.
+  """
+  from fedjax_seg.data import pipeline, preprocess, volumes
+  _check_channels(run, inp)
+  d = run.config.data
+  if run.layout == "lgg":
     if run.ndim != 2:
       raise InferError("config/model mismatch: an LGG run with a 3D model")
-    x, _ = preprocess.resize_slices(inp.data, np.zeros((z, h, w), np.uint8), size)
-    x = preprocess.normalize(x, d.get("normalize", "slice_max"))
-    p = prob_fn(x)
-    return np.argmax(_resize_probs(p, (h, w)), axis=-1).astype(np.int32)
-
-  # Volumes (BraTS / ACDC): the steps of volumes.preprocess_volume, without the crops.
-  from fedjax_seg.data import volumes
+    x, _ = pipeline.preprocess_slices(inp.data, None, d)
+    return x, None
   opts = volumes.VolumeOptions.from_config(d)
   x = inp.data.astype(np.float32)
   spacing = tuple(float(s) for s in inp.spacing)
   if opts.n4 is not None:  # the training cache: a file seen in training is not fitted again
     cache = preprocess.N4Cache(opts.n4_cache_dir, opts.n4)
-    x = np.stack([cache.correct(x[..., i], spacing, inp.paths[i], inp.channel_of_path[i])[0]
-                  for i in range(c)], axis=-1)
-  resampled = bool(opts.target_spacing)
-  if resampled:
-    x, grid_spacing = preprocess.resample_volume(x, spacing, opts.target_spacing)
-  elif (h, w) != (size, size):
-    x, _ = preprocess.resize_slices(x, np.zeros((z, h, w), np.uint8), size)
-  x = preprocess.normalize_volume(x, opts.normalize)
-  grid = x.shape[:3]
+    x, _, _ = volumes.n4_channels(cache, x, spacing, inp.paths, inp.channel_of_path)
+  x, _, geo = volumes.prepare_volume(x, None, spacing, opts)
+  return x, geo
+
+
+def predict_probs(run: LoadedRun, x: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
+  """Class probabilities float32 [Z', S, S, K] of a preprocessed input [Z', S, S, C].
+
+  2D models: slice by slice. 3D models: windows of ``(data.depth or Z'
+  rounded up to the U-Net's multiple, S, S)`` (a single window when
+  ``data.depth`` is set: the training crop), zero padded at the end.
+  """
+  bs = int(batch_size or run.config.get("eval_batch_size", 8))
+  prob_fn = make_prob_fn(run, bs)
+  if run.ndim != 3:
+    return prob_fn(x)
+  size = int(run.config.data.image_size)
   m = 2 ** (int(run.config.model.get("depth", 4)) - 1)
-  if run.ndim == 3:
-    wd = int(d.get("depth", 0) or 0) or _multiple(grid[0], m)
-    window = (wd, size, size)
-    xp = _pad_to(x, window)
-    p = sliding_window(prob_fn, xp, window)
+  wd = int(run.config.data.get("depth", 0) or 0) or _multiple(x.shape[0], m)
+  window = (wd, size, size)
+  p = sliding_window(prob_fn, _pad_to(x, window), window)
+  return p[: x.shape[0]]
+
+
+def segment(run: LoadedRun, inp: InputImage, batch_size: Optional[int] = None) -> np.ndarray:
+  """Class map int32 [Z, Y, X] (training classes) on the input's grid.
+
+  The input goes through the training preprocessing (`preprocess_input`),
+  the model predicts on that grid, and the probabilities are mapped back
+  (`volumes.restore_geometry`: uncrop / unpad, resample or resize back;
+  LGG: bilinear resize) before the argmax.
+  """
+  from fedjax_seg.data import volumes
+  x, geo = preprocess_input(run, inp)
+  p = predict_probs(run, x, batch_size)
+  if geo is None:
+    p = _resize_probs(p, inp.data.shape[1:3])
   else:
-    inplane = (size, size)
-    xp = _pad_to(x, (grid[0],) + inplane)
-    if xp.shape[1:3] == inplane:
-      p = prob_fn(xp)
-    else:  # resampled slices larger than the training size: windows in-plane
-      p = np.stack([sliding_window(prob_fn, s, inplane) for s in xp])
-  p = p[: grid[0], : grid[1], : grid[2]]
-  if resampled:
-    p, _ = preprocess.resample_volume(p, grid_spacing, spacing)
-    if p.shape[:3] != (z, h, w):  # rounding safety net: never expected
-      p = _pad_to(p, (z, h, w))[:z, :h, :w]
-  elif (h, w) != (size, size):
-    p = _resize_probs(p, (h, w))
+    p = volumes.restore_geometry(p, geo)
   return np.argmax(p, axis=-1).astype(np.int32)
 
 

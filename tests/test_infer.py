@@ -161,3 +161,115 @@ def test_clear_errors(lgg_run, brats, tmp_path, capsys):
   assert rc == 2 and "has 1 channel(s)" in err and "trained on 3" in err
   rc, err = _run_main(capsys, "--workdir", wd, "--input", str(tmp_path / "missing.nii.gz"), "--output", out)
   assert rc == 2 and "does not exist" in err
+
+
+# ---------------------------------------------------------------------------
+# One preprocessing for training and inference: trained tiny runs whose
+# volumes are larger than the training crop (the crop, the normalisation
+# region and the mapping back all matter).
+# ---------------------------------------------------------------------------
+def _train_tiny(config, workdir):
+  from fedjax_seg.data import pipeline
+  results = train.train_and_evaluate(config, workdir)
+  ds = pipeline.build_dataset(config.data, verbose=False)
+  return infer.load_run(workdir), ds, results["per_patient"]["test"]
+
+
+def _pooled_dice(pairs, num_classes):
+  """Dice per foreground class over all (pred, gt) pairs of a patient, as results.json pools its slices."""
+  inter, total = np.zeros(num_classes), np.zeros(num_classes)
+  for pred, gt in pairs:
+    for k in range(num_classes):
+      inter[k] += np.sum((pred == k) & (gt == k))
+      total[k] += np.sum(pred == k) + np.sum(gt == k)
+  return {k: (1.0 if total[k] == 0 else 2.0 * inter[k] / total[k]) for k in range(1, num_classes)}
+
+
+@pytest.fixture(scope="module")
+def acdc_trained(data_cache, tmp_path_factory):
+  """A tiny trained 2D ACDC run: 40 x 40 frames at 5 mm (FOV 200 mm), cropped to 32 x 32 in training."""
+  from configs import acdc_centralized
+  c = acdc_centralized.get_config("smoke")
+  c.data.cache_dir = data_cache
+  c.data.phantom.patients_per_group = 2
+  c.data.phantom.size = 40
+  c.data.phantom.fov_mm = (200.0, 200.0)
+  c.data.target_spacing = (0.0, 5.0, 5.0)
+  c.data.image_size = 32
+  c.model.dropout = 0.0
+  c.augment.enabled = False
+  c.num_epochs = 20
+  c.batch_size = 8
+  c.eval_batch_size = 16
+  return _train_tiny(c, str(tmp_path_factory.mktemp("acdc_trained")))
+
+
+def test_acdc_full_frame_matches_training_time_dice(acdc_trained):
+  run, ds, test_records = acdc_trained
+  assert test_records
+  for rec in test_records:
+    patient = ds.patients[rec["id"]]
+    folder = os.path.join(ds.root, "training", rec["id"])
+    frames = sorted(f for f in os.listdir(folder) if f.endswith(".nii.gz") and "_gt" not in f)  # ED, ES
+    pairs, offset = [], 0
+    for f in frames:
+      inp = infer.load_input(os.path.join(folder, f))
+      assert inp.data.shape[1:3] == (40, 40)  # larger than the 32 x 32 training crop
+      x, geo = infer.preprocess_input(run, inp)
+      # the network input is the training sample, bit for bit (ED slices, then ES slices)
+      np.testing.assert_array_equal(x, patient.images[offset:offset + len(x)])
+      offset += len(x)
+      gt = infer.load_ground_truth(os.path.join(folder, f.replace(".nii.gz", "_gt.nii.gz")), inp, run)
+      pred = infer.segment(run, inp)
+      assert pred.shape == gt.shape == inp.data.shape[:3]
+      pairs.append((pred, gt))
+    assert offset == len(patient.images)
+    dice = _pooled_dice(pairs, 4)
+    for k, name in enumerate(("RV", "myocardium", "LV"), start=1):
+      assert abs(dice[k] - rec["dice"][name]) <= 0.02, (rec["id"], name, dice[k], rec["dice"][name])
+    assert rec["dice"]["LV"] > 0.5  # a model that segments: the comparison means something
+
+
+@pytest.fixture(scope="module")
+def brats_trained(data_cache, tmp_path_factory):
+  """A tiny trained 2D BraTS run: 40 x 40 slices at 1 mm, cropped to 32 x 32 in training, zscore."""
+  c = _brats_config(2)
+  d = c.data
+  d.cache_dir = data_cache
+  d.phantom.sites = ("CS",)
+  d.phantom.patients_per_site = 6
+  d.phantom.slices_per_patient = 12
+  d.phantom.size = 40
+  d.image_size = 32
+  d.target_spacing = (1.0, 1.0, 1.0)
+  d.normalize = "zscore"
+  d.min_foreground_fraction = 0.0
+  c.model.base = 8
+  c.model.depth = 3
+  c.model.dropout = 0.0
+  c.num_epochs = 20
+  c.batch_size = 8
+  c.eval_batch_size = 16
+  return _train_tiny(c, str(tmp_path_factory.mktemp("brats_trained")))
+
+
+def test_brats_volume_larger_than_crop_matches_training_time_dice(brats_trained, tmp_path):
+  run, ds, test_records = brats_trained
+  assert test_records
+  for rec in test_records:
+    folder = os.path.join(ds.root, phantom.BRATS_FOLDER, rec["id"])
+    seg = os.path.join(folder, f"{rec['id']}_seg.nii.gz")
+    inp = infer.load_input(folder)
+    assert inp.data.shape[1:3] == (40, 40)
+    x, _ = infer.preprocess_input(run, inp)
+    np.testing.assert_array_equal(x, ds.patients[rec["id"]].images)
+    s = infer.infer(run.workdir, folder, str(tmp_path / f"{rec['id']}.nii.gz"), gt=seg, run=run)
+    # the written mask lies on the input's grid (BraTS labels) and gives the same Dice
+    written = np.asarray(nib.load(s["mask"]).dataobj).transpose(2, 1, 0)
+    gt = infer.load_ground_truth(seg, inp, run)
+    pred = np.array([0, 1, 2, 3, 3], np.int32)[written]
+    dice = _pooled_dice([(pred, gt)], 4)
+    for k, name in enumerate(("necrotic", "edema", "enhancing"), start=1):
+      assert abs(dice[k] - rec["dice"][name]) <= 0.02, (rec["id"], name, dice[k], rec["dice"][name])
+      assert abs(s["dice"][name] - dice[k]) < 1e-9
+    assert rec["dice"]["edema"] > 0.3

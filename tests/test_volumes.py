@@ -340,3 +340,47 @@ def test_train_3d_end_to_end_writes_seed_table(brats, tmp_path):
     saved = json.load(f)
   assert saved["seed001_table"]["Dice Coef"]["seed 001 Test"] == 0.5927
   assert os.path.exists(tmp_path / "run" / "overlays.png")
+
+
+@pytest.mark.parametrize("target, size, ndim, depth", [
+    ((2.0, 1.5, 1.5), 12, 2, 0),     # resample, then crop in-plane
+    ((0.0, 0.8, 0.8), 40, 2, 0),     # resample, then pad in-plane
+    ((), 16, 2, 0),                  # resize in-plane
+    ((2.0, 1.0, 1.0), 20, 3, 4),     # 3D: resample, crop in-plane, crop z to depth
+])
+def test_prepare_volume_geometry_maps_back_onto_the_input_grid(target, size, ndim, depth):
+  rng = np.random.default_rng(0)
+  labels = np.zeros((10, 24, 28), np.uint8)
+  labels[3:8, 6:18, 8:20] = 1
+  labels[4:7, 9:14, 11:16] = 2
+  images = np.where(labels[..., None] > 0, 1.0 + labels[..., None], 0.0) * np.ones((1, 1, 1, 2))
+  images = (images + 0.1 * rng.random(images.shape) * (images > 0)).astype(np.float32)
+  opts = volumes.VolumeOptions(ndim=ndim, image_size=size, depth=depth,
+                               target_spacing=tuple(t if t > 0 else None for t in target))
+  spacing = (2.5, 1.2, 1.1)
+  x_train, y_train, sp = volumes.preprocess_volume(images, labels, spacing, opts)
+  x, none, geo = volumes.prepare_volume(images, None, spacing, opts)
+  assert none is None
+  np.testing.assert_array_equal(x, x_train)  # labels or not: the same network input
+  assert geo.shape == x.shape[:3] and geo.spacing == sp and geo.input_shape == labels.shape
+  probs = np.eye(3, dtype=np.float32)[y_train]  # the "prediction" = the training labels
+  back = volumes.restore_geometry(probs, geo)
+  assert back.shape == labels.shape + (3,)
+  agree = np.argmax(back, axis=-1) == labels
+  assert agree.mean() > 0.97, agree.mean()
+  for k in (1, 2):  # the objects land where they are in the input (no shift)
+    dice = 2 * np.sum((np.argmax(back, -1) == k) & (labels == k)) / (np.sum(np.argmax(back, -1) == k) +
+                                                                     np.sum(labels == k))
+    assert dice > 0.85, (k, dice)
+
+
+def test_restore_geometry_outside_the_crop_is_background():
+  images = np.ones((2, 30, 30, 1), np.float32)
+  opts = volumes.VolumeOptions(image_size=10, target_spacing=(1.0, 1.0, 1.0))
+  x, _, geo = volumes.prepare_volume(images, None, (1.0, 1.0, 1.0), opts)
+  assert geo.mode == "resample" and geo.windows[1:] == ((10, 0, 10), (10, 0, 10))
+  back = volumes.restore_geometry(np.stack([np.zeros((2, 10, 10)), np.ones((2, 10, 10))], -1), geo)
+  lab = np.argmax(back, -1)
+  assert lab[:, 10:20, 10:20].all() and lab.sum() == 2 * 100
+  with pytest.raises(ValueError, match="network grid"):
+    volumes.restore_geometry(np.zeros((2, 12, 10, 2)), geo)

@@ -148,6 +148,21 @@ def register_loader(layout: str, fn: Callable) -> None:
   LOADERS[layout] = fn
 
 
+def preprocess_slices(images: np.ndarray, labels: Optional[np.ndarray], data_cfg):
+  """The one slice preprocessing (Kaggle LGG) of training, evaluation and inference.
+
+  images [S, H, W(, C)] -> float32 [S, size, size, C] resized (bilinear) to
+  ``data.image_size`` and normalised (``data.normalize``, default
+  'slice_max'); labels [S, H, W] (nearest) -> uint8, or None (inference).
+  """
+  if images.ndim == 3:
+    images = images[..., None]
+  dummy = np.zeros(images.shape[:3], np.uint8) if labels is None else labels
+  x, y = preprocess.resize_slices(images, dummy, int(data_cfg.image_size))
+  x = preprocess.normalize(x, data_cfg.get("normalize", "slice_max"))
+  return x, None if labels is None else y
+
+
 def resolve_root(data_cfg, verbose: bool = True) -> str:
   if data_cfg.get("root"):
     return os.path.abspath(os.path.expanduser(data_cfg.root))
@@ -180,10 +195,7 @@ def build_dataset(data_cfg, verbose: bool = True) -> SegDataset:
       patients[pid] = PatientArrays(pid, site, images.astype(np.float32), labels.astype(np.int32),
                                     info.get("spacing", {}).get(pid))
       continue
-    if images.ndim == 3:
-      images = images[..., None]
-    x, y = preprocess.resize_slices(images, labels, data_cfg.image_size)
-    x = preprocess.normalize(x, data_cfg.normalize)
+    x, y = preprocess_slices(images, labels, data_cfg)
     patients[pid] = PatientArrays(pid, site, x, y.astype(np.int32))
   strata = ({p.id: p.site for p in patients.values()}
             if data_cfg.get("stratify_by_site", True) else None)

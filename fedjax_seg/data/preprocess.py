@@ -168,28 +168,46 @@ def resample_volume(volume: np.ndarray, spacing: Sequence[float], target_spacing
   return out, new_spacing
 
 
+def crop_or_pad_window(n: int, target: int, center: float | None = None) -> Tuple[int, int, int]:
+  """The window `crop_or_pad` uses on one axis of length ``n``: (src_lo, dst_lo, length).
+
+  ``out[dst_lo:dst_lo + length] = in[src_lo:src_lo + length]``; the rest of
+  ``out`` (length ``target``) is zero padding. A crop (n > target) is
+  centred on ``center`` (default the axis centre) and shifted to stay
+  inside; a pad (n < target) is symmetric, the extra voxel at the end.
+  """
+  n, target = int(n), int(target)
+  if n > target:
+    c = (n - 1) / 2.0 if center is None else float(center)
+    lo = int(np.clip(int(round(c - (target - 1) / 2.0)), 0, n - target))
+    return lo, 0, target
+  return 0, (target - n) // 2, n
+
+
+def apply_windows(volume: np.ndarray, windows: Sequence[Tuple[int, int, int]], shape: Sequence[int]) -> np.ndarray:
+  """Crops / zero-pads the leading ``len(windows)`` axes with `crop_or_pad_window` windows to ``shape``."""
+  if all(src == 0 and dst == 0 and length == n == t
+         for (src, dst, length), n, t in zip(windows, volume.shape, shape)):
+    return volume
+  out = np.zeros(tuple(int(t) for t in shape) + volume.shape[len(windows):], volume.dtype)
+  dst = tuple(slice(d, d + length) for _, d, length in windows)
+  src = tuple(slice(s, s + length) for s, _, length in windows)
+  out[dst] = volume[src]
+  return out
+
+
 def crop_or_pad(volume: np.ndarray, shape: Sequence[int], center: Sequence[float] | None = None) -> np.ndarray:
   """Crops / zero-pads the leading ``len(shape)`` axes of ``volume`` to ``shape``.
 
   The window is centred on ``center`` (index coordinates per axis; default
   the array centre) and shifted to stay inside the array where it fits;
   axes shorter than the target are padded symmetrically (extra voxel at
-  the end). Trailing axes (channels) are untouched.
+  the end). Trailing axes (channels) are untouched. The windows are
+  `crop_or_pad_window`'s (an inverse mapping can reuse them).
   """
-  out = volume
-  for axis, target in enumerate(shape):
-    n = out.shape[axis]
-    target = int(target)
-    if n > target:
-      c = (n - 1) / 2.0 if center is None else float(center[axis])
-      lo = int(np.clip(int(round(c - (target - 1) / 2.0)), 0, n - target))
-      out = np.take(out, np.arange(lo, lo + target), axis=axis)
-    elif n < target:
-      before = (target - n) // 2
-      pad = [(0, 0)] * out.ndim
-      pad[axis] = (before, target - n - before)
-      out = np.pad(out, pad)
-  return out
+  windows = [crop_or_pad_window(volume.shape[a], t, None if center is None else center[a])
+             for a, t in enumerate(shape)]
+  return apply_windows(volume, windows, shape)
 
 
 def foreground_center(mask: np.ndarray) -> Tuple[float, ...]:

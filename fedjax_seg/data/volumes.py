@@ -103,37 +103,142 @@ class VolumeOptions:
                frames=frames, verbose=bool(get("verbose", True)))
 
 
-def preprocess_volume(images: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
-                      opts: VolumeOptions) -> Tuple[np.ndarray, np.ndarray, Tuple[float, float, float]]:
-  """Resample, size, crop and normalise one volume (after N4).
+@dataclasses.dataclass(frozen=True)
+class VolumeGeometry:
+  """Where the network grid of `prepare_volume` lies in the input volume.
+
+  The training loaders and inference share `prepare_volume`; inference then
+  maps its prediction back with `restore_geometry`, so the mask lies on the
+  input's voxel grid.
+
+  Attributes:
+    input_shape, input_spacing: the input grid (Z, Y, X), (dz, dy, dx) mm.
+    mode: 'resample' (``target_spacing``: resampled, then in-plane crop /
+      pad), 'resize' (in-plane bilinear resize to ``image_size``) or 'none'.
+    grid_shape, grid_spacing: the grid after resampling / resizing, before
+      the crops.
+    windows: per axis (src_lo, dst_lo, length) from the grid to the network
+      grid (`preprocess.crop_or_pad_window`): in-plane crop / pad
+      ('resample') and the 3D ``depth`` crop / pad along z.
+    shape, spacing: the network grid (Z', S, S) and its spacing.
+  """
+  input_shape: Tuple[int, int, int]
+  input_spacing: Tuple[float, float, float]
+  mode: str
+  grid_shape: Tuple[int, int, int]
+  grid_spacing: Tuple[float, float, float]
+  windows: Tuple[Tuple[int, int, int], ...]
+  shape: Tuple[int, int, int]
+  spacing: Tuple[float, float, float]
+
+
+def prepare_volume(images: np.ndarray, labels: Optional[np.ndarray], spacing: Sequence[float],
+                   opts: VolumeOptions):
+  """The one volume preprocessing (after N4) of training, evaluation and inference.
+
+  Resample (``target_spacing``) then crop / pad in-plane to ``image_size``
+  around the centre of the non-zero bounding box, or resize in-plane to
+  ``image_size`` without a target spacing; 3D with ``depth``: crop / pad z
+  around the non-zero centre; then normalise (``normalize``; ``zscore``
+  statistics over the cropped grid, i.e. exactly what the network sees).
 
   Args:
-    images: float32 [Z, Y, X, C]; labels: uint8 [Z, Y, X] (training classes).
+    images: float32 [Z, Y, X, C]; labels: uint8 [Z, Y, X] (training classes)
+      or None (inference).
     spacing: (dz, dy, dx) mm.
   Returns:
-    (images float32 [Z', S, S, C], labels uint8 [Z', S, S], spacing of the
-    new grid), S = ``opts.image_size``, Z' = ``opts.depth`` for 3D (if set).
+    (images float32 [Z', S, S, C], labels uint8 [Z', S, S] or None,
+    `VolumeGeometry`), S = ``opts.image_size``, Z' = ``opts.depth`` for 3D
+    (if set).
   """
   spacing = tuple(float(s) for s in spacing)
-  if opts.target_spacing:
-    images, _ = preprocess.resample_volume(images, spacing, opts.target_spacing)
-    labels, spacing = preprocess.resample_volume(labels, spacing, opts.target_spacing, is_label=True)
+  input_shape = tuple(int(n) for n in images.shape[:3])
   size = opts.image_size
-  fg = images.max(axis=-1) > 0
+  grid_spacing = spacing
   if opts.target_spacing:
-    c = preprocess.foreground_center(fg)
-    images = preprocess.crop_or_pad(images, (images.shape[0], size, size), c)
-    labels = preprocess.crop_or_pad(labels, (labels.shape[0], size, size), c)
+    mode = "resample"
+    images, grid_spacing = preprocess.resample_volume(images, spacing, opts.target_spacing)
+    if labels is not None:
+      labels, _ = preprocess.resample_volume(labels, spacing, opts.target_spacing, is_label=True)
   elif images.shape[1:3] != (size, size):
+    mode = "resize"
     h, w = images.shape[1:3]
-    images, labels = preprocess.resize_slices(images, labels, size)
-    spacing = (spacing[0], spacing[1] * h / size, spacing[2] * w / size)
+    dummy = np.zeros(images.shape[:3], np.uint8) if labels is None else labels
+    images, resized = preprocess.resize_slices(images, dummy, size)
+    labels = None if labels is None else resized
+    grid_spacing = (spacing[0], spacing[1] * h / size, spacing[2] * w / size)
+  else:
+    mode = "none"
+  grid_shape = tuple(int(n) for n in images.shape[:3])
+  grid_spacing = tuple(float(s) for s in grid_spacing)
+  windows = [(0, 0, n) for n in grid_shape]
+  if mode == "resample":
+    c = preprocess.foreground_center(images.max(axis=-1) > 0)
+    windows[1:] = [preprocess.crop_or_pad_window(grid_shape[a], size, c[a]) for a in (1, 2)]
+  out_shape = [grid_shape[0]] + [size if mode == "resample" else grid_shape[a] for a in (1, 2)]
+  images = preprocess.apply_windows(images, windows, out_shape)
+  if labels is not None:
+    labels = preprocess.apply_windows(labels, windows, out_shape)
   if opts.ndim == 3 and opts.depth:
     c = preprocess.foreground_center(images.max(axis=-1) > 0)
-    images = preprocess.crop_or_pad(images, (opts.depth,), c[:1])
-    labels = preprocess.crop_or_pad(labels, (opts.depth,), c[:1])
+    zw = preprocess.crop_or_pad_window(out_shape[0], opts.depth, c[0])
+    images = preprocess.apply_windows(images, [zw], (opts.depth,))
+    if labels is not None:
+      labels = preprocess.apply_windows(labels, [zw], (opts.depth,))
+    windows[0] = zw
+    out_shape[0] = opts.depth
   images = preprocess.normalize_volume(images, opts.normalize)
-  return images.astype(np.float32), labels.astype(np.uint8), spacing
+  geo = VolumeGeometry(input_shape, spacing, mode, grid_shape, grid_spacing,
+                       tuple(tuple(int(v) for v in w) for w in windows), tuple(out_shape), grid_spacing)
+  return images.astype(np.float32), None if labels is None else labels.astype(np.uint8), geo
+
+
+def preprocess_volume(images: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
+                      opts: VolumeOptions) -> Tuple[np.ndarray, np.ndarray, Tuple[float, float, float]]:
+  """`prepare_volume` for the training loaders: (images, labels, spacing of the new grid)."""
+  images, labels, geo = prepare_volume(images, labels, spacing, opts)
+  return images, labels, geo.spacing
+
+
+def _resize_inplane(p: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
+  """Bilinear in-plane resize of [S, h, w, K] -> [S, H, W, K] (Pillow, as `preprocess.resize_slices`)."""
+  from PIL import Image
+  if p.shape[1:3] == tuple(hw):
+    return p
+  out = np.empty((p.shape[0],) + tuple(hw) + (p.shape[-1],), np.float32)
+  for s in range(p.shape[0]):
+    for k in range(p.shape[-1]):
+      out[s, :, :, k] = np.asarray(Image.fromarray(p[s, :, :, k].astype(np.float32), mode="F").resize(
+          (hw[1], hw[0]), Image.BILINEAR))
+  return out
+
+
+def restore_geometry(probs: np.ndarray, geo: VolumeGeometry) -> np.ndarray:
+  """Maps class probabilities [Z', S, S, K] on the network grid back onto the input grid [Z, Y, X, K].
+
+  Inverse of `prepare_volume`'s steps: the crop windows are put back in
+  place (voxels outside the training crop get background, probability 1 for
+  class 0; padding is dropped), then the grid is resampled (linear) or
+  resized (bilinear) back to the input grid.
+  """
+  probs = np.asarray(probs, np.float32)
+  if tuple(probs.shape[:3]) != tuple(geo.shape):
+    raise ValueError(f"probabilities {probs.shape[:3]} are not on the network grid {geo.shape}")
+  k = probs.shape[-1]
+  out = np.zeros(tuple(geo.grid_shape) + (k,), np.float32)
+  out[..., 0] = 1.0
+  dst = tuple(slice(s, s + n) for s, _, n in geo.windows)   # grid side
+  src = tuple(slice(d, d + n) for _, d, n in geo.windows)   # network side
+  out[dst] = probs[src]
+  z, h, w = geo.input_shape
+  if geo.mode == "resample":
+    out, _ = preprocess.resample_volume(out, geo.grid_spacing, geo.input_spacing)
+    if out.shape[:3] != (z, h, w):  # rounding safety net: never expected
+      out = preprocess.apply_windows(out, [(0, 0, min(a, b)) for a, b in zip(out.shape[:3], (z, h, w))],
+                                     (z, h, w))
+  elif geo.mode == "resize":
+    out = _resize_inplane(out, (h, w))
+  return out
 
 
 def _keep_slices(images: np.ndarray, labels: np.ndarray, fraction: float):
@@ -164,7 +269,7 @@ class _Progress:
             f"{time.time() - self.t0:.1f}s (cache {c.dir})", flush=True)
 
 
-def _n4_channels(cache: Optional[preprocess.N4Cache], images: np.ndarray, spacing, paths: Sequence[str],
+def n4_channels(cache: Optional[preprocess.N4Cache], images: np.ndarray, spacing, paths: Sequence[str],
                  channel_of_path: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, int, int]:
   """N4 per channel of [Z, Y, X, C] (channel c read from paths[c]); returns (images, hits, misses)."""
   if cache is None:
@@ -208,7 +313,7 @@ def load_brats(root: str, data_cfg) -> Tuple[List[Record], Tuple[str, ...], Dict
     t0 = time.time()
     try:
       images, seg, ref = io.load_brats_patient(p)
-      images, hits, misses = _n4_channels(cache, images, ref.spacing, p.images)
+      images, hits, misses = n4_channels(cache, images, ref.spacing, p.images)
     except io.DataError as e:
       _skip_or_raise(e, opts)
       continue
@@ -250,7 +355,7 @@ def load_acdc(root: str, data_cfg) -> Tuple[List[Record], Tuple[str, ...], Dict]
     try:
       for image_path, gt_path in zip(p.images, p.masks):
         image, gt = io.load_acdc_frame(image_path, gt_path)
-        x, hits, misses = _n4_channels(cache, image.data[..., None], image.spacing, [image_path])
+        x, hits, misses = n4_channels(cache, image.data[..., None], image.spacing, [image_path])
         n_hits, n_misses = n_hits + hits, n_misses + misses
         x, y, sp_frame = preprocess_volume(x, gt.data, image.spacing, opts)
         if sp is not None and xs and x.shape != xs[0].shape:
