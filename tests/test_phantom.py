@@ -135,3 +135,92 @@ def test_cli(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "wrote 2 patients, 12 files" in out
   assert sorted(d.split("_")[1] for d in os.listdir(tmp_path / "kaggle_3m")) == ["CS", "EZ"]
+
+
+# ---------------------------------------------------------------------------
+# Tumour size options and presets.
+# ---------------------------------------------------------------------------
+def _tumour_stats(layout, preset=None, tumour_area=None, n_slices=20, size=64):
+  """(fraction of tumour-free slices, widest cross-section per patient, all tumour-slice areas)."""
+  opts = dict(phantom.TUMOUR_PRESETS[preset][layout]) if preset else {}
+  if tumour_area is not None:
+    opts["tumour_area"] = tumour_area
+  tf = opts.get("tumour_free_fraction", 0.3 if layout == "lgg" else 0.4)
+  free, widest, areas = [], [], []
+  for site in ("CS", "DU", "HT"):
+    for i in range(5):
+      if layout == "lgg":
+        _, m = phantom.generate_lgg_patient(0, site, i, n_slices=n_slices, size=size, tumour_free_fraction=tf,
+                                            tumour_area=opts.get("tumour_area"))
+      else:
+        _, m, _ = phantom.generate_brats_patient(0, site, i, n_slices=n_slices, size=size,
+                                                 tumour_free_fraction=tf, tumour_area=opts.get("tumour_area"))
+      a = (m > 0).mean(axis=(1, 2))
+      free += list(a == 0)
+      widest.append(a.max())
+      areas += list(a[a > 0])
+  return float(np.mean(free)), np.array(widest), np.array(areas)
+
+
+@pytest.mark.parametrize("layout", ["lgg", "brats"])
+def test_tumour_area_range_sets_the_widest_cross_section(layout):
+  _, widest, _ = _tumour_stats(layout, tumour_area=(0.01, 0.02))
+  # the irregular border and the pixel grid move the area a little around the drawn ellipse
+  assert np.all(widest > 0.6 * 0.01) and np.all(widest < 1.5 * 0.02), widest
+  _, small, _ = _tumour_stats(layout, tumour_area=(0.005, 0.005))
+  assert np.all(small < 0.01) and np.all(small > 0)  # ~20 px at 64 x 64, never empty
+
+
+@pytest.mark.parametrize("layout, free", [("lgg", 0.65), ("brats", 0.55)])
+def test_realistic_preset_small_tumours_and_mostly_tumour_free_slices(layout, free):
+  f, widest, areas = _tumour_stats(layout, "realistic")
+  assert abs(f - free) < 0.08, f
+  lo, hi = phantom.TUMOUR_PRESETS["realistic"][layout]["tumour_area"]
+  assert np.all(widest > 0.6 * lo) and np.all(widest < 1.5 * hi)
+  assert np.mean(areas < 0.02) > 0.5  # most tumour slices are small
+  assert np.mean((areas >= 0.005) & (areas <= 0.02)) > 0.3
+  f_classic, widest_classic, _ = _tumour_stats(layout, "classic")
+  assert f_classic < f and np.median(widest) < np.median(widest_classic)
+
+
+def test_tumour_preset_deterministic_and_classic_is_the_default(tmp_path):
+  kw = dict(sites=("CS",), patients_per_site=2, slices_per_patient=8, size=32)
+  a = _all_files(phantom.write_lgg(tmp_path / "a", tumour_preset="realistic", **kw) and tmp_path / "a")
+  b = _all_files(phantom.write_lgg(tmp_path / "b", tumour_preset="realistic", **kw) and tmp_path / "b")
+  assert a == b
+  c = _all_files(phantom.write_lgg(tmp_path / "c", tumour_preset="classic", **kw) and tmp_path / "c")
+  d = _all_files(phantom.write_lgg(tmp_path / "d", **kw) and tmp_path / "d")
+  assert c == d and c != a
+  # an explicit value wins over the preset (tumour_area=None means "not given": the preset's range stays)
+  e = _all_files(phantom.write_lgg(tmp_path / "e", tumour_preset="realistic", tumour_free_fraction=0.3,
+                                   tumour_area=None, **kw) and tmp_path / "e")
+  assert e != a
+  masks = [np.asarray(Image.open(os.path.join(tmp_path / "e", k))) for k in e if k.endswith("_mask.tif")]
+  masks_a = [np.asarray(Image.open(os.path.join(tmp_path / "a", k))) for k in a if k.endswith("_mask.tif")]
+  assert sum(m.any() for m in masks) > sum(m.any() for m in masks_a)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tumour_area=(0.02, 0.01)), "tumour_area"),
+    (dict(tumour_area=(0.0, 0.01)), "tumour_area"),
+    (dict(tumour_area=(0.01,)), "tumour_area"),
+    (dict(tumour_preset="huge"), "tumour_preset"),
+])
+def test_invalid_tumour_options(tmp_path, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    phantom.write_lgg(tmp_path, sites=("CS",), patients_per_site=1, slices_per_patient=2, size=16, **kwargs)
+  with pytest.raises(ValueError, match=match):
+    phantom.write_brats(tmp_path / "b", sites=("CS",), patients_per_site=1, slices_per_patient=2, size=16,
+                        **kwargs)
+
+
+def test_cli_tumour_options(tmp_path, capsys):
+  rc = phantom.main(["--layout", "lgg", "--out", str(tmp_path / "x"), "--size", "16", "--sites", "CS",
+                     "--patients-per-site", "1", "--slices-per-patient", "4", "--tumour-area", "0.01", "0.02",
+                     "--tumour-preset", "realistic"])
+  assert rc == 0
+  ref = phantom.write_lgg(tmp_path / "y", sites=("CS",), patients_per_site=1, slices_per_patient=4, size=16,
+                          tumour_area=(0.01, 0.02), tumour_preset="realistic")
+  assert _all_files(tmp_path / "x") == _all_files(tmp_path / "y") and ref
+  with pytest.raises(SystemExit):
+    phantom.main(["--layout", "acdc", "--out", str(tmp_path / "z"), "--tumour-preset", "realistic"])

@@ -60,6 +60,50 @@ TUMOUR_LABELS = (EDEMA, ENHANCING, NECROTIC)
 
 # Random streams (so adding draws to one stream never shifts another).
 _STREAM_SITE, _STREAM_IDS, _STREAM_ANATOMY, _STREAM_TUMOUR, _STREAM_RENDER = range(5)
+_STREAM_TUMOUR_SIZE = 9  # after the NIfTI streams (5..8): drawn only when a tumour_area range is set
+
+# Named tumour settings for `write_lgg` / `write_brats` (``tumour_preset=``), per layout. Explicit
+# keyword arguments win over the preset. 'classic' is the default phantom (site-dependent radius,
+# few tumour-free slices); 'realistic' has small tumours (the widest cross-section 0.5 % to a few %
+# of the slice area, log-uniform, so most are small and the tapered end slices smaller still) and
+# most slices tumour-free, as in Kaggle LGG (about 2/3 of the slices have an empty mask) and BraTS.
+TUMOUR_PRESETS: Mapping[str, Mapping[str, Mapping[str, object]]] = {
+    "classic": {"lgg": {}, "brats": {}},
+    "realistic": {"lgg": {"tumour_area": (0.005, 0.03), "tumour_free_fraction": 0.65},
+                  "brats": {"tumour_area": (0.005, 0.06), "tumour_free_fraction": 0.55}},
+}
+
+
+def check_tumour_area(tumour_area) -> tuple[float, float] | None:
+  """Validates a ``tumour_area`` range ``(low, high)`` (fractions of the slice area); None passes."""
+  if tumour_area is None:
+    return None
+  t = tuple(float(v) for v in tumour_area)
+  if len(t) != 2 or not 0.0 < t[0] <= t[1] <= 0.5:
+    raise ValueError(f"tumour_area must be (low, high) fractions of the slice area with "
+                     f"0 < low <= high <= 0.5, got {tuple(tumour_area)}")
+  return t
+
+
+def draw_tumour_area(tumour_area, seed: int, *keys: int | str) -> float | None:
+  """Log-uniform draw from the ``tumour_area`` range on its own stream (None: no range, no draw)."""
+  if tumour_area is None:
+    return None
+  lo, hi = check_tumour_area(tumour_area)
+  rng = rng_for(seed, *keys, _STREAM_TUMOUR_SIZE)
+  return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def _tumour_options(layout: str, preset: str | None, tumour_area, tumour_free_fraction):
+  """(tumour_area, tumour_free_fraction) after applying ``preset``; explicit values win."""
+  if preset is not None:
+    if preset not in TUMOUR_PRESETS:
+      raise ValueError(f"tumour_preset must be one of {sorted(TUMOUR_PRESETS)}, got {preset!r}")
+    opts = TUMOUR_PRESETS[preset][layout]
+    tumour_area = opts.get("tumour_area") if tumour_area is None else tumour_area
+    tumour_free_fraction = opts.get("tumour_free_fraction") if tumour_free_fraction is None else (
+        tumour_free_fraction)
+  return check_tumour_area(tumour_area), tumour_free_fraction
 
 
 # --------------------------------------------------------------------------
@@ -322,6 +366,7 @@ def head_labels(
     tumour_slices: tuple[int, int],
     tumour_radius: float,
     enhancing: bool,
+    tumour_area: float | None = None,
 ) -> np.ndarray:
   """A head-like label volume with one tumour.
 
@@ -338,6 +383,10 @@ def head_labels(
     tumour_slices: slice range ``[lo, hi)`` carrying tumour.
     tumour_radius: in-plane radius at the widest slice, fraction of brain radius.
     enhancing: whether to add the enhancing rim and necrotic core.
+    tumour_area: if given, overrides ``tumour_radius``: the tumour's
+      cross-section at its widest slice, as a fraction of the slice area
+      (an ellipse of that area before its irregular border; at least one
+      pixel). Draws are the same either way, so only the size changes.
   Returns:
     uint8 [n_slices, size, size] with values in ``range(NUM_LABELS)``.
   """
@@ -389,6 +438,10 @@ def head_labels(
   if hi > lo:
     r_mid = max(tumour_radius * rx, 5.0 / size)  # at least ~2.5 px radius
     aspect = rng.uniform(0.75, 1.3)
+    r_min = 4.0 / size
+    if tumour_area is not None:  # slice area = 4 in grid units; ellipse area = pi r^2 aspect
+      r_mid = max(float(np.sqrt(4.0 * float(tumour_area) / (np.pi * aspect))), 1.0 / size)
+      r_min = min(r_mid, 4.0 / size)
     t_angle = rng.uniform(0, np.pi)
     room = max(rx - r_mid * max(aspect, 1.0), 0.0)
     rho, phi = rng.uniform(0.1, 0.65) * room, rng.uniform(0, 2 * np.pi)
@@ -399,7 +452,7 @@ def head_labels(
     for s in range(lo, hi):
       t = 0.0 if n_t == 1 else (2.0 * (s - lo) / (n_t - 1) - 1.0)
       scale = np.sqrt(max(1.0 - 0.8 * t * t, 0.0))
-      r = max(r_mid * scale, 4.0 / size)
+      r = max(r_mid * scale, r_min)
       d_t = irregular_blob(y, x, (tcy + drift[0] * t, tcx + drift[1] * t), (r * aspect, r), t_angle,
                            [(k, a, ph + 0.8 * t) for k, a, ph in harm])
       inside = d_t < 1.0
@@ -475,6 +528,7 @@ def generate_lgg_patient(
     n_slices: int = 12,
     size: int = 64,
     tumour_free_fraction: float = 0.3,
+    tumour_area: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """One synthetic LGG patient, in memory (no files).
 
@@ -483,6 +537,9 @@ def generate_lgg_patient(
       index within the site (0-based).
     n_slices, size: volume is [n_slices, size, size].
     tumour_free_fraction: ≈ fraction of slices with an empty mask.
+    tumour_area: None (the site's tumour radius) or a range ``(low, high)``:
+      the widest tumour cross-section as a fraction of the slice area,
+      log-uniform per patient (own random stream: nothing else changes).
   Returns:
     (images uint8 [S, size, size, 3] (pre-contrast, FLAIR, post-contrast),
      masks uint8 [S, size, size] in {0, 255}).
@@ -494,7 +551,8 @@ def generate_lgg_patient(
   radius = float(np.clip(radius, 0.08, 0.45))
   enhancing = bool(rng_t.random() < effects.enhancing_prob)
   labels = head_labels(rng_for(seed, site, index, _STREAM_ANATOMY), n_slices, size,
-                       tumour_slices=tumour_slices, tumour_radius=radius, enhancing=enhancing)
+                       tumour_slices=tumour_slices, tumour_radius=radius, enhancing=enhancing,
+                       tumour_area=draw_tumour_area(tumour_area, seed, site, index))
   images = render_lgg(labels, effects, rng_for(seed, site, index, _STREAM_RENDER))
   masks = np.where(labels >= EDEMA, 255, 0).astype(np.uint8)
   return images, masks
@@ -559,9 +617,11 @@ def write_lgg(
     patients_per_site: int = 4,
     slices_per_patient: int = 12,
     size: int = 64,
-    tumour_free_fraction: float = 0.3,
+    tumour_free_fraction: float | None = None,
     overwrite: bool = False,
     style: str = "geometric",
+    tumour_area: Sequence[float] | None = None,
+    tumour_preset: str | None = None,
     **anatomy_options,
 ) -> list[str]:
   """Write a phantom Kaggle LGG data set (SPEC §1.2) under ``root``.
@@ -578,7 +638,14 @@ def write_lgg(
       `site_effects`.
     patients_per_site, slices_per_patient, size: data set dimensions.
     tumour_free_fraction: ≈ fraction of slices with empty masks (first and
-      last slices of each patient are tumour-free when > 0).
+      last slices of each patient are tumour-free when > 0); default 0.3
+      (or the preset's).
+    tumour_area: geometric only: None (site-dependent tumour radius) or a
+      range ``(low, high)`` of the widest tumour cross-section, fraction of
+      the slice area (log-uniform per patient).
+    tumour_preset: a name of `TUMOUR_PRESETS` ('classic' = the defaults;
+      'realistic': small tumours, most slices tumour-free); explicit
+      ``tumour_area`` / ``tumour_free_fraction`` win over it.
     overwrite: replace an existing non-empty ``<root>/kaggle_3m``;
       otherwise that is an error (stale slices would silently mix in).
     style: ``'geometric'`` (`generate_lgg_patient`) or ``'anatomical'``
@@ -599,12 +666,16 @@ def write_lgg(
                      f"got {patients_per_site} and {slices_per_patient}")
   if size < 16:
     raise ValueError(f"size must be >= 16, got {size}")
+  tumour_area, tumour_free_fraction = _tumour_options("lgg", tumour_preset, tumour_area, tumour_free_fraction)
+  tumour_free_fraction = 0.3 if tumour_free_fraction is None else tumour_free_fraction
   if not 0.0 <= tumour_free_fraction <= 1.0:
     raise ValueError(f"tumour_free_fraction must be in [0, 1], got {tumour_free_fraction}")
   rng_for(seed)  # validates the seed
   anatomy = _anatomy_module(style, "lgg", anatomy_options)
-  generate = generate_lgg_patient if anatomy is None else functools.partial(
-      anatomy.generate_lgg_patient, **anatomy_options)
+  if anatomy is not None and tumour_area is not None:
+    raise ValueError("write_lgg: tumour_area applies only to style='geometric'")
+  generate = (functools.partial(generate_lgg_patient, tumour_area=tumour_area) if anatomy is None
+              else functools.partial(anatomy.generate_lgg_patient, **anatomy_options))
 
   out = os.path.join(os.fspath(root), "kaggle_3m")
   _prepare_out_dir(out, overwrite)
@@ -787,6 +858,7 @@ def generate_brats_patient(
     n_slices: int = 32,
     size: int = 64,
     tumour_free_fraction: float = 0.4,
+    tumour_area: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
   """One synthetic BraTS patient, in memory, in the internal axis order [z, y, x].
 
@@ -794,6 +866,7 @@ def generate_brats_patient(
     (images int16 [D, H, W, 4] (flair, t1, t1ce, t2),
      seg uint8 [D, H, W] in {0, 1, 2, 4} (necrotic core 1 inside enhancing
      rim 4 inside edema 2), grade 'HGG' (enhancing tumour) or 'LGG').
+  ``tumour_area``: as `generate_lgg_patient` (the whole tumour, edema included).
   """
   effects = brats_site_effects(site, seed)
   base = effects.base
@@ -804,7 +877,8 @@ def generate_brats_patient(
   radius = float(np.clip(radius, 0.2, 0.6))
   enhancing = bool(rng_t.random() < effects.enhancing_prob)
   labels = head_labels(rng_for(seed, "brats", site, index, _STREAM_ANATOMY), n_slices, size,
-                       tumour_slices=tumour_slices, tumour_radius=radius, enhancing=enhancing)
+                       tumour_slices=tumour_slices, tumour_radius=radius, enhancing=enhancing,
+                       tumour_area=draw_tumour_area(tumour_area, seed, "brats", site, index))
   images = render_brats(labels, effects, rng_for(seed, "brats", site, index, _STREAM_RENDER))
   return images, BRATS_LABEL_OF[labels], ("HGG" if enhancing else "LGG")
 
@@ -830,11 +904,13 @@ def write_brats(
     patients_per_site: int = 4,
     slices_per_patient: int = 32,
     size: int = 64,
-    tumour_free_fraction: float = 0.4,
+    tumour_free_fraction: float | None = None,
     spacing: Sequence[float] | None = None,
     compress: bool = True,
     overwrite: bool = False,
     style: str = "geometric",
+    tumour_area: Sequence[float] | None = None,
+    tumour_preset: str | None = None,
     **anatomy_options,
 ) -> list[str]:
   """Write a phantom BraTS 2020 training set (SPEC §1.1) under ``root``.
@@ -860,7 +936,11 @@ def write_brats(
     patients_per_site, slices_per_patient, size: data set dimensions.
     tumour_free_fraction: ≈ fraction of axial slices without tumour
       (geometric style; the anatomical volume spans the whole brain and
-      the tumour's own extent decides which slices carry it).
+      the tumour's own extent decides which slices carry it); default 0.4
+      (or the preset's).
+    tumour_area, tumour_preset: as `write_lgg` (geometric style; the
+      'realistic' preset: whole tumour 0.5–6 % of the slice, 55 % of the
+      slices tumour-free).
     spacing: voxel size (x, y, z) in mm, written into the affine. None:
       1 mm³ (geometric) or the real BraTS field of view 240×240×155 mm
       divided by the shape (anatomical; `anatomy.brats_spacing`).
@@ -874,14 +954,20 @@ def write_brats(
     The patient folder paths, sorted.
   """
   _check_common(seed, sites, patients_per_site, slices_per_patient, size)
+  tumour_area, tumour_free_fraction = _tumour_options("brats", tumour_preset, tumour_area,
+                                                      tumour_free_fraction)
+  tumour_free_fraction = 0.4 if tumour_free_fraction is None else tumour_free_fraction
   if not 0.0 <= tumour_free_fraction <= 1.0:
     raise ValueError(f"tumour_free_fraction must be in [0, 1], got {tumour_free_fraction}")
   anatomy = _anatomy_module(style, "brats", anatomy_options)
+  if anatomy is not None and tumour_area is not None:
+    raise ValueError("write_brats: tumour_area applies only to style='geometric'")
   if anatomy is None:
     spacing = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
       raise ValueError(f"spacing must be 3 positive numbers (x, y, z mm), got {spacing}")
-    generate = functools.partial(generate_brats_patient, tumour_free_fraction=tumour_free_fraction)
+    generate = functools.partial(generate_brats_patient, tumour_free_fraction=tumour_free_fraction,
+                                 tumour_area=tumour_area)
   else:
     spacing = anatomy.brats_spacing(slices_per_patient, size, spacing)
     generate = functools.partial(anatomy.generate_brats_patient, spacing=spacing, **anatomy_options)
@@ -1187,6 +1273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--slices-per-patient", type=int, default=None,
                       help="slices (LGG default 12, BraTS 32, ACDC 8)")
   parser.add_argument("--tumour-free-fraction", type=float, default=None, help="LGG / BraTS only")
+  parser.add_argument("--tumour-area", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                      help="LGG / BraTS geometric: widest tumour cross-section, fraction of the slice area")
+  parser.add_argument("--tumour-preset", choices=sorted(TUMOUR_PRESETS), default=None,
+                      help="LGG / BraTS: named tumour setting (realistic: small tumours, most slices empty)")
   parser.add_argument("--style", choices=PHANTOM_STYLES, default=None,
                       help="LGG / BraTS: geometric (default) or anatomical (ICBM152 anatomy; extra 'anatomy')")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output")
@@ -1198,11 +1288,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.sites is not None:
     kwargs[group_key] = tuple(s.strip() for s in args.sites.split(",") if s.strip())
   for key, value in ((count_key, args.patients_per_site), ("slices_per_patient", args.slices_per_patient),
-                     ("size", args.size), ("tumour_free_fraction", args.tumour_free_fraction)):
+                     ("size", args.size), ("tumour_free_fraction", args.tumour_free_fraction),
+                     ("tumour_area", tuple(args.tumour_area) if args.tumour_area else None),
+                     ("tumour_preset", args.tumour_preset)):
     if value is not None:
       kwargs[key] = value
-  if args.layout == "acdc" and "tumour_free_fraction" in kwargs:
-    parser.error("--tumour-free-fraction does not apply to --layout acdc")
+  for key in ("tumour_free_fraction", "tumour_area", "tumour_preset"):
+    if args.layout == "acdc" and key in kwargs:
+      parser.error(f"--{key.replace('_', '-')} does not apply to --layout acdc")
   if args.style is not None:
     if args.layout == "acdc":
       parser.error("--style does not apply to --layout acdc")
