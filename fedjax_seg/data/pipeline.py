@@ -169,12 +169,64 @@ def resolve_root(data_cfg, verbose: bool = True) -> str:
   return ensure_phantom(data_cfg.layout, dict(data_cfg.phantom), data_cfg.cache_dir, verbose)
 
 
-def build_dataset(data_cfg, verbose: bool = True) -> SegDataset:
+# data.split_seed = 'seed' (or -1, which an int-typed config field accepts from the command line, and
+# which was never a valid NumPy seed): the split follows the run's config.seed.
+SPLIT_SEED_FROM_RUN = "seed"
+SPLIT_SEED_FROM_RUN_INT = -1
+
+
+def resolve_split_seed(data_cfg, seed: Optional[int] = None) -> int:
+  """``data.split_seed`` as an int: an int >= 0 as given, ``'seed'`` or -1 -> ``seed`` (config.seed)."""
+  value = data_cfg.get("split_seed", 0)
+  value = 0 if value is None else value
+  if isinstance(value, str):
+    if value.strip().lower() != SPLIT_SEED_FROM_RUN:
+      raise ValueError(f"config.data.split_seed={value!r}: expected an int >= 0, {SPLIT_SEED_FROM_RUN!r} "
+                       f"or {SPLIT_SEED_FROM_RUN_INT} (follow config.seed)")
+    value = SPLIT_SEED_FROM_RUN_INT
+  value = int(value)
+  if value == SPLIT_SEED_FROM_RUN_INT:
+    if seed is None:
+      raise ValueError(f"config.data.split_seed={data_cfg.get('split_seed')!r} (follow config.seed) needs the "
+                       f"run's seed: call build_dataset(config.data, seed=config.seed), or set "
+                       f"data.split_seed to an int >= 0")
+    return int(seed)
+  if value < 0:
+    raise ValueError(f"config.data.split_seed={value}: expected an int >= 0, {SPLIT_SEED_FROM_RUN!r} or "
+                     f"{SPLIT_SEED_FROM_RUN_INT} (follow config.seed)")
+  return value
+
+
+def make_splits(patient_ids: Sequence[str], data_cfg, strata: Optional[Dict[str, str]] = None,
+                seed: Optional[int] = None) -> Dict[str, List[str]]:
+  """Train / val / test patient ids from ``config.data``.
+
+  Without ``data.fold`` (absent or None): `preprocess.split_patients` with
+  ``split_seed``, ``val_fraction``, ``test_fraction`` (the historical
+  split). With ``data.fold = f``: `preprocess.kfold_split`, k =
+  ``data.num_folds`` (default 5) folds by patient, stratified by site
+  (``strata``), fold f the test split, validation ``val_fraction`` of the
+  rest; ``test_fraction`` is then unused. ``split_seed`` may be ``'seed'``
+  or -1 (`resolve_split_seed`), so that every run seed evaluates other patients.
+  """
+  split_seed = resolve_split_seed(data_cfg, seed)
+  fold = data_cfg.get("fold", None)
+  if fold is None:
+    return preprocess.split_patients(patient_ids, split_seed, data_cfg.val_fraction, data_cfg.test_fraction,
+                                     strata)
+  num_folds = data_cfg.get("num_folds", None) or 5
+  return preprocess.kfold_split(patient_ids, int(fold), int(num_folds), split_seed,
+                                data_cfg.get("val_fraction", 0.2), strata)
+
+
+def build_dataset(data_cfg, verbose: bool = True, seed: Optional[int] = None) -> SegDataset:
   """Loads, validates, preprocesses and splits a data set described by config.
 
   ``data_cfg`` keys: layout ('lgg', ...), root ('' = phantom), phantom
   (writer kwargs), cache_dir, image_size, normalize, split_seed,
-  val_fraction, test_fraction.
+  val_fraction, test_fraction, stratify_by_site, fold / num_folds (see
+  `make_splits`). ``seed``: the run's seed (``config.seed``), used when
+  ``split_seed`` is ``'seed'`` or -1.
   """
   if data_cfg.layout not in LOADERS:
     # Importing layout modules registers further loaders (BraTS, ACDC).
@@ -199,8 +251,7 @@ def build_dataset(data_cfg, verbose: bool = True) -> SegDataset:
     patients[pid] = PatientArrays(pid, site, x, y.astype(np.int32))
   strata = ({p.id: p.site for p in patients.values()}
             if data_cfg.get("stratify_by_site", True) else None)
-  splits = preprocess.split_patients(list(patients), data_cfg.split_seed,
-                                     data_cfg.val_fraction, data_cfg.test_fraction, strata)
+  splits = make_splits(list(patients), data_cfg, strata, seed)
   ds = SegDataset(patients, splits, len(class_names), tuple(class_names), root, data_cfg.layout)
   if verbose:
     n = sum(len(p.labels) for p in patients.values())

@@ -4,7 +4,7 @@ All functions are host-side NumPy / SimpleITK (run once before training),
 deterministic. Slices: `resize_slices`, `normalize`; volumes ([Z, Y, X(, C)],
 spacing (dz, dy, dx) mm): `resample_volume`, `crop_or_pad`,
 `normalize_volume`, N4 bias field correction (`N4Params`, `n4_log_bias`,
-`apply_log_bias`, `N4Cache`); patient splits: `split_patients`.
+`apply_log_bias`, `N4Cache`); patient splits: `split_patients`, `kfold_split`.
 """
 from __future__ import annotations
 
@@ -63,6 +63,79 @@ def split_patients(patient_ids: Sequence[str], seed: int, val_fraction: float = 
     raise ValueError(f"split left no training patients ({len(ids)} patients, "
                      f"val_fraction={val_fraction}, test_fraction={test_fraction})")
   return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+def _stratum_rng(seed: int, name: str, salt: int = 0) -> np.random.Generator:
+  import zlib
+  return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode()), int(salt)])
+
+
+def kfold_assignment(patient_ids: Sequence[str], num_folds: int, seed: int,
+                     strata: Dict[str, str] | None = None) -> Dict[str, int]:
+  """Patient -> fold in ``range(num_folds)``, stratified by site.
+
+  Each site's patients (sorted, then shuffled with a generator seeded by
+  ``(seed, site)``) are dealt round-robin over the folds; each site starts
+  where the previous one stopped, so fold sizes differ by at most one
+  overall and each site's count differs by at most one between folds. The
+  assignment does not depend on which fold is held out, so the folds
+  partition the patients. Without ``strata`` all patients are one site.
+  """
+  num_folds = int(num_folds)
+  ids = sorted(patient_ids)
+  if num_folds < 2:
+    raise ValueError(f"data.num_folds={num_folds}: need at least 2 folds")
+  if len(ids) < num_folds:
+    raise ValueError(f"data.num_folds={num_folds} folds but only {len(ids)} patients")
+  groups: Dict[str, List[str]] = {}
+  for p in ids:
+    groups.setdefault("" if strata is None else str(strata[p]), []).append(p)
+  out: Dict[str, int] = {}
+  start = 0
+  for name in sorted(groups):
+    members = groups[name]
+    order = _stratum_rng(seed, name).permutation(len(members))
+    for j, i in enumerate(order):
+      out[members[int(i)]] = (start + j) % num_folds
+    start = (start + len(members)) % num_folds
+  return out
+
+
+def kfold_split(patient_ids: Sequence[str], fold: int, num_folds: int, seed: int,
+                val_fraction: float = 0.2, strata: Dict[str, str] | None = None) -> Dict[str, List[str]]:
+  """Patient-level k-fold split: fold ``fold`` of `kfold_assignment` is the test split.
+
+  The validation patients are drawn from the other folds, per site
+  (``round(val_fraction * n)`` of a site's remaining n patients, seeded by
+  ``(seed, site, fold)``; at least one overall), the rest is train. Every
+  patient is a test patient in exactly one fold.
+
+  Returns {'train': [...], 'val': [...], 'test': [...]} (sorted ids).
+  """
+  fold, num_folds = int(fold), int(num_folds)
+  if not 0 <= fold < num_folds:
+    raise ValueError(f"data.fold={fold}: must be in [0, data.num_folds={num_folds})")
+  assign = kfold_assignment(patient_ids, num_folds, seed, strata)
+  test = sorted(p for p, f in assign.items() if f == fold)
+  rest = sorted(p for p, f in assign.items() if f != fold)
+  groups: Dict[str, List[str]] = {}
+  for p in rest:
+    groups.setdefault("" if strata is None else str(strata[p]), []).append(p)
+  val: List[str] = []
+  leftovers: List[str] = []
+  for name in sorted(groups):
+    members = groups[name]
+    shuffled = [members[int(i)] for i in _stratum_rng(seed, name, fold + 1).permutation(len(members))]
+    n_val = int(round(len(members) * float(val_fraction)))
+    val += shuffled[:n_val]
+    leftovers += shuffled[n_val:]
+  if not val and val_fraction > 0 and len(leftovers) > 1:
+    val = [leftovers.pop(int(_stratum_rng(seed, "", fold + 1).integers(len(leftovers))))]
+  train = leftovers
+  if not train:
+    raise ValueError(f"k-fold split left no training patients ({len(assign)} patients, "
+                     f"num_folds={num_folds}, val_fraction={val_fraction})")
+  return {"train": sorted(train), "val": sorted(val), "test": test}
 
 
 def resize_slices(images: np.ndarray, masks: np.ndarray, size: int):
