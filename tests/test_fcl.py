@@ -344,9 +344,9 @@ def test_volumes_and_slices_match_the_2d_loader(data_cache):
 
 
 def test_trainers_registered():
-  from fedjax_seg.fl import train as fl_train
+  from fedjax_seg import train
   for name in ("fcl", "local_cl", "fedrotation", "random_init"):
-    assert fl_train.TRAINERS[name] is fcl_train.train_fcl
+    assert train.TRAINERS[name] is fcl_train.train_fcl
 
 
 # ---------------------------------------------------------------------------

@@ -133,8 +133,9 @@ def test_all_excluded_keeps_global():
 
 def test_registered_and_configured():
   from configs import lgg_fedavg
+  from fedjax_seg import train
   from fedjax_seg.fl import train as fl_train
-  assert {"median", "trimmed_mean"} <= set(agg.AGGREGATORS) <= set(fl_train.TRAINERS)
+  assert {"median", "trimmed_mean"} <= set(agg.AGGREGATORS) <= set(train.TRAINERS)
   c = lgg_fedavg.get_config()
   c.algorithm = "trimmed_mean"
   c.fl.trim = 0.25

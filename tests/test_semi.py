@@ -97,8 +97,8 @@ def test_config_validation_names_the_key():
 def test_trainers_registered_for_dispatch():
   from fedjax_seg.fl import train as fl_train
   for name in semi.METHODS:
-    assert fl_train.TRAINERS[name] is semi_train.train_semi
-  assert fl_train.TRAINERS["fedavg"] is fl_train.train_federated
+    assert train.TRAINERS[name] is semi_train.train_semi
+  assert train.TRAINERS["fedavg"] is fl_train.train_federated
 
 
 def test_objectives_of_every_method_are_finite_and_mt_teacher_is_ema():

@@ -9,18 +9,20 @@ annotated patients per client (SPEC §4.3; Wu et al., MICCAI 2021).
            local_cl      the same program with the exchange off
            fedrotation   FedAvg of a rotation (0/90/180/270°) classifier's encoder
            random_init   no pre-training
-      -> for each N in config.finetune.labelled_patients: FedAvg U-Net from the
-         encoder (U-Net contracting path copied in, decoder randomly initialised),
-         N labelled patients per client, test Dice
+      -> for each N in config.finetune.labelled_patients: a chained run, an ordinary
+         supervised FedAvg run (fl/train.py) with ``config.init_from = pretrain/``
+         (U-Net contracting path copied from the encoder, decoder randomly
+         initialised) and ``config.fl.labelled_patients = N`` per client
 
 Workdir::
 
-    pretrain/        metrics.jsonl/csv, checkpoints/ (resumable), encoder.msgpack
-    finetune_N<n>/   metrics.jsonl/csv, checkpoints/, results.json
+    pretrain/        config.json, metrics.jsonl/csv, checkpoints/ (resumable), encoder.msgpack
+    finetune_N<n>/   a complete supervised run (config.json, metrics, checkpoints,
+                     results.json with per-patient records, final_model.msgpack): infer
+                     and the viewer load it like any run
     results.json     {algorithm, pretrain: {...}, finetune: {N: {test/val metrics}}}
 
-Registered in ``fedjax_seg.fl.train.TRAINERS`` by the block at the end of that
-module, so ``launch.py --config configs/acdc_fcl_exchange.py`` dispatches here.
+Both stages go through the one experiment loop (fedjax_seg/experiment.py).
 """
 from __future__ import annotations
 
@@ -35,11 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_seg import models, runlog, steps
-from fedjax_seg import train as train_lib
+from fedjax_seg import experiment, models, runlog, steps
 from fedjax_seg.data import federated, pipeline
-from fedjax_seg.fl import aggregators, core, fcl
-from fedjax_seg.models import encoder as encoder_lib
+from fedjax_seg.fl import core, dp, fcl
+from fedjax_seg.fl import train as fl_train
 
 ALGORITHMS = {"fcl": "fcl", "local_cl": "local_cl", "fedrotation": "rotation", "random_init": None}
 PRETRAIN_KEYS = {"rounds", "local_steps", "volumes_per_batch", "num_partitions", "temperature",
@@ -86,13 +87,7 @@ def client_volumes(vol: pipeline.SegDataset, ids_per_client) -> fcl.VolumeData:
                             for ids in ids_per_client])
 
 
-def labelled_subset(ids_per_client: Sequence[Sequence[str]], n: int, seed: int) -> List[List[str]]:
-  """The first n patients of a seeded shuffle of each client's patients (nested in n)."""
-  out = []
-  for k, ids in enumerate(ids_per_client):
-    order = np.random.default_rng([seed, k]).permutation(len(ids))
-    out.append(sorted(sorted(ids)[i] for i in order[:n]))
-  return out
+labelled_subset = fl_train.labelled_subset
 
 
 # ---------------------------------------------------------------------------
@@ -132,13 +127,22 @@ def validate(config) -> None:
   if not ns or min(ns) < 1:
     raise ValueError(f"config.finetune.labelled_patients={ns}: need N >= 1")
   pretrain_hparams(config)
+  fl = config.fl
+  dpc = fl.get("dp")
+  for key, on in (("fl.dp.enabled", bool(dpc and dpc.get("enabled", False))),
+                  ("fl.secagg", bool(fl.get("secagg", False)))):
+    if on:
+      raise ValueError(f"config.{key} with config.algorithm={config.algorithm!r}: pre-training "
+                       f"clients upload {list(_uploads(config))} (features besides the model); "
+                       f"DP-FedAvg / secure aggregation protect one uploaded model only")
 
 
-def _xla_opts(config) -> Dict:
-  """jax.jit kwargs: config.xla_opt_level >= 0 sets XLA's backend optimisation level
-  (0 compiles ~3× faster on XLA:CPU and runs ~5× slower: right for smoke tests)."""
-  level = int(config.get("xla_opt_level", -1))
-  return {"compiler_options": {"xla_backend_optimization_level": level}} if level >= 0 else {}
+def _uploads(config):
+  method = ALGORITHMS[config.algorithm]
+  return ("model", "bank") if method in ("fcl", "local_cl") else ("model",)
+
+
+_xla_opts = fl_train.jit_options
 
 
 # ---------------------------------------------------------------------------
@@ -151,7 +155,7 @@ def pretrain(config, workdir: str, vol: pipeline.SegDataset, train_ids, names,
   Resumes from ``workdir/checkpoints``; logs per round to ``workdir/metrics.jsonl``.
   """
   t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
+  experiment.save_config(config, workdir)
   hp = pretrain_hparams(config)
   ecfg = encoder_config(config, hp)
   fns = models.ModelFns(models.get_model(**{k: v for k, v in ecfg.items()}))
@@ -181,43 +185,38 @@ def pretrain(config, workdir: str, vol: pipeline.SegDataset, train_ids, names,
   comm = fcl.comm_bytes(hp, mbytes, k, ecfg["feature_dim"])
   if verbose:
     print(f"[fcl] pre-training {config.algorithm} ({hp.method}, exchange={hp.exchange}): {k} clients, "
-          f"{int(np.sum(np.asarray(data.valid)))} volumes, encoder {train_lib.num_params(variables):,} "
+          f"{int(np.sum(np.asarray(data.valid)))} volumes, encoder {experiment.num_params(variables):,} "
           f"params; per client per round up {comm['up']:,} B, down {comm['down']:,} B", flush=True)
-  ckpt = runlog.Checkpointer(workdir)
-  _, restored = ckpt.restore_latest(state)
-  start = 0
-  if restored is not None:
-    state, start = restored, int(restored.round)
-    if verbose:
-      print(f"[fcl] pre-training resumed at round {start}", flush=True)
-  log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None, key="round")
   rounds = int(config.pretrain.rounds)
-  prog = runlog.Progress(rounds, start, what="round")
-  for rnd in range(start, rounds):
-    state, info = run_round(state, data, round_key, exchange_on)
+
+  def row(state, rnd, info):
     info = jax.device_get(info)
     inc = np.asarray(info["included"])
     mean = lambda a: float(np.mean(np.asarray(a)[inc])) if inc.any() else float("nan")
-    row = {"round": rnd + 1, "loss": mean(info["loss"]), "weights": [float(w) for w in info["weights"]],
-           "failed": bool(info["failed"]), "bytes_up_per_client": comm["up"],
-           "bytes_down_per_client": comm["down"], "bytes_total": (comm["up"] + comm["down"]) * k,
-           "time_s": time.time() - t0}
-    for key_ in ("local_loss", "remote_loss", "local_pos", "remote_pos", "negatives", "rotation_acc"):
+    r = {"round": rnd, "loss": mean(info["loss"]), "weights": [float(w) for w in info["weights"]],
+         "failed": bool(info["failed"]), "bytes_up_per_client": comm["up"],
+         "bytes_down_per_client": comm["down"], "bytes_total": (comm["up"] + comm["down"]) * k,
+         "time_s": time.time() - t0}
+    for key_ in ("local_loss", "remote_loss", "local_pos", "remote_pos", "negatives",
+                 "rotation_acc"):
       if key_ in info:
-        row[key_] = mean(info[key_])
-    log.append(row)
-    ckpt.save(rnd + 1, state)
-    if verbose:
-      extra = (f" (local {row['local_loss']:.3f}, remote {row['remote_loss']:.3f}, "
-               f"remote positives {row['remote_pos']:.1f})" if hp.contrastive
-               else f" (rotation acc {row['rotation_acc']:.2f})")
-      print(prog.line(rnd + 1, f"pretrain loss {row['loss']:.4f}{extra}"), flush=True)
-  ckpt.close()
+        r[key_] = mean(info[key_])
+    return r
+
+  def describe(r):
+    extra = (f" (local {r['local_loss']:.3f}, remote {r['remote_loss']:.3f}, "
+             f"remote positives {r['remote_pos']:.1f})" if hp.contrastive
+             else f" (rotation acc {r['rotation_acc']:.2f})")
+    return f"pretrain loss {r['loss']:.4f}{extra}"
+
+  run = experiment.Run("[fcl]", state, lambda s_, t: run_round(s_, data, round_key, exchange_on),
+                       rounds, lambda s_: int(s_.round), row, describe, log_initial=False)
+  state, rows = experiment.run_loop(workdir, run, verbose=verbose)
   enc = jax.device_get(state.variables)
   with open(os.path.join(workdir, "encoder.msgpack"), "wb") as f:
     f.write(flax.serialization.to_bytes(enc))
   summary = {"method": hp.method, "exchange": hp.exchange, "rounds": rounds,
-             "bytes_per_client_round": comm, "final": log.rows[-1] if log.rows else {},
+             "bytes_per_client_round": comm, "final": rows[-1] if rows else {},
              "wall_time_s": time.time() - t0}
   return enc, summary
 
@@ -225,80 +224,25 @@ def pretrain(config, workdir: str, vol: pipeline.SegDataset, train_ids, names,
 # ---------------------------------------------------------------------------
 # Fine-tuning.
 
-def finetune(config, workdir: str, ds: pipeline.SegDataset, lab_ids, init_encoder: Optional[Dict],
-             verbose: bool = True, pad_rows: int = 1) -> Dict:
-  """FedAvg U-Net from ``init_encoder`` (None = random init) on ``lab_ids`` per client.
+def finetune_config(config, n: int, pretrain_dir: Optional[str], pad_rows: int):
+  """The chained fine-tuning run's config: supervised FedAvg of config.model from
+  ``pretrain_dir``'s encoder (None: random init), N labelled patients per client."""
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    for section in ("pretrain", "finetune"):
+      if section in c:
+        del c[section]
+    c.algorithm = "fedavg"
+    c.init_from = pretrain_dir or ""
+    c.fl.labelled_patients = int(n)
+    c.fl.label_seed = int(config.finetune.label_seed)
+    c.fl.pad_rows = int(pad_rows)
+  return c
 
-  The U-Net's random init (key from config.seed) is the same for every
-  method; only its contracting path is replaced by the pre-trained encoder.
-  Returns {'val': metrics, 'test': metrics, ...}; written to results.json.
-  """
-  t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  done = os.path.join(workdir, "results.json")
-  if os.path.exists(done):
-    with open(done) as f:
-      return json.load(f)
-  fns = models.build(config.model, ds.num_classes)
-  data = federated.stack_clients([ds.arrays(ids) for ids in lab_ids], min_rows=pad_rows)
-  key = jax.random.PRNGKey(config.seed)
-  init_key, round_key = jax.random.split(key)
-  variables = fns.init(init_key, jnp.zeros((1,) + data.x.shape[2:], jnp.float32))
-  if init_encoder is not None:
-    variables = encoder_lib.encoder_to_unet(init_encoder, variables)
-  tx = steps.make_optimizer(config.optimizer)
-  from fedjax_seg.fl import train as fl_train  # lazy: fl.train imports this module at its end
-  hp = fl_train.client_hparams(config)
-  ckey = train_lib.compile_key(config, ds, ("model", "loss", "optimizer", "augment", "fl",
-                                             "xla_opt_level"))
-  run_round = runlog.cached_jit(
-      "fcl_finetune" + ckey,
-      lambda: core.make_run_round(
-          core.make_client_update(fns, tx, config.loss, ds.num_classes, hp,
-                                  augment=train_lib.build_augment(config)),
-          aggregators.get("fedavg"), config.fl.client_strategy), donate_argnums=(0,),
-      **_xla_opts(config))
-  eval_batch = runlog.cached_jit("eval" + train_lib.compile_key(config, ds, ("model", "loss")),
-                                 lambda: steps.make_eval_batch(fns, config.loss, ds.num_classes))
-  state = core.ServerState(variables, jnp.int32(0))
-  ckpt = runlog.Checkpointer(workdir)
-  _, restored = ckpt.restore_latest(state)
-  start = 0
-  if restored is not None:
-    state, start = restored, int(restored.round)
-  log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None, key="round")
-  x_va, y_va = ds.split("val")
-  rounds = int(config.fl.rounds)
-  every = int(config.fl.eval_every)
-  for rnd in range(start, rounds):
-    state, info = run_round(state, data, round_key)
-    info = jax.device_get(info)
-    row = {"round": rnd + 1, "train_loss": float(np.mean(info["train_loss"])),
-           "weights": [float(w) for w in info["weights"]], "time_s": time.time() - t0}
-    if (rnd + 1) % every == 0 or rnd + 1 == rounds:
-      val = steps.evaluate(eval_batch, state.variables, x_va, y_va, config.eval_batch_size,
-                           ds.class_names)
-      row["val_dice_mean"] = val.get("dice_mean")
-    log.append(row)
-    ckpt.save(rnd + 1, state)
-  ckpt.close()
-  out = {}
-  for split in ("val", "test"):
-    x, y = ds.split(split)
-    if len(x):
-      out[split] = steps.evaluate(eval_batch, state.variables, x, y, config.eval_batch_size,
-                                  ds.class_names)
-  results = {"metrics": out, "labelled_patients": [list(ids) for ids in lab_ids],
-             "labelled_slices": int(np.sum(np.asarray(data.valid))), "rounds": rounds,
-             "pretrained": init_encoder is not None, "wall_time_s": time.time() - t0,
-             "background_in_means": False}
-  runlog.write_json(done, results)
-  if verbose:
-    t = out.get("test", {})
-    print(f"[fcl] fine-tuned N={len(lab_ids[0]) if lab_ids else 0}: test Dice "
-          f"{t.get('dice_mean', float('nan')):.4f} (val {out.get('val', {}).get('dice_mean', float('nan')):.4f})"
-          f" in {time.time() - t0:.1f}s", flush=True)
-  return results
+
+def finetune(config, workdir: str, n: int, pretrain_dir: Optional[str], pad_rows: int = 1) -> Dict:
+  """Runs (or resumes) the chained fine-tuning run for N = n in ``workdir``."""
+  return fl_train.train_federated(finetune_config(config, n, pretrain_dir, pad_rows), workdir)
 
 
 # ---------------------------------------------------------------------------
@@ -309,25 +253,24 @@ def train_fcl(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
   del stop_after  # every stage resumes from its own checkpoints
   t0 = time.time()
   validate(config)
-  train_lib.save_config(config, workdir)
+  experiment.save_config(config, workdir)
   vol, ds = load_data(config.data)
-  from fedjax_seg.fl import train as fl_train  # lazy: fl.train imports this module at its end
   names, train_ids, _ = fl_train.partition_dataset(ds, config.fl)
   data_summary = federated.client_summary(names, train_ids, federated.stack_clients(
       [ds.arrays(ids) for ids in train_ids]))
   print(f"[fcl] {config.algorithm}: {len(names)} clients, partition={config.fl.partition}\n"
         + data_summary, flush=True)
   results = {"algorithm": config.algorithm, "clients": names, "finetune": {}}
-  enc = None
+  pre_dir = None
   if ALGORITHMS[config.algorithm] is not None:
-    enc, results["pretrain"] = pretrain(config, os.path.join(workdir, "pretrain"), vol, train_ids,
-                                        names)
+    pre_dir = os.path.join(workdir, "pretrain")
+    _, results["pretrain"] = pretrain(config, pre_dir, vol, train_ids, names)
   ns = sorted(int(n) for n in config.finetune.labelled_patients)
   per_patient = max(len(p.labels) for p in ds.patients.values())
   pad = max(ns) * per_patient  # one row count for every N: one compiled round
   for n in ns:
     lab = labelled_subset(train_ids, n, int(config.finetune.label_seed))
-    r = finetune(config, os.path.join(workdir, f"finetune_N{n}"), ds, lab, enc, pad_rows=pad)
+    r = finetune(config, os.path.join(workdir, f"finetune_N{n}"), n, pre_dir, pad_rows=pad)
     results["finetune"][str(n)] = {
         "test_dice_mean": r["metrics"].get("test", {}).get("dice_mean"),
         "val_dice_mean": r["metrics"].get("val", {}).get("dice_mean"),
@@ -340,6 +283,3 @@ def train_fcl(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
   lines += [f"| {n} | {v['test_dice_mean']:.4f} |" for n, v in results["finetune"].items()]
   print(f"\n[fcl] {config.algorithm}\n" + "\n".join(lines), flush=True)
   return results
-
-
-TRAINERS = {name: train_fcl for name in ALGORITHMS}

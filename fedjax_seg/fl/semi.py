@@ -512,14 +512,17 @@ def make_algorithm(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformat
                    num_classes: int, chp: core.ClientHParams,
                    server_tx: Optional[optax.GradientTransformation] = None,
                    aggregator: Optional[Callable] = None,
-                   agg_kwargs: Optional[Dict[str, Any]] = None) -> algorithm.Algorithm:
+                   agg_kwargs: Optional[Dict[str, Any]] = None,
+                   server_opt_update: Optional[Callable] = None) -> algorithm.Algorithm:
   """The semi-supervised method ``hp.method`` as an ``Algorithm`` (fl/algorithm.py).
 
   broadcast: the models and the round context (FedWeP's seed pair); clients upload
   their dict of models; ``aggregator`` (default FedAvg; robust / DP / secure
   aggregation wrap it like any single-model uploader) averages them; in
   label_at_server the server then runs its supervised steps (``server_tx``,
-  default ``tx``). Round data: :class:`SemiData`.
+  default ``tx``). ``server_opt_update`` (fl/server_opt.py) turns the average into
+  the next models by a server optimiser over every model's params
+  (:func:`params_view`). Round data: :class:`SemiData`.
   """
   client_update = make_client_update(hp, fns, tx, num_classes, chp)
   server_steps = (make_server_update(hp, fns, server_tx or tx, num_classes, chp.step_strategy)
@@ -543,9 +546,15 @@ def make_algorithm(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformat
 
   def server_update(state, agg, failed, upload, clients, weights, server, key, **_):
     server_loss = jnp.float32(jnp.nan)
+    opt_state = state.server_opt_state
+    if server_opt_update is not None:
+      new_p, opt_state = server_opt_update(
+          state.replace(variables=params_view(state.variables)), params_view(agg), failed)
+      agg = {n: {**agg[n], "params": new_p["params"][n]} for n in agg}
     if server_steps is not None:
       agg, server_loss = server_steps(agg, server, key)
-    new = state.replace(variables=agg, round=state.round + 1, clients=clients)
+    new = state.replace(variables=agg, round=state.round + 1, clients=clients,
+                        server_opt_state=opt_state)
     return new, {"server_loss": server_loss, "active": state.round >= hp.client_start_round}
 
   return algorithm.Algorithm(hp.method, ("model",), client, aggregate, broadcast=broadcast,
@@ -553,13 +562,21 @@ def make_algorithm(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformat
                              split_data=lambda d: (d.clients, d.server), key_scheme="split3")
 
 
+def params_view(models) -> Dict[str, Any]:
+  """{'params': {name: models[name]['params']}}: a dict of models as one model's
+  variables, for the server optimisers of fl/server_opt.py."""
+  return {"params": {n: m["params"] for n, m in models.items()}}
+
+
 def make_run_round(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformation,
                    num_classes: int, chp: core.ClientHParams,
                    client_strategy: str = "auto",
                    server_tx: Optional[optax.GradientTransformation] = None,
                    aggregator: Optional[Callable] = None,
-                   agg_kwargs: Optional[Dict[str, Any]] = None) -> Callable:
+                   agg_kwargs: Optional[Dict[str, Any]] = None,
+                   server_opt_update: Optional[Callable] = None) -> Callable:
   """``run_round(state, SemiData, key) -> (state', info)`` of :func:`make_algorithm`
   through any ``backends.for_each_client`` backend — jit it once."""
   return algorithm.make_round(make_algorithm(hp, fns, tx, num_classes, chp, server_tx,
-                                             aggregator, agg_kwargs), client_strategy)
+                                             aggregator, agg_kwargs, server_opt_update),
+                              client_strategy)

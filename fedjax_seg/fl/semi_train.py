@@ -2,12 +2,12 @@
 
     dataset -> labelled/unlabelled split per scenario (SPEC §1.6) -> SemiData
       -> cached jitted semi round -> per-round eval / log (incl. bytes) / checkpoint / resume
-      -> train_lib.finish
+      -> experiment.finish
 
-Registered in ``fedjax_seg.fl.train.TRAINERS`` (see the block at the end of
-that module) for every name in :data:`semi.METHODS`, so
-``launch.py --config configs/lgg_fedwep.py`` and ``fedjax_seg.train.run``
-dispatch here by ``config.algorithm``.
+``fedjax_seg.train.train_and_evaluate`` dispatches here for every name in
+:data:`semi.METHODS`. Clients upload one model dict, so the aggregation options of
+the supervised family apply: ``fl.norm_k`` (robust exclusion), ``fl.dp`` (DP-FedAvg),
+``fl.secagg`` and ``fl.server_opt`` (refused when clients upload nothing).
 
 Config (``configs/lgg_fedwep.py``): ``config.fl`` as for FedAvg (partition,
 num_clients, rounds, local_steps, client_batch_size, strategies, eval) plus
@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_seg import models, runlog, steps
-from fedjax_seg import train as train_lib
+from fedjax_seg import experiment, models, runlog, steps
 from fedjax_seg.data import pipeline
-from fedjax_seg.fl import core, semi
+from fedjax_seg.fl import core, semi, server_opt
+from fedjax_seg.fl import train as fl_train
 
 SEMI_KEYS = {"scenario", "label_fraction", "label_seed", "min_labelled", "unsup_weight",
              "rampup_rounds", "client_start_round", "unlabelled_batch_size", "server_steps",
@@ -104,7 +104,6 @@ def split_semi(ds: pipeline.SegDataset, config, verbose: bool = True):
   label_at_server: the server takes a site-stratified fraction first; the rest
   is partitioned over the clients, unlabelled.
   """
-  from fedjax_seg.fl import train as fl_train  # lazy: fl.train imports this module at its end
   s = config.semi
   frac, seed, minimum = float(s.label_fraction), int(s.get("label_seed", 0)), int(
       s.get("min_labelled", 1))
@@ -149,13 +148,29 @@ def _pad_rows(config, ds) -> int:
   return pad
 
 
+def check_aggregation(config, hp: semi.SemiHParams) -> None:
+  """The aggregation options (fl.dp, fl.secagg, fl.server_opt, fl.norm_k) act on the
+  clients' uploaded models: refused, naming the key, when clients upload nothing."""
+  fl = config.fl
+  on = {"fl.dp.enabled": bool(fl.get("dp") and fl.dp.get("enabled", False)),
+        "fl.secagg": bool(fl.get("secagg", False)),
+        "fl.server_opt": fl.get("server_opt", "none") not in ("none", "", None)}
+  for key, enabled in on.items():
+    if enabled and hp.clients_idle:
+      raise ValueError(f"config.{key} with config.algorithm={hp.method!r} "
+                       f"({hp.scenario}): clients upload no model to protect or aggregate")
+  shadow = copy.deepcopy(config)
+  shadow.algorithm = "fedavg"  # semi-supervised clients are averaged by FedAvg
+  fl_train.check_fl_config(shadow)
+
+
 def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
   """Federated semi-supervised training with ``config.algorithm`` in semi.METHODS."""
-  from fedjax_seg.fl import train as fl_train
   t_start = time.time()
   hp = hparams(config)
-  train_lib.save_config(config, workdir)
-  ds = pipeline.build_dataset(config.data)
+  check_aggregation(config, hp)
+  experiment.save_config(config, workdir)
+  ds = pipeline.build_dataset(config.data, seed=config.seed)
   split = split_semi(ds, config)
   sample = ds.patients[ds.splits["train"][0]]
   data = semi.build_semi_data(ds.arrays, split["lab"], split["unl"], split["server"],
@@ -178,46 +193,33 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
   blob = json.loads(config.to_json_best_effort())
   shape_free = {k: v for k, v in blob.get("semi", {}).items()
                 if k not in ("label_fraction", "label_seed", "min_labelled", "pad_rows")}
-  ckey = json.dumps({"semi": shape_free, "hp": str(hp)}, sort_keys=True) + train_lib.compile_key(
+  ckey = json.dumps({"semi": shape_free, "hp": str(hp)}, sort_keys=True) + experiment.compile_key(
       config, ds, ("model", "loss", "optimizer", "algorithm", "fl"))
+  dpc, noise_mult = fl_train.privacy(config, len(names))
+  stx = server_opt.from_config(config.fl)
   run_round = runlog.cached_jit(
       "semi_round" + ckey,
-      lambda: semi.make_run_round(hp, fns, tx, ds.num_classes, chp, config.fl.client_strategy,
-                                  server_tx),
-      donate_argnums=(0,))
-  state = core.ServerState(variables, jnp.int32(0))
+      lambda: semi.make_run_round(
+          hp, fns, tx, ds.num_classes, chp, config.fl.client_strategy, server_tx,
+          aggregator=fl_train.build_aggregator(config, len(names), noise_mult, base="fedavg"),
+          server_opt_update=server_opt.make_server_update(stx) if stx else None),
+      donate_argnums=(0,), **fl_train.jit_options(config))
+  state = core.ServerState(variables, jnp.int32(0),
+                           server_opt.init(stx, semi.params_view(variables)))
   mbytes = core.model_bytes(variables[hp.models[0]])
   comm = semi.comm_bytes(hp, mbytes)
   cost = semi.cost_percent(hp, mbytes)
-  print(f"[semi] model {config.model.name}: {train_lib.num_params(variables[hp.models[0]]):,} "
+  print(f"[semi] model {config.model.name}: {experiment.num_params(variables[hp.models[0]]):,} "
         f"parameters, {mbytes / 1e6:.3f} MB; per client per round: down {comm['down']:,} B, "
         f"up {comm['up']:,} B ({cost:.2f}% of two models both ways)", flush=True)
 
-  ckpt = runlog.Checkpointer(workdir)
-  _, restored = ckpt.restore_latest(state)
-  start = 0
-  if restored is not None:
-    state, start = restored, int(restored.round)
-    print(f"[semi] resumed from checkpoint at round {start}", flush=True)
-  log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None,
-                          key="round")
-  eval_batch = runlog.cached_jit("eval" + train_lib.compile_key(config, ds, ("model", "loss")),
+  eval_batch = runlog.cached_jit("eval" + experiment.compile_key(config, ds, ("model", "loss")),
                                  lambda: steps.make_eval_batch(fns, config.loss, ds.num_classes))
-  x_va, y_va = ds.split("val")
-  client_val = [ds.arrays(ids) for ids in split["val"]]
   ev = lambda vs: vs[hp.eval_model]
+  val = fl_train.evaluator(config, ds, eval_batch, [ds.arrays(ids) for ids in split["val"]])
 
-  def evaluate_row(variables, rnd, info=None):
-    row = {"round": rnd}
-    if rnd % config.fl.eval_every == 0 or rnd == config.fl.rounds:
-      val = steps.evaluate(eval_batch, ev(variables), x_va, y_va, config.eval_batch_size,
-                           ds.class_names)
-      row.update({f"val_{k}": v for k, v in val.items() if not isinstance(v, (bool, str))})
-      if config.fl.eval_clients:
-        row["client_val_dice"] = [
-            steps.evaluate(eval_batch, ev(variables), x, y, config.eval_batch_size,
-                           ds.class_names)["dice_mean"] if len(x) else None
-            for x, y in client_val]
+  def evaluate_row(state, rnd, info=None):
+    row = {"round": rnd, **fl_train.privacy_row(dpc, noise_mult, rnd), **val(ev(state.variables), rnd)}
     if info is not None:
       info = jax.device_get(info)
       active = bool(info["active"]) and not hp.clients_idle
@@ -231,6 +233,8 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
                   "bytes_down_per_client": comm["down"] if active else 0,
                   "bytes_up_per_client": comm["up"] if active else 0,
                   "bytes_total": comm["total"] * len(names) if active else 0})
+      row.update(fl_train._robust_row(info, names))
+      row["excluded"] = [n for n, i in zip(names, inc) if not i] if active else []
       if "seeds" in info:
         row.update({"seeds": [int(s) for s in info["seeds"]], "seed_c_star": float(info["c_star"]),
                     "seed_c_mean": float(info["c_mean"])})
@@ -241,18 +245,17 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
     extra = f"  c* {row['seed_c_star']:.4f}" if "seed_c_star" in row else ""
     return (f"loss {row['train_loss']:.4f} (sup {row['sup_loss']:.4f}, unsup "
             f"{row['unsup_loss']:.4f}, server {row['server_loss']:.4f})  val_dice "
-            f"{row.get('val_dice_mean', float('nan')):.4f}{extra}")
+            f"{row.get('val_dice_mean', float('nan')):.4f}{extra} {fl_train.status(row)}")
 
-  state = fl_train.round_loop(lambda s: run_round(s, data, round_key), state, start,
-                              config.fl.rounds, evaluate_row, log, ckpt, describe, stop_after)
-  return train_lib.finish(
-      config, workdir, fns, ev(state.variables), ds, eval_batch, log.rows, x_key="round",
+  run = experiment.Run("[semi]", state, lambda s, t: run_round(s, data, round_key),
+                       config.fl.rounds, lambda s: int(s.round), evaluate_row, describe)
+  state, rows = experiment.run_loop(workdir, run, stop_after)
+  return experiment.finish(
+      config, workdir, fns, ev(state.variables), ds, eval_batch, rows, x_key="round",
       extra={"rounds": config.fl.rounds, "clients": names, "scenario": hp.scenario,
              "label_fraction": float(config.semi.label_fraction), **lstats,
-             "num_params": train_lib.num_params(ev(state.variables)),
+             "num_params": experiment.num_params(ev(state.variables)),
              "model_bytes": mbytes, "bytes_per_client_round": comm,
              "cost_percent": cost, "bytes_per_round": comm["total"] * len(names),
+             **fl_train.privacy_results(dpc, noise_mult, config.fl.rounds),
              "evaluated_model": hp.eval_model, "wall_time_s": time.time() - t_start})
-
-
-TRAINERS = {name: train_semi for name in semi.METHODS}

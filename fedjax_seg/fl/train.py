@@ -1,8 +1,17 @@
-"""Federated trainer: partition patients over K hospitals, then rounds of the
-one-jit ``run_round`` with per-round evaluation, logging and checkpoints.
+"""The supervised federated run kind: partition patients over K hospitals, then
+rounds of the one-jit round of ``core.supervised_algorithm`` (any aggregator of
+fl/aggregators.py, DP-FedAvg, secure aggregation, server optimisers, streamed
+chunks) through the one experiment loop (``fedjax_seg/experiment.py``).
 
-Round 0 is logged before any training (the initial global model), so curves
-start at the same point for every aggregator.
+Also the pieces the other federated run kinds share: the partition, the client
+hyper-parameters, the aggregator built from ``config.fl`` (robust / DP / secure
+aggregation wrap any algorithm that uploads one model), the per-round row.
+
+``config.init_from`` (a workdir holding ``encoder.msgpack``, e.g. an FCL
+pre-training run) starts the U-Net's contracting path from that encoder;
+``config.fl.labelled_patients`` > 0 trains on that many patients per client
+(``fl.label_seed`` picks them, nested in N), ``config.fl.pad_rows`` pads every
+client to that many rows (one compiled round for every N).
 """
 from __future__ import annotations
 
@@ -14,11 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_seg import models, runlog, steps
-from fedjax_seg import train as train_lib
+import flax
+
+from fedjax_seg import experiment, models, runlog, steps
 from fedjax_seg.data import federated, partition, pipeline
 from fedjax_seg.fl import aggregators, backends, core, dp, secagg, server_opt
 from fedjax_seg.fl import scale
+from fedjax_seg.models import encoder as encoder_lib
 
 
 def partition_dataset(ds: pipeline.SegDataset, fl_cfg, verbose: bool = True):
@@ -64,8 +75,40 @@ def _deal(ids, k, seed):
   return out
 
 
-def build_client_data(ds, train_ids, host: bool = False):
-  return federated.stack_clients([ds.arrays(ids) for ids in train_ids], host=host)
+def build_client_data(ds, train_ids, host: bool = False, min_rows: int = 1):
+  return federated.stack_clients([ds.arrays(ids) for ids in train_ids], host=host,
+                                 min_rows=min_rows)
+
+
+def labelled_subset(ids_per_client, n: int, seed: int):
+  """The first n patients of a seeded shuffle of each client's patients (nested in n)."""
+  out = []
+  for k, ids in enumerate(ids_per_client):
+    order = np.random.default_rng([seed, k]).permutation(len(ids))
+    out.append(sorted(sorted(ids)[i] for i in order[:n]))
+  return out
+
+
+def jit_options(config) -> Dict:
+  """jax.jit kwargs: config.xla_opt_level >= 0 sets XLA's backend optimisation level
+  (0 compiles ~3× faster on XLA:CPU and runs ~5× slower: right for smoke tests)."""
+  level = int(config.get("xla_opt_level", -1))
+  return {"compiler_options": {"xla_backend_optimization_level": level}} if level >= 0 else {}
+
+
+def init_from(config, variables):
+  """``config.init_from``: copy the encoder of that workdir's ``encoder.msgpack``
+  into the U-Net's contracting path (the decoder keeps its random init)."""
+  src = config.get("init_from", "")
+  if not src:
+    return variables
+  path = os.path.join(src, "encoder.msgpack")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config.init_from={src!r}: no encoder.msgpack there (run the "
+                            f"pre-training first)")
+  with open(path, "rb") as f:
+    enc = flax.serialization.msgpack_restore(f.read())
+  return encoder_lib.encoder_to_unet(enc, variables)
 
 
 def client_hparams(config) -> core.ClientHParams:
@@ -92,7 +135,7 @@ def agg_kwargs(config) -> Dict:
 
 
 def check_fl_config(config) -> None:
-  """Issue-10 options: refuses impossible or guarantee-voiding combinations
+  """Refuses impossible or guarantee-voiding combinations of the aggregation options
   (ValueError naming the keys) before any data is built."""
   server_opt.from_config(config.fl)
   dp.check_config(config)
@@ -103,10 +146,12 @@ def check_fl_config(config) -> None:
     raise ValueError(f"config.fl.trim={config.fl.trim}: expected 0 <= trim < 0.5")
 
 
-def build_aggregator(config, num_clients: int, noise_multiplier: float = 0.0):
-  """config.algorithm's aggregator, or DP-FedAvg when config.fl.dp.enabled,
-  optionally through secure aggregation (config.fl.secagg), wrapped by
-  ``aggregators.robust`` (exploding-norm exclusion, exclusion reasons)."""
+def build_aggregator(config, num_clients: int, noise_multiplier: float = 0.0,
+                     base: Optional[str] = None):
+  """``base`` (default config.algorithm)'s aggregator, or DP-FedAvg when
+  config.fl.dp.enabled, optionally through secure aggregation (config.fl.secagg),
+  wrapped by ``aggregators.robust`` (exploding-norm exclusion, exclusion reasons).
+  Any algorithm that uploads one model (upload['model']) can use it."""
   fl = config.fl
   seeds = (secagg.agree_seeds(num_clients, fl.get("secagg_seed", 0))
            if fl.get("secagg", False) else None)
@@ -116,160 +161,179 @@ def build_aggregator(config, num_clients: int, noise_multiplier: float = 0.0):
     inner = dp.dp_fedavg(dpc.clip_norm, noise_multiplier, dpc.weighting, dpc.sample_cap,
                          secagg.make_secure_sum(seeds, bits) if seeds is not None else None)
   else:
-    inner = aggregators.get(config.algorithm)
+    inner = aggregators.get(base or config.algorithm)
     if seeds is not None:
       inner = secagg.secure(inner, seeds, bits)
   return aggregators.robust(inner, fl.get("norm_k", 0.0))
 
 
+def privacy(config, num_clients: int):
+  """(dp config or None, noise multiplier z); prints the DP budget when DP is on."""
+  dpc = config.fl.get("dp")
+  if dpc is None or not dpc.get("enabled", False):
+    return None, 0.0
+  z = dp.resolve_noise_multiplier(config.fl)
+  print(f"[fl] DP-FedAvg: clip C={dpc.clip_norm}, noise multiplier z={z:.4f} "
+        f"(noise std zC/K={z * dpc.clip_norm / num_clients:.4g}), delta={dpc.delta}; "
+        f"epsilon after {config.fl.rounds} rounds = "
+        f"{dp.epsilon(z, config.fl.rounds, dpc.delta, 1.0, dpc.accountant):.3f} "
+        f"({dpc.accountant}, all {num_clients} clients every round)", flush=True)
+  return dpc, z
+
+
+def privacy_row(dpc, z, rnd: int) -> Dict:
+  if dpc is None:
+    return {}
+  return {"epsilon": dp.epsilon(z, rnd, dpc.delta, 1.0, dpc.accountant),
+          "dp_delta": dpc.delta, "dp_noise_multiplier": z}
+
+
+def privacy_results(dpc, z, rounds: int) -> Dict:
+  if dpc is None:
+    return {}
+  return {"dp": {"noise_multiplier": z, "clip_norm": dpc.clip_norm, "delta": dpc.delta,
+                 "epsilon": dp.epsilon(z, rounds, dpc.delta, 1.0, dpc.accountant)}}
+
+
+def status(row) -> str:
+  """The progress line's status: failed round, excluded clients, DP budget."""
+  out = "FAILED (global model kept)" if row.get("failed") else ""
+  if row.get("excluded"):
+    out += " excluded: " + ",".join(
+        f"{n}({row.get('excluded_reasons', {}).get(n, '?')})" for n in row["excluded"])
+  if "epsilon" in row and "dp_clip_fraction" in row:
+    out += f" eps {row['epsilon']:.2f} clip {row['dp_clip_fraction']:.2f}"
+  return out
+
+
+def evaluator(config, ds, eval_batch, client_val):
+  """``val(variables, rnd) -> row entries``: val metrics every ``fl.eval_every`` rounds
+  and at the last; per-client val Dice when ``fl.eval_clients``."""
+  x_va, y_va = ds.split("val")
+
+  def val(variables, rnd):
+    if not (rnd % config.fl.eval_every == 0 or rnd == config.fl.rounds):
+      return {}
+    m = steps.evaluate(eval_batch, variables, x_va, y_va, config.eval_batch_size, ds.class_names)
+    row = {f"val_{k}": v for k, v in m.items() if not isinstance(v, (bool, str))}
+    if config.fl.eval_clients:
+      row["client_val_dice"] = [
+          steps.evaluate(eval_batch, variables, x, y, config.eval_batch_size,
+                         ds.class_names)["dice_mean"] if len(x) else None
+          for x, y in client_val]
+    return row
+  return val
+
+
 def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
   """Federated training with ``config.algorithm`` as the aggregator.
 
-  stop_after: test hook, raise train.Interrupted after that many rounds.
+  stop_after: test hook, raise experiment.Interrupted after that many rounds.
   """
   t_start = time.time()
   check_fl_config(config)
-  scale.check_chunked(config)  # issue 9: clients streamed in chunks (data stay on the host)
+  scale.check_chunked(config)  # clients streamed in chunks (data stay on the host)
   chunked = bool(config.fl.get("clients_per_chunk", 0))
-  train_lib.save_config(config, workdir)
-  ds = pipeline.build_dataset(config.data)
+  experiment.save_config(config, workdir)
+  ds = pipeline.build_dataset(config.data, seed=config.seed)
   names, train_ids, val_ids = partition_dataset(ds, config.fl)
-  data = build_client_data(ds, train_ids, host=chunked)
+  extra_results = {}
+  n_lab = int(config.fl.get("labelled_patients", 0))
+  if n_lab > 0:
+    train_ids = labelled_subset(train_ids, n_lab, int(config.fl.get("label_seed", 0)))
+    extra_results["labelled_patients"] = [list(ids) for ids in train_ids]
+  data = build_client_data(ds, train_ids, host=chunked,
+                           min_rows=int(config.fl.get("pad_rows", 1)))
   print(f"[fl] {config.algorithm}: {len(names)} clients, partition={config.fl.partition}\n"
         + federated.client_summary(names, train_ids, data, val_ids), flush=True)
   fns = models.build(config.model, ds.num_classes)
-  key = jax.random.PRNGKey(config.seed)
-  init_key, round_key = jax.random.split(key)
+  init_key, round_key = jax.random.split(jax.random.PRNGKey(config.seed))
   variables = fns.init(init_key, jnp.zeros((1,) + data.x.shape[2:], jnp.float32))
+  variables = init_from(config, variables)
   tx = steps.make_optimizer(config.optimizer)
   hp = client_hparams(config)
-  ckey = train_lib.compile_key(config, ds, ("model", "loss", "optimizer", "augment", "algorithm", "fl"))
+  ckey = experiment.compile_key(config, ds, ("model", "loss", "optimizer", "augment", "algorithm",
+                                             "fl", "xla_opt_level"),
+                                exclude=("fl.labelled_patients", "fl.label_seed", "fl.rounds",
+                                         "fl.eval_every", "fl.eval_clients"))
   server_tx = server_opt.from_config(config.fl)
-  dpc = config.fl.get("dp")
-  use_dp = dpc is not None and dpc.get("enabled", False)
-  noise_mult = dp.resolve_noise_multiplier(config.fl) if use_dp else 0.0
-  if use_dp:
-    print(f"[fl] DP-FedAvg: clip C={dpc.clip_norm}, noise multiplier z={noise_mult:.4f} "
-          f"(noise std zC/K={noise_mult * dpc.clip_norm / len(names):.4g}), delta={dpc.delta}; "
-          f"epsilon after {config.fl.rounds} rounds = "
-          f"{dp.epsilon(noise_mult, config.fl.rounds, dpc.delta, 1.0, dpc.accountant):.3f} "
-          f"({dpc.accountant}, all {len(names)} clients every round)", flush=True)
+  dpc, noise_mult = privacy(config, len(names))
+  server_update = server_opt.make_server_update(server_tx) if server_tx else None
+
+  def client_update():
+    return core.make_client_update(fns, tx, config.loss, ds.num_classes, hp,
+                                   augment=experiment.build_augment(config))
 
   def build_round():
-    client_update = core.make_client_update(fns, tx, config.loss, ds.num_classes, hp,
-                                            augment=train_lib.build_augment(config))
-    return core.make_run_round(client_update, build_aggregator(config, len(names), noise_mult),
-                               config.fl.client_strategy, agg_kwargs(config),
-                               server_opt.make_server_update(server_tx) if server_tx else None)
-  run_round = runlog.cached_jit("round" + ckey, build_round, donate_argnums=(0,))
-  if chunked:  # issue 9: C clients at a time, aggregate as running sums (fl/scale.py)
+    return core.make_run_round(client_update(), build_aggregator(config, len(names), noise_mult),
+                               config.fl.client_strategy, agg_kwargs(config), server_update)
+  run_round = runlog.cached_jit("round" + ckey, build_round, donate_argnums=(0,),
+                                **jit_options(config))
+  if chunked:  # C clients at a time, aggregate as running sums (fl/scale.py)
     run_round = scale.make_chunked_round(
-        core.make_client_update(fns, tx, config.loss, ds.num_classes, hp,
-                                augment=train_lib.build_augment(config)),
-        config.algorithm, config.fl.clients_per_chunk, config.fl.client_strategy,
-        agg_kwargs(config), server_opt.make_server_update(server_tx) if server_tx else None,
-        jit=lambda name, build: runlog.cached_jit(name + ckey, build))
+        client_update(), config.algorithm, config.fl.clients_per_chunk,
+        config.fl.client_strategy, agg_kwargs(config), server_update,
+        jit=lambda name, build: runlog.cached_jit(name + ckey, build, **jit_options(config)))
   state = core.ServerState(variables, jnp.int32(0), server_opt.init(server_tx, variables))
   mbytes = core.model_bytes(variables)
-  print(f"[fl] model {config.model.name}: {train_lib.num_params(variables):,} parameters, "
+  print(f"[fl] model {config.model.name}: {experiment.num_params(variables):,} parameters, "
         f"{mbytes / 1e6:.2f} MB per transfer; client strategy "
         f"{backends.resolve_strategy(config.fl.client_strategy)}, step strategy "
         f"{backends.resolve_strategy(config.fl.step_strategy, 'step')}", flush=True)
+  eval_batch = runlog.cached_jit("eval" + experiment.compile_key(config, ds, ("model", "loss")),
+                                 lambda: steps.make_eval_batch(fns, config.loss, ds.num_classes))
+  val = evaluator(config, ds, eval_batch, [ds.arrays(ids) for ids in val_ids])
 
-  ckpt = runlog.Checkpointer(workdir)
-  _, restored = ckpt.restore_latest(state)
-  start = 0
-  if restored is not None:
-    state, start = restored, int(restored.round)
-    print(f"[fl] resumed from checkpoint at round {start}", flush=True)
-  if config.fl.client_strategy == "sharded" and not chunked:
-    # issue 9: state/key replicated, data sharded over the 'clients' mesh axis
-    # (global arrays over every process after launch.py --distributed)
-    state, data, round_key = scale.place_round_inputs(state, data, round_key)
-  log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None,
-                          key="round")
-  eval_batch = runlog.cached_jit("eval" + train_lib.compile_key(config, ds, ("model", "loss")),
-                                 lambda: steps.make_eval_batch(
-      fns, config.loss, ds.num_classes))
-  x_va, y_va = ds.split("val")
-  client_val = [ds.arrays(ids) for ids in val_ids]
-
-  def evaluate_row(variables, rnd, info=None):
-    row = {"round": rnd}
-    if use_dp:
-      row.update({"epsilon": dp.epsilon(noise_mult, rnd, dpc.delta, 1.0, dpc.accountant),
-                  "dp_delta": dpc.delta, "dp_noise_multiplier": noise_mult})
-    if rnd % config.fl.eval_every == 0 or rnd == config.fl.rounds:
-      val = steps.evaluate(eval_batch, variables, x_va, y_va, config.eval_batch_size,
-                           ds.class_names)
-      row.update({f"val_{k}": v for k, v in val.items() if not isinstance(v, (bool, str))})
-      if config.fl.eval_clients:
-        row["client_val_dice"] = [
-            steps.evaluate(eval_batch, variables, x, y, config.eval_batch_size,
-                           ds.class_names)["dice_mean"] if len(x) else None
-            for x, y in client_val]
+  def row(state, rnd, info):
+    r = {"round": rnd, **privacy_row(dpc, noise_mult, rnd), **val(state.variables, rnd)}
     if info is not None:
-      info = jax.device_get(info)
-      row.update({"train_loss": float(np.nanmean(np.where(info["included"], info["train_loss"],
-                                                          np.nan))) if info["included"].any()
-                  else float("nan"),
-                  "weights": [float(w) for w in info["weights"]],
-                  "client_train_loss": [float(v) for v in info["train_loss"]],
-                  "failed": bool(info["failed"]),
-                  "excluded": [n for n, inc in zip(names, info["included"]) if not inc],
-                  "bytes_up_per_client": mbytes, "bytes_down_per_client": mbytes,
-                  "bytes_total": 2 * mbytes * len(names)})
-      for key_ in ("dice_pre", "dice_post", "ce_pre", "ce_post"):
-        row[f"client_{key_}"] = [float(v) for v in info[key_]]
-      row.update(_robust_row(info, names))
-    row["time_s"] = time.time() - t_start
-    return row
+      r.update(info_row(info, names))
+      r.update({"bytes_up_per_client": mbytes, "bytes_down_per_client": mbytes,
+                "bytes_total": 2 * mbytes * len(names)})
+    r["time_s"] = time.time() - t_start
+    return r
 
-  def describe(row):
-    status = "FAILED (global model kept)" if row["failed"] else ""
-    if row["excluded"]:
-      status += " excluded: " + ",".join(
-          f"{n}({row.get('excluded_reasons', {}).get(n, '?')})" for n in row["excluded"])
-    if use_dp:
-      status += f" eps {row['epsilon']:.2f} clip {row['dp_clip_fraction']:.2f}"
-    w = " ".join(f"{x:.2f}" for x in row["weights"])
-    return (f"train_loss {row['train_loss']:.4f}  val_dice "
-            f"{row.get('val_dice_mean', float('nan')):.4f}  w [{w}] {status}")
+  def describe(r):
+    w = " ".join(f"{x:.2f}" for x in r["weights"])
+    return (f"train_loss {r['train_loss']:.4f}  val_dice "
+            f"{r.get('val_dice_mean', float('nan')):.4f}  w [{w}] {status(r)}")
 
-  state = round_loop(lambda s: run_round(s, data, round_key), state, start, config.fl.rounds,
-                     evaluate_row, log, ckpt, describe, stop_after)
-  return train_lib.finish(
-      config, workdir, fns, state.variables, ds, eval_batch, log.rows, x_key="round",
-      extra={"rounds": config.fl.rounds, "clients": names,
-             **({"dp": {"noise_multiplier": noise_mult, "clip_norm": dpc.clip_norm,
-                        "delta": dpc.delta, "epsilon": dp.epsilon(
-                            noise_mult, config.fl.rounds, dpc.delta, 1.0, dpc.accountant)}}
-                if use_dp else {}), "num_params":
-             train_lib.num_params(state.variables), "bytes_per_round": 2 * mbytes * len(names),
-             "wall_time_s": time.time() - t_start})
+  place = None
+  if config.fl.client_strategy == "sharded" and not chunked:
+    # state/key replicated, data sharded over the 'clients' mesh axis
+    # (global arrays over every process after launch.py --distributed)
+    def place(s):
+      nonlocal data, round_key
+      s, data, round_key = scale.place_round_inputs(s, data, round_key)
+      return s
+  run = experiment.Run("[fl]", state, lambda s, t: run_round(s, data, round_key),
+                       config.fl.rounds, lambda s: int(s.round), row, describe, place=place)
+  state, rows = experiment.run_loop(workdir, run, stop_after)
+  return experiment.finish(
+      config, workdir, fns, state.variables, ds, eval_batch, rows, x_key="round",
+      extra={"rounds": config.fl.rounds, "clients": names, **extra_results,
+             **privacy_results(dpc, noise_mult, config.fl.rounds),
+             "num_params": experiment.num_params(state.variables),
+             "pretrained_from": config.get("init_from", "") or None,
+             "bytes_per_round": 2 * mbytes * len(names), "wall_time_s": time.time() - t_start})
 
 
-def round_loop(step: Callable, state, start: int, rounds: int, evaluate_row: Callable,
-               log: runlog.MetricsLog, ckpt: runlog.Checkpointer, describe: Callable,
-               stop_after: Optional[int] = None):
-  """The rounds of every federated trainer: round 0 evaluated on a fresh start, then per
-  round ``state, info = step(state)``, ``row = evaluate_row(variables, r, info)`` logged,
-  checkpointed and printed (``describe(row)``); ``stop_after`` interrupts (test hook).
-  Closes ``ckpt`` and returns the final state."""
-  if start == 0:
-    log.append(evaluate_row(state.variables, 0))
-  prog = runlog.Progress(rounds, start, what="round")
-  for rnd in range(start, rounds):
-    state, info = step(state)
-    row = evaluate_row(state.variables, rnd + 1, info)
-    log.append(row)
-    ckpt.save(rnd + 1, state)
-    print(prog.line(rnd + 1, describe(row)), flush=True)
-    if stop_after is not None and rnd + 1 >= stop_after and rnd + 1 < rounds:
-      ckpt.close()
-      raise train_lib.Interrupted(f"stopped after round {rnd + 1} (test hook)")
-  ckpt.close()
-  return state
+def info_row(info, names) -> Dict:
+  """Per-round entries every model-uploading algorithm logs: train loss over the
+  included clients, weights, failure, exclusions (with reasons), per-client stats."""
+  info = jax.device_get(info)
+  inc = np.asarray(info["included"])
+  row = {"train_loss": float(np.nanmean(np.where(inc, info["train_loss"], np.nan)))
+         if inc.any() else float("nan"),
+         "weights": [float(w) for w in info["weights"]],
+         "client_train_loss": [float(v) for v in info["train_loss"]],
+         "failed": bool(info["failed"]),
+         "excluded": [n for n, i in zip(names, inc) if not i]}
+  for key_ in ("dice_pre", "dice_post", "ce_pre", "ce_post"):
+    if key_ in info:
+      row[f"client_{key_}"] = [float(v) for v in info[key_]]
+  row.update(_robust_row(info, names))
+  return row
 
 
 def _robust_row(info, names) -> Dict:
@@ -290,17 +354,3 @@ def _robust_row(info, names) -> Dict:
   if "secagg_saturated" in info:
     row["secagg_saturated"] = [n for n, s in zip(names, info["secagg_saturated"]) if s]
   return row
-
-
-TRAINERS = {name: train_federated for name in aggregators.AGGREGATORS}
-
-
-# Semi-supervised methods (FedWeP, MT, CPS, PseudoSeg, supervised-only; issue 5).
-# Imported last: semi_train imports this module lazily, inside its functions.
-from fedjax_seg.fl import semi_train as _semi  # noqa: E402
-TRAINERS.update(_semi.TRAINERS)
-
-# FCL pre-training + fine-tuning (fcl, local_cl, fedrotation, random_init; issue 6).
-# Imported last: fcl_train imports this module lazily, inside its functions.
-from fedjax_seg.fl import fcl_train as _fcl  # noqa: E402
-TRAINERS.update(_fcl.TRAINERS)

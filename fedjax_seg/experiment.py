@@ -1,0 +1,203 @@
+"""The one experiment loop shared by every run kind, and what every run writes.
+
+    state, rows = run_loop(workdir, Run(...), stop_after)
+
+A :class:`Run` is what differs between centralised training, the federated
+algorithms and FCL pre-training: the initial (checkpointed) state, one step
+(a round, or an epoch), the metrics row of a step and its progress line. The loop
+is the same for all:
+
+  * restore the latest orbax checkpoint of ``workdir/checkpoints`` (exact resume:
+    keys and data order are pure functions of (config.seed, step), never of history),
+  * evaluate step 0 (federated runs: the initial global model, so curves start at
+    the same point for every algorithm),
+  * for every remaining step: ``state, info = step(state, t)``, a metrics row appended
+    to ``metrics.jsonl``/``metrics.csv`` (TensorBoard too), a checkpoint, a progress
+    line with ETA; ``stop_after`` (test hook) raises :class:`Interrupted`.
+
+:func:`finish` ends every run that trains a U-Net: val/test metrics, per-patient
+records, ``results.json``, ``final_model.msgpack``, learning curves and overlays.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import flax
+import jax
+import numpy as np
+
+from fedjax_seg import evaluation, runlog, steps
+
+TABLE_KEYS = ["dice_mean", "iou_mean", "precision_mean", "sensitivity_mean",
+              "specificity_mean", "pixel_accuracy", "loss"]
+FINAL_MODEL = "final_model.msgpack"
+
+
+class Interrupted(RuntimeError):
+  """Raised by the ``stop_after`` test hook to simulate a killed run."""
+
+
+@dataclasses.dataclass
+class Run:
+  """One run kind, for :func:`run_loop`.
+
+  tag: prefix of printed lines ('[fl]', '[train]', ...); state: initial state (any
+  pytree orbax can save); step(state, t) -> (state', info) runs step t (0-based);
+  total: number of steps; done(state) -> steps completed (of a restored state);
+  row(state, t, info) -> metrics row after t steps (info None for t = 0);
+  describe(row) -> progress text; x_key: 'round' | 'epoch';
+  log_initial: evaluate and log t = 0 before training;
+  place(state) -> state: put a (restored) state where the step wants it (sharding).
+  """
+  tag: str
+  state: Any
+  step: Callable[[Any, int], Tuple[Any, Any]]
+  total: int
+  done: Callable[[Any], int]
+  row: Callable[[Any, int, Any], Dict]
+  describe: Callable[[Dict], str]
+  x_key: str = "round"
+  log_initial: bool = True
+  place: Optional[Callable[[Any], Any]] = None
+
+
+def run_loop(workdir: str, run: Run, stop_after: Optional[int] = None,
+             verbose: bool = True) -> Tuple[Any, List[Dict]]:
+  """Runs (or resumes) ``run`` in ``workdir``; returns (final state, metrics rows)."""
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = runlog.Checkpointer(workdir)
+  _, restored = ckpt.restore_latest(run.state)
+  state, start = run.state, 0
+  if restored is not None:
+    state, start = restored, int(run.done(restored))
+    if verbose:
+      print(f"{run.tag} resumed from checkpoint at {run.x_key} {start}", flush=True)
+  if run.place is not None:
+    state = run.place(state)
+  log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None,
+                          key=run.x_key)
+  if start == 0 and run.log_initial:
+    log.append(run.row(state, 0, None))
+  prog = runlog.Progress(run.total, start, what=run.x_key)
+  for t in range(start, run.total):
+    state, info = run.step(state, t)
+    row = run.row(state, t + 1, info)
+    log.append(row)
+    ckpt.save(t + 1, state)
+    if verbose:
+      print(prog.line(t + 1, run.describe(row)), flush=True)
+    if stop_after is not None and t + 1 >= stop_after and t + 1 < run.total:
+      ckpt.close()
+      raise Interrupted(f"stopped after {run.x_key} {t + 1} (test hook)")
+  ckpt.close()
+  return state, log.rows
+
+
+def save_config(config, workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old != new:
+      changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+      print(f"[train] warning: config differs from the one stored in {path} "
+            f"(top-level keys {changed}); resuming with the new config", flush=True)
+  runlog.write_json(path, new)
+
+
+def compile_key(config, ds, parts=None, exclude=()) -> str:
+  """Everything a compiled step depends on besides its argument shapes:
+  the whole config, or only the top-level ``parts`` named, less the dotted
+  ``exclude`` paths (keys that change data, not the program)."""
+  import json as _json
+  blob = _json.loads(config.to_json_best_effort())
+  if parts is not None:
+    blob = {k: blob.get(k) for k in parts}
+  for path in exclude:
+    *head, last = path.split(".")
+    node = blob
+    for h in head:
+      node = node.get(h) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+      node.pop(last, None)
+  return _json.dumps(blob, sort_keys=True) + str(ds.num_classes)
+
+
+def num_params(variables) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])))
+
+
+def build_augment(config) -> Optional[steps.AugmentFn]:
+  aug = config.get("augment")
+  if not aug or not aug.get("enabled", False):
+    return None
+  from fedjax_seg.data import augment  # issue: real data formats
+  return augment.make_augment(aug)
+
+
+def save_model(workdir: str, variables) -> str:
+  """Writes the evaluated U-Net's variables to ``workdir/final_model.msgpack``
+  (flax serialisation; ``fedjax_seg.infer`` and the viewer load it with the run's
+  config.model). Returns the file name."""
+  path = os.path.join(workdir, FINAL_MODEL)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(flax.serialization.to_bytes(jax.device_get(variables)))
+  os.replace(tmp, path)
+  return FINAL_MODEL
+
+
+def finish(config, workdir, fns, variables, ds, eval_batch, rows, extra: Dict,
+           x_key: str = "epoch") -> Dict:
+  """Final evaluation on val and test, results.json, plots, printed table.
+
+  variables: the U-Net the tables evaluate (semi-supervised: ``SemiHParams.eval_model``;
+  FCL: the fine-tuned U-Net), also written as ``final_model.msgpack`` for inference.
+  """
+  split_metrics = {}
+  for name in ("val", "test"):
+    x, y = ds.split(name)
+    if len(x):
+      split_metrics[name] = steps.evaluate(eval_batch, variables, x, y,
+                                           config.eval_batch_size, ds.class_names)
+  # Per-patient Dice / IoU / HD95 of every val and test patient (for paired comparisons,
+  # `python -m fedjax_seg.report compare`): one jitted predict, fixed-size padded batches.
+  predict_fn = evaluation.make_predict(fns)
+  preds = {name: evaluation.predict_patients(predict_fn, variables, ds, ds.splits.get(name, []),
+                                             config.eval_batch_size) for name in ("val", "test")}
+  per_patient = evaluation.per_patient_report(ds, preds)
+  # Region Dice / HD95 (mm) / seed 001 table for layouts with voxel spacing (BraTS, ACDC).
+  report = evaluation.dataset_report(config, fns, variables, ds, eval_batch, split_metrics,
+                                     predict_fn=predict_fn, preds=preds)
+  results = {"algorithm": config.algorithm, "metrics": split_metrics,
+             "class_names": list(ds.class_names), "background_in_means": False,
+             "hd95_convention": per_patient["hd95_convention"],
+             **(report["results"] if report else {}), "per_patient": per_patient, **extra}
+  results["compile_s"] = runlog.compile_times(reset=True)  # {program: s} of this run
+  results["final_model"] = save_model(workdir, variables)
+  runlog.write_json(os.path.join(workdir, "results.json"), results)
+  if rows:
+    runlog.plot_learning_curves(rows, os.path.join(workdir, "learning_curves.png"), x_key)
+  x_te, y_te = ds.split("test")
+  if len(x_te):
+    p_te = np.concatenate([preds["test"][pid] for pid in ds.splits["test"]])  # x_te's order
+    runlog.plot_overlays(*evaluation.overlay_samples(
+        x_te[:config.eval_batch_size], y_te[:config.eval_batch_size], p_te[:config.eval_batch_size]),
+        os.path.join(workdir, "overlays.png"))
+  print("\n[results] foreground means (background excluded); pixel_accuracy includes background\n"
+        + runlog.metrics_table(split_metrics, TABLE_KEYS), flush=True)
+  per_class = {n: {k.split("/")[1]: v for k, v in m.items() if k.startswith("dice/")}
+               for n, m in split_metrics.items()}
+  print("\n[results] per-class Dice\n" + runlog.metrics_table(
+      per_class, list(ds.class_names)), flush=True)
+  if report:
+    print(report["text"], flush=True)
+  print(f"\n[results] written to {os.path.join(workdir, 'results.json')}", flush=True)
+  return results
+
+
