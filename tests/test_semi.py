@@ -245,3 +245,33 @@ def test_label_at_server_config_rule_follows_overrides():
   c.semi.client_lr_scale = 0.0
   with pytest.raises(ValueError, match="client_lr_scale"):
     semi_train.optimizers(c)
+
+
+@pytest.mark.parametrize("option", ["dp", "secagg", "fedadam", "idle_dp"])
+def test_fedwep_label_at_client_with_aggregation_options(tiny, tmp_path, option):
+  """FedWeP uploads one model dict, so DP-FedAvg, secure aggregation and server
+  optimisers apply to it; a method whose clients upload nothing refuses them."""
+  c = _semi_tiny(tiny, "fedwep", rounds=2)
+  c.fl.local_steps = 2
+  c.fl.norm_k = 0.0
+  if option in ("dp", "idle_dp"):
+    c.fl.dp.enabled, c.fl.dp.noise_multiplier, c.fl.dp.clip_norm = True, 0.5, 1.0
+    c.fl.dp.target_epsilon = 0.0
+  elif option == "secagg":
+    c.fl.secagg = True
+  else:
+    c.fl.server_opt, c.fl.server_lr = "fedadam", 0.01
+  if option == "idle_dp":
+    base = lgg_fedwep.get_config("supervised_only,label_at_server,1/4,iid")
+    c.algorithm, c.semi = "supervised_only", base.semi
+    with pytest.raises(ValueError, match="config.fl.dp.enabled"):
+      train.run(c, str(tmp_path / option))
+    return
+  res = train.run(c, str(tmp_path / option))
+  with open(tmp_path / option / "metrics.jsonl") as f:
+    rows = [json.loads(l) for l in f]
+  assert [r["round"] for r in rows] == [0, 1, 2] and not rows[-1]["failed"]
+  assert np.isfinite(res["metrics"]["test"]["dice_mean"])
+  assert (tmp_path / option / "final_model.msgpack").exists()
+  if option == "dp":
+    assert res["dp"]["epsilon"] > 0 and "dp_clip_fraction" in rows[-1]
