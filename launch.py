@@ -2,8 +2,8 @@
 
 Re-running the same command resumes from the last checkpoint in DIR.
 
-Several processes/hosts (issue 9): add --distributed [--coordinator_address=HOST:PORT
---num_processes=N --process_id=I] to every process's command (docs/README_scale.md).
+Several processes/hosts: add --distributed [--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I] to every process's command (docs/scale.md).
 
 Sweeps (fedjax_seg/sweep.py): --sweep 'seed=0,1,2;algorithm=fedavg,dcew' runs the
 grid one point after the other in DIR/<key=value,...>, resumably, then writes
@@ -41,7 +41,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if logging.get_verbosity() == logging.INFO and not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if _DISTRIBUTED.value:  # before any JAX computation (issue 9)
+  if _DISTRIBUTED.value:  # before any JAX computation
     from fedjax_seg import distributed
     info = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     flags.FLAGS.workdir = distributed.process_workdir(_WORKDIR.value)

@@ -1,4 +1,4 @@
-"""Figure of the anatomical phantom (issue 12): one patient, four modalities + segmentation, two hospitals.
+"""Figure of the anatomical phantom: one patient, four modalities + segmentation, two hospitals.
 
 The same patient (ICBM152 anatomy after its own deformation, one tumour grown
 in white matter) is rendered BraTS-style (skull-stripped FLAIR, T1, T1ce, T2)

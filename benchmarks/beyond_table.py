@@ -1,4 +1,4 @@
-"""Issue 10 table: FedAvg, FedProx, FedAdam and DP-FedAvg at two ε on the phantom LGG federation.
+"""Table: FedAvg, FedProx, FedAdam and DP-FedAvg at two ε on the phantom LGG federation.
 
 Every row is the matching config (configs/lgg_{fedavg,fedprox,fedadam,dp_fedavg}.py)
 with one shared small budget (below), run for each seed in its own workdir

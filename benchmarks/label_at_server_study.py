@@ -1,4 +1,4 @@
-"""Why label-at-server FedWeP collapsed, measured (issue 5).
+"""Why label-at-server FedWeP collapsed, measured.
 
 FedWeP-Random, label_at_server, 1/4 of the patients at the server, IID, on the
 tiny phantom budget of ``fedwep_table.py`` (3 sites × 8 patients, 32×32,

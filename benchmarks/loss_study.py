@@ -1,4 +1,4 @@
-"""Categorical CE vs sparse categorical CE (seed ce_vs_sparse_ce.md, SPEC §3; issue 7).
+"""Categorical CE vs sparse categorical CE (seed ce_vs_sparse_ce.md, SPEC §3).
 
   python benchmarks/loss_study.py            # ~10-15 min on 2 CPU cores
   python benchmarks/loss_study.py --quick    # smaller shapes, 2-epoch training (~3 min)

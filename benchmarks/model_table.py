@@ -1,4 +1,4 @@
-"""Parameters, GFLOPs and CPU time of U-Net, SCAUnet and SCAUnet-A (issue 7, SPEC §2).
+"""Parameters, GFLOPs and CPU time of U-Net, SCAUnet and SCAUnet-A (SPEC §2).
 
   python benchmarks/model_table.py            # reference input 1×256×256×1 + demo sizes
   python benchmarks/model_table.py --quick    # 1×64×64×1 only, 2 reps (about a minute)

@@ -34,7 +34,7 @@ def get_fl_config():
   fl.cost = "cost"              # FedCostW cost c(M): 'cost' (training loss) | 'ce'
   fl.eval_every = 1
   fl.eval_clients = True        # per-client validation Dice each round
-  # --- beyond FedAvg (issue 10; README.md "Beyond FedAvg"); defaults = plain FedAvg ---
+  # --- beyond FedAvg (README.md "Beyond FedAvg"); defaults = plain FedAvg ---
   fl.prox_mu = 0.0              # FedProx μ: local loss + (μ/2)‖w − w_global‖²
   fl.server_opt = "none"        # none | fedavgm | fedadam | fedyogi | fedadagrad (fl/server_opt.py)
   fl.server_lr = 1.0            # η on the pseudo-gradient x_{t-1} − ω_t

@@ -1,4 +1,4 @@
-"""SCAUnet / SCAUnet-A on the demo-sized phantom LGG (issue 7; SPEC §2).
+"""SCAUnet / SCAUnet-A on the demo-sized phantom LGG (SPEC §2).
 
 Same data, loss, optimiser and epochs as ``configs/demo.py`` (the U-Net
 baseline, 482,050 parameters); only ``config.model`` changes, sized so the

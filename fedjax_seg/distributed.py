@@ -1,4 +1,4 @@
-"""Several processes / hosts (issue 9): ``jax.distributed.initialize`` from
+"""Several processes / hosts: ``jax.distributed.initialize`` from
 flags or environment. Imports only jax, and must run before any JAX
 computation (launch.py calls it right after flag parsing).
 

@@ -1,4 +1,4 @@
-"""The bad-input corpus (issue 4): each broken input is built in a temp dir and must raise one
+"""The bad-input corpus: each broken input is built in a temp dir and must raise one
 `DataError` whose message names the offending file (or folder) and the problem.
 
 With ``data.skip_bad_patients = True`` a bad patient is skipped with a printed warning, never

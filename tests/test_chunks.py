@@ -1,4 +1,4 @@
-"""Clients streamed in chunks (issue 9, fl/scale.py): the chunked round equals
+"""Clients streamed in chunks (fl/scale.py): the chunked round equals
 the all-at-once round (models, weights, stats, failure flag) for every linear
 aggregator, any chunk size, with excluded (NaN / empty) clients, a server
 optimiser, and the real U-Net client update on host-resident data."""

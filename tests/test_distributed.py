@@ -1,4 +1,4 @@
-"""Several processes (issue 9): two processes on localhost, one CPU device each,
+"""Several processes: two processes on localhost, one CPU device each,
 ``jax.distributed.initialize`` through fedjax_seg.distributed, one sharded
 federated round over both; and launch.py --distributed running the federated
 trainer (slow)."""

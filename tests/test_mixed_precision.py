@@ -1,4 +1,4 @@
-"""Mixed precision (issue 9): config.model.dtype='bfloat16' computes the U-Net's
+"""Mixed precision: config.model.dtype='bfloat16' computes the U-Net's
 convolutions in bf16 while parameters, logits, gradients, client models and
 the aggregate stay float32."""
 import jax

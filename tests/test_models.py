@@ -23,7 +23,7 @@ def _spec(shape):
   return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-# Registered models whose output is not per-pixel logits (FCL encoder, issue 6).
+# Registered models whose output is not per-pixel logits (the FCL encoder).
 NOT_SEGMENTATION = {"unet_encoder"}
 
 

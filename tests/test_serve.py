@@ -1,4 +1,4 @@
-"""fedjax_seg.serve (issue 11): the viewer's JSON API with Flask's test client.
+"""fedjax_seg.serve: the viewer's JSON API with Flask's test client.
 
 upload -> job -> stored study; bad uploads -> 4xx JSON and nothing stored; the database holds what
 the API shows (volumes recomputed from the saved mask and spacing); a restarted app keeps every study.

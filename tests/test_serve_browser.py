@@ -1,4 +1,4 @@
-"""fedjax_seg.serve (issue 11) in a real browser: headless Debian Chromium driven by Selenium against
+"""fedjax_seg.serve in a real browser: headless Debian Chromium driven by Selenium against
 a real server on a free localhost port.
 
 Uploads a phantom BraTS study through the page's form (after a refused one), waits for the

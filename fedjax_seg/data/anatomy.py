@@ -1,4 +1,4 @@
-"""Anatomical phantom hospitals: real brain anatomy from the ICBM152 2009a template (issue 12).
+"""Anatomical phantom hospitals: real brain anatomy from the ICBM152 2009a template.
 
 The geometric phantom (`fedjax_seg.data.phantom.head_labels`) draws a brain
 as nested ellipses. This module renders the same hospitals on *real* human

@@ -13,7 +13,7 @@ weights renormalised) when any leaf of its model, or any statistic its
 weight depends on, is non-finite, or when it has no samples. If every client
 is excluded the global model is kept and ``failed`` is True.
 
-Robust options (issue 10): ``robust(aggregator, norm_k)`` also excludes a
+Robust options: ``robust(aggregator, norm_k)`` also excludes a
 client whose update norm exceeds norm_k × the median update norm and reports
 why each client was excluded; ``median`` / ``trimmed_mean`` are coordinate-wise
 robust aggregators (Yin et al., ICML 2018).
@@ -147,7 +147,7 @@ def dcew(global_vars, stacked, stats: Stats, alpha: float = 0.5, beta: float = 0
   return new, w, failed
 
 
-# --- Robust aggregation (issue 10) ---------------------------------------------
+# --- Robust aggregation ---------------------------------------------
 
 
 def update_norms(global_vars, stacked) -> jnp.ndarray:
@@ -268,7 +268,7 @@ def get(name: str) -> Callable:
   return AGGREGATORS[name]
 
 
-# --- Linear aggregators as running sums (issue 9: clients streamed in chunks) ---
+# --- Linear aggregators as running sums (clients streamed in chunks) ---
 
 
 LINEAR_AGGREGATORS = ("fedavg", "fedcostw", "costw_ce", "dcew")

@@ -42,7 +42,7 @@ def _unet(num_classes, base=32, depth=4, dropout=0.5, norm="none", ndim=2, dtype
               norm=norm, ndim=ndim, dtype=jnp.dtype(dtype))
 
 
-# --- SCAUnet / SCAUnet-A (issue 7; fedjax_seg/models/scaunet.py) ---------------
+# --- SCAUnet / SCAUnet-A (fedjax_seg/models/scaunet.py) ---------------
 from fedjax_seg.models.scaunet import SCAUnet, default_adaptive_scales  # noqa: E402
 
 
@@ -118,7 +118,7 @@ def build(model_config, num_classes: int) -> ModelFns:
   return ModelFns(get_model(name, num_classes=num_classes, **kwargs))
 
 
-# --- U-Net encoder + projection head for FCL (issue 6; fedjax_seg/models/encoder.py) ---
+# --- U-Net encoder + projection head for FCL (fedjax_seg/models/encoder.py) ---
 from fedjax_seg.models.encoder import UNetEncoder  # noqa: E402
 
 
