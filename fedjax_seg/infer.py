@@ -157,6 +157,7 @@ def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
   if not steps_:
     raise InferError(f"no checkpoint in {ckpt_dir}: the run has not finished an epoch/round yet "
                      f"(or the folder was moved without checkpoints/)")
+  latest = step is None
   if step is None:
     step = steps_[-1]
   elif step not in steps_:
@@ -181,6 +182,23 @@ def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
   except Exception as e:  # a config Flax cannot instantiate
     raise InferError(f"config/model mismatch: cannot initialise config.model {dict(config.model)}: "
                      f"{type(e).__name__}: {e}") from e
+
+  # Every run kind writes the model its tables evaluate as final_model.msgpack (a
+  # semi-supervised run: its evaluated model of the dict; FCL: each fine-tuning run's U-Net).
+  final = os.path.join(workdir, "final_model.msgpack")
+  if latest and os.path.isfile(final):
+    import flax
+    try:
+      with open(final, "rb") as f:
+        restored = flax.serialization.msgpack_restore(f.read())
+    except Exception as e:
+      raise InferError(f"cannot read {final}: {type(e).__name__}: {e}") from e
+    if _tree_shapes(restored) != _tree_shapes(dict(like)):
+      raise InferError(f"config/model mismatch: {final} does not fit the model that {cfg_path} "
+                       f"describes (config.model = {dict(config.model)})")
+    variables = jax.tree.map(jnp.asarray, dict(restored))
+    return LoadedRun(workdir, config, fns, variables, steps_[-1], num_classes,
+                     tuple(class_names), in_channels, layout)
 
   try:
     meta = _checkpoint_variables_metadata(ckpt_dir, step)

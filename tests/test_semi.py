@@ -275,3 +275,6 @@ def test_fedwep_label_at_client_with_aggregation_options(tiny, tmp_path, option)
   assert (tmp_path / option / "final_model.msgpack").exists()
   if option == "dp":
     assert res["dp"]["epsilon"] > 0 and "dp_clip_fraction" in rows[-1]
+    from fedjax_seg import infer   # a semi-supervised run loads like any run
+    run = infer.load_run(str(tmp_path / option))
+    assert "params" in run.variables
