@@ -140,8 +140,7 @@ def make_round(alg: Algorithm, client_strategy: str = "auto", **for_each_kwargs)
     bcast, info_b = alg.broadcast(state, server_data, b_key)
     upload, new_clients, stats = clients(bcast, (per_client, state.clients, alg.downlink(state)),
                                          c_keys)
-    missing = set(upload) ^ set(alg.uploads)
-    if missing:
+    if set(upload) != set(alg.uploads):
       raise ValueError(f"Algorithm {alg.name}: client upload keys {sorted(upload)} differ "
                        f"from the declared uploads {list(alg.uploads)}")
     agg, weights, failed, info_a = alg.aggregate(state, upload, stats, a_key)
@@ -173,15 +172,13 @@ def comm_bytes(alg: Algorithm, state: ServerState, data) -> Dict[str, Any]:
   bcast, _ = jax.eval_shape(lambda s, d: alg.broadcast(s, d, key), state, server_data)
   down_k = jax.eval_shape(lambda s: take0(alg.downlink(s)), state)
   upload, _, _ = jax.eval_shape(
-      lambda b, pc, ck: alg.client_update(b, (take0(pc), take0(ck), down_k_zero(down_k)), key),
+      lambda b, pc, ck: alg.client_update(
+          b, (take0(pc), take0(ck), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), down_k)),
+          key),
       bcast, per_client, state.clients)
   by_entry = {name: nbytes(upload[name]) for name in alg.uploads}
   return {"up": sum(by_entry.values()), "down": nbytes(bcast) + nbytes(down_k),
           "up_by_entry": by_entry, "clients": k}
-
-
-def down_k_zero(shapes):
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def model_only(alg_name: str, uploads: Tuple[str, ...], what: str) -> None:

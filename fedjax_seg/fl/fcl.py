@@ -485,9 +485,6 @@ def make_algorithm(hp: PretrainHParams, client_update: Callable) -> algorithm.Al
   Round option ``exchange_on`` (traced bool): FCL passes True, local CL False —
   the same compiled program.
   """
-  def client(bcast, inp, key):
-    return client_update(bcast, inp, key)
-
   def aggregate(state, upload, stats, a_key):
     out = aggregators.fedavg(state.variables, upload["model"],
                              {"num_samples": stats["num_samples"]})
@@ -502,7 +499,7 @@ def make_algorithm(hp: PretrainHParams, client_update: Callable) -> algorithm.Al
                          server=inbox), {}
 
   return algorithm.Algorithm(hp.method, ("model", "bank") if hp.contrastive else ("model",),
-                             client, aggregate, server_update=server_update,
+                             client_update, aggregate, server_update=server_update,
                              downlink=lambda state: state.server)
 
 
