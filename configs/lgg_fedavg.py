@@ -42,7 +42,7 @@ def get_fl_config():
   fl.server_b1 = 0.9            # FedAdam/Yogi/Adagrad β1
   fl.server_b2 = 0.99           # FedAdam/Yogi β2
   fl.server_tau = 1e-3          # adaptivity τ (Reddi et al. 2021)
-  fl.norm_k = 0.0               # exclude a client with ‖Δ_k‖ > norm_k × median ‖Δ‖ (0 = off)
+  fl.norm_k = 10.0              # divergence guard: drop client k if ‖Δ_k‖ > norm_k × median of the others' ‖Δ‖ (0 = off)
   fl.trim = 0.1                 # trimmed_mean: fraction dropped at each end per coordinate
   fl.secagg = False             # pairwise-masked fixed-point sums (fl/secagg.py)
   fl.secagg_bits = 24           # fractional bits of the int32 fixed point

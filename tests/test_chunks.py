@@ -154,7 +154,7 @@ def test_unet_round_streamed_equals_all_at_once():
   np.testing.assert_allclose(info["dice_post"], ref_info["dice_post"], rtol=1e-5)
 
 
-def test_chunked_config_validation():
+def test_chunked_config_validation(capsys):
   def cfg(**fl):
     c = ml_collections.ConfigDict({"algorithm": "dcew", "fl": {
         "clients_per_chunk": 2, "norm_k": 0.0, "secagg": False, "dp": {"enabled": False}}})
@@ -162,8 +162,11 @@ def test_chunked_config_validation():
     return c
   scale.check_chunked(cfg())
   scale.check_chunked(cfg(clients_per_chunk=0, norm_k=3.0))  # off: anything goes
+  assert capsys.readouterr().out == ""
+  scale.check_chunked(cfg(norm_k=10.0))  # the default divergence guard: skipped, said so
+  assert "config.fl.norm_k=10.0 is not applied" in capsys.readouterr().out
   for bad, match in (({"clients_per_chunk": -1}, "clients_per_chunk"),
-                     ({"norm_k": 2.0}, "norm_k"), ({"secagg": True}, "secagg"),
+                     ({"secagg": True}, "secagg"),
                      ({"dp": {"enabled": True}}, "dp.enabled")):
     with pytest.raises(ValueError, match=match):
       scale.check_chunked(cfg(**bad))

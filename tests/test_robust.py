@@ -193,3 +193,73 @@ def test_bad_clients_excluded_in_a_round_and_model_stays_finite():
   assert not bool(info["failed"]) and int(state.round) == 1
   moved = optax.tree.norm(jax.tree.map(jnp.subtract, state.variables, variables))
   assert 0 < float(moved) < 1.0
+
+
+# --- the default divergence guard (config fl.norm_k) under every aggregator ----------
+
+
+def _exploding_round(k, factor, seed=3):
+  """K clients with update norms ≈ 0.1·√P, client 1's update × factor (finite)."""
+  glob, stacked, stats = _setup(seed)
+  stacked = jax.tree.map(lambda a: np.array(a[:k]), stacked)
+  stats = {n: np.array(v[:k]) for n, v in stats.items()}
+  for leaf, g in zip(jax.tree.leaves(stacked), jax.tree.leaves(glob)):
+    leaf[1] = g + factor * (leaf[1] - g)
+  return glob, stacked, stats
+
+
+@pytest.mark.parametrize("setting", [
+    ("fedavg", False), ("fedcostw", False), ("costw_ce", False), ("dcew", False),
+    ("median", False), ("trimmed_mean", False), ("fedavg", True), ("dcew", True)])
+@pytest.mark.parametrize("k", [2, 5])
+def test_default_guard_drops_a_finite_exploding_client(setting, k):
+  """With the shipped default (configs: fl.norm_k = 10), an update 1000× the others'
+  gets weight 0 and the aggregate equals the one without that client, under every
+  aggregator, with and without secure aggregation, from K = 2 on."""
+  from configs import lgg_fedavg
+  from fedjax_seg.fl import train as fl_train
+  name, secure = setting
+  c = lgg_fedavg.get_config()
+  assert c.fl.norm_k == 10.0
+  c.algorithm, c.fl.secagg = name, secure
+  if secure and name == "dcew":
+    c.fl.alpha, c.fl.beta, c.fl.gamma = 0.4, 0.3, 0.3
+  fl_train.check_fl_config(c)
+  aggregate = fl_train.build_aggregator(c, k)
+  kw = fl_train.agg_kwargs(c)
+  if getattr(aggregate, "wants_round_key", False):
+    kw.update(rng=jax.random.PRNGKey(0), round=jnp.int32(0))
+  glob, stacked, stats = _exploding_round(k, 1000.0)
+  new, w, failed, extra = aggregate(glob, stacked, stats, **kw)
+  assert list(np.flatnonzero(extra["excl_norm"])) == [1] and float(w[1]) == 0
+  assert not bool(failed)
+  # ... and equals the round in which client 1 reported no samples
+  dropped = {**stats, "num_samples": np.where(np.arange(k) == 1, 0, stats["num_samples"])
+             .astype(np.float32)}
+  ref = aggregate(glob, stacked, dropped, **kw)[0]
+  chex.assert_trees_all_close(new, ref, rtol=1e-5, atol=1e-5)
+  # what it cannot catch: an update within the factor of the others passes
+  glob, stacked, stats = _exploding_round(k, 5.0)
+  _, w, _, extra = aggregate(glob, stacked, stats, **kw)
+  assert not np.any(extra["excl_norm"]) and float(w[1]) > 0
+
+
+def test_dp_fedavg_bounds_an_exploding_client_by_clipping_not_exclusion():
+  """Under DP-FedAvg the norm exclusion is not applied (it would couple clients); the
+  clip bounds the exploding client's move of the global model by C/K."""
+  from configs import lgg_fedavg
+  from fedjax_seg.fl import dp
+  from fedjax_seg.fl import train as fl_train
+  c = lgg_fedavg.get_config()
+  c.fl.dp.enabled, c.fl.dp.clip_norm = True, 0.05
+  fl_train.check_fl_config(c)
+  aggregate = fl_train.build_aggregator(c, K)
+  glob, stacked, stats = _exploding_round(K, 1000.0)
+  new, w, _, extra = aggregate(glob, stacked, stats, rng=jax.random.PRNGKey(0),
+                               round=jnp.int32(0))
+  assert not np.any(extra["excl_norm"]) and float(w[1]) > 0
+  deltas = dp.client_deltas(glob, stacked, np.ones(K, bool))
+  moved_by_1 = optax.tree.norm(jax.tree.map(lambda d: d[1], deltas))
+  assert float(moved_by_1) > 100 * c.fl.dp.clip_norm          # the raw update explodes
+  step = optax.tree.norm(jax.tree.map(jnp.subtract, new, glob))
+  assert float(step) <= c.fl.dp.clip_norm + 1e-6               # Σ_k (1/K)·clip(Δ_k) ≤ C

@@ -14,8 +14,9 @@ weight depends on, is non-finite, or when it has no samples. If every client
 is excluded the global model is kept and ``failed`` is True.
 
 Robust options: ``robust(aggregator, norm_k)`` also excludes a
-client whose update norm exceeds norm_k × the median update norm and reports
-why each client was excluded; ``median`` / ``trimmed_mean`` are coordinate-wise
+client whose update norm exceeds norm_k × the median update norm of the other
+clients (the divergence guard, on by default: config ``fl.norm_k = 10``) and
+reports why each client was excluded; ``median`` / ``trimmed_mean`` are coordinate-wise
 robust aggregators (Yin et al., ICML 2018).
 
 Every aggregator returns ``(new_variables, weights [K], failed bool[])``.
@@ -162,15 +163,19 @@ def update_norms(global_vars, stacked) -> jnp.ndarray:
 
 
 def exploding_clients(norms: jnp.ndarray, ok: jnp.ndarray, k: float) -> jnp.ndarray:
-  """bool [K]: ok clients with ‖Δ_k‖ > k · median_{j ok} ‖Δ_j‖ (k <= 0: none).
+  """bool [K]: ok clients with ‖Δ_k‖ > k · median_{j ok, j ≠ k} ‖Δ_j‖ (k <= 0: none).
 
-  The median includes the client itself, so with 2 clients an outlier is
-  never detected (its norm is at most 2× the median); use K >= 3.
+  The reference is the leave-one-out median (over the *other* included
+  clients), so an outlier is caught from K = 2 on; a client with no other
+  included client to compare with (K = 1) is never excluded.
+  norms: float [K] update norms; ok: bool [K] clients eligible for the test.
   """
   if k <= 0:
     return jnp.zeros_like(ok)
-  med = jnp.nanmedian(jnp.where(ok, norms, jnp.nan))
-  return ok & (norms > k * med)
+  n = norms.shape[0]
+  others = ok[None, :] & ~jnp.eye(n, dtype=bool)                    # [K, K]: j ok, j ≠ k
+  ref = jnp.nanmedian(jnp.where(others, norms[None, :], jnp.nan), axis=1)
+  return ok & jnp.isfinite(ref) & (norms > k * ref)
 
 
 EXCLUSION_REASONS = ("nonfinite", "empty", "norm", "stats")
@@ -182,7 +187,9 @@ def robust(aggregator: Callable, norm_k: float = 0.0) -> Callable:
   Client k is excluded (weight 0, others renormalised by the inner aggregator) for
     'nonfinite'  a non-finite leaf in M_k,
     'empty'      s_k = 0 (or non-finite),
-    'norm'       ‖M_k − M_{t−1}‖ > norm_k · median over the clients left (norm_k > 0),
+    'norm'       ‖M_k − M_{t−1}‖ > norm_k · the median norm of the other included
+                 clients (norm_k > 0; not applied when the inner aggregator bounds every
+                 update itself, ``bounds_updates = True``: DP-FedAvg's clipping),
     'stats'      the inner aggregator dropped it (e.g. a non-finite c_k or d_k).
   The 'norm' exclusion is passed to the inner aggregator as s_k = 0, so it
   composes with every aggregator without changing it. Returns the inner
@@ -193,7 +200,8 @@ def robust(aggregator: Callable, norm_k: float = 0.0) -> Callable:
     norms = update_norms(global_vars, stacked)
     finite = finite_clients(stacked)
     empty = ~((stats["num_samples"] > 0) & jnp.isfinite(stats["num_samples"]))
-    explode = exploding_clients(norms, finite & ~empty, norm_k)
+    k = 0.0 if getattr(aggregator, "bounds_updates", False) else norm_k
+    explode = exploding_clients(norms, finite & ~empty, k)
     stats = {**stats, "num_samples": jnp.where(explode, 0.0, stats["num_samples"])}
     out = aggregator(global_vars, stacked, stats, **kw)
     new, w, failed = out[:3]
@@ -203,6 +211,7 @@ def robust(aggregator: Callable, norm_k: float = 0.0) -> Callable:
                   "excl_norm": explode, "excl_stats": finite & ~empty & ~explode & ~(w > 0)})
     return new, w, failed, extra
   agg.wants_round_key = getattr(aggregator, "wants_round_key", False)
+  agg.bounds_updates = getattr(aggregator, "bounds_updates", False)
   agg.__name__ = f"robust_{getattr(aggregator, '__name__', 'agg')}"
   return agg
 

@@ -139,6 +139,7 @@ def dp_fedavg(clip_norm: float, noise_multiplier: float, weighting: str = "unifo
              "dp_contributors": n_ok, **sum_extra}
     return new, w, jnp.asarray(False), extra
   agg.wants_round_key = True
+  agg.bounds_updates = True   # clipping bounds every update: aggregators.robust skips norm_k
   agg.__name__ = "dp_fedavg"
   return agg
 
@@ -228,10 +229,9 @@ def check_config(config) -> None:
         f"config.fl.dp.enabled=True with config.algorithm={config.algorithm!r} would void the "
         f"DP guarantee: {why}. DP-FedAvg supports config.algorithm in {DP_ALGORITHMS} with "
         f"bounded fixed-denominator weights (config.fl.dp.weighting in {WEIGHTINGS}).")
-  if fl.get("norm_k", 0.0) > 0:
-    raise ValueError(f"config.fl.norm_k={fl.norm_k} with config.fl.dp.enabled=True: the "
-                     f"k × median-norm exclusion couples clients; DP clipping (config.fl.dp."
-                     f"clip_norm) already bounds every update; set config.fl.norm_k=0")
+  # fl.norm_k (the k × median-norm exclusion) is not applied under DP: it would couple
+  # the clients' contributions, and clipping to config.fl.dp.clip_norm already bounds
+  # every update (aggregators.robust reads dp_fedavg's bounds_updates).
   if dp.clip_norm <= 0:
     raise ValueError(f"config.fl.dp.clip_norm={dp.clip_norm} must be > 0")
   if not 0 < dp.delta < 1:

@@ -369,6 +369,7 @@ class PretrainHParams:
   num_positives: int = 4
   neg_per_partition: int = 4
   step_strategy: str = "auto"
+  norm_k: float = 0.0             # divergence guard of the encoder average (aggregators.robust)
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -480,15 +481,16 @@ def make_client_update(hp: PretrainHParams, fns: ModelFns, tx: optax.GradientTra
 def make_algorithm(hp: PretrainHParams, client_update: Callable) -> algorithm.Algorithm:
   """Pre-training as an ``Algorithm``: clients upload their encoder (+ their bank's
   features for FCL), FedAvg averages the encoders, and the server routes every
-  included client's bank to the others (the downlink of the next round).
+  included client's bank to the others (the downlink of the next round). An encoder
+  update over ``hp.norm_k`` × the others' median norm is excluded (with its bank).
 
   Round option ``exchange_on`` (traced bool): FCL passes True, local CL False —
   the same compiled program.
   """
+  average = aggregators.robust(aggregators.fedavg, hp.norm_k)
+
   def aggregate(state, upload, stats, a_key):
-    out = aggregators.fedavg(state.variables, upload["model"],
-                             {"num_samples": stats["num_samples"]})
-    return out[0], out[1], out[2], {}
+    return average(state.variables, upload["model"], {"num_samples": stats["num_samples"]})
 
   def server_update(state, agg, failed, upload, clients, weights, server_data, key,
                     exchange_on=True):

@@ -103,7 +103,7 @@ def pretrain_hparams(config) -> fcl.PretrainHParams:
       method=method or "fcl", local_steps=p.local_steps, volumes_per_batch=p.volumes_per_batch,
       num_partitions=p.num_partitions, temperature=p.temperature, momentum=p.momentum,
       bank_size=p.bank_size, num_positives=p.num_positives, neg_per_partition=p.neg_per_partition,
-      step_strategy=config.fl.step_strategy)
+      step_strategy=config.fl.step_strategy, norm_k=config.fl.norm_k)
 
 
 def encoder_config(config, hp: fcl.PretrainHParams):
@@ -196,7 +196,8 @@ def pretrain(config, workdir: str, vol: pipeline.SegDataset, train_ids, names,
     r = {"round": rnd, "loss": mean(info["loss"]), "weights": [float(w) for w in info["weights"]],
          "failed": bool(info["failed"]), "bytes_up_per_client": comm["up"],
          "bytes_down_per_client": comm["down"], "bytes_total": (comm["up"] + comm["down"]) * k,
-         "time_s": time.time() - t0}
+         "time_s": time.time() - t0, "excluded": [n for n, i in zip(names, inc) if not i],
+         **fl_train._robust_row(info, names)}
     for key_ in ("local_loss", "remote_loss", "local_pos", "remote_pos", "negatives",
                  "rotation_acc"):
       if key_ in info:
@@ -207,7 +208,7 @@ def pretrain(config, workdir: str, vol: pipeline.SegDataset, train_ids, names,
     extra = (f" (local {r['local_loss']:.3f}, remote {r['remote_loss']:.3f}, "
              f"remote positives {r['remote_pos']:.1f})" if hp.contrastive
              else f" (rotation acc {r['rotation_acc']:.2f})")
-    return f"pretrain loss {r['loss']:.4f}{extra}"
+    return f"pretrain loss {r['loss']:.4f}{extra} {fl_train.status(r)}".rstrip()
 
   run = experiment.Run("[fcl]", state, lambda s_, t: run_round(s_, data, round_key, exchange_on),
                        rounds, lambda s_: int(s_.round), row, describe, log_initial=False)

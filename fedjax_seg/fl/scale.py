@@ -86,7 +86,8 @@ def place_round_inputs(state, data: ClientData, key, mesh: Optional[Mesh] = None
 
 
 def check_chunked(config) -> None:
-  """Refuses the combinations a streamed round cannot compute exactly."""
+  """Refuses the combinations a streamed round cannot compute exactly (the norm_k
+  exclusion is skipped, with a note)."""
   fl = config.fl
   c = fl.get("clients_per_chunk", 0)
   if not c:
@@ -98,12 +99,15 @@ def check_chunked(config) -> None:
                      f"{aggregators.LINEAR_AGGREGATORS}; config.algorithm={config.algorithm!r} "
                      f"needs all client models at once")
   dpc = fl.get("dp")
-  for bad, why in (("norm_k", fl.get("norm_k", 0.0) > 0),
-                   ("secagg", bool(fl.get("secagg", False))),
+  for bad, why in (("secagg", bool(fl.get("secagg", False))),
                    ("dp.enabled", dpc is not None and bool(dpc.get("enabled", False)))):
     if why:
       raise ValueError(f"config.fl.clients_per_chunk={c} cannot be combined with "
                        f"config.fl.{bad} (needs all client models at once)")
+  if fl.get("norm_k", 0.0) > 0:
+    print(f"[fl] note: config.fl.norm_k={fl.norm_k} is not applied with config.fl."
+          f"clients_per_chunk={c} (the median update norm needs all client models at once); "
+          f"clients with non-finite models or no samples are still excluded", flush=True)
 
 
 def make_chunked_round(client_update: Callable, algorithm: str, clients_per_chunk: int,
