@@ -4,7 +4,8 @@ its baselines (SPEC §1.6, §4.2; seed ``fedwep_scaunet_summary.md``).
 One file for every cell of the seed's two tables; the config string picks
 ``method,scenario,fraction,partition`` (any prefix; defaults in brackets):
 
-  method     [fedwep] | fedwep_real | fedwep_random | cps | mean_teacher | pseudoseg
+  method     [fedwep] | fedwep_real | fedwep_random | cps | mean_teacher
+             | pseudoseg (FixMatch-style thresholded pseudo-labels, not PseudoSeg's CAM fusion)
              | supervised_only | fedavg_full (= supervised_only with every patient labelled)
   scenario   [label_at_client] | label_at_server
   fraction   1/16 | 1/8 | [1/4] | 1/2 (or a float)
@@ -57,7 +58,12 @@ def get_semi_config():
       search_inputs="auto",   # real | random | auto (real when the server holds images)
       pair_criterion="max",   # max (most similar pair; default) | min | median
       pseudo="hard"))         # hard (argmax, SPEC) | soft
-  semi.mt = ml_collections.ConfigDict(dict(ema_decay=0.99, noise=0.1))
+  semi.mt = ml_collections.ConfigDict(dict(
+      ema_decay=0.99,         # α of the EMA teacher
+      ema_warmup=True,        # decay min(1 − 1/(t+1), α), t = global step (Tarvainen & Valpola); False: α
+      noise=0.1))             # std of the Gaussian input noise on the student's view
+  semi.cps = ml_collections.ConfigDict(dict(
+      on_labelled=True))      # CPS loss on labelled batches too (Chen et al. 2021); False: unlabelled only
   semi.ps = ml_collections.ConfigDict(dict(threshold=0.9, strong_noise=0.1, strong_intensity=0.2))
   return semi
 

@@ -78,12 +78,18 @@ def _semi_data(scenario):
   return semi.SemiData(semi.ClientPair(lab, unl), server)
 
 
+# The pre-rebuild round had a constant Mean Teacher decay and CPS on unlabelled data only:
+# the golden cases set those options explicitly; *_defaults cases check the defaults.
+OLD_SEMI = {"mt_ema_warmup": False, "cps_on_labelled": False}
+
+
 def case_semi(method, scenario="label_at_client", client_strategy="unrolled",
-              step_strategy="unrolled"):
+              step_strategy="unrolled", **options):
   fns = _unet()
   hp = semi.SemiHParams(method=method, scenario=scenario, unlabelled_batch_size=2,
                         server_steps=2, server_batch_size=2, num_seeds=4, search_size=2,
-                        threshold=0.5, ema_decay=0.9, rampup_rounds=2)
+                        threshold=0.5, ema_decay=0.9, rampup_rounds=2,
+                        **{**OLD_SEMI, **options})
   chp = core.ClientHParams(local_steps=2, batch_size=2, step_strategy=step_strategy)
   v = semi.init_models(hp, fns, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
   rr = jax.jit(semi.make_run_round(hp, fns, optax.adam(1e-2), 2, chp, client_strategy,
@@ -129,6 +135,11 @@ CASES = {
     **{f"semi_{m}": (lambda m=m: case_semi(m)) for m in
        ("supervised_only", "fedwep_random", "cps", "mean_teacher", "pseudoseg")},
     "semi_server_fedwep_real": lambda: case_semi("fedwep_real", "label_at_server"),
+    # the current defaults (recorded from the round that introduced them; not pre-rebuild)
+    "semi_cps_defaults": lambda: case_semi("cps", cps_on_labelled=True),
+    "semi_mean_teacher_defaults": lambda: case_semi("mean_teacher", mt_ema_warmup=True),
+    "semi_server_mean_teacher_defaults": lambda: case_semi("mean_teacher", "label_at_server",
+                                                           mt_ema_warmup=True),
     "semi_server_supervised_only": lambda: case_semi("supervised_only", "label_at_server"),
     "fcl_fcl": lambda: case_fcl("fcl"),
     "fcl_rotation": lambda: case_fcl("rotation"),
@@ -157,8 +168,17 @@ GOLDEN = {"core": {"model": [2.9777593261678703, 20.553755967178766],
     "server_loss": 1.1902081966400146, "train_loss": [0.0, 0.0]},
  "semi_supervised_only": {"model": [1.813655969192041, 20.614109897899763],
     "train_loss": [1.1931978464126587, 1.191033124923706]},
- "step": {"loss": 1.193141222000122, "model": [0.19765014458971564, 20.2897193515636]}}
-# recorded 2026-12-02 from commit 0f4b7e2 (the round code before the rebuild)
+ "step": {"loss": 1.193141222000122, "model": [0.19765014458971564, 20.2897193515636]},
+ # recorded from the round that added the MT EMA warm-up and CPS on labelled data (defaults)
+ "semi_cps_defaults": {"model": [-7.73987052404118, 40.17417651478894],
+    "train_loss": [5.126249313354492, 5.132532596588135]},
+ "semi_mean_teacher_defaults": {"model": [5.526300446330424, 41.26396315471306],
+    "train_loss": [1.1932048797607422, 1.1910401582717896]},
+ "semi_server_mean_teacher_defaults": {"model": [5.2824062784602575, 40.96921629404147],
+    "server_loss": 1.1900525093078613,
+    "train_loss": [7.678118890908081e-06, 1.050365244736895e-05]}}
+# recorded 2026-12-02 from commit 0f4b7e2 (the round code before the rebuild), except the
+# *_defaults entries
 
 
 def _close(a, b, rtol=2e-4, atol=1e-5):

@@ -278,3 +278,175 @@ def test_fedwep_label_at_client_with_aggregation_options(tiny, tmp_path, option)
     from fedjax_seg import infer   # a semi-supervised run loads like any run
     run = infer.load_run(str(tmp_path / option))
     assert "params" in run.variables
+
+
+def _toy_unet_and_pair(valid_lab=(1, 0, 0, 0)):
+  import ml_collections
+  from fedjax_seg import models
+  from fedjax_seg.data.federated import ClientData
+  fns = models.build(ml_collections.ConfigDict(dict(name="unet", base=2, depth=1, dropout=0.0,
+                                                    norm="none")), 2)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.random((4, 8, 8, 3), np.float32))
+  y = jnp.asarray((rng.random((4, 8, 8)) > 0.7).astype(np.int32))
+  pair = semi.ClientPair(ClientData(x, y, jnp.asarray(valid_lab, jnp.float32)),
+                         ClientData(x, jnp.zeros_like(y), jnp.ones((4,))))
+  return fns, x, pair
+
+
+def _np_ema(theta0, students, t0, decay, warmup):
+  """NumPy reference: θ ← α_t θ + (1 − α_t) s_t, α_t = min(1 − 1/(t+1), decay) or decay."""
+  theta = np.asarray(theta0, np.float64)
+  for i, s in enumerate(students):
+    t = t0 + i + 1
+    a = min(1.0 - 1.0 / (t + 1.0), decay) if warmup else decay
+    theta = a * theta + (1.0 - a) * np.asarray(s, np.float64)
+  return theta
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_mean_teacher_ema_warmup_against_numpy(warmup):
+  """after_step on a random student trajectory = NumPy EMA with (or without) the warm-up
+  decay min(1 − 1/(t+1), α); with the warm-up the teacher after t < 1/(1−α) − 1 steps is
+  the plain mean of its init and the t student iterates (init weight 1/(t+1), not α^t)."""
+  hp = semi.SemiHParams(method="mean_teacher", ema_decay=0.9, mt_ema_warmup=warmup)
+  obj = semi.Objective(hp, None, 2)
+  rng = np.random.default_rng(0)
+  theta0 = rng.normal(size=(3, 4)).astype(np.float32)
+  students = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(15)]
+  for t0 in (0, 5):
+    m = {"student": {"params": {"w": jnp.asarray(students[0])}},
+         "teacher": {"params": {"w": jnp.asarray(theta0)}}, semi.EMA_T: jnp.int32(t0)}
+    step = jax.jit(obj.after_step)
+    for s in students:
+      m = step({**m, "student": {"params": {"w": jnp.asarray(s)}}})
+    assert int(m[semi.EMA_T]) == t0 + 15
+    np.testing.assert_allclose(np.asarray(m["teacher"]["params"]["w"]),
+                               _np_ema(theta0, students, t0, 0.9, warmup), rtol=1e-5, atol=1e-6)
+  if warmup:   # before the cap (t < 9 at α = 0.9): the mean of init and iterates
+    m = {"student": {"params": {"w": jnp.zeros((3, 4))}},
+         "teacher": {"params": {"w": jnp.asarray(theta0)}}, semi.EMA_T: jnp.int32(0)}
+    for s in students[:5]:
+      m = obj.after_step({**m, "student": {"params": {"w": jnp.asarray(s)}}})
+    np.testing.assert_allclose(np.asarray(m["teacher"]["params"]["w"]),
+                               (theta0 + sum(students[:5])) / 6, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_teacher_step_count_is_carried_across_rounds():
+  """The teacher's step count t comes from the round counter: round r of a label-at-client
+  run starts at t = r·E (clients idle before client_start_round add nothing); label-at-server
+  adds server_steps per round, and the server's steps continue after the clients'.
+  Checked through client_update / server_update with a frozen student (SGD(0)) and a teacher
+  that differs from it: θ_E = w·θ_0 + (1 − w)·s, w = Π α_t (NumPy)."""
+  import optax
+  from fedjax_seg.data.federated import ClientData
+  from fedjax_seg.fl import core
+  fns, x, pair = _toy_unet_and_pair()
+  E = 3
+  chp = core.ClientHParams(local_steps=E, batch_size=2, step_strategy="unrolled")
+  for warmup in (True, False):
+    hp = semi.SemiHParams(method="mean_teacher", unlabelled_batch_size=2, ema_decay=0.99,
+                          mt_ema_warmup=warmup)
+    v = semi.init_models(hp, fns, jax.random.PRNGKey(0), x[:1])
+    v["teacher"] = fns.init(jax.random.PRNGKey(7), x[:1])
+    cu = jax.jit(semi.make_client_update(hp, fns, optax.sgd(0.0), 2, chp))
+    for rnd in (0, 2):
+      new, _ = cu((v, {"round": jnp.int32(rnd)}), pair, jax.random.PRNGKey(1))
+      assert semi.EMA_T not in new
+      w = float(np.prod([min(1 - 1 / (t + 1), 0.99) if warmup else 0.99
+                         for t in range(rnd * E + 1, rnd * E + E + 1)]))
+      jax.tree.map(lambda got, t0, s: np.testing.assert_allclose(
+          got, w * np.asarray(t0) + (1 - w) * np.asarray(s), rtol=1e-5, atol=1e-6),
+          new["teacher"]["params"], v["teacher"]["params"], v["student"]["params"])
+  # label_at_server, clients from round 2, 2 server steps per round: round 3 starts at
+  # t = (3 − 2)·E + 3·2 = 9; its server steps at 9 + E = 12
+  hp = semi.SemiHParams(method="mean_teacher", scenario="label_at_server", server_steps=2,
+                        server_batch_size=2, client_start_round=2)
+  assert int(semi.ema_steps_before(hp, 3, E)) == 9
+  assert int(semi.ema_steps_before(hp, 1, E)) == 2
+  v = semi.init_models(hp, fns, jax.random.PRNGKey(0), x[:1])
+  v["teacher"] = fns.init(jax.random.PRNGKey(7), x[:1])
+  su = jax.jit(semi.make_server_update(hp, fns, optax.sgd(0.0), 2, "unrolled", E))
+  server = ClientData(x[None], pair.lab.y[None], jnp.ones((1, 4)))
+  for rnd, t0 in ((3, 12), (1, 2)):
+    new, _ = su(v, server, jax.random.PRNGKey(1), jnp.int32(rnd))
+    w = (t0 + 1) / (t0 + 3)                      # Π_{t=t0+1}^{t0+2} t/(t+1)
+    jax.tree.map(lambda got, a, s: np.testing.assert_allclose(
+        got, w * np.asarray(a) + (1 - w) * np.asarray(s), rtol=1e-5, atol=1e-6),
+        new["teacher"]["params"], v["teacher"]["params"], v["student"]["params"])
+
+
+def _np_cps(la, lb, mask):
+  """NumPy CE(a, argmax b) + CE(b, argmax a), mean over the pixels of valid samples."""
+  def ce(l, y):
+    l = l - l.max(-1, keepdims=True)
+    logp = l - np.log(np.exp(l).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, y[..., None], -1)[..., 0]
+    w = np.broadcast_to(mask.reshape(mask.shape + (1,) * (nll.ndim - 1)), nll.shape)
+    return (nll * w).sum() / max(w.sum(), 1.0)
+  return ce(la, lb.argmax(-1)) + ce(lb, la.argmax(-1))
+
+
+def test_cps_loss_on_labelled_data_against_numpy():
+  """cps_on_labelled: the client's unlabelled-loss term gains CE(f_a, argmax f_b) +
+  CE(f_b, argmax f_a) on the labelled batch (Chen et al. 2021), checked against NumPy
+  (the labelled client holds one valid slice, so every sampled batch is that slice);
+  the loss itself against NumPy with a padded sample."""
+  import optax
+  from fedjax_seg.fl import core
+  fns, x, pair = _toy_unet_and_pair()
+  chp = core.ClientHParams(local_steps=1, batch_size=2, step_strategy="unrolled")
+  hp = {o: semi.SemiHParams(method="cps", unlabelled_batch_size=2, cps_on_labelled=o)
+        for o in (True, False)}
+  assert semi.SemiHParams(method="cps").cps_on_labelled      # the paper's choice is the default
+  v = semi.init_models(hp[True], fns, jax.random.PRNGKey(0), x[:1])
+  unsup = {}
+  for o in (True, False):
+    cu = jax.jit(semi.make_client_update(hp[o], fns, optax.sgd(0.1), 2, chp))
+    _, st = cu((v, {"round": jnp.int32(3)}), pair, jax.random.PRNGKey(1))
+    unsup[o] = float(st["unsup_loss"])
+  xl = jnp.stack([x[0], x[0]])
+  la = np.asarray(fns.apply(v["a"], xl, train=True, key=jax.random.PRNGKey(0))[0])
+  lb = np.asarray(fns.apply(v["b"], xl, train=True, key=jax.random.PRNGKey(0))[0])
+  want = _np_cps(la, lb, np.ones(2))
+  assert want > 0.1
+  assert unsup[True] - unsup[False] == pytest.approx(want, rel=1e-4)
+  # the loss on its own, one sample padded out
+  mask = np.array([1.0, 0.0])
+  la2 = la * np.array([1.0, -3.0])[:, None, None, None]
+  got = semi.Objective(hp[True], fns, 2).labelled_unsupervised({"a": jnp.asarray(la2),
+                                                                "b": jnp.asarray(lb)},
+                                                               jnp.asarray(mask))
+  assert float(got) == pytest.approx(_np_cps(la2, lb, mask), rel=1e-5)
+  assert float(semi.Objective(hp[False], fns, 2).labelled_unsupervised(
+      {"a": jnp.asarray(la2), "b": jnp.asarray(lb)}, jnp.asarray(mask))) == 0.0
+
+
+def test_semi_option_keys():
+  """semi.mt.ema_warmup and semi.cps.on_labelled reach SemiHParams (defaults True: the
+  original methods); the old behaviour stays reachable; unknown sub-keys name the key."""
+  c = lgg_fedwep.get_config("mean_teacher")
+  assert semi_train.hparams(c).mt_ema_warmup and semi_train.hparams(c).cps_on_labelled
+  c.semi.mt.ema_warmup = False
+  c.semi.cps.on_labelled = False
+  hp = semi_train.hparams(c)
+  assert not hp.mt_ema_warmup and not hp.cps_on_labelled
+  c.semi.cps.on_unlabelled = True
+  with pytest.raises(ValueError, match="on_unlabelled"):
+    semi_train.hparams(c)
+
+
+def test_mean_teacher_run_reports_teacher_and_student(tiny, tmp_path):
+  """results.json: metrics = the teacher (the evaluated model), and the student beside it
+  (other_models.student, student_test_dice)."""
+  c = _semi_tiny(tiny, "mean_teacher", rounds=1)
+  c.fl.local_steps = 2
+  c.data.phantom.patients_per_site = 4
+  res = train.run(c, str(tmp_path))
+  with open(tmp_path / "results.json") as f:
+    saved = json.load(f)
+  assert saved["evaluated_model"] == "teacher"
+  assert set(saved["other_models"]) == {"student"}
+  assert saved["student_test_dice"] == saved["other_models"]["student"]["test"]["dice_mean"]
+  assert np.isfinite(saved["student_test_dice"]) and "student_val_dice" in saved
+  assert res["metrics"]["test"]["dice_mean"] == saved["metrics"]["test"]["dice_mean"]

@@ -29,16 +29,27 @@ Methods (``config.algorithm``), each + FedAvg; M is a dict of communicated model
                                       to learn from) and it is the server alone.
   fedwep[_real|_random] {'model'} + 2 seeds   sup(W) + λ(t)·L_RWP(W̃_1, W̃_2)  (fedwep.py)
   cps              {'a', 'b'}         Cross Pseudo Supervision (Chen et al. 2021): two
-                                      differently initialised models, sup(a)+sup(b) +
-                                      λ(t)·[CE(f_a, Ŷ_b) + CE(f_b, Ŷ_a)]; both communicated.
+                                      differently initialised models (a and b from two
+                                      halves of a split key), sup(a)+sup(b) +
+                                      λ(t)·[CE(f_a, Ŷ_b) + CE(f_b, Ŷ_a)] on the unlabelled
+                                      batch and, as in the paper (``cps_on_labelled``,
+                                      default), on the labelled batch too (the logits
+                                      of the supervised pass); both communicated.
   mean_teacher     {'student','teacher'}  Mean Teacher (Tarvainen & Valpola 2017):
                                       sup(student) + λ(t)·MSE(softmax f_s(U + noise),
                                       sg(softmax f_t(U))), teacher ← EMA of student
-                                      after every step; both communicated (the
-                                      seed's Cost column: MT 100%). Evaluated: teacher.
-  pseudoseg        {'model'}          PseudoSeg-style pseudo-labelling: Ŷ = sg(argmax
-                                      f(U)) kept where max-softmax ≥ τ, trained on a
-                                      strongly (intensity/noise) augmented view.
+                                      after every step at decay min(1 − 1/(t+1), α)
+                                      (``mt_ema_warmup``, default; t = global step
+                                      count, :func:`ema_steps_before`), or at α;
+                                      both communicated (the seed's Cost column:
+                                      MT 100%). Evaluated: teacher (the student is
+                                      reported beside it).
+  pseudoseg        {'model'}          FixMatch-style pseudo-labelling ("FixMatch-style
+                                      PS" in the tables): Ŷ = sg(argmax f(U)) of the
+                                      weak view kept where max-softmax ≥ τ, trained on a
+                                      strongly (intensity/noise) augmented view. Not
+                                      PseudoSeg (Zou et al. 2021): no CAM / decoder
+                                      pseudo-label fusion.
 
 λ(t) = unsup_weight · exp(−5 (1 − min(t, T)/T)²), T = rampup_rounds (λ = unsup_weight
 when T = 0). Before ``client_start_round`` clients return the received model
@@ -213,8 +224,14 @@ class SemiHParams:
   pseudo: str = "hard"
   # ℓ on hard pseudo-labels (FedWeP, CPS, PseudoSeg): 'ce' (SPEC) | 'dice_ce'
   pseudo_loss: str = "ce"
+  # CPS: the cross pseudo-supervision loss on the labelled batch too (Chen et al. 2021);
+  # False = unlabelled batch only (the behaviour before this option)
+  cps_on_labelled: bool = True
   # Mean Teacher
   ema_decay: float = 0.99
+  # decay_t = min(1 − 1/(t+1), ema_decay), t = global step count (Tarvainen & Valpola 2017);
+  # False = ema_decay from the first step (the behaviour before this option)
+  mt_ema_warmup: bool = True
   mt_noise: float = 0.1
   # PseudoSeg
   threshold: float = 0.9
@@ -302,8 +319,10 @@ def cost_percent(hp: SemiHParams, model_nbytes: int) -> float:
 # Models and losses.
 
 def init_models(hp: SemiHParams, fns: ModelFns, key: jax.Array, x0: jnp.ndarray) -> Dict[str, Any]:
-  """The communicated models: CPS gets two independent initialisations;
-  Mean Teacher's teacher starts equal to the student."""
+  """The communicated models: CPS gets two independent initialisations (a and b from
+  the two halves of ``jax.random.split(key)``, so neither equals the single model the
+  other methods initialise from ``key``); Mean Teacher's teacher starts equal to the
+  student."""
   if hp.method == "cps":
     ka, kb = jax.random.split(key)
     return {"a": fns.init(ka, x0), "b": fns.init(kb, x0)}
@@ -313,6 +332,43 @@ def init_models(hp: SemiHParams, fns: ModelFns, key: jax.Array, x0: jnp.ndarray)
     # donate one buffer twice (JaxRuntimeError 'Attempt to donate the same buffer twice')
     return {"student": v, "teacher": jax.tree.map(jnp.copy, v)}
   return {"model": fns.init(key, x0)}
+
+
+def ema_steps_before(hp: SemiHParams, rnd, client_steps: int):
+  """The global step count of the teacher at the start of round ``rnd``: the EMA updates
+  the global teacher went through along one client's path, i.e. E = ``client_steps``
+  per round in which the clients were active (rounds >= client_start_round) plus, in
+  label_at_server, ``server_steps`` per round. The server state's round counter carries
+  it across rounds (and through checkpoints): every client takes the same E steps."""
+  rnd = jnp.asarray(rnd, jnp.int32)
+  n = jnp.maximum(rnd - hp.client_start_round, 0) * client_steps
+  if hp.scenario == "label_at_server":
+    n = n + rnd * hp.server_steps
+  return n
+
+
+def ema_decay_at(hp: SemiHParams, t):
+  """The decay of the t-th EMA update (t = 1 for the first): min(1 − 1/(t+1), α) with
+  ``mt_ema_warmup`` (the teacher is then the plain mean of the initial weights and the
+  student iterates until 1 − 1/(t+1) reaches α), else α."""
+  if not hp.mt_ema_warmup:
+    return jnp.float32(hp.ema_decay)
+  t = jnp.asarray(t, jnp.float32)
+  return jnp.minimum(1.0 - 1.0 / (t + 1.0), hp.ema_decay)
+
+
+EMA_T = "_ema_t"   # the step counter riding in Mean Teacher's local-training state
+
+
+def with_step(hp: SemiHParams, models, t0):
+  """Mean Teacher: the models plus the EMA step counter for ``local_train`` (others: as is)."""
+  if hp.method != "mean_teacher":
+    return models
+  return {**models, EMA_T: jnp.asarray(t0, jnp.int32)}
+
+
+def without_step(models):
+  return {k: v for k, v in models.items() if k != EMA_T}
 
 
 def strong_augment(key, x, intensity: float, noise: float):
@@ -346,15 +402,25 @@ class Objective:
   def _train_apply(self, variables, x, key):
     return self.fns.apply(variables, x, train=True, key=key)
 
-  def supervised(self, params, models, x, y, mask, key):
-    """Σ_{trainable} sup(f(x; W)); returns (loss, new non-param collections)."""
-    total, new = 0.0, {}
+  def supervised(self, params, models, x, y, mask, key, return_logits: bool = False):
+    """Σ_{trainable} sup(f(x; W)); returns (loss, new non-param collections)
+    [, {name: logits}]."""
+    total, new, out = 0.0, {}, {}
     for i, name in enumerate(self.hp.trainable):
       v = {**models[name], "params": params[name]}
       logits, nv = self._train_apply(v, x, jax.random.fold_in(key, i))
       total = total + self.sup_fn(logits, y, self.num_classes, mask)
-      new[name] = nv
-    return total, new
+      new[name], out[name] = nv, logits
+    return (total, new, out) if return_logits else (total, new)
+
+  def labelled_unsupervised(self, logits, mask):
+    """The unlabelled loss a method also applies to the labelled batch, from the
+    supervised pass's logits: CPS with ``cps_on_labelled`` (Chen et al. 2021,
+    L = L_s + λ(L_cps^l + L_cps^u)); 0 otherwise."""
+    hp = self.hp
+    if hp.method == "cps" and hp.cps_on_labelled:
+      return fedwep.cross_pseudo_loss(logits["a"], logits["b"], mask, "hard", hp.pseudo_loss)
+    return jnp.float32(0.0)
 
   def unsupervised(self, params, models, x, mask, ctx, key):
     """The method's unlabelled loss (scalar) and a dict of scalar diagnostics."""
@@ -392,13 +458,15 @@ class Objective:
     return jnp.float32(0.0), {}
 
   def after_step(self, models):
-    """Mean Teacher: θ_t ← α θ_t + (1 − α) θ_s after every optimiser step."""
+    """Mean Teacher: θ_t ← α_t θ_t + (1 − α_t) θ_s after every optimiser step, α_t =
+    :func:`ema_decay_at` of the step count ``models[EMA_T]`` + 1 (:func:`with_step`)."""
     if self.hp.method != "mean_teacher":
       return models
-    a = self.hp.ema_decay
-    t = jax.tree.map(lambda tp, sp: a * tp + (1 - a) * sp, models["teacher"]["params"],
-                     models["student"]["params"])
-    return {**models, "teacher": {**models["teacher"], "params": t}}
+    t = models[EMA_T] + 1
+    a = ema_decay_at(self.hp, t)
+    tp = jax.tree.map(lambda tp, sp: a * tp + (1 - a) * sp, models["teacher"]["params"],
+                      models["student"]["params"])
+    return {**models, "teacher": {**models["teacher"], "params": tp}, EMA_T: t}
 
 
 def _set_params(models, params, new_state):
@@ -419,6 +487,9 @@ def make_client_update(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransfo
   and an unlabelled batch (hp.unlabelled_batch_size, from U_k):
       loss = sup(L_k batch) + λ(t) · unsup(U_k batch)
   (sup is skipped statically in label_at_server, where clients hold no labels).
+  (CPS with cps_on_labelled adds its cross pseudo-supervision loss on the labelled
+  batch to unsup.) Mean Teacher's EMA decay follows the global step count
+  (:func:`ema_steps_before` of the broadcast round).
   stats: num_samples (the FedAvg s_k: |L_k| + |U_k|, or |L_k| for supervised_only),
   train_loss, sup_loss, unsup_loss.
   """
@@ -441,17 +512,21 @@ def make_client_update(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransfo
       xl, yl, ml = sample_batch(data.lab, kl, chp.batch_size)
       xu, _, mu = sample_batch(data.unl, ku, hp.unlabelled_batch_size)
       ks, kun = jax.random.split(kd)
-      sup, new_state = (obj.supervised(params, models, xl, yl, ml, ks) if has_labels
-                        else (jnp.float32(0.0), {}))
+      sup, new_state, logits_l = (obj.supervised(params, models, xl, yl, ml, ks, True)
+                                  if has_labels else (jnp.float32(0.0), {}, {}))
       uns = jnp.float32(0.0)
       if hp.unsupervised:
         uns, _ = obj.unsupervised(params, models, xu, mu, ctx, kun)
+      if has_labels:
+        uns = uns + obj.labelled_unsupervised(logits_l, ml)
       return sup + lam * uns, (new_state, (sup, uns))
 
+    start = with_step(hp, models, ema_steps_before(hp, ctx["round"], chp.local_steps))
     new_models, _, (values, (sups, unss)) = local.local_train(
-        loss_fn, tx, models, jax.random.split(key, chp.local_steps),
+        loss_fn, tx, start, jax.random.split(key, chp.local_steps),
         strategy=chp.step_strategy, after_step=obj.after_step, **trainable)
-    new_models = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_models, models)
+    new_models = jax.tree.map(lambda new, old: jnp.where(active, new, old),
+                              without_step(new_models), models)
     return new_models, {"num_samples": n_samples, "train_loss": jnp.mean(values),
                         "sup_loss": jnp.mean(sups), "unsup_loss": jnp.mean(unss)}
   return client_update
@@ -464,14 +539,19 @@ def _trainable(hp: SemiHParams) -> Dict[str, Callable]:
 
 
 def make_server_update(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformation,
-                       num_classes: int, step_strategy: str = "auto") -> Callable:
-  """``server_update(models, server ClientData [1, M, ...], key) -> (models', loss)``:
+                       num_classes: int, step_strategy: str = "auto",
+                       client_steps: int = 0) -> Callable:
+  """``server_update(models, server ClientData [1, M, ...], key, rnd=0) -> (models', loss)``:
   hp.server_steps supervised steps (fresh optimiser state) on the server's
-  labelled patients, for every trainable model (MT: teacher EMA follows)."""
+  labelled patients, for every trainable model (MT: teacher EMA follows, its step count
+  continuing after the round's ``client_steps`` client steps)."""
   obj = Objective(hp, fns, num_classes)
 
-  def server_update(models, server: ClientData, key):
+  def server_update(models, server: ClientData, key, rnd=0):
     data = jax.tree.map(lambda a: a[0], server)
+    rnd = jnp.asarray(rnd, jnp.int32)
+    t0 = ema_steps_before(hp, rnd, client_steps) + jnp.where(
+        rnd >= hp.client_start_round, client_steps, 0)
 
     def loss_fn(params, models, k):
       kb, kd = jax.random.split(k)
@@ -480,9 +560,9 @@ def make_server_update(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransfo
       return value, (new_state, ())
 
     models, _, (vals, _) = local.local_train(
-        loss_fn, tx, models, jax.random.split(key, hp.server_steps), strategy=step_strategy,
-        after_step=obj.after_step, **_trainable(hp))
-    return models, jnp.mean(vals)
+        loss_fn, tx, with_step(hp, models, t0), jax.random.split(key, hp.server_steps),
+        strategy=step_strategy, after_step=obj.after_step, **_trainable(hp))
+    return without_step(models), jnp.mean(vals)
   return server_update
 
 
@@ -525,8 +605,8 @@ def make_algorithm(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformat
   (:func:`params_view`). Round data: :class:`SemiData`.
   """
   client_update = make_client_update(hp, fns, tx, num_classes, chp)
-  server_steps = (make_server_update(hp, fns, server_tx or tx, num_classes, chp.step_strategy)
-                  if hp.scenario == "label_at_server" else None)
+  server_steps = (make_server_update(hp, fns, server_tx or tx, num_classes, chp.step_strategy,
+                                     chp.local_steps) if hp.scenario == "label_at_server" else None)
   context = make_round_context(hp, fns)
   averaged = core.model_aggregate(aggregator or aggregators.fedavg, agg_kwargs)
 
@@ -552,7 +632,7 @@ def make_algorithm(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformat
           state.replace(variables=params_view(state.variables)), params_view(agg), failed)
       agg = {n: {**agg[n], "params": new_p["params"][n]} for n in agg}
     if server_steps is not None:
-      agg, server_loss = server_steps(agg, server, key)
+      agg, server_loss = server_steps(agg, server, key, state.round)
     new = state.replace(variables=agg, round=state.round + 1, clients=clients,
                         server_opt_state=opt_state)
     return new, {"server_loss": server_loss, "active": state.round >= hp.client_start_round}

@@ -12,7 +12,11 @@ the supervised family apply: ``fl.norm_k`` (robust exclusion), ``fl.dp`` (DP-Fed
 Config (``configs/lgg_fedwep.py``): ``config.fl`` as for FedAvg (partition,
 num_clients, rounds, local_steps, client_batch_size, strategies, eval) plus
 ``config.semi`` (scenario, label_fraction, label_seed, weights, server steps,
-and per-method sub-dicts ``fedwep``, ``mt``, ``ps``).
+and per-method sub-dicts ``fedwep``, ``mt``, ``cps``, ``ps``).
+
+results.json evaluates ``SemiHParams.eval_model`` (MT: the teacher; CPS: model a) and
+reports every other communicated model beside it: ``other_models`` ({name: {split:
+metrics}}) and ``<name>_test_dice`` / ``<name>_val_dice`` (MT: ``student_test_dice``).
 """
 from __future__ import annotations
 
@@ -32,10 +36,12 @@ from fedjax_seg.fl import train as fl_train
 
 SEMI_KEYS = {"scenario", "label_fraction", "label_seed", "min_labelled", "unsup_weight",
              "rampup_rounds", "client_start_round", "unlabelled_batch_size", "server_steps",
-             "server_batch_size", "pad_rows", "pseudo_loss", "client_lr_scale", "fedwep", "mt", "ps"}
+             "server_batch_size", "pad_rows", "pseudo_loss", "client_lr_scale", "fedwep", "mt", "ps",
+             "cps"}
 SUB_KEYS = {"fedwep": {"p", "sigma", "num_seeds", "search_size", "search_inputs",
                        "pair_criterion", "pseudo"},
-            "mt": {"ema_decay", "noise"}, "ps": {"threshold", "strong_noise", "strong_intensity"}}
+            "mt": {"ema_decay", "ema_warmup", "noise"}, "cps": {"on_labelled"},
+            "ps": {"threshold", "strong_noise", "strong_intensity"}}
 
 
 def hparams(config) -> semi.SemiHParams:
@@ -58,7 +64,7 @@ def hparams(config) -> semi.SemiHParams:
     search = "random"
   elif search == "auto":
     search = "real" if s.scenario == "label_at_server" else "random"
-  mt, ps = s.get("mt", {}), s.get("ps", {})
+  mt, ps, cps = s.get("mt", {}), s.get("ps", {}), s.get("cps", {})
   d = semi.SemiHParams()
   return semi.SemiHParams(
       method=method, scenario=s.scenario, loss=config.loss,
@@ -73,6 +79,8 @@ def hparams(config) -> semi.SemiHParams:
       pair_criterion=fw.get("pair_criterion", d.pair_criterion), pseudo=fw.get("pseudo", d.pseudo),
       pseudo_loss=s.get("pseudo_loss", d.pseudo_loss),
       ema_decay=mt.get("ema_decay", d.ema_decay), mt_noise=mt.get("noise", d.mt_noise),
+      mt_ema_warmup=bool(mt.get("ema_warmup", d.mt_ema_warmup)),
+      cps_on_labelled=bool(cps.get("on_labelled", d.cps_on_labelled)),
       threshold=ps.get("threshold", d.threshold), strong_noise=ps.get("strong_noise", d.strong_noise),
       strong_intensity=ps.get("strong_intensity", d.strong_intensity))
 
@@ -250,7 +258,8 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
   run = experiment.Run("[semi]", state, lambda s, t: run_round(s, data, round_key),
                        config.fl.rounds, lambda s: int(s.round), evaluate_row, describe)
   state, rows = experiment.run_loop(workdir, run, stop_after)
-  return experiment.finish(
+  others = evaluate_others(config, hp, ds, eval_batch, state.variables)
+  result = experiment.finish(
       config, workdir, fns, ev(state.variables), ds, eval_batch, rows, x_key="round",
       extra={"rounds": config.fl.rounds, "clients": names, "scenario": hp.scenario,
              "label_fraction": float(config.semi.label_fraction), **lstats,
@@ -258,4 +267,28 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
              "model_bytes": mbytes, "bytes_per_client_round": comm,
              "cost_percent": cost, "bytes_per_round": comm["total"] * len(names),
              **fl_train.privacy_results(dpc, noise_mult, config.fl.rounds),
-             "evaluated_model": hp.eval_model, "wall_time_s": time.time() - t_start})
+             "evaluated_model": hp.eval_model, **others, "wall_time_s": time.time() - t_start})
+  if others:
+    print(f"\n[semi] {hp.method}: test Dice of {hp.eval_model} (evaluated) "
+          f"{result['metrics']['test']['dice_mean']:.4f}; "
+          + ", ".join(f"{n} {m['test']['dice_mean']:.4f}"
+                      for n, m in others["other_models"].items() if "test" in m), flush=True)
+  return result
+
+
+def evaluate_others(config, hp: semi.SemiHParams, ds, eval_batch, variables) -> Dict:
+  """Val / test metrics of the communicated models other than ``hp.eval_model`` (MT's
+  student, CPS's model b): {'other_models': {name: {split: metrics}}, '<name>_<split>_dice'}."""
+  out, flat = {}, {}
+  for name in hp.models:
+    if name == hp.eval_model:
+      continue
+    out[name] = {}
+    for split in ("val", "test"):
+      x, y = ds.split(split)
+      if len(x):
+        m = steps.evaluate(eval_batch, variables[name], x, y, config.eval_batch_size,
+                           ds.class_names)
+        out[name][split] = m
+        flat[f"{name}_{split}_dice"] = m["dice_mean"]
+  return {"other_models": out, **flat} if out else {}
