@@ -47,6 +47,8 @@ class WireError(ValueError):
 
 def check_config(config) -> None:
   """Refuses configurations a Flower federation cannot run as the in-process one would."""
+  from fedjax_seg.config_utils import validate
+  validate(config)
   algo = config.algorithm
   if algo not in aggregators.AGGREGATORS:
     raise ValueError(

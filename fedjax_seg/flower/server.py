@@ -128,8 +128,8 @@ class ServerCore:
     self.t_round = now
     row = {"round": rnd + 1, **fl_train.info_row(info, self.names),
            "round_s": self.round_s[-1], "time_s": now - self.t_start}
-    self.ckpt.save(rnd + 1, self.state)  # before the row: a logged round is a saved round
-    self.log.append(row)
+    self.log.append(row)  # a row past the checkpoint is dropped on resume (runlog.MetricsLog)
+    self.ckpt.save(rnd + 1, self.state)
     if self.verbose:
       w = " ".join(f"{x:.2f}" for x in row["weights"])
       print(f"[flower] round {rnd + 1}/{self.rounds}  train_loss {row['train_loss']:.4f}  "
