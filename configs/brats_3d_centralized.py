@@ -67,7 +67,7 @@ def get_config(arg=None):
     # size (measured: val / test Dice 0.17 / 0.20, WT 0.69, TC = ET = 0); with group
     # norm: 0.23 / 0.27, WT 0.83 / 0.86 (ET still 0: the enhancing rim is ~1 voxel
     # thick at 2 mm). ~3.5 CPU-minutes on 2 cores (N4 cache cold); measured output
-    # and wall times in README.md ("Real data").
+    # and wall times in docs/results/runs.md ("3D BraTS smoke run").
     config.data.phantom = ml_collections.ConfigDict(dict(
         seed=0, sites=("CS", "DU", "HT"), patients_per_site=4, slices_per_patient=32, size=64))
     config.data.target_spacing = (2.0, 2.0, 2.0)

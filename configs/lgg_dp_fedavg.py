@@ -9,7 +9,7 @@ uniform average; z is calibrated so that ε(δ) after config.fl.rounds rounds
 equals target_epsilon (dp_accounting RDP). ε, the clip fraction and the noise
 std are logged every round. With K = 3 hospitals the noise per coordinate is
 z·C/3: client-level DP needs many clients to be useful (see
-README.md "Beyond FedAvg"). Only algorithm='fedavg' is accepted
+docs/privacy.md). Only algorithm='fedavg' is accepted
 (fedjax_seg/fl/dp.py says why).
 """
 from configs import lgg_fedavg
