@@ -13,15 +13,30 @@ compiled round (client arrays padded to a common shape, semi.pad_rows = -1).
   python benchmarks/fedwep_table.py                 # 2 seeds, 48×48, R=20, E=8
   python benchmarks/fedwep_table.py --quick         # CI-sized: 2 seeds, 32×32, R=6, E=4
   python benchmarks/fedwep_table.py --quick --fractions 1/4 --tables client
+  python benchmarks/fedwep_table.py --lr-grid 3e-3 1e-2 3e-2   # lr chosen on val per method
 
 Writes benchmarks/results/fedwep_table[_quick].{md,json}.
 IID: patients dealt evenly over K = #sites clients; NonIID: one client per
 phantom scanner site (scanner effects, tumour-size distributions differ).
+
+Protocol of the baselines (defaults = the original papers; the options reproduce the
+earlier tables): Mean Teacher's EMA decay warms up as min(1 − 1/(t+1), α) (t = global
+step; ``--mt-ema-warmup 0``: α from the first step) and the table evaluates the teacher,
+with the student in a row of its own; CPS applies its cross pseudo-supervision loss to
+labelled batches too (``--cps-on-labelled 0``: unlabelled only); "FixMatch-style PS"
+(method key ``pseudoseg``) is confidence-thresholded pseudo-labelling on a strong view,
+not PseudoSeg's CAM fusion; the seed's rows keep their name (PseudoSeg).
+
+Learning rate: ``--lr`` (one value for every method), or ``--lr-grid`` (the same grid
+for every method): every cell runs at every grid value, and each (table, method) takes
+the value with the highest validation Dice averaged over all its cells (partitions,
+fractions, seeds); the table reports the test Dice at that value and names it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -38,31 +53,33 @@ FRACTIONS = ["1/16", "1/8", "1/4", "1/2"]
 PARTS = ["iid", "noniid"]
 TABLES = {
     "server": ("label_at_server", [("MT (+ FedAvg)", "mean_teacher"), ("CPS (+ FedAvg)", "cps"),
-                                   ("PS (+ FedAvg)", "pseudoseg"),
+                                   ("FixMatch-style PS (+ FedAvg)", "pseudoseg"),
                                    ("FedWeP-Random (Ours)", "fedwep_random"),
                                    ("FedWeP-Real (Ours)", "fedwep_real"),
                                    ("Supervised-only (server alone; ours)", "supervised_only")]),
     "client": ("label_at_client", [("FedAvg (Fully sup.)", "fedavg_full"),
                                    ("MT (+ FedAvg)", "mean_teacher"), ("CPS (+ FedAvg)", "cps"),
-                                   ("PS (+ FedAvg)", "pseudoseg"), ("FedWeP (Ours)", "fedwep"),
+                                   ("FixMatch-style PS (+ FedAvg)", "pseudoseg"),
+                                   ("FedWeP (Ours)", "fedwep"),
                                    ("Supervised-only (labelled patients; ours)", "supervised_only")]),
 }
-# The seed's numbers (real data, Dice): IID 1/16..1/2, NonIID 1/16..1/2, Cost.
+# The seed's numbers (real data, Dice): IID 1/16..1/2, NonIID 1/16..1/2, Cost. Its PS is
+# PseudoSeg (with CAM fusion); ours is the FixMatch-style row.
 PAPER = {
     "server": {"MT (+ FedAvg)": ([.242, .236, .441, .340], [.235, .206, .362, .248], "100%"),
                "CPS (+ FedAvg)": ([.693, .711, .739, .765], [.677, .702, .730, .736], "100%"),
-               "PS (+ FedAvg)": ([.200, .293, .426, .441], [.293, .349, .367, .456], "50%"),
+               "PseudoSeg (+ FedAvg)": ([.200, .293, .426, .441], [.293, .349, .367, .456], "50%"),
                "FedWeP-Random (Ours)": ([.557, .593, .662, .694], [.598, .631, .699, .703], "≈50%"),
                "FedWeP-Real (Ours)": ([.470, .659, .684, .737], [.579, .605, .642, .615], "≈50%")},
     "client": {"FedAvg (Fully sup.)": ([.744], [.742], "50%"),
                "MT (+ FedAvg)": ([.437, .451, .617, .714], [.395, .543, .589, .592], "100%"),
                "CPS (+ FedAvg)": ([.583, .700, .720, .727], [.599, .586, .674, .728], "100%"),
-               "PS (+ FedAvg)": ([.601, .661, .675, .693], [.542, .567, .631, .640], "50%"),
+               "PseudoSeg (+ FedAvg)": ([.601, .661, .675, .693], [.542, .567, .631, .640], "50%"),
                "FedWeP (Ours)": ([.584, .681, .690, .716], [.554, .630, .687, .705], "≈50%")},
 }
 
 
-def make_config(method, scenario, fraction, part, seed, args):
+def make_config(method, scenario, fraction, part, seed, args, lr=None):
   c = lgg_fedwep.get_config(f"{method},{scenario},{fraction},{part}")
   c.seed = seed
   c.semi.label_seed = seed
@@ -78,7 +95,11 @@ def make_config(method, scenario, fraction, part, seed, args):
   c.model.base = args.base
   c.model.depth = args.depth
   c.model.dropout = 0.0
-  c.optimizer.lr = args.lr
+  c.optimizer.lr = args.lr if lr is None else lr
+  c.semi.mt.ema_warmup = bool(args.mt_ema_warmup)
+  c.semi.cps.on_labelled = bool(args.cps_on_labelled)
+  if args.norm_k is not None:
+    c.fl.norm_k = args.norm_k
   c.fl.rounds = args.rounds
   c.fl.local_steps = args.local_steps
   c.fl.client_batch_size = args.batch
@@ -100,6 +121,26 @@ def make_config(method, scenario, fraction, part, seed, args):
   c.semi.pad_rows = -1
   c.eval_batch_size = 32
   return c
+
+
+def protocol_suffix(method, args):
+  """Workdir suffix of a run with a non-default baseline protocol (a default run keeps
+  its old name)."""
+  if method == "mean_teacher" and not args.mt_ema_warmup:
+    return "_emaconst"
+  if method == "cps" and not args.cps_on_labelled:
+    return "_cpsunl"
+  return ""
+
+
+def choose_lr(runs, table, row):
+  """The grid value with the highest mean val Dice over all of (table, row)'s cells."""
+  by_lr = {}
+  for r in runs:
+    if r["table"] == table and r["row"] == row:
+      by_lr.setdefault(r["lr"], []).append(r["val_dice"])
+  mean = lambda v: sum(v) / len(v)
+  return max(sorted(by_lr), key=lambda lr: -1.0 if math.isnan(mean(by_lr[lr])) else mean(by_lr[lr]))
 
 
 def cells(table, args):
@@ -133,6 +174,16 @@ def main():
                  help="label-at-server: clients join at this round (default: the config's "
                       "--rounds // 2)")
   p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--lr-grid", type=float, nargs="+", default=[],
+                 help="the same learning-rate grid for every method; each (table, method) "
+                      "takes the value with the best mean val Dice (replaces --lr)")
+  p.add_argument("--mt-ema-warmup", type=int, choices=[0, 1], default=1,
+                 help="Mean Teacher EMA warm-up min(1 - 1/(t+1), decay) (1, the paper's) or "
+                      "the constant decay from the first step (0, the earlier tables)")
+  p.add_argument("--cps-on-labelled", type=int, choices=[0, 1], default=1,
+                 help="CPS loss on labelled batches too (1, the paper's) or unlabelled only (0)")
+  p.add_argument("--norm-k", type=float, default=None,
+                 help="config fl.norm_k (divergence guard; default: the config's)")
   p.add_argument("--patients-per-site", type=int, default=16)
   p.add_argument("--slices-per-patient", type=int, default=4)
   p.add_argument("--client-strategy", default="vmap")
@@ -151,49 +202,63 @@ def main():
 
   t0 = time.time()
   load0 = os.getloadavg()
-  runs = []
+  grid = args.lr_grid or [args.lr]
+  all_runs = []
   for table in args.tables:
     for name, method, scenario, part, frac, seed in cells(table, args):
-      c = make_config(method, scenario, frac, part, seed, args)
-      tag = f"{scenario}_{method}_{part}_f{frac.replace('/', 'o')}_s{seed}"
-      wd = os.path.join(args.workdir, tag)
-      r = _runs.run_or_load(c, wd, "fedwep_table")
-      runs.append({"table": table, "row": name, "method": method, "part": part, "fraction": frac,
-                   "seed": seed, "dice": r["metrics"]["test"]["dice_mean"],
-                   "val_dice": r["metrics"]["val"]["dice_mean"],
-                   "labelled_fraction_realised": r["labelled_fraction_realised"],
-                   "cost_percent": r["cost_percent"], "bytes": r["bytes_per_client_round"],
-                   "model_bytes": r["model_bytes"], "wall_time_s": r["wall_time_s"]})
-      print(f"[fedwep_table] {tag}: test Dice {runs[-1]['dice']:.4f} "
-            f"({time.time() - t0:.0f}s so far, load {os.getloadavg()[0]:.1f})", flush=True)
+      for lr in grid:
+        c = make_config(method, scenario, frac, part, seed, args, lr)
+        tag = (f"{scenario}_{method}_{part}_f{frac.replace('/', 'o')}_s{seed}"
+               + protocol_suffix(method, args) + (f"_lr{lr:g}" if args.lr_grid else ""))
+        wd = os.path.join(args.workdir, tag)
+        r = _runs.run_or_load(c, wd, "fedwep_table")
+        all_runs.append({"table": table, "row": name, "method": method, "part": part,
+                         "fraction": frac, "seed": seed, "lr": lr,
+                         "dice": r["metrics"]["test"]["dice_mean"],
+                         "val_dice": r["metrics"]["val"]["dice_mean"],
+                         "student_dice": r.get("student_test_dice"),
+                         "labelled_fraction_realised": r["labelled_fraction_realised"],
+                         "cost_percent": r["cost_percent"], "bytes": r["bytes_per_client_round"],
+                         "model_bytes": r["model_bytes"], "wall_time_s": r["wall_time_s"]})
+        print(f"[fedwep_table] {tag}: test Dice {all_runs[-1]['dice']:.4f} "
+              f"(val {all_runs[-1]['val_dice']:.4f}; {time.time() - t0:.0f}s so far, "
+              f"load {os.getloadavg()[0]:.1f})", flush=True)
+  chosen = {(t, n): choose_lr(all_runs, t, n) for t, n in {(r["table"], r["row"]) for r in all_runs}}
+  runs = [r for r in all_runs if r["lr"] == chosen[(r["table"], r["row"])]]
 
   md_parts, summary = [], {}
   for table in args.tables:
     scenario, rows = TABLES[table]
     head = ("| Method | " + " | ".join(f"IID {f}" for f in args.fractions) + " | "
-            + " | ".join(f"NonIID {f}" for f in args.fractions) + " | Cost (measured) | bytes/client/round |")
+            + " | ".join(f"NonIID {f}" for f in args.fractions) + " | Cost (measured) | bytes/client/round |"
+            + (" lr (val-chosen) |" if args.lr_grid else ""))
     lines = [f"**Table {1 if table == 'server' else 2}: {scenario.replace('_', '-')}** "
              f"(test Dice, foreground; mean ± std over seeds {args.seeds})", "", head,
-             "|" + "---|" * (2 * len(args.fractions) + 3)]
+             "|" + "---|" * (2 * len(args.fractions) + 3 + bool(args.lr_grid))]
     for name, method in rows:
       rr = [r for r in runs if r["table"] == table and r["row"] == name]
       if not rr:
         continue
-      cols = []
-      for part in PARTS:
-        for frac in args.fractions:
-          sel = [r["dice"] for r in rr if r["part"] == part and (r["fraction"] == frac or
+      # MT: the teacher (the evaluated model), then its student
+      variants = [(name, "dice")] + ([(f"{name}: student", "student_dice")]
+                                     if rr[0].get("student_dice") is not None else [])
+      for label, key in variants:
+        cols = []
+        for part in PARTS:
+          for frac in args.fractions:
+            sel = [r[key] for r in rr if r["part"] == part and (r["fraction"] == frac or
                                                                  method == "fedavg_full")]
-          if method == "fedavg_full" and frac != args.fractions[0]:
-            cols.append("")
-            continue
-          m, s = _runs.mean_std(sel) if sel else (float("nan"), 0)
-          cols.append(f"{m:.3f} ± {s:.3f}" if sel else "–")
-          summary.setdefault(table, {}).setdefault(name, {})[f"{part}_{frac}"] = {
-              "mean": m, "std": s, "runs": sel}
-      b = rr[0]["bytes"]
-      lines.append(f"| {name} | " + " | ".join(cols) + f" | {rr[0]['cost_percent']:.2f}% | "
-                   f"{b['down']:,} ↓ + {b['up']:,} ↑ |")
+            if method == "fedavg_full" and frac != args.fractions[0]:
+              cols.append("")
+              continue
+            m, s = _runs.mean_std(sel) if sel else (float("nan"), 0)
+            cols.append(f"{m:.3f} ± {s:.3f}" if sel else "–")
+            summary.setdefault(table, {}).setdefault(label, {})[f"{part}_{frac}"] = {
+                "mean": m, "std": s, "runs": sel}
+        b = rr[0]["bytes"]
+        lines.append(f"| {label} | " + " | ".join(cols) + f" | {rr[0]['cost_percent']:.2f}% | "
+                     f"{b['down']:,} ↓ + {b['up']:,} ↑ |"
+                     + (f" {chosen[(table, name)]:g} |" if args.lr_grid else ""))
     paper = ["", f"Seed's numbers (real data, {scenario.replace('_', '-')}):", "",
              "| Method | " + " | ".join(f"IID {f}" for f in FRACTIONS) + " | "
              + " | ".join(f"NonIID {f}" for f in FRACTIONS) + " | Cost |",
@@ -203,8 +268,9 @@ def main():
       paper.append(f"| {name} | " + " | ".join(pad(iid) + pad(non)) + f" | {cost} |")
     md_parts.append("\n".join(lines + paper))
   srv = make_config("fedwep", "label_at_server", args.fractions[0], "iid", args.seeds[0], args)
-  srv_clients = (f"lr {srv.optimizer.lr * srv.semi.client_lr_scale:g} from round "
-                 f"{semi_train.start_round(srv)}")
+  srv_clients = (f"lr × {srv.semi.client_lr_scale:g} from round {semi_train.start_round(srv)}")
+  lr_text = (f"lr from the grid {grid} chosen per method on mean val Dice" if args.lr_grid
+             else f"lr {args.lr}")
   cmd = "python benchmarks/fedwep_table.py " + " ".join(sys.argv[1:])
   elapsed = time.time() - t0
   mb = runs[0]["model_bytes"] if runs else 0
@@ -213,9 +279,13 @@ def main():
         f"({args.patients_per_site} patients/site × 3 sites, {args.slices_per_patient} slices/patient, "
         f"{args.size}×{args.size}); {args.model} base {args.base} depth {args.depth} "
         f"({mb:,} B per model); R={args.rounds} rounds × E={args.local_steps} local steps × "
-        f"batch {args.batch} (labelled and unlabelled), Adam lr {args.lr}; label_at_server: "
-        f"{args.local_steps} server steps per round at lr {args.lr}, clients (unlabelled only) at "
-        f"{srv_clients}. Test split pooled "
+        f"batch {args.batch} (labelled and unlabelled), Adam {lr_text}; label_at_server: "
+        f"{args.local_steps} server steps per round at {lr_text}, clients (unlabelled only) at "
+        f"{srv_clients}. Baselines: Mean Teacher EMA warm-up "
+        f"{'on' if args.mt_ema_warmup else 'off (constant decay)'} (table: teacher; student "
+        f"row beside it), CPS loss on labelled data {'on' if args.cps_on_labelled else 'off'}, "
+        f"FixMatch-style PS = thresholded pseudo-labels on a strong view (no PseudoSeg CAM "
+        f"fusion). Test split pooled "
         f"over sites. Wall time {elapsed:.0f}s, load average {load0[0]:.1f} at start / "
         f"{os.getloadavg()[0]:.1f} at end (shared 2-core machine).\n\n"
         + "\n\n".join(md_parts) + "\n")
@@ -226,6 +296,7 @@ def main():
     f.write(md)
   with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
     json.dump({"args": vars(args), "command": cmd, "summary": summary, "runs": runs,
+               "grid_runs": all_runs, "chosen_lr": {f"{t}/{n}": v for (t, n), v in chosen.items()},
                "wall_time_s": elapsed, "load_start": load0, "load_end": os.getloadavg()}, f, indent=2)
 
 
