@@ -32,6 +32,8 @@ def get_fl_config():
   fl.beta = 0.25                # DCEW cost weight
   fl.gamma = 0.25               # DCEW dice weight
   fl.cost = "cost"              # FedCostW cost c(M): 'cost' (training loss) | 'ce'
+  fl.clients_per_round = 0      # m > 0: m of the K clients per round, without replacement (0 = all)
+  fl.client_sampling = "uniform"  # uniform | size (probability ∝ training samples)
   fl.eval_every = 1
   fl.eval_clients = True        # per-client validation Dice each round
   # --- beyond FedAvg (README.md "Beyond FedAvg"); defaults = plain FedAvg ---

@@ -31,7 +31,17 @@ the same round.
   draw noise or masks. Every key is a pure function of (key, round, k).
 
 ``info`` always has the per-client stats [K], 'weights' [K], 'failed' and
-'included' [K] (weights > 0), plus what broadcast/aggregate/server_update add.
+'included' [K] (weights > 0), 'sampled' [K], plus what broadcast/aggregate/server_update add.
+
+Client sampling (``make_round(..., clients_per_round=m)``, config
+``fl.clients_per_round``): each round m of the K clients are drawn without
+replacement from ``fold_in(r_key, SAMPLE_KEY_SALT)`` (uniformly, or with
+probabilities ``sample_probs`` [K]); only they run (their data, state, downlink
+and keys are gathered to a fixed [m, ...] shape, so nothing recompiles), the
+aggregator sees their m uploads, their per-client state rows are written back
+and every other client's row is untouched. In ``info`` the unsampled clients
+have weight 0, 'sampled' False and NaN statistics. Client k keeps its key
+``split(r_key, K)[k]`` whether or not others are sampled.
 """
 from __future__ import annotations
 
@@ -46,6 +56,7 @@ import numpy as np
 from fedjax_seg.fl import backends
 
 AGG_KEY_SALT = 0x7FFFFFFF
+SAMPLE_KEY_SALT = 0x5A3C0FFE
 
 
 @flax.struct.dataclass
@@ -122,11 +133,42 @@ def round_keys(scheme: str, r_key, k: int):
   return kb, jax.random.split(kc, k), ks, a_key
 
 
-def make_round(alg: Algorithm, client_strategy: str = "auto", **for_each_kwargs) -> Callable:
+def sample_clients(key, k: int, m: int, probs=None) -> jnp.ndarray:
+  """int32 [m]: m distinct client indices in increasing order, drawn without
+  replacement (uniformly, or with probabilities ``probs`` [K])."""
+  idx = jax.random.choice(key, k, (m,), replace=False,
+                          p=None if probs is None else jnp.asarray(probs, jnp.float32))
+  return jnp.sort(idx).astype(jnp.int32)
+
+
+def _take(tree, idx):
+  return jax.tree.map(lambda a: a[idx], tree)
+
+
+def _scatter_rows(full, idx, rows):
+  """full [K, ...] with rows [m, ...] written at idx (every other row untouched)."""
+  return jax.tree.map(lambda f, r: f.at[idx].set(r.astype(f.dtype)), full, rows)
+
+
+def _spread(values, idx, k: int, fill):
+  """[m, ...] values → [K, ...] with ``fill`` where a client was not sampled."""
+  def one(v):
+    v = jnp.asarray(v)
+    if v.ndim == 0 or v.shape[0] != idx.shape[0]:
+      return v
+    f = fill if jnp.issubdtype(v.dtype, jnp.inexact) else jnp.zeros((), v.dtype)
+    return jnp.full((k,) + v.shape[1:], f, v.dtype).at[idx].set(v)
+  return jax.tree.map(one, values)
+
+
+def make_round(alg: Algorithm, client_strategy: str = "auto", *, clients_per_round: int = 0,
+               sample_probs=None, **for_each_kwargs) -> Callable:
   """``run_round(state, data, key, **round_options) -> (state', info)``; jit it once.
 
   client_strategy: a backend of ``backends.for_each_client`` (any backend runs any
   algorithm: per-client data, state and downlink are one pytree padded as needed).
+  clients_per_round: m > 0 samples m clients per round (module docstring); 0 (or
+  m ≥ K) runs every client. sample_probs: optional [K] sampling probabilities.
   round_options: traced values forwarded to ``server_update`` (e.g. FCL's exchange switch).
   """
   clients = backends.for_each_client(alg.client_update, client_strategy,
@@ -138,16 +180,29 @@ def make_round(alg: Algorithm, client_strategy: str = "auto", **for_each_kwargs)
     r_key = jax.random.fold_in(key, state.round)
     b_key, c_keys, s_key, a_key = round_keys(alg.key_scheme, r_key, k)
     bcast, info_b = alg.broadcast(state, server_data, b_key)
-    upload, new_clients, stats = clients(bcast, (per_client, state.clients, alg.downlink(state)),
-                                         c_keys)
+    down = alg.downlink(state)
+    sampled = 0 < clients_per_round < k
+    if sampled:
+      idx = sample_clients(jax.random.fold_in(r_key, SAMPLE_KEY_SALT), k, clients_per_round,
+                           sample_probs)
+      inputs = (_take(per_client, idx), _take(state.clients, idx), _take(down, idx))
+      upload, new_rows, stats = clients(bcast, inputs, c_keys[idx])
+      new_clients = _scatter_rows(state.clients, idx, new_rows)
+    else:
+      upload, new_clients, stats = clients(bcast, (per_client, state.clients, down), c_keys)
     if set(upload) != set(alg.uploads):
       raise ValueError(f"Algorithm {alg.name}: client upload keys {sorted(upload)} differ "
                        f"from the declared uploads {list(alg.uploads)}")
     agg, weights, failed, info_a = alg.aggregate(state, upload, stats, a_key)
     new_state, info_s = alg.server_update(state, agg, failed, upload, new_clients, weights,
                                           server_data, s_key, **round_options)
+    is_sampled = jnp.ones((k,), bool)
+    if sampled:
+      stats, info_a = _spread(stats, idx, k, jnp.nan), _spread(info_a, idx, k, jnp.nan)
+      weights = jnp.zeros((k,), weights.dtype).at[idx].set(weights)
+      is_sampled = jnp.zeros((k,), bool).at[idx].set(True)
     info = {**stats, **info_b, **info_a, **info_s, "weights": weights, "failed": failed,
-            "included": weights > 0}
+            "included": weights > 0, "sampled": is_sampled}
     return new_state, info
   return run_round
 

@@ -151,13 +151,16 @@ def supervised_algorithm(client_update: Callable, aggregator: Callable,
 
 def make_run_round(client_update: Callable, aggregator: Callable, client_strategy: str = "auto",
                    agg_kwargs: Optional[Dict[str, Any]] = None,
-                   server_update: Optional[Callable] = None) -> Callable:
+                   server_update: Optional[Callable] = None, clients_per_round: int = 0,
+                   sample_probs=None) -> Callable:
   """``run_round(state, data, key) -> (state', info)`` of :func:`supervised_algorithm`
   (jit it once). info: per-client stats [K], 'weights' [K], 'failed' bool,
-  'included' [K], plus the aggregator's extra dict (DP clip fraction, exclusion
-  reasons, ...)."""
+  'included' [K], 'sampled' [K], plus the aggregator's extra dict (DP clip fraction,
+  exclusion reasons, ...). clients_per_round / sample_probs: client sampling
+  (``algorithm.make_round``)."""
   return algorithm.make_round(
-      supervised_algorithm(client_update, aggregator, agg_kwargs, server_update), client_strategy)
+      supervised_algorithm(client_update, aggregator, agg_kwargs, server_update), client_strategy,
+      clients_per_round=clients_per_round, sample_probs=sample_probs)
 
 
 def model_bytes(variables) -> int:

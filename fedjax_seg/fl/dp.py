@@ -249,12 +249,14 @@ def check_config(config) -> None:
     raise ValueError(f"config.fl.dp.accountant={dp.accountant!r}: expected one of {ACCOUNTANTS}")
 
 
-def resolve_noise_multiplier(fl) -> float:
+def resolve_noise_multiplier(fl, sampling_rate: float = 1.0) -> float:
   """z from config.fl.dp: noise_multiplier if > 0, else calibrated to
-  target_epsilon over config.fl.rounds rounds, else 0 (clipping only, ε = ∞)."""
+  target_epsilon over config.fl.rounds rounds at client sampling rate q (1.0: every
+  client every round), else 0 (clipping only, ε = ∞)."""
   dp = fl.dp
   if dp.noise_multiplier > 0:
     return float(dp.noise_multiplier)
   if dp.target_epsilon > 0:
-    return noise_multiplier_for(dp.target_epsilon, dp.delta, fl.rounds, 1.0, dp.accountant)
+    return noise_multiplier_for(dp.target_epsilon, dp.delta, fl.rounds, sampling_rate,
+                                dp.accountant)
   return 0.0

@@ -144,6 +144,45 @@ def check_fl_config(config) -> None:
     raise ValueError(f"config.fl.norm_k={config.fl.norm_k} must be >= 0 (0 = off)")
   if config.algorithm == "trimmed_mean" and not 0 <= config.fl.get("trim", 0.1) < 0.5:
     raise ValueError(f"config.fl.trim={config.fl.trim}: expected 0 <= trim < 0.5")
+  check_sampling(config)
+
+
+SAMPLINGS = ("uniform", "size")
+
+
+def check_sampling(config) -> None:
+  """config.fl.clients_per_round / client_sampling: refuses what sampling cannot do."""
+  fl = config.fl
+  m = int(fl.get("clients_per_round", 0))
+  if m < 0:
+    raise ValueError(f"config.fl.clients_per_round={m} must be >= 0 (0 = every client)")
+  if fl.get("client_sampling", "uniform") not in SAMPLINGS:
+    raise ValueError(f"config.fl.client_sampling={fl.client_sampling!r}: expected one of "
+                     f"{SAMPLINGS}")
+  if not m:
+    return
+  if fl.get("secagg", False):
+    raise ValueError(f"config.fl.clients_per_round={m} with config.fl.secagg=True: the pairwise "
+                     f"masks cancel only when every client uploads (dropout-resilient secure "
+                     f"aggregation is not implemented)")
+  if fl.get("clients_per_chunk", 0):
+    raise ValueError(f"config.fl.clients_per_round={m} cannot be combined with "
+                     f"config.fl.clients_per_chunk={fl.clients_per_chunk}")
+
+
+def clients_per_round(config, num_clients: int) -> int:
+  """m of config.fl.clients_per_round (0 or ≥ K: every client → K)."""
+  m = int(config.fl.get("clients_per_round", 0))
+  return m if 0 < m < num_clients else num_clients
+
+
+def sample_probs(config, data) -> Optional[np.ndarray]:
+  """[K] sampling probabilities (config.fl.client_sampling='size': ∝ training samples),
+  None for uniform sampling."""
+  if config.fl.get("client_sampling", "uniform") != "size":
+    return None
+  n = np.asarray(jax.device_get(data.valid)).sum(axis=1).astype(np.float64)
+  return n / n.sum()
 
 
 def build_aggregator(config, num_clients: int, noise_multiplier: float = 0.0,
@@ -168,36 +207,53 @@ def build_aggregator(config, num_clients: int, noise_multiplier: float = 0.0,
 
 
 def privacy(config, num_clients: int):
-  """(dp config or None, noise multiplier z); prints the DP budget when DP is on."""
+  """(dp config or None, noise multiplier z); prints the DP budget when DP is on.
+
+  With client sampling (m = config.fl.clients_per_round of K) the accountant uses the
+  sampling rate q = m/K (Poisson-sampled Gaussian mechanism; the round draws exactly m
+  clients, the usual approximation of Poisson sampling by fixed-size sampling, as in
+  McMahan et al. 2018) and the noise std is zC/m."""
   dpc = config.fl.get("dp")
   if dpc is None or not dpc.get("enabled", False):
     return None, 0.0
-  z = dp.resolve_noise_multiplier(config.fl)
+  m = clients_per_round(config, num_clients)
+  q = m / num_clients
+  z = dp.resolve_noise_multiplier(config.fl, q)
+  who = (f"all {num_clients} clients every round" if m == num_clients else
+         f"{m} of {num_clients} clients per round, sampling rate q={q:.3f}")
   print(f"[fl] DP-FedAvg: clip C={dpc.clip_norm}, noise multiplier z={z:.4f} "
-        f"(noise std zC/K={z * dpc.clip_norm / num_clients:.4g}), delta={dpc.delta}; "
+        f"(noise std zC/m={z * dpc.clip_norm / m:.4g}), delta={dpc.delta}; "
         f"epsilon after {config.fl.rounds} rounds = "
-        f"{dp.epsilon(z, config.fl.rounds, dpc.delta, 1.0, dpc.accountant):.3f} "
-        f"({dpc.accountant}, all {num_clients} clients every round)", flush=True)
+        f"{dp.epsilon(z, config.fl.rounds, dpc.delta, q, dpc.accountant):.3f} "
+        f"({dpc.accountant}, {who})", flush=True)
   return dpc, z
 
 
-def privacy_row(dpc, z, rnd: int) -> Dict:
+def sampling_rate(config, num_clients: int) -> float:
+  """q = m/K of client sampling (1.0 when every client runs every round)."""
+  return clients_per_round(config, num_clients) / num_clients
+
+
+def privacy_row(dpc, z, rnd: int, q: float = 1.0) -> Dict:
   if dpc is None:
     return {}
-  return {"epsilon": dp.epsilon(z, rnd, dpc.delta, 1.0, dpc.accountant),
-          "dp_delta": dpc.delta, "dp_noise_multiplier": z}
+  return {"epsilon": dp.epsilon(z, rnd, dpc.delta, q, dpc.accountant),
+          "dp_delta": dpc.delta, "dp_noise_multiplier": z, "dp_sampling_rate": q}
 
 
-def privacy_results(dpc, z, rounds: int) -> Dict:
+def privacy_results(dpc, z, rounds: int, q: float = 1.0) -> Dict:
   if dpc is None:
     return {}
   return {"dp": {"noise_multiplier": z, "clip_norm": dpc.clip_norm, "delta": dpc.delta,
-                 "epsilon": dp.epsilon(z, rounds, dpc.delta, 1.0, dpc.accountant)}}
+                 "sampling_rate": q, "epsilon": dp.epsilon(z, rounds, dpc.delta, q,
+                                                           dpc.accountant)}}
 
 
 def status(row) -> str:
   """The progress line's status: failed round, excluded clients, DP budget."""
   out = "FAILED (global model kept)" if row.get("failed") else ""
+  if row.get("sampled"):
+    out += " sampled: " + ",".join(row["sampled"])
   if row.get("excluded"):
     out += " excluded: " + ",".join(
         f"{n}({row.get('excluded_reasons', {}).get(n, '?')})" for n in row["excluded"])
@@ -264,9 +320,16 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
     return core.make_client_update(fns, tx, config.loss, ds.num_classes, hp,
                                    augment=experiment.build_augment(config))
 
+  m = clients_per_round(config, len(names))
+  probs = sample_probs(config, data) if m < len(names) else None
+  q = m / len(names)
+  if probs is not None:  # the program closes over the probabilities
+    ckey += ",p=" + ",".join(f"{p:.6g}" for p in probs)
+
   def build_round():
     return core.make_run_round(client_update(), build_aggregator(config, len(names), noise_mult),
-                               config.fl.client_strategy, agg_kwargs(config), server_update)
+                               config.fl.client_strategy, agg_kwargs(config), server_update,
+                               clients_per_round=m if m < len(names) else 0, sample_probs=probs)
   run_round = runlog.cached_jit("round" + ckey, build_round, donate_argnums=(0,),
                                 **jit_options(config))
   if chunked:  # C clients at a time, aggregate as running sums (fl/scale.py)
@@ -285,11 +348,11 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   val = evaluator(config, ds, eval_batch, [ds.arrays(ids) for ids in val_ids])
 
   def row(state, rnd, info):
-    r = {"round": rnd, **privacy_row(dpc, noise_mult, rnd), **val(state.variables, rnd)}
+    r = {"round": rnd, **privacy_row(dpc, noise_mult, rnd, q), **val(state.variables, rnd)}
     if info is not None:
       r.update(info_row(info, names))
       r.update({"bytes_up_per_client": mbytes, "bytes_down_per_client": mbytes,
-                "bytes_total": 2 * mbytes * len(names)})
+                "bytes_total": 2 * mbytes * m})
     r["time_s"] = time.time() - t_start
     return r
 
@@ -312,10 +375,11 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   return experiment.finish(
       config, workdir, fns, state.variables, ds, eval_batch, rows, x_key="round",
       extra={"rounds": config.fl.rounds, "clients": names, **extra_results,
-             **privacy_results(dpc, noise_mult, config.fl.rounds),
+             **privacy_results(dpc, noise_mult, config.fl.rounds, q),
+             "clients_per_round": m,
              "num_params": experiment.num_params(state.variables),
              "pretrained_from": config.get("init_from", "") or None,
-             "bytes_per_round": 2 * mbytes * len(names), "wall_time_s": time.time() - t_start})
+             "bytes_per_round": 2 * mbytes * m, "wall_time_s": time.time() - t_start})
 
 
 def info_row(info, names) -> Dict:
@@ -323,12 +387,15 @@ def info_row(info, names) -> Dict:
   included clients, weights, failure, exclusions (with reasons), per-client stats."""
   info = jax.device_get(info)
   inc = np.asarray(info["included"])
+  sampled = np.asarray(info.get("sampled", np.ones_like(inc)))
   row = {"train_loss": float(np.nanmean(np.where(inc, info["train_loss"], np.nan)))
          if inc.any() else float("nan"),
          "weights": [float(w) for w in info["weights"]],
          "client_train_loss": [float(v) for v in info["train_loss"]],
          "failed": bool(info["failed"]),
-         "excluded": [n for n, i in zip(names, inc) if not i]}
+         "excluded": [n for n, i, s in zip(names, inc, sampled) if s and not i]}
+  if not sampled.all():
+    row["sampled"] = [n for n, s in zip(names, sampled) if s]
   for key_ in ("dice_pre", "dice_post", "ce_pre", "ce_post"):
     if key_ in info:
       row[f"client_{key_}"] = [float(v) for v in info[key_]]

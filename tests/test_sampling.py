@@ -1,0 +1,147 @@
+"""Client sampling (algorithm.make_round clients_per_round=m): m distinct clients per
+round drawn from the round key, equal frequency, unsampled clients' state untouched,
+the round equal to a NumPy round over the sampled clients only; DP accounting at q=m/K."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_seg.fl import aggregators, algorithm, dp
+
+
+def _toy(k=6, n=4, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(k, n)).astype(np.float32) + np.arange(k, dtype=np.float32)[:, None]
+  valid = np.ones((k, n), np.float32)
+  valid[1, 2:] = 0
+  return {"x": jnp.asarray(x), "valid": jnp.asarray(valid)}, x, valid
+
+
+def _alg(lr=0.5, steps=2):
+  def client(bcast, inp, key):
+    data, cstate, _ = inp
+    n = jnp.sum(data["valid"])
+    mean = jnp.sum(data["x"] * data["valid"]) / n
+    w = bcast["w"]
+    for _ in range(steps):
+      w = w - lr * (w - mean)
+    return {"model": {"w": w}}, {"rounds": cstate["rounds"] + 1, "last": w}, {"num_samples": n}
+
+  def aggregate(state, upload, stats, key):
+    agg, weights, failed = aggregators.fedavg(state.variables, upload["model"], stats)
+    return agg, weights, failed, {}
+  return algorithm.Algorithm("toy", ("model",), client, aggregate)
+
+
+def _state(k):
+  return algorithm.ServerState({"w": jnp.float32(0.0)}, jnp.int32(0),
+                               clients={"rounds": jnp.zeros((k,), jnp.int32),
+                                        "last": jnp.full((k,), -7.0, jnp.float32)})
+
+
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "sharded"])
+def test_sampled_round_matches_numpy_over_the_sampled_clients(backend):
+  k, m = 6, 3
+  data, x, valid = _toy(k)
+  run = jax.jit(algorithm.make_round(_alg(), backend, clients_per_round=m))
+  state, key = _state(k), jax.random.PRNGKey(4)
+  w, rounds, last = 0.0, np.zeros(k, int), np.full(k, -7.0)
+  for t in range(4):
+    before = jax.tree.map(np.asarray, state.clients)
+    state, info = run(state, data, key)
+    s = np.asarray(info["sampled"])
+    r_key = jax.random.fold_in(key, t)
+    idx = np.asarray(algorithm.sample_clients(
+        jax.random.fold_in(r_key, algorithm.SAMPLE_KEY_SALT), k, m))
+    assert s.sum() == m and np.flatnonzero(s).tolist() == idx.tolist()
+    # NumPy round over the sampled clients only
+    n = valid.sum(1)
+    loc = {}
+    for j in idx:
+      mean = (x[j] * valid[j]).sum() / n[j]
+      v = w
+      for _ in range(2):
+        v = v - 0.5 * (v - mean)
+      loc[j] = v
+    w = sum(n[j] * loc[j] for j in idx) / sum(n[j] for j in idx)
+    for j in idx:
+      rounds[j] += 1
+      last[j] = loc[j]
+    np.testing.assert_allclose(float(state.variables["w"]), w, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(state.clients["rounds"]), rounds)
+    np.testing.assert_allclose(np.asarray(state.clients["last"]), last, rtol=1e-5)
+    # unsampled clients: state row bit-identical, weight 0, NaN statistics
+    un = ~s
+    np.testing.assert_array_equal(np.asarray(state.clients["last"])[un], before["last"][un])
+    assert (np.asarray(info["weights"])[un] == 0).all()
+    assert np.isnan(np.asarray(info["num_samples"])[un]).all()
+    np.testing.assert_allclose(np.asarray(info["weights"])[s], n[idx] / n[idx].sum(), rtol=1e-6)
+
+
+def test_sampling_draws_m_distinct_clients_with_equal_frequency():
+  k, m, rounds = 8, 3, 4000
+  key = jax.random.PRNGKey(0)
+  draw = jax.jit(jax.vmap(lambda t: algorithm.sample_clients(
+      jax.random.fold_in(jax.random.fold_in(key, t), algorithm.SAMPLE_KEY_SALT), k, m)))
+  idx = np.asarray(draw(jnp.arange(rounds)))
+  assert idx.shape == (rounds, m)
+  assert all(len(set(r)) == m for r in idx.tolist())          # without replacement
+  counts = np.bincount(idx.reshape(-1), minlength=k)
+  expected = rounds * m / k                                     # 1500 each
+  # binomial sd = sqrt(R p (1-p)) ≈ 30.6; 5 sd bound
+  assert np.all(np.abs(counts - expected) < 5 * np.sqrt(rounds * (m / k) * (1 - m / k))), counts
+
+
+def test_size_weighted_sampling_follows_the_probabilities():
+  k, m, rounds = 4, 1, 4000
+  p = np.array([0.1, 0.2, 0.3, 0.4])
+  key = jax.random.PRNGKey(1)
+  idx = np.asarray(jax.jit(jax.vmap(lambda t: algorithm.sample_clients(
+      jax.random.fold_in(key, t), k, m, p)))(jnp.arange(rounds)))
+  freq = np.bincount(idx.reshape(-1), minlength=k) / rounds
+  np.testing.assert_allclose(freq, p, atol=0.03)
+
+
+def test_m_of_k_equals_all_clients_when_m_is_k():
+  k = 4
+  data, _, _ = _toy(k)
+  a = jax.jit(algorithm.make_round(_alg(), "vmap"))(_state(k), data, jax.random.PRNGKey(0))
+  b = jax.jit(algorithm.make_round(_alg(), "vmap", clients_per_round=k))(
+      _state(k), data, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(np.asarray(a[0].variables["w"]), np.asarray(b[0].variables["w"]))
+
+
+def test_dp_accountant_uses_the_sampling_rate():
+  from configs import lgg_fedavg
+  from fedjax_seg.fl import train as fl_train
+  c = lgg_fedavg.get_config()
+  c.fl.dp.enabled = True
+  c.fl.dp.noise_multiplier = 1.0
+  c.fl.rounds = 10
+  c.fl.clients_per_round = 2
+  assert fl_train.sampling_rate(c, 8) == 0.25
+  dpc, z = fl_train.privacy(c, 8)
+  row = fl_train.privacy_row(dpc, z, 10, fl_train.sampling_rate(c, 8))
+  assert row["dp_sampling_rate"] == 0.25
+  assert row["epsilon"] == pytest.approx(dp.epsilon(1.0, 10, c.fl.dp.delta, 0.25))
+  assert row["epsilon"] < dp.epsilon(1.0, 10, c.fl.dp.delta, 1.0)   # amplification
+  c.fl.dp.noise_multiplier, c.fl.dp.target_epsilon = 0.0, 2.0
+  z_q = dp.resolve_noise_multiplier(c.fl, 0.25)
+  assert dp.epsilon(z_q, 10, c.fl.dp.delta, 0.25) == pytest.approx(2.0, rel=1e-2)
+  assert z_q < dp.resolve_noise_multiplier(c.fl, 1.0)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("clients_per_round", -1, "clients_per_round=-1"),
+    ("client_sampling", "round_robin", "client_sampling='round_robin'")])
+def test_bad_sampling_config_is_refused(key, value, match):
+  from configs import lgg_fedavg
+  from fedjax_seg.fl import train as fl_train
+  c = lgg_fedavg.get_config()
+  c.fl[key] = value
+  with pytest.raises(ValueError, match=match):
+    fl_train.check_fl_config(c)
+  c = lgg_fedavg.get_config()
+  c.fl.clients_per_round, c.fl.secagg = 2, True
+  with pytest.raises(ValueError, match="secagg"):
+    fl_train.check_fl_config(c)
