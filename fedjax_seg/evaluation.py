@@ -288,3 +288,63 @@ def overlay_samples(x: np.ndarray, y: np.ndarray, pred: np.ndarray):
   idx = [int(np.argmax((yi > 0).sum(axis=(1, 2)))) for yi in y]
   take = lambda a: np.stack([ai[k] for ai, k in zip(a, idx)])
   return take(x), take(y), take(pred)
+
+
+def per_site_summary(records: Sequence[Dict]) -> Dict:
+  """Per-site Dice of one split's `patient_record` list: {'sites': {site: {'dice_mean':
+  mean over the site's patients of their foreground Dice, 'patients': n}}, 'worst_site',
+  'worst_dice', 'best_dice', 'spread' (best − worst), 'sd' (over sites)}; {} when empty."""
+  by_site: Dict[str, List[float]] = {}
+  for r in records:
+    if np.isfinite(r["dice_mean"]):
+      by_site.setdefault(str(r["site"]), []).append(float(r["dice_mean"]))
+  if not by_site:
+    return {}
+  sites = {s: {"dice_mean": float(np.mean(v)), "patients": len(v)}
+           for s, v in sorted(by_site.items())}
+  vals = np.array([v["dice_mean"] for v in sites.values()])
+  worst = min(sites, key=lambda s: sites[s]["dice_mean"])
+  return {"sites": sites, "worst_site": worst, "worst_dice": float(vals.min()),
+          "best_dice": float(vals.max()), "spread": float(vals.max() - vals.min()),
+          "sd": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+
+
+def per_site_text(summary: Dict, split: str = "test") -> str:
+  """One printed line of `per_site_summary`."""
+  if not summary:
+    return ""
+  parts = " ".join(f"{s} {v['dice_mean']:.3f} (n={v['patients']})"
+                   for s, v in summary["sites"].items())
+  return (f"[results] per-site {split} Dice (mean over patients): {parts}; worst "
+          f"{summary['worst_site']} {summary['worst_dice']:.3f}, spread {summary['spread']:.3f}")
+
+
+def metrics_from_preds(ds, preds: Dict[str, np.ndarray]) -> Dict[str, float]:
+  """Pooled metrics of a split from per-patient class maps (the counts `steps.evaluate`
+  accumulates, without the loss): for models that differ by patient (FedBN, Ditto)."""
+  c = len(ds.class_names)
+  total = np.zeros((c, c), np.int64)
+  for pid, pred in preds.items():
+    labels = np.asarray(ds.patients[pid].labels).astype(np.int64)
+    total += np.bincount((labels * c + np.asarray(pred)).reshape(-1),
+                         minlength=c * c).reshape(c, c)
+  if not preds:
+    return {}
+  tp = np.diag(total).astype(np.float64)
+  fp, fn = total.sum(0) - tp, total.sum(1) - tp
+  counts = np.stack([tp, fp, fn, total.sum() - tp - fp - fn], axis=1)
+  return metrics.metrics_from_counts(counts, class_names=tuple(ds.class_names))
+
+
+def predict_by_model(predict_fn, models: Sequence, model_of_patient: Dict[str, int], fallback,
+                     ds, ids: Sequence[str], batch_size: int) -> Dict[str, np.ndarray]:
+  """Class maps of patients ``ids``, each by ``models[model_of_patient[id]]`` (``fallback``
+  for a patient not in the map, e.g. of a site that never trained)."""
+  groups: Dict[int, List[str]] = {}
+  for pid in ids:
+    groups.setdefault(model_of_patient.get(pid, -1), []).append(pid)
+  out: Dict[str, np.ndarray] = {}
+  for g, gids in groups.items():
+    out.update(predict_patients(predict_fn, models[g] if g >= 0 else fallback, ds, gids,
+                                batch_size))
+  return {pid: out[pid] for pid in ids}

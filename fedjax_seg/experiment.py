@@ -153,11 +153,19 @@ def save_model(workdir: str, variables) -> str:
 
 
 def finish(config, workdir, fns, variables, ds, eval_batch, rows, extra: Dict,
-           x_key: str = "epoch") -> Dict:
+           x_key: str = "epoch", personal: Optional[Dict] = None) -> Dict:
   """Final evaluation on val and test, results.json, plots, printed table.
 
   variables: the U-Net the tables evaluate (semi-supervised: ``SemiHParams.eval_model``;
   FCL: the fine-tuned U-Net), also written as ``final_model.msgpack`` for inference.
+  personal: per-client models (FedBN, Ditto): {'models': [K variables],
+  'model_of_patient': {patient id: k} (a patient not in it is segmented by
+  ``variables``), 'rule': text, 'primary': bool}. results.json then holds
+  ``personalised`` {metrics, per_patient, per_site, rule}; with primary (FedBN, whose
+  clients' models *are* the method) those are also the headline ``metrics`` /
+  ``per_patient`` / ``per_site`` and the single-model numbers move to ``global``.
+  Every run gets ``per_site`` (per-site Dice, worst site, spread) from its per-patient
+  records.
   """
   split_metrics = {}
   for name in ("val", "test"):
@@ -171,13 +179,33 @@ def finish(config, workdir, fns, variables, ds, eval_batch, rows, extra: Dict,
   preds = {name: evaluation.predict_patients(predict_fn, variables, ds, ds.splits.get(name, []),
                                              config.eval_batch_size) for name in ("val", "test")}
   per_patient = evaluation.per_patient_report(ds, preds)
+  per_site = {n: evaluation.per_site_summary(per_patient.get(n, [])) for n in ("val", "test")}
+  personalised = None
+  if personal is not None:
+    p_preds = {n: evaluation.predict_by_model(
+        predict_fn, personal["models"], personal["model_of_patient"], variables, ds,
+        ds.splits.get(n, []), config.eval_batch_size) for n in ("val", "test")}
+    p_patients = evaluation.per_patient_report(ds, p_preds)
+    personalised = {"metrics": {n: evaluation.metrics_from_preds(ds, p_preds[n])
+                                for n in ("val", "test") if p_preds[n]},
+                    "per_patient": p_patients, "rule": personal["rule"],
+                    "per_site": {n: evaluation.per_site_summary(p_patients.get(n, []))
+                                 for n in ("val", "test")}}
   # Region Dice / HD95 (mm) / seed 001 table for layouts with voxel spacing (BraTS, ACDC).
   report = evaluation.dataset_report(config, fns, variables, ds, eval_batch, split_metrics,
                                      predict_fn=predict_fn, preds=preds)
   results = {"algorithm": config.algorithm, "metrics": split_metrics,
              "class_names": list(ds.class_names), "background_in_means": False,
              "hd95_convention": per_patient["hd95_convention"],
-             **(report["results"] if report else {}), "per_patient": per_patient, **extra}
+             **(report["results"] if report else {}), "per_patient": per_patient,
+             "per_site": per_site, **extra}
+  if personalised is not None:
+    results["personalised"] = personalised
+    if personal.get("primary"):
+      results["global"] = {"metrics": split_metrics, "per_patient": per_patient,
+                           "per_site": per_site}
+      results.update(metrics=personalised["metrics"], per_patient=personalised["per_patient"],
+                     per_site=personalised["per_site"], evaluated="personalised")
   results["compile_s"] = runlog.compile_times(reset=True)  # {program: s} of this run
   results["final_model"] = save_model(workdir, variables)
   runlog.write_json(os.path.join(workdir, "results.json"), results)
@@ -197,6 +225,15 @@ def finish(config, workdir, fns, variables, ds, eval_batch, rows, extra: Dict,
       per_class, list(ds.class_names)), flush=True)
   if report:
     print(report["text"], flush=True)
+  if per_site.get("test"):
+    print("\n" + evaluation.per_site_text(per_site["test"], "test")
+          + (" [single model]" if personalised else ""), flush=True)
+  if personalised is not None:
+    print(f"[results] personalised ({personal['rule']}): test Dice "
+          f"{personalised['metrics'].get('test', {}).get('dice_mean', float('nan')):.4f}", flush=True)
+    if personalised["per_site"].get("test"):
+      print(evaluation.per_site_text(personalised["per_site"]["test"], "test")
+            + " [personalised]", flush=True)
   print(f"\n[results] written to {os.path.join(workdir, 'results.json')}", flush=True)
   return results
 
