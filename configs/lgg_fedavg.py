@@ -44,6 +44,9 @@ def get_fl_config():
   fl.server_b1 = 0.9            # FedAdam/Yogi/Adagrad β1
   fl.server_b2 = 0.99           # FedAdam/Yogi β2
   fl.server_tau = 1e-3          # adaptivity τ (Reddi et al. 2021)
+  fl.local_norm = "none"        # none | fedbn (norm statistics + affine local) | silobn (statistics local) (fl/fedbn.py)
+  fl.scaffold = False           # SCAFFOLD option-II control variates (fl/scaffold.py; use optimizer.name='sgd')
+  fl.ditto_lambda = 0.0         # > 0: Ditto personal models with proximal weight λ (fl/ditto.py)
   fl.norm_k = 10.0              # divergence guard: drop client k if ‖Δ_k‖ > norm_k × median of the others' ‖Δ‖ (0 = off)
   fl.trim = 0.1                 # trimmed_mean: fraction dropped at each end per coordinate
   fl.secagg = False             # pairwise-masked fixed-point sums (fl/secagg.py)

@@ -62,22 +62,27 @@ def client_stats(fns: ModelFns, loss_name: str, num_classes: int, variables, x, 
 
 def make_client_update(fns: ModelFns, tx: optax.GradientTransformation, loss_name: str,
                        num_classes: int, hp: ClientHParams,
-                       augment: Optional[Callable] = None) -> Callable:
-  """Returns the pure ``client_update(variables, data, key) -> (variables', stats)``.
+                       augment: Optional[Callable] = None,
+                       penalty: Optional[Callable] = None) -> Callable:
+  """Returns the pure ``client_update(variables, data, key, anchor=None, penalty_args=None)
+  -> (variables', stats)``.
 
   data: one client's ClientData slice (x [N, ...], y [N, ...], valid [N]).
   Runs E = hp.local_steps optimiser steps from a fresh optimiser state on
   batches sampled (by key) from the client's real samples. stats: float32
   scalars num_samples, train_loss, cost_pre/post, ce_pre/post, dice_pre/post.
-  FedProx: with hp.prox_mu > 0 the local objective adds (μ/2)‖w − w_global‖².
+  FedProx: with hp.prox_mu > 0 the local objective adds (μ/2)‖w − anchor‖², anchor =
+  the received parameters (default) or ``anchor`` (Ditto: the global model while the
+  personal model trains). ``penalty(params, penalty_args) -> scalar`` is added to the
+  local objective (SCAFFOLD's control-variate correction).
   """
   loss = steps.make_loss(fns, loss_name, num_classes, augment)
 
-  def client_update(variables, data: ClientData, key):
+  def client_update(variables, data: ClientData, key, anchor=None, penalty_args=None):
     skey, tkey = jax.random.split(key)
     sx, sy, smask = sample_batch(data, skey, hp.stats_samples)
     pre = client_stats(fns, loss_name, num_classes, variables, sx, sy, smask)
-    anchor = variables["params"]
+    anchor = variables["params"] if anchor is None else anchor
 
     def loss_fn(params, v, k):
       bkey, dkey = jax.random.split(k)
@@ -89,6 +94,8 @@ def make_client_update(fns: ModelFns, tx: optax.GradientTransformation, loss_nam
         value = value + 0.5 * hp.prox_mu * sum(
             jnp.sum(jnp.square(a - b))
             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(anchor)))
+      if penalty is not None:
+        value = value + penalty(params, penalty_args)
       return value, (new_vars, ())
 
     new_vars, _, (step_losses, _) = local.local_train(

@@ -27,8 +27,8 @@ import flax
 
 from fedjax_seg import experiment, models, runlog, steps
 from fedjax_seg.data import federated, partition, pipeline
-from fedjax_seg.fl import aggregators, backends, core, dp, secagg, server_opt
-from fedjax_seg.fl import scale
+from fedjax_seg.fl import aggregators, algorithm, backends, core, dp, secagg, server_opt
+from fedjax_seg.fl import ditto, fedbn, scaffold, scale
 from fedjax_seg.models import encoder as encoder_lib
 
 
@@ -145,6 +145,108 @@ def check_fl_config(config) -> None:
   if config.algorithm == "trimmed_mean" and not 0 <= config.fl.get("trim", 0.1) < 0.5:
     raise ValueError(f"config.fl.trim={config.fl.trim}: expected 0 <= trim < 0.5")
   check_sampling(config)
+  check_method(config)
+
+
+def method(config) -> str:
+  """The client/server method on top of the aggregator: 'standard' (FedAvg-style: the
+  aggregate is the next model), 'fedbn' / 'silobn' (config.fl.local_norm), 'scaffold'
+  (config.fl.scaffold), 'ditto' (config.fl.ditto_lambda > 0)."""
+  fl = config.fl
+  on = [n for n, v in (("local_norm", fl.get("local_norm", "none") != "none"),
+                       ("scaffold", bool(fl.get("scaffold", False))),
+                       ("ditto_lambda", fl.get("ditto_lambda", 0.0) > 0)) if v]
+  if len(on) > 1:
+    raise ValueError(f"config.fl.{on[0]} and config.fl.{on[1]} are both set: FedBN/SiloBN, "
+                     f"SCAFFOLD and Ditto are one at a time")
+  if not on:
+    return "standard"
+  return {"local_norm": fl.get("local_norm"), "scaffold": "scaffold",
+          "ditto_lambda": "ditto"}[on[0]]
+
+
+def check_method(config) -> None:
+  fl = config.fl
+  ln = fl.get("local_norm", "none")
+  if ln not in ("none",) + fedbn.MODES:
+    raise ValueError(f"config.fl.local_norm={ln!r}: expected one of {('none',) + fedbn.MODES}")
+  if fl.get("ditto_lambda", 0.0) < 0:
+    raise ValueError(f"config.fl.ditto_lambda={fl.ditto_lambda} must be >= 0 (0 = off)")
+  kind = method(config)
+  if kind == "standard":
+    return
+  if fl.get("clients_per_chunk", 0):
+    raise ValueError(f"config.fl.clients_per_chunk={fl.clients_per_chunk}: streamed chunks run "
+                     f"the standard method only ({kind} keeps per-client state)")
+  if kind in fedbn.MODES and fl.get("server_opt", "none") != "none":
+    raise ValueError(f"config.fl.server_opt={fl.server_opt!r} with config.fl.local_norm={kind!r}: "
+                     f"a server optimiser over the shared part only is not implemented")
+  if kind == "scaffold" and (fl.get("secagg", False) or fl.get("dp", {}).get("enabled", False)):
+    raise ValueError("config.fl.scaffold=True with secure aggregation / DP-FedAvg: those protect "
+                     "one uploaded model, SCAFFOLD also uploads its control variate")
+
+
+def build_algorithm(config, kind: str, fns, tx, num_classes: int, hp, augment, aggregator,
+                    server_update, num_clients: int):
+  """The ``algorithm.Algorithm`` of a non-standard method (``method``)."""
+  kw = agg_kwargs(config)
+  if kind in fedbn.MODES:
+    cu = core.make_client_update(fns, tx, config.loss, num_classes, hp, augment=augment)
+    return fedbn.make_algorithm(cu, aggregator, kind, kw)
+  if kind == "scaffold":
+    cu = core.make_client_update(fns, tx, config.loss, num_classes, hp, augment=augment,
+                                 penalty=scaffold.correction_penalty)
+    return scaffold.make_algorithm(cu, aggregator, float(config.optimizer.lr), hp.local_steps,
+                                   num_clients, kw, server_update)
+  if kind == "ditto":
+    import dataclasses
+    cu = core.make_client_update(fns, tx, config.loss, num_classes, hp, augment=augment)
+    pu = core.make_client_update(
+        fns, tx, config.loss, num_classes,
+        dataclasses.replace(hp, prox_mu=float(config.fl.ditto_lambda)), augment=augment)
+    return ditto.make_algorithm(cu, pu, aggregator, kw, server_update)
+  raise ValueError(f"unknown method {kind!r}")
+
+
+def init_method_state(kind: str, variables, num_clients: int):
+  """(per-client state, algorithm server state) of a method at round 0."""
+  if kind in fedbn.MODES:
+    return fedbn.init_clients(variables, num_clients, kind), ()
+  if kind == "scaffold":
+    return scaffold.init_clients(variables, num_clients), scaffold.zeros_like_params(variables)
+  if kind == "ditto":
+    return ditto.init_clients(variables, num_clients), ()
+  return (), ()
+
+
+def personal_eval(kind: str, state, ds, names, train_ids) -> Optional[Dict]:
+  """experiment.finish's ``personal`` of FedBN/SiloBN/Ditto (None otherwise).
+
+  A validation/test patient is segmented by the model of the client that holds the most
+  training patients of its site (by_site: its own hospital; ties: the lower index); a
+  patient of a site no client trained on, by the global model."""
+  if kind not in fedbn.MODES + ("ditto",):
+    return None
+  stacked = (fedbn.personal_models(state, kind) if kind in fedbn.MODES
+             else ditto.personal_models(state))
+  stacked = jax.device_get(stacked)
+  models_k = [jax.tree.map(lambda a: a[i], stacked) for i in range(len(names))]
+  count: Dict[str, Dict[int, int]] = {}
+  for k, ids in enumerate(train_ids):
+    for pid in ids:
+      site = ds.patients[pid].site
+      count.setdefault(site, {}).setdefault(k, 0)
+      count[site][k] += 1
+  client_of_site = {s: max(sorted(c), key=lambda k: c[k]) for s, c in count.items()}
+  model_of_patient = {pid: client_of_site[p.site] for pid, p in ds.patients.items()
+                      if p.site in client_of_site}
+  rule = ("each patient by the model of its site's client (that client's own normalisation); "
+          "sites that never trained by the global model, whose normalisation is the uniform "
+          "average of the clients'" if kind in fedbn.MODES else
+          "each patient by the personalised model v_k of its site's client; sites that never "
+          "trained by the global model")
+  return {"models": models_k, "model_of_patient": model_of_patient, "rule": rule,
+          "primary": kind in fedbn.MODES}
 
 
 SAMPLINGS = ("uniform", "size")
@@ -326,7 +428,19 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   if probs is not None:  # the program closes over the probabilities
     ckey += ",p=" + ",".join(f"{p:.6g}" for p in probs)
 
+  kind = method(config)
+
+  def make_alg():
+    return build_algorithm(config, kind, fns, tx, ds.num_classes, hp,
+                           experiment.build_augment(config),
+                           build_aggregator(config, len(names), noise_mult), server_update,
+                           len(names))
+
   def build_round():
+    if kind != "standard":
+      return algorithm.make_round(make_alg(), config.fl.client_strategy,
+                                  clients_per_round=m if m < len(names) else 0,
+                                  sample_probs=probs)
     return core.make_run_round(client_update(), build_aggregator(config, len(names), noise_mult),
                                config.fl.client_strategy, agg_kwargs(config), server_update,
                                clients_per_round=m if m < len(names) else 0, sample_probs=probs)
@@ -337,8 +451,16 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
         client_update(), config.algorithm, config.fl.clients_per_chunk,
         config.fl.client_strategy, agg_kwargs(config), server_update,
         jit=lambda name, build: runlog.cached_jit(name + ckey, build, **jit_options(config)))
-  state = core.ServerState(variables, jnp.int32(0), server_opt.init(server_tx, variables))
+  if kind in fedbn.MODES:
+    fedbn.check_model(variables, kind, config.model.get("norm", "none"))
+  clients0, server0 = init_method_state(kind, variables, len(names))
+  state = core.ServerState(variables, jnp.int32(0), server_opt.init(server_tx, variables),
+                           clients=clients0, server=server0)
   mbytes = core.model_bytes(variables)
+  up_bytes = down_bytes = mbytes
+  if kind != "standard":  # read from what the method declares it sends
+    cb = algorithm.comm_bytes(make_alg(), state, data)
+    up_bytes, down_bytes = cb["up"], cb["down"]
   print(f"[fl] model {config.model.name}: {experiment.num_params(variables):,} parameters, "
         f"{mbytes / 1e6:.2f} MB per transfer; client strategy "
         f"{backends.resolve_strategy(config.fl.client_strategy)}, step strategy "
@@ -351,8 +473,8 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
     r = {"round": rnd, **privacy_row(dpc, noise_mult, rnd, q), **val(state.variables, rnd)}
     if info is not None:
       r.update(info_row(info, names))
-      r.update({"bytes_up_per_client": mbytes, "bytes_down_per_client": mbytes,
-                "bytes_total": 2 * mbytes * m})
+      r.update({"bytes_up_per_client": up_bytes, "bytes_down_per_client": down_bytes,
+                "bytes_total": (up_bytes + down_bytes) * m})
     r["time_s"] = time.time() - t_start
     return r
 
@@ -372,6 +494,7 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   run = experiment.Run("[fl]", state, lambda s, t: run_round(s, data, round_key),
                        config.fl.rounds, lambda s: int(s.round), row, describe, place=place)
   state, rows = experiment.run_loop(workdir, run, stop_after)
+  personal = personal_eval(kind, state, ds, names, train_ids)
   return experiment.finish(
       config, workdir, fns, state.variables, ds, eval_batch, rows, x_key="round",
       extra={"rounds": config.fl.rounds, "clients": names, **extra_results,
@@ -379,7 +502,9 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
              "clients_per_round": m,
              "num_params": experiment.num_params(state.variables),
              "pretrained_from": config.get("init_from", "") or None,
-             "bytes_per_round": 2 * mbytes * m, "wall_time_s": time.time() - t_start})
+             "method": kind, "bytes_per_client_round": {"up": up_bytes, "down": down_bytes},
+             "bytes_per_round": (up_bytes + down_bytes) * m, "wall_time_s": time.time() - t_start},
+      personal=personal)
 
 
 def info_row(info, names) -> Dict:
