@@ -66,48 +66,83 @@ class Run:
 
 def run_loop(workdir: str, run: Run, stop_after: Optional[int] = None,
              verbose: bool = True) -> Tuple[Any, List[Dict]]:
-  """Runs (or resumes) ``run`` in ``workdir``; returns (final state, metrics rows)."""
+  """Runs (or resumes) ``run`` in ``workdir``; returns (final state, metrics rows).
+
+  Order per step: the metrics row of step t+1 is written (atomically) before the
+  checkpoint of step t+1, so a run killed between the two resumes from step t and
+  the row past the checkpoint is dropped on resume (``runlog.MetricsLog``): never a
+  duplicated or a missing row. Nothing is written before the latest readable
+  checkpoint has been restored (``runlog.Checkpointer.restore_latest``). A write
+  that fails (a full disk) raises ``runlog.WorkdirError`` naming the file, with the
+  previous checkpoint and metrics.jsonl intact.
+  """
   os.makedirs(workdir, exist_ok=True)
   ckpt = runlog.Checkpointer(workdir)
-  _, restored = ckpt.restore_latest(run.state)
-  state, start = run.state, 0
-  if restored is not None:
-    state, start = restored, int(run.done(restored))
-    if verbose:
-      print(f"{run.tag} resumed from checkpoint at {run.x_key} {start}", flush=True)
-  if run.place is not None:
-    state = run.place(state)
-  log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None,
-                          key=run.x_key)
-  if start == 0 and run.log_initial:
-    log.append(run.row(state, 0, None))
-  prog = runlog.Progress(run.total, start, what=run.x_key)
-  for t in range(start, run.total):
-    state, info = run.step(state, t)
-    row = run.row(state, t + 1, info)
-    log.append(row)
-    ckpt.save(t + 1, state)
-    if verbose:
-      print(prog.line(t + 1, run.describe(row)), flush=True)
-    if stop_after is not None and t + 1 >= stop_after and t + 1 < run.total:
-      ckpt.close()
-      raise Interrupted(f"stopped after {run.x_key} {t + 1} (test hook)")
-  ckpt.close()
-  return state, log.rows
+  try:
+    _, restored = ckpt.restore_latest(run.state)
+    state, start = run.state, 0
+    if restored is not None:
+      state, start = restored, int(run.done(restored))
+      if start > run.total:
+        raise runlog.WorkdirError(
+            f"{ckpt.path}: the latest checkpoint is at {run.x_key} {start}, past the "
+            f"{run.total} {run.x_key}s this config asks for; ask for at least {start}, or "
+            f"re-run with --fresh to start anew")
+      if verbose:
+        print(f"{run.tag} resumed from checkpoint at {run.x_key} {start}", flush=True)
+    if run.place is not None:
+      state = run.place(state)
+    log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None,
+                            key=run.x_key)
+    if start == 0 and run.log_initial:
+      log.append(run.row(state, 0, None))
+    prog = runlog.Progress(run.total, start, what=run.x_key)
+    for t in range(start, run.total):
+      state, info = run.step(state, t)
+      row = run.row(state, t + 1, info)
+      log.append(row)
+      try:
+        ckpt.save(t + 1, state)
+      except Exception as e:  # noqa: BLE001 - a full disk, ...: the row of t + 1 goes too
+        err = runlog.os_error(e)
+        if err is None:
+          raise
+        try:
+          log.truncate(t)
+        except runlog.WorkdirError:
+          pass  # best effort: a row past the checkpoint is dropped on resume anyway
+        raise runlog.WorkdirError(
+            f"{ckpt.path}: cannot save the checkpoint of {run.x_key} {t + 1} "
+            f"({runlog.os_error_text(err)}); the checkpoint of {run.x_key} {t} and "
+            f"metrics.jsonl up to it are intact: free space and re-run the same command "
+            f"to resume") from e
+      if verbose:
+        print(prog.line(t + 1, run.describe(row)), flush=True)
+      if stop_after is not None and t + 1 >= stop_after and t + 1 < run.total:
+        raise Interrupted(f"stopped after {run.x_key} {t + 1} (test hook)")
+    return state, log.rows
+  finally:
+    ckpt.close()
 
 
 def save_config(config, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
+  """Writes ``workdir/config.json`` (atomically; left alone when unchanged) after
+  ``runlog.check_workdir``: a path that is not a folder, a corrupt config.json or
+  metrics.jsonl, or an earlier run with a different config (less
+  ``runlog.RESUMABLE_KEYS``) raise ``runlog.WorkdirError`` before anything is written.
+  A config.json of a workdir without training state (a run that failed before its
+  first metrics row) is replaced, with a note."""
   new = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old != new:
-      changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-      print(f"[train] warning: config differs from the one stored in {path} "
-            f"(top-level keys {changed}); resuming with the new config", flush=True)
-  runlog.write_json(path, new)
+  old = runlog.check_workdir(workdir, new)
+  path = os.path.join(workdir, "config.json")
+  if old is not None and old != new:
+    changed = [k for k, _, _ in runlog.config_diff(old, new, allowed=())]
+    print(f"[train] note: config.json in {workdir} updated ({', '.join(changed[:8])}"
+          f"{' ...' if len(changed) > 8 else ''})", flush=True)
+  os.makedirs(workdir, exist_ok=True)
+  text = runlog.json_text(new)
+  if runlog.read_bytes(path) != text.encode():
+    runlog.atomic_write(path, text)
 
 
 def compile_key(config, ds, parts=None, exclude=()) -> str:

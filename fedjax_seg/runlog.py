@@ -3,26 +3,40 @@ progress lines with ETA, results JSON and plots.
 
 Workdir layout:
   config.json        the resolved config of the run
-  metrics.jsonl      one JSON object per epoch/round (appended)
-  metrics.csv        the same rows as CSV (rewritten after each row)
+  metrics.jsonl      one JSON object per epoch/round
+  metrics.csv        the same rows as CSV
   tensorboard/       the same rows as TensorBoard scalars (tensorboardX event files)
-  checkpoints/       orbax CheckpointManager (latest 2 kept)
+  checkpoints/       orbax CheckpointManager (latest 2 kept) + digests.json (sha256 per step)
   results.json       final metrics (written at the end)
   learning_curves.png, overlays.png
+
+Reliability (docs/reliability.md): config.json, metrics.jsonl/csv and results.json are
+replaced atomically (temporary file + fsync + os.replace), so a killed run leaves the
+previous version or the new one, never half a file; ``check_workdir`` refuses, before
+anything is written, a workdir whose earlier run has a different config (less
+``RESUMABLE_KEYS``), a corrupt config.json or metrics.jsonl, or a path that is a file;
+``Checkpointer.restore_latest`` verifies each checkpoint against the digest recorded
+when it was saved and falls back to the previous readable one.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
+import gc
 import glob
+import hashlib
+import io
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -196,8 +210,11 @@ def scalars(row: Dict[str, Any], skip=()) -> Dict[str, float]:
 
 
 class MetricsLog:
-  """Append-only metrics.jsonl + metrics.csv + TensorBoard scalars. Rows past
-  ``resume_from`` are dropped on open so that a resumed run never duplicates rows.
+  """metrics.jsonl + metrics.csv + TensorBoard scalars. Rows past ``resume_from``
+  are dropped on open so that a resumed run never duplicates rows. Both files are
+  rewritten whole and replaced atomically on every row (``atomic_write``): a run
+  killed at any moment leaves complete rows only. A metrics.jsonl that is not one
+  JSON object per line raises :class:`WorkdirError` naming the file and line.
 
   TensorBoard: every row is also written to ``<workdir>/tensorboard/`` as one
   event with one scalar per numeric field (see ``scalars``: ``weights/0``, ...)
@@ -222,10 +239,7 @@ class MetricsLog:
     self.path_jsonl = os.path.join(workdir, "metrics.jsonl")
     self.path_csv = os.path.join(workdir, "metrics.csv")
     self.key = key
-    self.rows: List[Dict[str, Any]] = []
-    if os.path.exists(self.path_jsonl):
-      with open(self.path_jsonl) as f:
-        self.rows = [json.loads(line) for line in f if line.strip()]
+    self.rows: List[Dict[str, Any]] = read_metrics(self.path_jsonl)
     if resume_from is not None:
       self.rows = [r for r in self.rows if r.get(key, 0) <= resume_from]
     else:
@@ -285,41 +299,81 @@ class MetricsLog:
     self._tb = self._tb_close = None
 
   # -- JSONL / CSV -----------------------------------------------------------
-  def _rewrite(self):
-    with open(self.path_jsonl, "w") as f:
-      for r in self.rows:
-        f.write(json.dumps(r) + "\n")
+  def _rewrite(self, only_if_changed: bool = True):
+    """Replaces metrics.csv, then metrics.jsonl (the source of truth), with
+    ``self.rows``, each atomically; a file whose content is unchanged is left alone
+    (``only_if_changed``)."""
+    jsonl = "".join(json.dumps(r) + "\n" for r in self.rows)
     cols: List[str] = []
     for r in self.rows:
       cols += [k for k in r if k not in cols and not isinstance(r[k], (list, dict))]
-    with open(self.path_csv, "w", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-      w.writeheader()
-      for r in self.rows:
-        w.writerow(r)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in self.rows:
+      w.writerow(r)
+    for path, text in ((self.path_csv, buf.getvalue()), (self.path_jsonl, jsonl)):
+      if not only_if_changed or read_bytes(path) != text.encode():
+        atomic_write(path, text)
 
   def append(self, row: Dict[str, Any]):
+    """Adds one row to both files. On a write error (``WorkdirError``) the row is not
+    added and metrics.jsonl is as before the call."""
     raw = row
     row = {k: _jsonable(v) for k, v in row.items()}
     self.rows.append(row)
-    with open(self.path_jsonl, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    self._rewrite() if len(self.rows) < 2 or set(row) - set(self.rows[-2]) else self._append_csv(row)
+    try:
+      self._rewrite(only_if_changed=False)
+    except WorkdirError:
+      self.rows.pop()
+      try:  # metrics.csv may already hold the row: put it back (best effort, disk full?)
+        self._rewrite()
+      except WorkdirError:
+        pass
+      raise
     if self._tb is not None:  # the raw row: NaN stays NaN (JSON writes null)
       self._tb_guard(self._tb_write, raw)
 
-  def _append_csv(self, row):
-    with open(self.path_csv) as f:
-      cols = next(csv.reader(f))
-    with open(self.path_csv, "a", newline="") as f:
-      csv.DictWriter(f, fieldnames=cols, extrasaction="ignore").writerow(row)
+  def truncate(self, last: int) -> None:
+    """Drops the rows past ``row[key] = last`` (both files rewritten)."""
+    self.rows = [r for r in self.rows if r.get(self.key, 0) <= last]
+    self._rewrite()
+
+
+@contextlib.contextmanager
+def _swallow_unraisable():
+  """Drops the 'Exception ignored in <coroutine ...>' reports orbax's reader leaves when
+  a corrupt array fails to read (the failure itself is raised and reported once)."""
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    try:
+      yield
+    finally:
+      gc.collect()
+  finally:
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
-  """Thin orbax wrapper: save(step, pytree), restore_latest(abstract) -> (step, pytree)."""
+  """Thin orbax wrapper: save(step, pytree), restore_latest(abstract) -> (step, pytree).
+
+  Every save also records the sha256 of the saved state (``state_digest``) in
+  ``checkpoints/digests.json``; ``restore_latest`` restores the newest step whose
+  checkpoint reads back with that digest. A step that does not (unreadable files,
+  flipped bytes) is reported on stdout as a warning naming the step, and the next
+  older step is tried; once one restores, the bad ones are moved to
+  ``<workdir>/checkpoints_corrupt/`` (so later saves of those steps do not collide
+  with them). If none restores, :class:`WorkdirError` names the folder and every step.
+  A save that fails (a full disk: OSError ENOSPC) removes its partial temporary
+  folder and re-raises; the older checkpoints are untouched (orbax writes a step to a
+  temporary folder and renames it when complete, and deletes old steps only after).
+  """
 
   def __init__(self, workdir: str, max_to_keep: int = 2):
-    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.workdir = os.path.abspath(workdir)
+    self.path = path = os.path.join(self.workdir, "checkpoints")
+    self.digests_path = os.path.join(path, DIGESTS)
     # Several processes (launch.py --distributed): each process keeps its own copy
     # of the (replicated) state in its own workdir, so orbax runs per process.
     self.local = jax.process_count() > 1
@@ -332,27 +386,82 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         path, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                                    create=not self.local,
+                                                   cleanup_tmp_directories=True,
                                                    multiprocessing_options=mp))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def _digests(self) -> Dict[str, str]:
+    try:
+      with open(self.digests_path) as f:
+        d = json.load(f)
+      return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):  # absent, or unreadable: the checkpoints are not verified
+      return {}
+
   def save(self, step: int, state) -> None:
-    if self.local:  # host copy of the replicated global arrays
-      state = jax.device_get(state)
-    self.manager.save(step, args=ocp.args.StandardSave(state))
-    self.manager.wait_until_finished()
+    host = jax.device_get(state)  # the digest's bytes (orbax copies to host as well)
+    try:
+      self.manager.save(step, args=ocp.args.StandardSave(host if self.local else state))
+      self.manager.wait_until_finished()
+    except BaseException:
+      for tmp in glob.glob(os.path.join(self.path, f"{step}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+      raise
+    kept = {str(s) for s in self.manager.all_steps()}
+    digests = {k: v for k, v in self._digests().items() if k in kept}
+    digests[str(step)] = state_digest(host)
+    # A kill before this write leaves the step without a digest: restored unverified.
+    atomic_write(self.digests_path, json.dumps(digests, sort_keys=True, indent=1))
+
+  def _restore(self, step: int, abstract):
+    restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    want = self._digests().get(str(step))
+    if want is not None and state_digest(restored) != want:
+      raise ValueError("its content differs from the sha256 recorded when it was saved")
+    return restored
 
   def restore_latest(self, like):
-    step = self.manager.latest_step()
-    if step is None:
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
       return None, None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     if self.local:  # restore on this process's first device; the trainer re-places it
       dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
                               abstract)
-    return step, self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    bad: List[Tuple[int, str]] = []
+    for i, step in enumerate(steps):
+      try:
+        with _swallow_unraisable():
+          restored = self._restore(step, abstract)
+      except Exception as e:  # noqa: BLE001 - any failure to read back is a bad checkpoint
+        why = one_line(str(e).split(" See full TensorStore details")[0])
+        bad.append((step, why))
+        nxt = (f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint")
+        print(f"[checkpoint] warning: the checkpoint of step {step} in {self.path} cannot be "
+              f"restored ({why}); {nxt}", flush=True)
+        continue
+      if bad:
+        self._quarantine([s for s, _ in bad])
+        print(f"[checkpoint] resuming from step {step}; the unreadable step(s) "
+              f"{', '.join(str(s) for s, _ in bad)} were moved to "
+              f"{os.path.join(self.workdir, CORRUPT_DIR)}", flush=True)
+      return step, restored
+    raise WorkdirError(
+        f"{self.path}: no checkpoint can be restored ("
+        + "; ".join(f"step {s}: {w}" for s, w in bad)
+        + "); move the folder away, or re-run with --fresh to start anew")
+
+  def _quarantine(self, steps: List[int]) -> None:
+    dest_root = os.path.join(self.workdir, CORRUPT_DIR)
+    os.makedirs(dest_root, exist_ok=True)
+    for step in steps:
+      src = os.path.join(self.path, str(step))
+      if os.path.exists(src):
+        os.rename(src, _unique(os.path.join(dest_root, str(step))))
+    self.manager.reload()
 
   def close(self):
     self.manager.close()
@@ -378,17 +487,261 @@ def _fmt_s(s: float) -> str:
   return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def write_json(path: str, obj) -> None:
+def json_text(obj) -> str:
+  """The text ``write_json`` writes: NumPy scalars/arrays converted, keys sorted, indent 2."""
   def conv(o):
     if isinstance(o, dict):
       return {str(k): conv(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
       return [conv(v) for v in o]
     return _jsonable(o)
+  return json.dumps(conv(obj), indent=2, sort_keys=True)
+
+
+def write_json(path: str, obj) -> None:
+  """``json_text(obj)`` to ``path``, replaced atomically (``atomic_write``)."""
+  atomic_write(path, json_text(obj))
+
+
+# ---------------------------------------------------------------------------
+# Workdir safety (docs/reliability.md).
+# ---------------------------------------------------------------------------
+DIGESTS = "digests.json"
+CORRUPT_DIR = "checkpoints_corrupt"
+
+# Config keys that may differ when a workdir is re-run (resumed): they extend the run
+# or change what is evaluated / where caches live, never the training so far. Any other
+# key that differs from the stored config.json (a key present on one side only
+# included) refuses the re-run, unless launch.py --fresh moves the old run aside.
+RESUMABLE_KEYS = frozenset({
+    "fl.rounds",          # extend (or keep) the number of rounds
+    "num_epochs",         # extend the number of epochs (centralised runs)
+    "pretrain.rounds",    # extend FCL pre-training
+    "fl.eval_every",      # how often the global model is evaluated
+    "fl.eval_clients",    # per-client validation Dice in the rows
+    "eval_batch_size",    # evaluation batch size (evaluation only)
+    "compile_cache_dir",  # where compiled programs are cached
+    "data.cache_dir",     # where the (deterministic) phantom / preprocessed data are cached
+    "data.n4.cache_dir",  # where N4-corrected volumes are cached
+})
+
+
+class WorkdirError(ValueError):
+  """A workdir that cannot be used as asked; the message names the file or folder."""
+
+
+def one_line(e: BaseException, limit: int = 240) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def os_error(e: BaseException) -> Optional[OSError]:
+  """The OSError ``e`` is, or was raised from (orbax may wrap it), else None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def os_error_text(e: OSError) -> str:
+  """'no space left on device' for ENOSPC, else the error's text."""
+  return "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or one_line(e))
+
+
+def read_bytes(path: str) -> Optional[bytes]:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except FileNotFoundError:
+    return None
+
+
+def _unique(path: str) -> str:
+  if not os.path.exists(path):
+    return path
+  i = 2
+  while os.path.exists(f"{path}-{i}"):
+    i += 1
+  return f"{path}-{i}"
+
+
+def atomic_write(path: str, data) -> None:
+  """Writes ``data`` (str or bytes) to ``path`` through ``path.tmp`` + fsync + os.replace:
+  readers (and a run killed at any moment) see the old file or the new one. An
+  OSError (a full disk, ...) removes the temporary file, leaves ``path`` as it was and
+  raises :class:`WorkdirError` naming ``path``."""
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(conv(obj), f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data.encode() if isinstance(data, str) else data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    raise WorkdirError(f"{path}: cannot write it ({os_error_text(e)}); the previous version is "
+                       f"unchanged") from e
+
+
+def state_digest(state) -> str:
+  """sha256 over every leaf's dtype, shape and bytes, in tree order (typed PRNG keys by
+  their key data)."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(state):
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    h.update(f"{a.dtype.str}{a.shape};".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def read_json_file(path: str) -> Dict[str, Any]:
+  """A JSON object file; :class:`WorkdirError` naming it when it is not one."""
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise WorkdirError(f"{path}: corrupt, not valid JSON ({one_line(e, 80)}); repair it, or "
+                       f"re-run with --fresh to move the old run aside") from e
+  if not isinstance(obj, dict):
+    raise WorkdirError(f"{path}: corrupt, a JSON {type(obj).__name__} where an object is "
+                       f"expected; repair it, or re-run with --fresh to move the old run aside")
+  return obj
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+  """The rows of a metrics.jsonl ([] when absent); :class:`WorkdirError` naming the file
+  and line when a line is not a JSON object."""
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path, "rb") as f:
+    for i, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except (ValueError, UnicodeDecodeError) as e:
+        row, err = None, one_line(e, 80)
+      else:
+        err = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+      if err is not None:
+        raise WorkdirError(f"{path}: corrupt at line {i} ({err}); repair or delete that line, "
+                           f"or re-run with --fresh to move the old run aside")
+      rows.append(row)
+  return rows
+
+
+def flatten(blob: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+  """Nested dicts -> {dotted key: leaf value}."""
+  out: Dict[str, Any] = {}
+  for k, v in blob.items():
+    if isinstance(v, dict) and v:
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+_ABSENT = object()
+
+
+def config_diff(old: Dict[str, Any], new: Dict[str, Any],
+                allowed=RESUMABLE_KEYS) -> List[Tuple[str, Any, Any]]:
+  """[(dotted key, old value, new value)] of the keys that differ, less ``allowed``;
+  a key on one side only is reported with the marker ``_ABSENT`` on the other."""
+  fo, fn = flatten(old), flatten(new)
+  out = []
+  for k in sorted(set(fo) | set(fn)):
+    a, b = fo.get(k, _ABSENT), fn.get(k, _ABSENT)
+    if a != b and k not in allowed:
+      out.append((k, a, b))
+  return out
+
+
+def _short(v) -> str:
+  if v is _ABSENT:
+    return "(absent)"
+  text = json.dumps(v) if not isinstance(v, str) else repr(v)
+  return text if len(text) <= 24 else text[:21] + "..."
+
+
+def has_run(workdir: str) -> bool:
+  """Whether ``workdir`` holds training state: a checkpoint, a metrics row or results."""
+  ck = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ck) and any(n.isdigit() for n in os.listdir(ck)):
+    return True
+  if os.path.isfile(os.path.join(workdir, "results.json")):
+    return True
+  m = os.path.join(workdir, "metrics.jsonl")
+  return os.path.isfile(m) and os.path.getsize(m) > 0
+
+
+def check_workdir(workdir: str, config_blob: Optional[Dict[str, Any]] = None,
+                  max_keys: int = 8) -> Optional[Dict[str, Any]]:
+  """Refuses, before anything is written, a workdir this run must not use: a path that
+  is not a folder, a corrupt config.json or metrics.jsonl, or an earlier run (training
+  state: ``has_run``) whose config.json differs from ``config_blob`` in any key but
+  ``RESUMABLE_KEYS`` (the first ``max_keys`` differing keys are named). Reads only.
+  Returns the stored config (None when there is none)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"{workdir}: exists and is not a folder (--workdir must be a folder)")
+  if not os.path.isdir(workdir):
+    return None
+  path = os.path.join(workdir, "config.json")
+  old = read_json_file(path) if os.path.exists(path) else None
+  read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  if old is not None and config_blob is not None and has_run(workdir):
+    diff = config_diff(old, config_blob)
+    if diff:
+      shown = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, a, b in diff[:max_keys])
+      more = f" and {len(diff) - max_keys} more" if len(diff) > max_keys else ""
+      raise WorkdirError(
+          f"{path}: this workdir holds a run with a different config ({shown}{more}); re-run "
+          f"it with its own config, or pass --fresh to move it aside and start anew")
+  return old
+
+
+def checkpoint_steps(workdir: str) -> List[int]:
+  """The completed checkpoint steps in ``workdir/checkpoints`` (folder names; orbax's
+  temporary folders of an unfinished save excluded), read without restoring."""
+  ck = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ck):
+    return []
+  return sorted(int(n) for n in os.listdir(ck)
+                if n.isdigit() and os.path.isdir(os.path.join(ck, n)))
+
+
+def check_extent(workdir: str, key: str, total: int) -> None:
+  """Refuses a re-run asking for fewer steps (``config.<key>=total``) than the latest
+  checkpoint in ``workdir`` has completed (its results would describe a longer run)."""
+  steps = checkpoint_steps(workdir)
+  if steps and steps[-1] > total:
+    raise WorkdirError(
+        f"{os.path.join(workdir, 'checkpoints')}: the latest checkpoint is at step "
+        f"{steps[-1]}, past config.{key}={total}; ask for at least {steps[-1]}, or re-run "
+        f"with --fresh to start anew")
+
+
+def move_aside(workdir: str, now: Optional[float] = None) -> Optional[str]:
+  """``launch.py --fresh``: renames an existing ``workdir`` to
+  ``<workdir>.old-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``, ... if taken); returns the new
+  path, or None when there was nothing to move."""
+  workdir = workdir.rstrip(os.sep) or workdir
+  if not os.path.lexists(workdir):
+    return None
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f"{workdir}: exists and is not a folder (--workdir must be a folder)")
+  dest = _unique(f"{workdir}.old-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}")
+  os.rename(workdir, dest)
+  return dest
 
 
 def metrics_table(named: Dict[str, Dict[str, float]], keys: List[str]) -> str:

@@ -1,0 +1,209 @@
+"""Config validation (fedjax_seg/validate.py) and launch.py's one-line errors.
+
+Every bad command of the corpus runs launch.py in this process (``launch.run_cli``)
+and must exit 2 with exactly one line on stderr, ``error: ...`` naming the key (or the
+flag / file), and must not create its workdir.
+"""
+import importlib
+import os
+
+import ml_collections
+import pytest
+
+import launch
+from fedjax_seg import validate
+from fedjax_seg.validate import ConfigError, Int, OneOf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FEDAVG = os.path.join(ROOT, "configs", "lgg_fedavg.py")
+DEMO = os.path.join(ROOT, "configs", "demo.py") + ":geometric"
+ACDC_CL = os.path.join(ROOT, "configs", "acdc_centralized.py")
+
+
+def _fedavg():
+  return importlib.import_module("configs.lgg_fedavg").get_config()
+
+
+# ---------------------------------------------------------------------------
+# The table.
+# ---------------------------------------------------------------------------
+def _variants(name):
+  if name == "lgg_fedwep":
+    methods = importlib.import_module("configs.lgg_fedwep").METHODS
+    return [None] + [m for m in methods] + ["cps,label_at_server", "fedwep,label_at_client,0.5,noniid"]
+  return [None, "smoke", "quick", "geometric", "anatomical", "scaunet_a"]
+
+
+def test_every_shipped_config_and_variant_passes():
+  checked = 0
+  for f in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+    if not f.endswith(".py") or f == "__init__.py":
+      continue
+    module = importlib.import_module(f"configs.{f[:-3]}")
+    for arg in _variants(f[:-3]):
+      try:
+        c = module.get_config(arg) if arg else module.get_config()
+      except Exception:  # noqa: BLE001 - not a variant of this config
+        continue
+      validate.check(c)
+      checked += 1
+  assert checked >= 25
+
+
+def test_message_format_is_exact():
+  c = _fedavg()
+  c.fl.rounds = 0
+  with pytest.raises(ConfigError) as e:
+    validate.check(c)
+  assert str(e.value) == "config.fl.rounds=0: must be an integer >= 1"
+  assert isinstance(e.value, ValueError) and e.value.key == "fl.rounds"
+  c = _fedavg()
+  c.fl.client_strategy = "vmapp"
+  with pytest.raises(ValueError, match=r"^config\.fl\.client_strategy='vmapp': must be one of "
+                                       r"'auto', 'vmap', 'unrolled', 'map', 'sharded'"):
+    validate.check(c)
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("fl.rounds", 1.5, "must be an integer >= 1"),
+    ("fl.rounds", True, "must be an integer >= 1"),
+    ("optimizer.lr", float("nan"), "must be a finite number > 0"),
+    ("optimizer.lr", float("inf"), "must be a finite number > 0"),
+    ("model.dropout", 1.0, "must be a finite number in [0, 1)"),
+    ("fl.trim", 0.5, "must be a finite number in [0, 0.5)"),
+    ("data.val_fraction", 0.0, "must be a finite number in (0, 1)"),
+])
+def test_rule_edges(key, value, why):
+  with pytest.raises(ConfigError) as e:
+    validate.check(ml_collections.ConfigDict({key.split(".")[0]: {key.split(".")[1]: value}}),
+                   rules={key: validate.RULES[key]})
+  assert e.value.why == why
+
+
+def test_keys_without_a_rule_are_accepted_and_rules_can_be_added():
+  c = _fedavg()
+  with c.unlocked():
+    c.fl.some_future_key = -5  # no rule: accepted as is
+    c.brand_new_section = ml_collections.ConfigDict({"x": "anything"})
+  validate.check(c)
+  rules = {**validate.RULES, "fl.some_future_key": Int(lo=0)}
+  with pytest.raises(ValueError, match=r"^config\.fl\.some_future_key=-5: must be an integer >= 0$"):
+    validate.check(c, rules=rules)
+  assert isinstance(validate.RULES, dict)
+  assert "fl.rounds" in validate.RULES and "fl.some_future_key" not in validate.RULES
+
+
+def test_registry_rules_read_the_registries():
+  from fedjax_seg import train
+  from fedjax_seg.fl import backends
+  assert set(validate.RULES["algorithm"].allowed()) == set(train.TRAINERS)
+  assert validate.RULES["fl.client_strategy"].allowed() == backends.CLIENT_STRATEGIES
+  assert OneOf(lambda: ("a", "b")).check("c") == "must be one of 'a', 'b'"
+
+
+def test_config_utils_validate_is_the_table():
+  from fedjax_seg.config_utils import validate as legacy
+  c = _fedavg()
+  c.fl.stats_samples = 0
+  with pytest.raises(ValueError, match=r"^config\.fl\.stats_samples=0: "):
+    legacy(c)
+
+
+# ---------------------------------------------------------------------------
+# The command-line corpus.
+# ---------------------------------------------------------------------------
+CASES = [
+    # (id, config, overrides, text that stderr's one line must contain)
+    ("rounds", FEDAVG, ["--config.fl.rounds=0"], "config.fl.rounds=0: must be an integer >= 1"),
+    ("eval_every", FEDAVG, ["--config.fl.eval_every=0"], "config.fl.eval_every=0: must be an integer >= 1"),
+    ("local_steps", FEDAVG, ["--config.fl.local_steps=0"], "config.fl.local_steps=0:"),
+    ("client_batch", FEDAVG, ["--config.fl.client_batch_size=0"], "config.fl.client_batch_size=0:"),
+    ("stats_samples", FEDAVG, ["--config.fl.stats_samples=-3"], "config.fl.stats_samples=-3:"),
+    ("prox_mu", FEDAVG, ["--config.fl.prox_mu=-0.1"], "config.fl.prox_mu=-0.1: must be a finite number >= 0"),
+    ("lr_zero", FEDAVG, ["--config.optimizer.lr=0"], "config.optimizer.lr=0.0: must be a finite number > 0"),
+    ("lr_negative", FEDAVG, ["--config.optimizer.lr=-1e-3"], "config.optimizer.lr=-0.001:"),
+    ("lr_nan", FEDAVG, ["--config.optimizer.lr=nan"], "config.optimizer.lr=nan: must be a finite number"),
+    ("lr_inf", FEDAVG, ["--config.optimizer.lr=inf"], "config.optimizer.lr=inf:"),
+    ("eval_batch", FEDAVG, ["--config.eval_batch_size=0"], "config.eval_batch_size=0:"),
+    ("depth", FEDAVG, ["--config.model.depth=0"], "config.model.depth=0:"),
+    ("base", FEDAVG, ["--config.model.base=0"], "config.model.base=0:"),
+    ("dtype", FEDAVG, ["--config.model.dtype=float64"], "config.model.dtype='float64': must be one of 'float32'"),
+    ("client_strategy", FEDAVG, ["--config.fl.client_strategy=vmapp"], "config.fl.client_strategy='vmapp':"),
+    ("step_strategy", FEDAVG, ["--config.fl.step_strategy=loop"], "config.fl.step_strategy='loop': must be one of"),
+    ("algorithm", FEDAVG, ["--config.algorithm=fedavgg"], "config.algorithm='fedavgg': must be one of"),
+    ("val_fraction", FEDAVG, ["--config.data.val_fraction=0"], "config.data.val_fraction=0.0: must be a finite number in (0, 1)"),
+    ("test_fraction", FEDAVG, ["--config.data.test_fraction=1"], "config.data.test_fraction=1.0:"),
+    ("fractions_sum", FEDAVG, ["--config.data.val_fraction=0.6", "--config.data.test_fraction=0.5"],
+     "config.data.test_fraction=0.5: config.data.val_fraction + config.data.test_fraction = 1.1"),
+    ("image_size", FEDAVG, ["--config.data.image_size=60"], "config.data.image_size=60: must be divisible"),
+    ("partition", FEDAVG, ["--config.fl.partition=random"], "config.fl.partition='random':"),
+    ("num_clients", FEDAVG, ["--config.fl.num_clients=-1"], "config.fl.num_clients=-1:"),
+    ("iid_needs_clients", FEDAVG, ["--config.fl.partition=iid"], "config.fl.num_clients=0: partition 'iid' needs"),
+    ("dcew_weights", FEDAVG, ["--config.algorithm=dcew", "--config.fl.beta=0.5"], "config.fl.gamma=0.25: config.fl.alpha + beta + gamma must be 1"),
+    ("server_opt", FEDAVG, ["--config.fl.server_opt=adam"], "config.fl.server_opt='adam': must be one of 'none'"),
+    ("trim", FEDAVG, ["--config.fl.trim=0.5"], "config.fl.trim=0.5:"),
+    ("dp_delta", FEDAVG, ["--config.fl.dp.delta=0"], "config.fl.dp.delta=0.0:"),
+    ("dp_accountant", FEDAVG, ["--config.fl.dp.accountant=gdp"], "config.fl.dp.accountant='gdp':"),
+    ("loss", FEDAVG, ["--config.loss=dice_bce"], "config.loss='dice_bce': must be one of"),
+    ("optimizer", FEDAVG, ["--config.optimizer.name=rmsprop"], "config.optimizer.name='rmsprop':"),
+    ("seed", FEDAVG, ["--config.seed=-1"], "config.seed=-1:"),
+    ("layout", FEDAVG, ["--config.data.layout=nifti"], "config.data.layout='nifti': must be one of"),
+    ("norm_k", FEDAVG, ["--config.fl.norm_k=-1"], "config.fl.norm_k=-1.0:"),
+    ("dropout", FEDAVG, ["--config.model.dropout=1"], "config.model.dropout=1.0:"),
+    ("normalize", FEDAVG, ["--config.data.normalize=minmax"], "config.data.normalize='minmax':"),
+    ("secagg_bits", FEDAVG, ["--config.fl.secagg_bits=40"], "config.fl.secagg_bits=40:"),
+    ("split_seed", FEDAVG, ["--config.data.split_seed=-2"], "config.data.split_seed=-2:"),
+    ("chunk", FEDAVG, ["--config.fl.clients_per_chunk=-1"], "config.fl.clients_per_chunk=-1:"),
+    ("batch_size_cl", DEMO, ["--config.batch_size=0"], "config.batch_size=0:"),
+    ("epochs_cl", DEMO, ["--config.num_epochs=0"], "config.num_epochs=0:"),
+    ("fl_section", ACDC_CL, ["--config.algorithm=fedavg"], "config.fl=None: algorithm 'fedavg' needs the fl section"),
+    # overrides that do not parse, or name no key
+    ("type_int", FEDAVG, ["--config.fl.rounds=abc"], "config.fl.rounds='abc': expected int"),
+    ("type_float", FEDAVG, ["--config.optimizer.lr=fast"], "config.optimizer.lr='fast': expected float"),
+    ("type_bool", FEDAVG, ["--config.fl.eval_clients=maybe"], "config.fl.eval_clients='maybe': expected bool"),
+    ("type_int_float", FEDAVG, ["--config.fl.local_steps=2.5"], "config.fl.local_steps='2.5': expected int"),
+    ("unknown_key", FEDAVG, ["--config.fl.roundz=3"], "unknown config key fl.roundz (did you mean fl.rounds?)"),
+    ("unknown_section", FEDAVG, ["--config.fll.rounds=3"], "unknown config key fll.rounds (did you mean fl.rounds?)"),
+    ("unknown_model_key", FEDAVG, ["--config.model.dtyp=bfloat16"], "unknown config key model.dtyp (did you mean model.dtype?)"),
+    ("unknown_no_hint", FEDAVG, ["--config.zzzzzz=1"], "unknown config key zzzzzz"),
+    ("unknown_flag", FEDAVG, ["--workdirr=x"], "workdirr"),
+    ("extra_argument", FEDAVG, ["stray"], "unexpected arguments: stray"),
+]
+
+
+def _run(capfd, args):
+  rc = launch.run_cli(["launch.py", *args])
+  out, err = capfd.readouterr()
+  return rc, out, err
+
+
+@pytest.mark.parametrize("name, config, overrides, needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_command_is_one_line_exit_2(name, config, overrides, needle, tmp_path, capfd):
+  wd = tmp_path / "run"
+  rc, out, err = _run(capfd, ["--config", config, "--workdir", str(wd), *overrides])
+  lines = err.splitlines()
+  assert rc == 2, (out, err)
+  assert len(lines) == 1, err
+  assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+  if name == "unknown_key":
+    assert lines[0] == "error: unknown config key fl.roundz (did you mean fl.rounds?)"
+  assert not wd.exists()
+
+
+def test_missing_config_file_and_workdir(tmp_path, capfd):
+  rc, _, err = _run(capfd, ["--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path / "w")])
+  assert rc == 2 and err.splitlines() == [f"error: --config={tmp_path / 'nope.py'}: no such config file"]
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(:\n")
+  rc, _, err = _run(capfd, ["--config", str(broken), "--workdir", str(tmp_path / "w")])
+  assert rc == 2 and len(err.splitlines()) == 1 and "broken.py: cannot load it (SyntaxError" in err
+  rc, _, err = _run(capfd, ["--config", FEDAVG])
+  assert rc == 2 and err.splitlines() == ["error: --workdir is required"]
+  assert not (tmp_path / "w").exists()
+
+
+def test_run_cli_parses_afresh_each_time(tmp_path, capfd):
+  """An override of one in-process command does not leak into the next one."""
+  assert _run(capfd, ["--config", FEDAVG, "--workdir", str(tmp_path / "a"), "--config.fl.rounds=0"])[0] == 2
+  rc, _, err = _run(capfd, ["--config", FEDAVG, "--workdir", str(tmp_path / "b"), "--config.fl.eval_every=0"])
+  assert rc == 2 and err.splitlines() == ["error: config.fl.eval_every=0: must be an integer >= 1"]
