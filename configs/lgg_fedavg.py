@@ -28,10 +28,14 @@ def get_fl_config():
   fl.client_strategy = "auto"   # auto | vmap | unrolled | map | sharded (see benchmarks/round_speed.py)
   fl.clients_per_chunk = 0      # > 0: stream clients to the device C at a time (fl/scale.py)
   fl.step_strategy = "auto"     # auto | scan | unrolled
+  fl.local_work = "equal"       # equal | proportional (τ_k ∝ samples, largest = local_steps) | list
+  fl.local_steps_per_client = ()  # local_work='list': one τ_k ≤ local_steps per client
+  fl.fednova = False            # FedNova normalised averaging of unequal local work (aggregators.nova)
   fl.alpha = 0.5                # FedCostW / DCEW sample-size weight
   fl.beta = 0.25                # DCEW cost weight
   fl.gamma = 0.25               # DCEW dice weight
   fl.cost = "cost"              # FedCostW cost c(M): 'cost' (training loss) | 'ce'
+  fl.cost_ratio = "local"       # c_k = c(M_{t-1})/c(M_t): local (received vs trained, same round) | rounds (own trained models, consecutive rounds)
   fl.clients_per_round = 0      # m > 0: m of the K clients per round, without replacement (0 = all)
   fl.client_sampling = "uniform"  # uniform | size (probability ∝ training samples)
   fl.eval_every = 1

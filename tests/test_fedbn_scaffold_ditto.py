@@ -274,6 +274,7 @@ def test_personalised_methods_end_to_end(tiny, tmp_path, fl, kind):
     assert len(rows[1]["sampled"]) == 2 and "global" not in res
 
 
+@pytest.mark.slow
 def test_scaffold_end_to_end_counts_the_controls(tiny, tmp_path):
   from fedjax_seg import train
   c = _e2e_config(tiny, scaffold=True)
@@ -306,3 +307,15 @@ def test_method_combinations_are_refused():
   c.fl.scaffold, c.fl.secagg = True, True
   with pytest.raises(ValueError, match="SCAFFOLD also uploads"):
     fl_train.check_fl_config(c)
+
+
+def test_unequal_work_fednova_and_cost_ratio_rounds_end_to_end(tiny, tmp_path):
+  from fedjax_seg import train
+  c = _e2e_config(tiny, local_work="list", local_steps_per_client=(2, 1, 2), fednova=True,
+                  cost_ratio="rounds")
+  c.algorithm = "fedcostw"
+  res = train.run(c, str(tmp_path))
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    rows = [json.loads(l) for l in f]
+  assert rows[1]["client_local_steps"] == [2.0, 1.0, 2.0]
+  assert np.isfinite(res["metrics"]["test"]["dice_mean"]) and not rows[-1]["failed"]

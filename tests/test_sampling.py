@@ -145,3 +145,128 @@ def test_bad_sampling_config_is_refused(key, value, match):
   c.fl.clients_per_round, c.fl.secagg = 2, True
   with pytest.raises(ValueError, match="secagg"):
     fl_train.check_fl_config(c)
+
+
+# --- fl.cost_ratio: the two readings of c_k = c(M_{t-1}) / c(M_t) -----------------------
+
+
+def test_cost_ratio_rounds_uses_the_clients_consecutive_rounds():
+  from fedjax_seg.fl import core
+  k = 3
+  scale = np.array([1.0, 2.0, 4.0], np.float32)
+
+  def client_update(variables, data, key):
+    w = variables["w"]
+    s = data["s"]
+    # cost of the received model and of the trained one (depends on the round via w)
+    stats = {"num_samples": jnp.float32(1.0), "cost_pre": s * (w + 3.0),
+             "cost_post": s * (w + 1.0) + 1.0 / (w + 2.0), "ce_pre": w + 1.0,
+             "ce_post": w + 0.5, "dice_pre": 0.5 + 0.0 * w, "dice_post": 0.6 + 0.0 * w,
+             "train_loss": w}
+    return {"w": w + 1.0}, stats
+
+  agg = aggregators.get("fedcostw")
+  data = {"s": jnp.asarray(scale)}
+  results = {}
+  for reading in ("local", "rounds"):
+    alg = core.supervised_algorithm(client_update, agg, {"alpha": 0.5, "cost": "cost"},
+                                    cost_ratio=reading)
+    clients = core.init_prev_stats(k) if reading == "rounds" else ()
+    state = algorithm.ServerState({"w": jnp.float32(0.0)}, jnp.int32(0), clients=clients)
+    run = jax.jit(algorithm.make_round(alg, "vmap"))
+    ws = []
+    for _ in range(3):
+      state, info = run(state, data, jax.random.PRNGKey(0))
+      ws.append(np.asarray(info["weights"]))
+    results[reading] = ws
+  # NumPy: every client trains every round; w_t = t (the average of w+1)
+  def weights(c):
+    return 0.5 * np.full(k, 1 / k) + 0.5 * c / c.sum()
+  post = lambda w: scale * (w + 1.0) + 1.0 / (w + 2.0)
+  for t in range(3):
+    local_c = scale * (t + 3.0) / post(t)
+    np.testing.assert_allclose(results["local"][t], weights(local_c), rtol=1e-5)
+    rounds_c = local_c if t == 0 else post(t - 1) / post(t)
+    np.testing.assert_allclose(results["rounds"][t], weights(rounds_c), rtol=1e-5)
+  assert not np.allclose(results["local"][2], results["rounds"][2])
+
+
+def test_cost_ratio_bad_value_is_refused():
+  from configs import lgg_fedavg
+  from fedjax_seg.fl import train as fl_train
+  c = lgg_fedavg.get_config()
+  c.fl.cost_ratio = "global"
+  with pytest.raises(ValueError, match="cost_ratio='global'"):
+    fl_train.check_fl_config(c)
+
+
+# --- unequal local work: masked steps, FedNova ------------------------------------------
+
+
+def test_masked_local_steps_stop_after_num_steps():
+  import optax
+  from fedjax_seg.fl import local
+
+  def loss_fn(p, s, k):
+    return 0.5 * jnp.sum(jnp.square(p["w"] - 3.0)), ({"params": p}, ())
+  keys = jax.random.split(jax.random.PRNGKey(0), 5)
+  for strategy in ("scan", "unrolled"):
+    out = jax.jit(lambda n: local.local_train(loss_fn, optax.sgd(0.5), {"params": {"w": 0.0}},
+                                              keys, strategy=strategy, num_steps=n))
+    for tau in (1, 3, 5):
+      v, _, (losses, _) = out(jnp.int32(tau))
+      np.testing.assert_allclose(float(v["params"]["w"]), 3.0 * (1 - 0.5 ** tau), rtol=1e-6)
+      assert np.isnan(np.asarray(losses)[tau:]).all() and np.isfinite(np.asarray(losses)[:tau]).all()
+
+
+def test_fednova_matches_numpy_and_equals_fedavg_at_equal_work():
+  rng = np.random.default_rng(0)
+  g = {"w": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+  y = rng.normal(size=(4, 3)).astype(np.float32)
+  n = np.array([2.0, 5.0, 1.0, 4.0], np.float32)
+  tau = np.array([1.0, 4.0, 2.0, 8.0], np.float32)
+  stats = {"num_samples": jnp.asarray(n), "local_steps": jnp.asarray(tau)}
+  new, w, failed = aggregators.nova(aggregators.fedavg)(g, {"w": jnp.asarray(y)}, stats)
+  p = n / n.sum()
+  x = np.asarray(g["w"])
+  ref = x - (p * tau).sum() * sum(p[k] * (x - y[k]) / tau[k] for k in range(4))
+  np.testing.assert_allclose(np.asarray(new["w"]), ref, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(w), p, rtol=1e-6)
+  eq = {"num_samples": jnp.asarray(n), "local_steps": jnp.full((4,), 3.0)}
+  a = aggregators.nova(aggregators.fedavg)(g, {"w": jnp.asarray(y)}, eq)[0]
+  b = aggregators.fedavg(g, {"w": jnp.asarray(y)}, eq)[0]
+  np.testing.assert_allclose(np.asarray(a["w"]), np.asarray(b["w"]), rtol=1e-5)
+
+
+def test_proportional_local_steps_from_sizes():
+  from configs import lgg_fedavg
+  from fedjax_seg.data import federated
+  from fedjax_seg.fl import train as fl_train
+  c = lgg_fedavg.get_config()
+  c.fl.local_steps = 8
+  c.fl.local_work = "proportional"
+  valid = np.zeros((3, 10), np.float32)
+  valid[0, :10], valid[1, :5], valid[2, :1] = 1, 1, 1
+  data = federated.ClientData(np.zeros((3, 10, 1)), np.zeros((3, 10), np.int32), valid)
+  np.testing.assert_array_equal(fl_train.local_steps_per_client(c, data), [8, 4, 1])
+  c.fl.local_work = "list"
+  c.fl.local_steps_per_client = (2, 9, 1)
+  with pytest.raises(ValueError, match="each in 1..config.fl.local_steps=8"):
+    fl_train.check_fl_config(c)
+  c.fl.local_steps_per_client = (2, 3, 1)
+  np.testing.assert_array_equal(fl_train.local_steps_per_client(c, data), [2, 3, 1])
+
+
+@pytest.mark.parametrize("key,value", [("clients_per_round", 2), ("local_norm", "fedbn"),
+                                       ("scaffold", True), ("fednova", True)])
+def test_semi_and_fcl_refuse_supervised_only_options(key, value):
+  from configs import acdc_fcl_exchange, lgg_fedwep
+  from fedjax_seg.fl import fcl_train, semi_train
+  c = lgg_fedwep.get_config("fedwep,label_at_client,1/4,iid")
+  c.fl[key] = value
+  with pytest.raises(ValueError, match=f"config.fl.{key}=.*semi-supervised"):
+    semi_train.check_aggregation(c, semi_train.hparams(c))
+  c = acdc_fcl_exchange.get_config()
+  c.fl[key] = value
+  with pytest.raises(ValueError, match=f"config.fl.{key}=.*FCL pre-training"):
+    fcl_train.validate(c)

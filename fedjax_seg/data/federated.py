@@ -4,6 +4,8 @@ compiled program (SPEC §1.6).
     ClientData.x      float32 [K, N_max, *spatial, C]
     ClientData.y      int32   [K, N_max, *spatial]
     ClientData.valid  float32 [K, N_max]   1 = real sample, 0 = padding
+    ClientData.steps  int32   [K] or None  local optimiser steps of each client
+                                           (unequal local work; None: fl.local_steps each)
 
 Real samples of client k occupy rows [0, s_k); s_k = valid[k].sum() counts
 real samples only. Padding rows are zeros and carry zero weight everywhere.
@@ -23,6 +25,7 @@ class ClientData:
   x: jnp.ndarray
   y: jnp.ndarray
   valid: jnp.ndarray
+  steps: jnp.ndarray = None
 
   @property
   def num_clients(self) -> int:

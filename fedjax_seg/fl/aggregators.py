@@ -266,6 +266,39 @@ def trimmed_mean(global_vars, stacked, stats: Stats, trim: float = 0.1, **_):
   return jax.tree.map(tmean, global_vars, stacked), _nominal_weights(ok), failed
 
 
+def nova(inner: Callable) -> Callable:
+  """FedNova (Wang et al., NeurIPS 2020): normalised averaging for unequal local work.
+
+  With the inner aggregator's weights p_k and client k's local steps τ_k
+  (``stats['local_steps']``), x = the global model:
+
+      x_t = x − τ_eff Σ_k p_k (x − y_k) / τ_k,      τ_eff = Σ_k p_k τ_k
+
+  Each client's update is normalised to one step, then scaled back by the average work,
+  so a client that ran more steps no longer pulls the model further towards its own
+  optimum. With equal τ_k this is the inner weighted average exactly. For the
+  weighted-average aggregators (fedavg, fedcostw, costw_ce, dcew).
+  """
+  def agg(global_vars, stacked, stats: Stats, **kw):
+    out = inner(global_vars, stacked, stats, **kw)
+    _, w, failed = out[0], out[1], out[2]
+    ok = w > 0
+    tau = jnp.where(ok, stats["local_steps"], 1.0)
+    tau_eff = jnp.sum(w * tau)
+
+    def upd(g, m):
+      if not jnp.issubdtype(m.dtype, jnp.inexact):
+        return g
+      okb = ok.reshape((-1,) + (1,) * (m.ndim - 1))
+      d = jnp.where(okb, (g[None] - m) / tau.reshape(okb.shape).astype(m.dtype), 0)
+      new = g - tau_eff.astype(m.dtype) * jnp.tensordot(w.astype(m.dtype), d, axes=1)
+      return jnp.where(failed, g, new.astype(g.dtype))
+    return (jax.tree.map(upd, global_vars, stacked), w, failed) + tuple(out[3:])
+  agg.wants_round_key = getattr(inner, "wants_round_key", False)
+  agg.__name__ = f"nova({getattr(inner, '__name__', 'aggregator')})"
+  return agg
+
+
 AGGREGATORS: Dict[str, Callable] = {
     "fedavg": fedavg, "fedcostw": fedcostw, "costw_ce": costw_ce, "dcew": dcew,
     "median": coordinate_median, "trimmed_mean": trimmed_mean}

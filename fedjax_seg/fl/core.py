@@ -69,8 +69,10 @@ def make_client_update(fns: ModelFns, tx: optax.GradientTransformation, loss_nam
 
   data: one client's ClientData slice (x [N, ...], y [N, ...], valid [N]).
   Runs E = hp.local_steps optimiser steps from a fresh optimiser state on
-  batches sampled (by key) from the client's real samples. stats: float32
-  scalars num_samples, train_loss, cost_pre/post, ce_pre/post, dice_pre/post.
+  batches sampled (by key) from the client's real samples; with ``data.steps`` (unequal
+  local work) only the first ``data.steps`` ≤ E of them change the model. stats: float32
+  scalars num_samples, train_loss, local_steps (τ_k), cost_pre/post, ce_pre/post,
+  dice_pre/post.
   FedProx: with hp.prox_mu > 0 the local objective adds (μ/2)‖w − anchor‖², anchor =
   the received parameters (default) or ``anchor`` (Ditto: the global model while the
   personal model trains). ``penalty(params, penalty_args) -> scalar`` is added to the
@@ -98,11 +100,14 @@ def make_client_update(fns: ModelFns, tx: optax.GradientTransformation, loss_nam
         value = value + penalty(params, penalty_args)
       return value, (new_vars, ())
 
+    n_steps = getattr(data, "steps", None)   # unequal local work: E_k ≤ hp.local_steps
     new_vars, _, (step_losses, _) = local.local_train(
         loss_fn, tx, variables, jax.random.split(tkey, hp.local_steps),
-        strategy=hp.step_strategy)
+        strategy=hp.step_strategy, num_steps=n_steps)
     post = client_stats(fns, loss_name, num_classes, new_vars, sx, sy, smask)
-    stats = {"num_samples": jnp.sum(data.valid), "train_loss": jnp.mean(step_losses),
+    train_loss = jnp.mean(step_losses) if n_steps is None else jnp.nanmean(step_losses)
+    tau = jnp.float32(hp.local_steps) if n_steps is None else n_steps.astype(jnp.float32)
+    stats = {"num_samples": jnp.sum(data.valid), "train_loss": train_loss, "local_steps": tau,
              "cost_pre": pre[0], "cost_post": post[0], "ce_pre": pre[1], "ce_post": post[1],
              "dice_pre": pre[2], "dice_post": post[2]}
     return new_vars, stats
@@ -140,17 +145,53 @@ def optimiser_server_update(server_update: Optional[Callable]) -> Callable:
   return update
 
 
+COST_RATIOS = ("local", "rounds")
+PREV_KEYS = ("cost", "ce", "dice")
+
+
+def init_prev_stats(num_clients: int) -> Dict[str, jnp.ndarray]:
+  """Per-client state of ``cost_ratio='rounds'``: last round's post-training cost, CE and
+  Dice of each client (NaN: never trained yet)."""
+  return {k: jnp.full((num_clients,), jnp.nan, jnp.float32) for k in PREV_KEYS}
+
+
+def rounds_reading(stats, prev):
+  """cost_ratio='rounds': the 'pre' statistics become the client's own post-training
+  values of the last round it took part in (the local reading where it has none yet).
+  Returns (stats', prev')."""
+  out = dict(stats)
+  for k in PREV_KEYS:
+    p = prev[k]
+    out[f"{k}_pre"] = jnp.where(jnp.isfinite(p), p, stats[f"{k}_pre"])
+    out[f"{k}_pre_local"] = stats[f"{k}_pre"]
+  post = {k: jnp.where(jnp.isfinite(stats[f"{k}_post"]), stats[f"{k}_post"], prev[k])
+          for k in PREV_KEYS}
+  return out, post
+
+
 def supervised_algorithm(client_update: Callable, aggregator: Callable,
                          agg_kwargs: Optional[Dict[str, Any]] = None,
                          server_update: Optional[Callable] = None,
-                         name: str = "supervised") -> algorithm.Algorithm:
+                         name: str = "supervised", cost_ratio: str = "local") -> algorithm.Algorithm:
   """FedAvg / FedProx / FedCostW / CostW+CE / DCEW / median / trimmed mean / DP /
   secure aggregation / server optimisers: a ``client_update(variables, data_k, key)
   -> (variables', stats)`` (:func:`make_client_update`) uploading its model, the
-  aggregator over the uploaded models, an optional server optimiser."""
+  aggregator over the uploaded models, an optional server optimiser.
+
+  cost_ratio (config ``fl.cost_ratio``): how c_k = c(M_{t−1}) / c(M_t) (and DCEW's
+  d_k = dice(M_t) / dice(M_{t−1})) is read. 'local': M_{t−1} is the received global
+  model and M_t the client's model after local training, same round, same samples.
+  'rounds': M_{t−1} and M_t are the client's own trained models in consecutive rounds
+  it took part in (per-client state :func:`init_prev_stats`; the first round falls
+  back to 'local')."""
+  if cost_ratio not in COST_RATIOS:
+    raise ValueError(f"config.fl.cost_ratio={cost_ratio!r}: expected one of {COST_RATIOS}")
+
   def client(bcast, inp, key):
     data, client_state, _ = inp
     new_vars, stats = client_update(bcast, data, key)
+    if cost_ratio == "rounds":
+      stats, client_state = rounds_reading(stats, client_state)
     return {"model": new_vars}, client_state, stats
   return algorithm.Algorithm(name, ("model",), client, model_aggregate(aggregator, agg_kwargs),
                              server_update=optimiser_server_update(server_update))
@@ -159,14 +200,16 @@ def supervised_algorithm(client_update: Callable, aggregator: Callable,
 def make_run_round(client_update: Callable, aggregator: Callable, client_strategy: str = "auto",
                    agg_kwargs: Optional[Dict[str, Any]] = None,
                    server_update: Optional[Callable] = None, clients_per_round: int = 0,
-                   sample_probs=None) -> Callable:
+                   sample_probs=None, cost_ratio: str = "local") -> Callable:
   """``run_round(state, data, key) -> (state', info)`` of :func:`supervised_algorithm`
   (jit it once). info: per-client stats [K], 'weights' [K], 'failed' bool,
   'included' [K], 'sampled' [K], plus the aggregator's extra dict (DP clip fraction,
   exclusion reasons, ...). clients_per_round / sample_probs: client sampling
-  (``algorithm.make_round``)."""
+  (``algorithm.make_round``). cost_ratio 'rounds' needs ``state.clients =
+  init_prev_stats(K)``."""
   return algorithm.make_round(
-      supervised_algorithm(client_update, aggregator, agg_kwargs, server_update), client_strategy,
+      supervised_algorithm(client_update, aggregator, agg_kwargs, server_update,
+                           cost_ratio=cost_ratio), client_strategy,
       clients_per_round=clients_per_round, sample_probs=sample_probs)
 
 

@@ -127,6 +127,8 @@ def validate(config) -> None:
   if not ns or min(ns) < 1:
     raise ValueError(f"config.finetune.labelled_patients={ns}: need N >= 1")
   pretrain_hparams(config)
+  fl_train.refuse_supervised_only(config, f"config.algorithm={config.algorithm!r} (FCL "
+                                          f"pre-training)")
   fl = config.fl
   dpc = fl.get("dp")
   for key, on in (("fl.dp.enabled", bool(dpc and dpc.get("enabled", False))),

@@ -45,12 +45,14 @@ def run_steps(body: Callable, carry, keys, strategy: str):
   """``lax.scan(body, carry, keys)`` or the same loop unrolled in Python.
 
   body(carry, key) -> (carry, out); returns (carry, out stacked to [len(keys), ...]).
+  ``keys`` may be a pytree of arrays with a shared leading axis (each step gets its slice).
   """
   if backends.resolve_strategy(strategy, "step") == "scan":
     return jax.lax.scan(body, carry, keys)
+  n = jax.tree.leaves(keys)[0].shape[0]
   outs = []
-  for e in range(keys.shape[0]):
-    carry, out = body(carry, keys[e])
+  for e in range(n):
+    carry, out = body(carry, jax.tree.map(lambda a: a[e], keys))
     outs.append(out)
   return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
@@ -58,7 +60,8 @@ def run_steps(body: Callable, carry, keys, strategy: str):
 def local_train(loss_fn: Callable, tx: optax.GradientTransformation, state: Any, keys,
                 *, strategy: str, params: Callable = flax_params, merge: Callable = flax_merge,
                 after_step: Optional[Callable] = None,
-                opt_state: Any = None) -> Tuple[Any, Any, Tuple[jnp.ndarray, Any]]:
+                opt_state: Any = None,
+                num_steps=None) -> Tuple[Any, Any, Tuple[jnp.ndarray, Any]]:
   """E = keys.shape[0] optimiser steps of ``tx`` on ``loss_fn`` (module docstring).
 
   Args:
@@ -70,18 +73,27 @@ def local_train(loss_fn: Callable, tx: optax.GradientTransformation, state: Any,
     params / merge: how to read the trainable parameters out of ``state`` and put the
       stepped ones back (defaults: flax variables' 'params' collection).
     after_step: state -> state, applied after every optimiser step.
+    num_steps: optional int32 scalar (traced) ≤ E: only steps e < num_steps change the
+      state and optimiser state (unequal local work inside one program); the losses of
+      the masked steps are NaN.
   Returns (state, opt_state, (losses float32 [E], aux stacked [E, ...])).
   """
-  def body(carry, key):
-    s, o = carry
+  def body(carry, inp):
+    (s, o), (key, e) = carry, inp
     p = params(s)
     (value, (new_s, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, s, key)
-    updates, o = tx.update(grads, o, p)
-    s = merge(s, new_s, optax.apply_updates(p, updates))
+    updates, o2 = tx.update(grads, o, p)
+    s2 = merge(s, new_s, optax.apply_updates(p, updates))
     if after_step is not None:
-      s = after_step(s)
-    return (s, o), (value, aux)
+      s2 = after_step(s2)
+    if num_steps is not None:
+      on = e < num_steps
+      keep = lambda n, old: jnp.where(on, n, old)
+      s2, o2 = jax.tree.map(keep, s2, s), jax.tree.map(keep, o2, o)
+      value = jnp.where(on, value, jnp.nan)
+    return (s2, o2), (value, aux)
 
   o0 = tx.init(params(state)) if opt_state is None else opt_state
-  (state, opt_state), hist = run_steps(body, (state, o0), keys, strategy)
+  steps_idx = jnp.arange(keys.shape[0], dtype=jnp.int32)
+  (state, opt_state), hist = run_steps(body, (state, o0), (keys, steps_idx), strategy)
   return state, opt_state, hist

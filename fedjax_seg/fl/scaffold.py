@@ -4,7 +4,9 @@ Server state c (``state.server``), client k's control c_k (``state.clients`` row
 both shaped like the model's 'params', zero at the start. One round, x = w_{t-1}:
 
     client k:  y ← x;  E steps  y ← y − η_l (∇f_k(y) + c − c_k)
-               c_k⁺ = c_k − c + (x − y) / (E η_l)                    (option II)
+               c_k⁺ = c_k − c + (x − y) / (τ_k η_l)                  (option II; τ_k = E,
+                                                                      or the client's own
+                                                                      steps, unequal work)
                upload (y, Δc_k = c_k⁺ − c_k);  c_k ← c_k⁺
     server:    x ← aggregator(x, {y_k}, stats)                       (η_g = 1: FedAvg-style
                                                                       average of the y_k)
@@ -56,7 +58,6 @@ def make_algorithm(client_update: Callable, aggregator: Callable, local_lr: floa
   """client_update: ``core.make_client_update(..., penalty=correction_penalty)``.
   server_update: optional server optimiser on the model (fl/server_opt.py)."""
   agg_kwargs = dict(agg_kwargs or {})
-  scale = 1.0 / (local_steps * local_lr)
 
   def broadcast(state, server_data, key):
     return {"model": state.variables, "control": state.server}, {}
@@ -66,7 +67,9 @@ def make_algorithm(client_update: Callable, aggregator: Callable, local_lr: floa
     x, c = bcast["model"], bcast["control"]
     corr = jax.tree.map(jnp.subtract, c, c_k)
     y, stats = client_update(x, data, key, penalty_args=corr)
-    c_new = jax.tree.map(lambda ck, cc, xp, yp: ck - cc + (xp - yp) * scale,
+    # τ_k = the client's local steps (E, or its own under unequal local work)
+    inv = 1.0 / (stats.get("local_steps", jnp.float32(local_steps)) * local_lr)
+    c_new = jax.tree.map(lambda ck, cc, xp, yp: ck - cc + (xp - yp) * inv,
                          c_k, c, x["params"], y["params"])
     ok = aggregators.finite_clients(jax.tree.map(lambda a: a[None], c_new))[0]
     c_new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), c_new, c_k)

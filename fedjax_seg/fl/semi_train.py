@@ -160,6 +160,7 @@ def check_aggregation(config, hp: semi.SemiHParams) -> None:
   """The aggregation options (fl.dp, fl.secagg, fl.server_opt, fl.norm_k) act on the
   clients' uploaded models: refused, naming the key, when clients upload nothing."""
   fl = config.fl
+  fl_train.refuse_supervised_only(config, f"config.algorithm={hp.method!r} (semi-supervised)")
   on = {"fl.dp.enabled": bool(fl.get("dp") and fl.dp.get("enabled", False)),
         "fl.secagg": bool(fl.get("secagg", False)),
         "fl.server_opt": fl.get("server_opt", "none") not in ("none", "", None)}

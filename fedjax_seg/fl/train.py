@@ -146,6 +146,7 @@ def check_fl_config(config) -> None:
     raise ValueError(f"config.fl.trim={config.fl.trim}: expected 0 <= trim < 0.5")
   check_sampling(config)
   check_method(config)
+  check_local_work(config)
 
 
 def method(config) -> str:
@@ -165,8 +166,63 @@ def method(config) -> str:
           "ditto_lambda": "ditto"}[on[0]]
 
 
+LOCAL_WORK = ("equal", "proportional", "list")
+
+
+def check_local_work(config) -> None:
+  fl = config.fl
+  work = fl.get("local_work", "equal")
+  if work not in LOCAL_WORK:
+    raise ValueError(f"config.fl.local_work={work!r}: expected one of {LOCAL_WORK}")
+  lst = tuple(fl.get("local_steps_per_client", ()))
+  if work == "list" and (not lst or any(int(e) < 1 or int(e) > fl.local_steps for e in lst)):
+    raise ValueError(f"config.fl.local_steps_per_client={lst}: with local_work='list' give one "
+                     f"value per client, each in 1..config.fl.local_steps={fl.local_steps}")
+  if fl.get("fednova", False):
+    if config.algorithm not in aggregators.LINEAR_AGGREGATORS:
+      raise ValueError(f"config.fl.fednova=True with config.algorithm={config.algorithm!r}: "
+                       f"FedNova normalises a weighted average {aggregators.LINEAR_AGGREGATORS}")
+    if fl.get("secagg", False) or fl.get("dp", {}).get("enabled", False) or \
+        fl.get("clients_per_chunk", 0):
+      raise ValueError("config.fl.fednova=True needs every client's model at the server "
+                       "(not with secure aggregation, DP-FedAvg or streamed chunks)")
+
+
+def local_steps_per_client(config, data) -> Optional[np.ndarray]:
+  """int32 [K] local steps τ_k (config.fl.local_work), None when every client runs
+  config.fl.local_steps. 'proportional': τ_k = max(1, round(E · s_k / max_j s_j)) (the
+  largest client runs E); 'list': config.fl.local_steps_per_client in client order."""
+  fl = config.fl
+  work = fl.get("local_work", "equal")
+  k = int(np.shape(data.valid)[0])
+  if work == "equal":
+    return None
+  if work == "list":
+    lst = [int(e) for e in fl.local_steps_per_client]
+    if len(lst) != k:
+      raise ValueError(f"config.fl.local_steps_per_client has {len(lst)} values for {k} clients")
+    return np.asarray(lst, np.int32)
+  n = np.asarray(jax.device_get(data.valid)).sum(axis=1)
+  return np.maximum(1, np.round(fl.local_steps * n / max(n.max(), 1))).astype(np.int32)
+
+
+def cost_ratio(config) -> str:
+  """config.fl.cost_ratio ('local' | 'rounds', core.supervised_algorithm)."""
+  return config.fl.get("cost_ratio", "local")
+
+
 def check_method(config) -> None:
   fl = config.fl
+  if cost_ratio(config) not in core.COST_RATIOS:
+    raise ValueError(f"config.fl.cost_ratio={cost_ratio(config)!r}: expected one of "
+                     f"{core.COST_RATIOS}")
+  if cost_ratio(config) == "rounds":
+    if fl.get("clients_per_chunk", 0):
+      raise ValueError("config.fl.cost_ratio='rounds' keeps per-client state; streamed chunks "
+                       "(config.fl.clients_per_chunk) run cost_ratio='local' only")
+    if method(config) != "standard":
+      raise ValueError(f"config.fl.cost_ratio='rounds' with {method(config)}: one per-client "
+                       f"state at a time (use cost_ratio='local')")
   ln = fl.get("local_norm", "none")
   if ln not in ("none",) + fedbn.MODES:
     raise ValueError(f"config.fl.local_norm={ln!r}: expected one of {('none',) + fedbn.MODES}")
@@ -251,6 +307,22 @@ def personal_eval(kind: str, state, ds, names, train_ids) -> Optional[Dict]:
 
 SAMPLINGS = ("uniform", "size")
 
+# Options only the supervised federated trainer (train_federated) implements, with the
+# value that means "off".
+SUPERVISED_ONLY = (("clients_per_round", 0), ("client_sampling", "uniform"),
+                   ("local_norm", "none"), ("scaffold", False), ("ditto_lambda", 0.0),
+                   ("local_work", "equal"), ("fednova", False), ("cost_ratio", "local"))
+
+
+def refuse_supervised_only(config, who: str) -> None:
+  """ValueError naming the first config.fl key of SUPERVISED_ONLY set away from off:
+  ``who`` (the semi-supervised rounds, FCL pre-training) would silently ignore it."""
+  for key, off in SUPERVISED_ONLY:
+    value = config.fl.get(key, off)
+    if value != off:
+      raise ValueError(f"config.fl.{key}={value!r}: not implemented for {who}; it applies to "
+                       f"the supervised federated algorithms only (leave it at {off!r})")
+
 
 def check_sampling(config) -> None:
   """config.fl.clients_per_round / client_sampling: refuses what sampling cannot do."""
@@ -303,6 +375,8 @@ def build_aggregator(config, num_clients: int, noise_multiplier: float = 0.0,
                          secagg.make_secure_sum(seeds, bits) if seeds is not None else None)
   else:
     inner = aggregators.get(base or config.algorithm)
+    if fl.get("fednova", False):
+      inner = aggregators.nova(inner)
     if seeds is not None:
       inner = secagg.secure(inner, seeds, bits)
   return aggregators.robust(inner, fl.get("norm_k", 0.0))
@@ -402,6 +476,13 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
     extra_results["labelled_patients"] = [list(ids) for ids in train_ids]
   data = build_client_data(ds, train_ids, host=chunked,
                            min_rows=int(config.fl.get("pad_rows", 1)))
+  taus = local_steps_per_client(config, data)
+  if taus is not None:  # unequal local work: masked steps inside the one program
+    data = data.replace(steps=taus if chunked else jnp.asarray(taus))
+    print(f"[fl] local steps per client ({config.fl.local_work}): "
+          + ", ".join(f"{n} {t}" for n, t in zip(names, taus))
+          + (" (FedNova normalised averaging)" if config.fl.get("fednova", False) else ""),
+          flush=True)
   print(f"[fl] {config.algorithm}: {len(names)} clients, partition={config.fl.partition}\n"
         + federated.client_summary(names, train_ids, data, val_ids), flush=True)
   fns = models.build(config.model, ds.num_classes)
@@ -443,7 +524,8 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
                                   sample_probs=probs)
     return core.make_run_round(client_update(), build_aggregator(config, len(names), noise_mult),
                                config.fl.client_strategy, agg_kwargs(config), server_update,
-                               clients_per_round=m if m < len(names) else 0, sample_probs=probs)
+                               clients_per_round=m if m < len(names) else 0, sample_probs=probs,
+                               cost_ratio=cost_ratio(config))
   run_round = runlog.cached_jit("round" + ckey, build_round, donate_argnums=(0,),
                                 **jit_options(config))
   if chunked:  # C clients at a time, aggregate as running sums (fl/scale.py)
@@ -454,6 +536,8 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   if kind in fedbn.MODES:
     fedbn.check_model(variables, kind, config.model.get("norm", "none"))
   clients0, server0 = init_method_state(kind, variables, len(names))
+  if kind == "standard" and cost_ratio(config) == "rounds":
+    clients0 = core.init_prev_stats(len(names))
   state = core.ServerState(variables, jnp.int32(0), server_opt.init(server_tx, variables),
                            clients=clients0, server=server0)
   mbytes = core.model_bytes(variables)
@@ -521,7 +605,7 @@ def info_row(info, names) -> Dict:
          "excluded": [n for n, i, s in zip(names, inc, sampled) if s and not i]}
   if not sampled.all():
     row["sampled"] = [n for n, s in zip(names, sampled) if s]
-  for key_ in ("dice_pre", "dice_post", "ce_pre", "ce_post"):
+  for key_ in ("dice_pre", "dice_post", "ce_pre", "ce_post", "local_steps"):
     if key_ in info:
       row[f"client_{key_}"] = [float(v) for v in info[key_]]
   row.update(_robust_row(info, names))
