@@ -34,15 +34,23 @@ from benchmarks import _runs  # noqa: E402
 from configs import lgg_centralized, lgg_fedavg  # noqa: E402
 
 METHODS = [("CL", "centralized"), ("FedAvg", "fedavg"), ("FedCostW-Avg", "fedcostw"),
+           ("FedCostW-Avg (rounds reading)", "fedcostw_rounds"),
            ("CostW-Avg+CE", "costw_ce"), ("DCEW-Avg", "dcew")]
+# method key -> (config.algorithm, config.fl overrides)
+VARIANTS = {"fedcostw_rounds": ("fedcostw", {"cost_ratio": "rounds"})}
 PAPER = {"CL": (37.45, 54.49), "FedAvg": (30.17, 46.32), "CostW-Avg+CE": (36.95, 53.96),
          "DCEW-Avg": (36.98, 53.99)}
 
 
-def make_config(algorithm, seed, args):
+def make_config(key, seed, args):
+  algorithm, fl_over = VARIANTS.get(key, (key, {}))
   c = lgg_centralized.get_config() if algorithm == "centralized" else lgg_fedavg.get_config()
   c.algorithm = algorithm
   c.seed = seed
+  if not args.fixed_split:  # the patient split varies with the seed too
+    c.data.split_seed = seed
+  c.data.phantom.slices_per_patient = args.slices_per_patient
+  c.data.test_fraction = args.test_fraction
   c.data.cache_dir = args.cache
   if args.root:
     c.data.root = args.root
@@ -59,6 +67,8 @@ def make_config(algorithm, seed, args):
     c.fl.local_steps = args.local_steps
     c.fl.client_batch_size = args.batch
     c.fl.eval_clients = True
+    for k, v in fl_over.items():
+      c.fl[k] = v
   c.batch_size = args.batch
   return c
 
@@ -76,6 +86,11 @@ def main():
   p.add_argument("--lr", type=float, default=3e-3)
   p.add_argument("--sites", default="CS,DU,HT,FG")
   p.add_argument("--patients-per-site", type=int, default=4)
+  p.add_argument("--slices-per-patient", type=int, default=16)
+  p.add_argument("--test-fraction", type=float, default=0.15)
+  p.add_argument("--fixed-split", action="store_true",
+                 help="data.split_seed = 0 for every seed (the earlier tables); default: = seed")
+  p.add_argument("--n-boot", type=int, default=2000)
   p.add_argument("--root", default="", help="real Kaggle LGG root (default: phantom)")
   p.add_argument("--phantom-style", default="geometric", choices=["geometric", "anatomical"],
                  help="phantom anatomy: geometric ellipses or ICBM152 brain (fedjax_seg/data/anatomy.py)")
@@ -92,7 +107,7 @@ def main():
   logging.set_verbosity(logging.WARNING)
   from fedjax_seg.data import pipeline
 
-  results = {}
+  results, per_patient = {}, {}
   t0 = time.time()
   for name, algorithm in METHODS:
     if name not in args.methods:
@@ -104,15 +119,21 @@ def main():
         n_train = sum(len(ds.patients[i].labels) for i in ds.splits["train"])
         k = len({ds.patients[i].site for i in ds.splits["train"]})
         c.num_epochs = max(1, round(args.rounds * args.local_steps * k * args.batch / n_train))
-      wd = os.path.join(args.workdir, f"{algorithm}_s{seed}")
-      r = _runs.run_or_load(c, wd, "dcew_table")["metrics"]["test"]
-      results.setdefault(name, []).append({"seed": seed, "iou": r["iou_mean"], "dice": r["dice_mean"]})
+      wd = os.path.join(args.workdir + ("" if args.fixed_split else "_splits"),
+                        f"{algorithm}_s{seed}")
+      full = _runs.run_or_load(c, wd, "dcew_table")
+      r = full["metrics"]["test"]
+      per_patient.setdefault(name, {})[seed] = {
+          str(x["id"]): float(x["dice_mean"]) for x in full["per_patient"]["test"]}
+      results.setdefault(name, []).append({"seed": seed, "iou": r["iou_mean"], "dice": r["dice_mean"],
+                                           "worst_site_dice": full.get("per_site", {}).get(
+                                               "test", {}).get("worst_dice")})
       print(f"[dcew_table] {name} seed {seed}: test mIoU {r['iou_mean']:.4f} Dice {r['dice_mean']:.4f} "
             f"({time.time() - t0:.0f}s so far)", flush=True)
 
   ms = _runs.mean_std
-  lines = ["| method | mIoU (fg) % | Dice (fg) % | seeds | paper mIoU / Dice (real LGG) |",
-           "|---|---|---|---|---|"]
+  lines = ["| method | mIoU (fg) % | Dice (fg) % | worst-site Dice % | seeds | paper mIoU / Dice (real LGG) |",
+           "|---|---|---|---|---|---|"]
   summary = {}
   for name, _ in METHODS:
     if name not in results:
@@ -121,7 +142,9 @@ def main():
     summary[name] = {"miou_mean": iou[0], "miou_std": iou[1], "dice_mean": dice[0], "dice_std": dice[1],
                      "runs": results[name]}
     paper = PAPER.get(name)
-    lines.append(f"| {name} | {iou[0]:.2f} ± {iou[1]:.2f} | {dice[0]:.2f} ± {dice[1]:.2f} | "
+    worst = [r["worst_site_dice"] for r in results[name] if r["worst_site_dice"] is not None]
+    worst_txt = f"{100 * sum(worst) / len(worst):.2f}" if worst else "–"
+    lines.append(f"| {name} | {iou[0]:.2f} ± {iou[1]:.2f} | {dice[0]:.2f} ± {dice[1]:.2f} | {worst_txt} | "
                  f"{len(results[name])} | {f'{paper[0]:.2f} / {paper[1]:.2f}' if paper else '–'} |")
   cmd = "python benchmarks/dcew_table.py " + " ".join(sys.argv[1:])
   data_desc = f"real LGG at {args.root}" if args.root else f"phantom LGG ({args.phantom_style})"
@@ -131,14 +154,24 @@ def main():
         f"CL gets the same number of optimiser steps. Test split pooled over sites; mean ± std over seeds "
         f"{args.seeds}. mIoU/Dice are foreground (tumour) means, background excluded.\n\n"
         + "\n".join(lines) + "\n")
+  fed = [n for n, _ in METHODS if n in per_patient and n != "CL"]
+  comparison = None
+  if "FedAvg" in fed and len(fed) > 1 and len(args.seeds) > 1:
+    from fedjax_seg import stats
+    comparison = stats.compare({n: per_patient[n] for n in fed}, "FedAvg", "dice_mean",
+                               args.n_boot, 0, 0.95)
+    md += (f"\nSplit: {'data.split_seed = 0 for every seed' if args.fixed_split else 'drawn per seed (data.split_seed = seed)'}; "
+           f"{args.patients_per_site} patients/site, test fraction {args.test_fraction}; "
+           f"wall time {time.time() - t0:.0f} s.\n\n" + stats.markdown(comparison))
   print("\n" + md)
   os.makedirs(args.out, exist_ok=True)
   tag = "dcew_table" + ("" if args.phantom_style == "geometric" else f"_{args.phantom_style}") + (
-      "_quick" if args.quick else "")
+      "" if args.fixed_split else "_splits") + ("_quick" if args.quick else "")
   with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
     f.write(md)
   with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-    json.dump({"args": vars(args), "command": cmd, "summary": summary}, f, indent=2)
+    json.dump({"args": vars(args), "command": cmd, "summary": summary,
+               "comparison": comparison}, f, indent=2)
 
 
 if __name__ == "__main__":
