@@ -3,6 +3,8 @@ against hand-computed NumPy rounds on quadratic toy clients, then end to end on 
 tiny U-Net with batch norm."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -75,14 +77,16 @@ def _np_fedbn(targets, n, rounds, mode):
   return shared, local_k
 
 
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "debug"])
 @pytest.mark.parametrize("mode", ["fedbn", "silobn"])
-def test_fedbn_round_matches_numpy_and_keeps_k_distinct_statistics(mode):
+def test_fedbn_round_matches_numpy_and_keeps_k_distinct_statistics(mode, backend):
   targets = _targets()
   data, n = _data(targets)
   v0 = _bn_variables()
   alg = fedbn.make_algorithm(_bn_client, aggregators.fedavg, mode)
   state = algorithm.ServerState(v0, jnp.int32(0), clients=fedbn.init_clients(v0, K, mode))
-  run = jax.jit(algorithm.make_round(alg, "vmap"))
+  run = algorithm.make_round(alg, backend)
+  run = run if backend == "debug" else jax.jit(run)
   for _ in range(3):
     state, info = run(state, data, jax.random.PRNGKey(0))
   shared_ref, local_ref = _np_fedbn(targets, n, 3, mode)
@@ -145,7 +149,8 @@ def _quad_client(penalty=None, prox=0.0):
   return cu
 
 
-def test_scaffold_controls_follow_the_paper():
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map"])
+def test_scaffold_controls_follow_the_paper(backend):
   targets = _targets()
   data, n = _data(targets)
   v0 = {"params": {"w": jnp.zeros((2,))}}
@@ -153,7 +158,7 @@ def test_scaffold_controls_follow_the_paper():
                                 LR, E, K)
   state = algorithm.ServerState(v0, jnp.int32(0), clients=scaffold.init_clients(v0, K),
                                 server=scaffold.zeros_like_params(v0))
-  run = jax.jit(algorithm.make_round(alg, "unrolled"))
+  run = jax.jit(algorithm.make_round(alg, backend))
   x, c, ck = np.zeros(2), np.zeros(2), np.zeros((K, 2))
   for _ in range(3):
     state, _ = run(state, data, jax.random.PRNGKey(0))
@@ -195,14 +200,15 @@ def test_scaffold_with_sampling_divides_by_all_clients():
 # --- Ditto -----------------------------------------------------------------------------
 
 
-def test_ditto_personal_models_follow_the_proximal_update():
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map"])
+def test_ditto_personal_models_follow_the_proximal_update(backend):
   lam = 0.5
   targets = _targets()
   data, n = _data(targets)
   v0 = {"params": {"w": jnp.zeros((2,))}}
   alg = ditto.make_algorithm(_quad_client(), _quad_client(prox=lam), aggregators.fedavg)
   state = algorithm.ServerState(v0, jnp.int32(0), clients=ditto.init_clients(v0, K))
-  run = jax.jit(algorithm.make_round(alg, "vmap"))
+  run = jax.jit(algorithm.make_round(alg, backend))
   w, v = np.zeros(2), np.zeros((K, 2))
   for _ in range(3):
     state, info = run(state, data, jax.random.PRNGKey(0))
@@ -222,6 +228,19 @@ def test_ditto_personal_models_follow_the_proximal_update():
   assert np.abs(v - w).max() > 0.1                                   # personal ≠ global
   assert algorithm.comm_bytes(alg, state, data)["up"] == 2 * 4        # only w_k is uploaded
   assert "personal_train_loss" in info
+
+
+def test_sharded_on_4_cpu_devices_equals_vmap():
+  """FedBN, SCAFFOLD, Ditto, with and without client sampling (subprocess: the device count
+  must be forced before jax is imported)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  p = subprocess.run([sys.executable, os.path.join(root, "tests", "workers",
+                                                   "personal_sharding_worker.py")],
+                     env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+  assert p.stdout.count("OK ") == 6, p.stdout
 
 
 # --- end to end: tiny U-Net with batch norm, K = 3 phantom hospitals --------------------
