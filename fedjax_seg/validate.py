@@ -275,6 +275,13 @@ RULES: Dict[str, Rule] = {
     "fl.beta": Fraction(),
     "fl.gamma": Fraction(),
     "fl.cost": OneOf(("cost", "ce")),
+    "fl.cost_ratio": OneOf(("local", "rounds")),
+    "fl.local_norm": OneOf(("none", "fedbn", "silobn")),
+    "fl.ditto_lambda": NonNegative(),
+    "fl.local_work": OneOf(("equal", "proportional", "list")),
+    "fl.local_steps_per_client": Satisfies(
+        lambda v: isinstance(v, (tuple, list)) and all(_is_int(e) and e >= 1 for e in v),
+        "must be a tuple of integers >= 1 (one per client; () with local_work != 'list')"),
     "fl.eval_every": Int(lo=1),
     "fl.prox_mu": NonNegative(),
     "fl.server_opt": OneOf(_server_opts),
