@@ -33,4 +33,17 @@ def test_impossible_config_names_the_key(tmp_path):
 def test_unknown_override_is_rejected(tmp_path):
   r = _launch("--config", "configs/demo.py:geometric", "--workdir", str(tmp_path / "run"),
               "--config.no_such_key=1")
-  assert r.returncode != 0 and "no_such_key" in r.stderr
+  assert r.returncode == 2 and r.stderr.splitlines() == ["error: unknown config key no_such_key"]
+
+
+def test_override_errors_are_one_line_through_app_run(tmp_path):
+  """The real entry point (absl app.run with launch's flags parser), not run_cli."""
+  r = _launch("--config", "configs/lgg_fedavg.py", "--workdir", str(tmp_path / "run"),
+              "--config.fl.roundz=3")
+  assert r.returncode == 2
+  assert r.stderr.splitlines() == ["error: unknown config key fl.roundz (did you mean fl.rounds?)"]
+  r = _launch("--config", "configs/lgg_fedavg.py", "--workdir", str(tmp_path / "run"),
+              "--config.fl.rounds=abc")
+  assert r.returncode == 2 and r.stderr.splitlines() == [
+      "error: config.fl.rounds='abc': expected int (invalid literal for int() with base 10: 'abc')"]
+  assert not (tmp_path / "run").exists()
