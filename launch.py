@@ -213,8 +213,9 @@ def _main(argv) -> int:
       print(f"[train] --fresh: the earlier run in {workdir} was moved to {moved}", flush=True)
   elif points is not None:  # each point's workdir is checked when the point starts
     runlog.check_workdir(workdir)
-  else:
-    runlog.check_workdir(workdir, json.loads(config.to_json_best_effort()))
+  else:  # the config file's own values tell an override of a key newer than the run
+    defaults = json.loads(_load_config(_config_flag_value(sys.argv)).to_json_best_effort())
+    runlog.check_workdir(workdir, json.loads(config.to_json_best_effort()), defaults)
     key = "num_epochs" if config.algorithm == "centralized" else "fl.rounds"
     if validate.get(config, key) is not None:
       runlog.check_extent(workdir, key, validate.get(config, key))

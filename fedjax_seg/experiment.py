@@ -136,7 +136,8 @@ def save_config(config, workdir: str) -> None:
   old = runlog.check_workdir(workdir, new)
   path = os.path.join(workdir, "config.json")
   if old is not None and old != new:
-    changed = [k for k, _, _ in runlog.config_diff(old, new, allowed=())]
+    fo, fn, absent = runlog.flatten(old), runlog.flatten(new), object()
+    changed = sorted(k for k in set(fo) | set(fn) if fo.get(k, absent) != fn.get(k, absent))
     print(f"[train] note: config.json in {workdir} updated ({', '.join(changed[:8])}"
           f"{' ...' if len(changed) > 8 else ''})", flush=True)
   os.makedirs(workdir, exist_ok=True)

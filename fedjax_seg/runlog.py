@@ -653,16 +653,24 @@ def flatten(blob: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 _ABSENT = object()
 
 
-def config_diff(old: Dict[str, Any], new: Dict[str, Any],
-                allowed=RESUMABLE_KEYS) -> List[Tuple[str, Any, Any]]:
-  """[(dotted key, old value, new value)] of the keys that differ, less ``allowed``;
-  a key on one side only is reported with the marker ``_ABSENT`` on the other."""
+def config_diff(old: Dict[str, Any], new: Dict[str, Any], allowed=RESUMABLE_KEYS,
+                defaults: Optional[Dict[str, Any]] = None) -> List[Tuple[str, Any, Any]]:
+  """[(dotted key, old value, new value)] of the keys whose value differs, less
+  ``allowed``. A key the stored config ``old`` does not have (added to the configs after
+  the run began; ``_ABSENT`` on that side) counts only when the config file's own values
+  ``defaults`` are given and the new value is not the default there (an override of the
+  new key); without ``defaults`` it does not count. A key ``new`` no longer has does not
+  count (nothing reads it)."""
   fo, fn = flatten(old), flatten(new)
+  fd = flatten(defaults) if defaults is not None else None
   out = []
   for k in sorted(set(fo) | set(fn)):
     a, b = fo.get(k, _ABSENT), fn.get(k, _ABSENT)
-    if a != b and k not in allowed:
-      out.append((k, a, b))
+    if a == b or k in allowed or b is _ABSENT:
+      continue
+    if a is _ABSENT and (fd is None or fd.get(k, _ABSENT) == b):
+      continue
+    out.append((k, a, b))
   return out
 
 
@@ -685,12 +693,14 @@ def has_run(workdir: str) -> bool:
 
 
 def check_workdir(workdir: str, config_blob: Optional[Dict[str, Any]] = None,
+                  defaults: Optional[Dict[str, Any]] = None,
                   max_keys: int = 8) -> Optional[Dict[str, Any]]:
   """Refuses, before anything is written, a workdir this run must not use: a path that
   is not a folder, a corrupt config.json or metrics.jsonl, or an earlier run (training
   state: ``has_run``) whose config.json differs from ``config_blob`` in any key but
-  ``RESUMABLE_KEYS`` (the first ``max_keys`` differing keys are named). Reads only.
-  Returns the stored config (None when there is none)."""
+  ``RESUMABLE_KEYS`` (``config_diff``, ``defaults`` the config file's values without
+  overrides; the first ``max_keys`` differing keys are named). Reads only. Returns the
+  stored config (None when there is none)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f"{workdir}: exists and is not a folder (--workdir must be a folder)")
   if not os.path.isdir(workdir):
@@ -699,7 +709,7 @@ def check_workdir(workdir: str, config_blob: Optional[Dict[str, Any]] = None,
   old = read_json_file(path) if os.path.exists(path) else None
   read_metrics(os.path.join(workdir, "metrics.jsonl"))
   if old is not None and config_blob is not None and has_run(workdir):
-    diff = config_diff(old, config_blob)
+    diff = config_diff(old, config_blob, defaults=defaults)
     if diff:
       shown = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, a, b in diff[:max_keys])
       more = f" and {len(diff) - max_keys} more" if len(diff) > max_keys else ""

@@ -231,6 +231,19 @@ def test_resumable_keys_may_change(copy, data_cache, capfd):
   assert not {"seed", "model.base", "fl.local_steps", "optimizer.lr", "algorithm"} & runlog.RESUMABLE_KEYS
 
 
+def test_key_newer_than_the_run(copy, data_cache, capfd):
+  """A run made before fl.trim existed resumes; overriding the new key is a difference."""
+  stored = json.load(open(copy / "config.json"))
+  del stored["fl"]["trim"]
+  (copy / "config.json").write_text(runlog.json_text(stored))
+  refused(capfd, command(copy, data_cache, **{"fl.trim": 0.2}), copy,
+          "different config (fl.trim (absent) -> 0.2)")
+  rc, out, err = run(capfd, command(copy, data_cache))
+  assert rc == 0, err
+  assert "config.json in" in out and "updated (fl.trim)" in out
+  assert json.load(open(copy / "config.json"))["fl"]["trim"] == 0.1
+
+
 def _fail_fsync_for(monkeypatch, suffix):
   real = os.fsync
 
@@ -292,8 +305,11 @@ def test_full_disk_loses_nothing(copy, data_cache, capfd, monkeypatch):
 def test_config_diff_and_unit_helpers(tmp_path):
   old = {"seed": 0, "fl": {"rounds": 2, "local_steps": 1}, "compile_cache_dir": "a"}
   new = {"seed": 0, "fl": {"rounds": 5, "local_steps": 2, "new_key": True}, "compile_cache_dir": "b"}
-  diff = runlog.config_diff(old, new)
-  assert [k for k, _, _ in diff] == ["fl.local_steps", "fl.new_key"]
+  assert [k for k, _, _ in runlog.config_diff(old, new)] == ["fl.local_steps"]
+  defaults = {"fl": {"new_key": False}}  # the config file's value: True is an override
+  assert [k for k, _, _ in runlog.config_diff(old, new, defaults=defaults)] == [
+      "fl.local_steps", "fl.new_key"]
+  assert runlog.config_diff(new, old) == [("fl.local_steps", 2, 1)]  # removed keys: nobody reads them
   p = tmp_path / "m.jsonl"
   p.write_text('{"round": 0}\n\n{"round": 1}\n')
   assert runlog.read_metrics(str(p)) == [{"round": 0}, {"round": 1}]
