@@ -19,6 +19,10 @@ data.cache_dir and used instead.
 """
 import ml_collections
 
+# Phantom tumour keys (placeholders: the 'classic' preset's values; see configs/lgg_centralized.py):
+# tumour_preset 'realistic' draws the whole tumour at 0.5-6 % of the slice, 55 % of slices empty.
+TUMOUR_DEFAULTS = dict(tumour_preset="classic", tumour_area=(), tumour_free_fraction=-1.0)
+
 
 def get_data_config():
   data = ml_collections.ConfigDict()
@@ -26,7 +30,8 @@ def get_data_config():
   data.root = ""                  # '' -> phantom written under cache_dir
   data.cache_dir = "runs/_data"
   data.phantom = ml_collections.ConfigDict(dict(
-      seed=0, sites=("CS", "DU", "HT"), patients_per_site=8, slices_per_patient=128, size=128))
+      seed=0, sites=("CS", "DU", "HT"), patients_per_site=8, slices_per_patient=128, size=128,
+      **TUMOUR_DEFAULTS))
   data.ndim = 3                    # 3: whole volumes; 2: axial slices
   data.image_size = 128            # in-plane (seed 001: 240 -> 128)
   data.depth = 128                 # slices kept, centred on the brain (BraTS has 155)
@@ -69,7 +74,8 @@ def get_config(arg=None):
     # thick at 2 mm). ~3.5 CPU-minutes on 2 cores (N4 cache cold); measured output
     # and wall times in docs/results/runs.md ("3D BraTS smoke run").
     config.data.phantom = ml_collections.ConfigDict(dict(
-        seed=0, sites=("CS", "DU", "HT"), patients_per_site=4, slices_per_patient=32, size=64))
+        seed=0, sites=("CS", "DU", "HT"), patients_per_site=4, slices_per_patient=32, size=64,
+        **TUMOUR_DEFAULTS))
     config.data.target_spacing = (2.0, 2.0, 2.0)
     config.data.image_size = 32
     config.data.depth = 16

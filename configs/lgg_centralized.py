@@ -19,7 +19,10 @@ def get_data_config():
   # anatomy, fedjax_seg/data/anatomy.py; needs `pip install -e '.[anatomy]'`).
   data.phantom = ml_collections.ConfigDict(dict(
       seed=0, sites=("CS", "DU", "HT"), patients_per_site=6, slices_per_patient=16, size=128,
-      style="geometric"))
+      style="geometric",
+      tumour_preset="classic",   # 'classic' (large tumours; 30 % of LGG, 40 % of BraTS slices empty) | 'realistic' (LGG 0.5-3 % of the slice, 65 % empty; BraTS 0.5-6 %, 55 %); docs/results/small_tumours.md
+      tumour_area=(),            # () = the preset's; (low, high): widest tumour cross-section, fraction of the slice area (geometric style only)
+      tumour_free_fraction=-1.0))  # -1 = the preset's; else ≈ fraction of slices without tumour, in [0, 1]
   data.image_size = 128
   data.normalize = "slice_max"   # slice_max | zscore | none
   data.split_seed = 0

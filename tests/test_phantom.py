@@ -224,3 +224,111 @@ def test_cli_tumour_options(tmp_path, capsys):
   assert _all_files(tmp_path / "x") == _all_files(tmp_path / "y") and ref
   with pytest.raises(SystemExit):
     phantom.main(["--layout", "acdc", "--out", str(tmp_path / "z"), "--tumour-preset", "realistic"])
+
+
+# ---------------------------------------------------------------------------
+# The tumour keys of the configs' data.phantom, from the command line to the written masks.
+# ---------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LGG_CL = os.path.join(ROOT, "configs", "lgg_centralized.py")
+BRATS_SMOKE = os.path.join(ROOT, "configs", "brats_3d_centralized.py") + ":smoke"
+
+
+def _config_with_overrides(config_arg, *overrides):
+  """The locked config of ``--config config_arg`` after ``--config.<key>=<value>`` overrides,
+  parsed by ml_collections' config_flags exactly as launch.py does (its own FlagValues)."""
+  import sys
+
+  from absl import flags
+  from ml_collections import config_flags
+
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True)
+  argv = ["launch.py", "--config", config_arg, *overrides]
+  saved, sys.argv = sys.argv, argv  # config_flags reads the override flags from sys.argv
+  try:
+    fv(argv)
+    return fv["config"].value
+  finally:
+    sys.argv = saved
+
+
+def _mask_stats(root):
+  masks = [np.asarray(Image.open(os.path.join(d, f))) > 0
+           for d, _, files in os.walk(root) for f in sorted(files) if f.endswith("_mask.tif")]
+  areas = np.array([m.mean() for m in masks])
+  return float(np.mean(areas == 0)), areas[areas > 0]
+
+
+def test_config_tumour_preset_override_reaches_the_writer(tmp_path):
+  from fedjax_seg import validate
+  from fedjax_seg.data import pipeline
+
+  small = ["--config.data.phantom.size=64", "--config.data.phantom.patients_per_site=3",
+           "--config.data.phantom.slices_per_patient=16", f"--config.data.cache_dir={tmp_path}"]
+  default = _config_with_overrides(LGG_CL, *small)
+  realistic = _config_with_overrides(LGG_CL, *small, "--config.data.phantom.tumour_preset=realistic")
+  assert realistic.data.phantom.tumour_preset == "realistic"
+  validate.check(realistic)
+  root_default = pipeline.resolve_root(default.data, verbose=False)
+  root_realistic = pipeline.resolve_root(realistic.data, verbose=False)
+  assert root_default != root_realistic  # the cache tells the presets apart
+  free_d, areas_d = _mask_stats(root_default)
+  free_r, areas_r = _mask_stats(root_realistic)
+  lo, hi = phantom.TUMOUR_PRESETS["realistic"]["lgg"]["tumour_area"]
+  assert abs(free_r - phantom.TUMOUR_PRESETS["realistic"]["lgg"]["tumour_free_fraction"]) < 0.1, free_r
+  assert areas_r.max() < 1.5 * hi and np.median(areas_r) < 0.02, areas_r
+  # 'classic': a third of the slices empty, a tail of tumours larger than 'realistic' ever draws
+  assert free_d < free_r - 0.2 and areas_d.mean() > 1.5 * areas_r.mean() and areas_d.max() > hi
+  # explicit tumour_area / tumour_free_fraction overrides (tuple and float keys) win over the preset
+  explicit = _config_with_overrides(LGG_CL, *small, "--config.data.phantom.tumour_preset=realistic",
+                                    "--config.data.phantom.tumour_area=(0.01, 0.01)",
+                                    "--config.data.phantom.tumour_free_fraction=0.5")
+  assert tuple(explicit.data.phantom.tumour_area) == (0.01, 0.01)
+  free_e, areas_e = _mask_stats(pipeline.resolve_root(explicit.data, verbose=False))
+  assert abs(free_e - 0.5) < 0.1 and free_e < free_r and areas_e.max() < 1.5 * 0.01
+
+
+def test_phantom_cache_key_resolves_the_tumour_keys():
+  from fedjax_seg.data import pipeline
+
+  base = dict(seed=0, sites=("CS",), patients_per_site=2, slices_per_patient=8, size=32)
+  key = lambda **kw: pipeline._phantom_key("lgg", {**base, **kw})  # noqa: E731
+  unset = dict(tumour_preset="classic", tumour_area=(), tumour_free_fraction=-1.0)
+  # the placeholders (and 'classic', the writer's defaults) keep the key of a config without the keys
+  assert key(**unset) == key() == key(tumour_preset="", tumour_area=(), tumour_free_fraction=-1)
+  realistic = key(**{**unset, "tumour_preset": "realistic"})
+  assert realistic != key()
+  assert realistic == key(tumour_area=[0.005, 0.03], tumour_free_fraction=0.65)  # same files, same folder
+  assert realistic != key(**{**unset, "tumour_preset": "realistic", "tumour_free_fraction": 0.5})
+  assert key(**{**unset, "tumour_area": (0.01, 0.02)}) != key(**{**unset, "tumour_area": (0.01, 0.03)})
+  kw = pipeline.phantom_writer_kwargs("lgg", {**base, **unset})
+  assert kw["tumour_area"] is None and kw["tumour_free_fraction"] is None and kw["tumour_preset"] == "classic"
+  assert pipeline.phantom_writer_kwargs("lgg", {**base, "tumour_area": [0.01, 0.02]})["tumour_area"] == (0.01, 0.02)
+
+
+def test_brats_configs_take_the_tumour_keys():
+  c = _config_with_overrides(BRATS_SMOKE, "--config.data.phantom.tumour_preset=realistic",
+                             "--config.data.phantom.tumour_free_fraction=0.6")
+  assert c.data.phantom.tumour_preset == "realistic" and c.data.phantom.tumour_free_fraction == 0.6
+  c2 = _config_with_overrides(os.path.join(ROOT, "configs", "brats_2d_fedavg.py"),
+                              "--config.data.phantom.tumour_area=(0.01, 0.02)")
+  assert tuple(c2.data.phantom.tumour_area) == (0.01, 0.02)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--config.data.phantom.tumour_area=(0.02, 0.01)", "config.data.phantom.tumour_area=(0.02, 0.01): must be ()"),
+    ("--config.data.phantom.tumour_area=(0.01,)", "config.data.phantom.tumour_area=(0.01,): must be ()"),
+    ("--config.data.phantom.tumour_area=(0.0, 0.6)", "config.data.phantom.tumour_area=(0.0, 0.6): must be ()"),
+    ("--config.data.phantom.tumour_preset=huge", "config.data.phantom.tumour_preset='huge': must be one of "
+                                                 "'classic', 'realistic'"),
+    ("--config.data.phantom.tumour_free_fraction=1.5", "config.data.phantom.tumour_free_fraction=1.5: must be -1"),
+])
+def test_launch_refuses_bad_tumour_keys(override, needle, tmp_path, capfd):
+  import launch
+
+  wd = tmp_path / "run"
+  rc = launch.run_cli(["launch.py", "--config", LGG_CL, "--workdir", str(wd), override])
+  _, err = capfd.readouterr()
+  assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
+  assert not wd.exists()

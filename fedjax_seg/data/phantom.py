@@ -94,8 +94,13 @@ def draw_tumour_area(tumour_area, seed: int, *keys: int | str) -> float | None:
   return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
-def _tumour_options(layout: str, preset: str | None, tumour_area, tumour_free_fraction):
-  """(tumour_area, tumour_free_fraction) after applying ``preset``; explicit values win."""
+def tumour_options(layout: str, preset: str | None, tumour_area, tumour_free_fraction):
+  """(tumour_area, tumour_free_fraction) after applying ``preset``; explicit values win.
+
+  None means "not given" (the writer's default: the site's tumour radius, and a tumour-free
+  fraction of 0.3 for LGG / 0.4 for BraTS). ``tumour_area`` comes back validated, as a tuple.
+  `fedjax_seg.data.pipeline` keys its phantom cache on these resolved values.
+  """
   if preset is not None:
     if preset not in TUMOUR_PRESETS:
       raise ValueError(f"tumour_preset must be one of {sorted(TUMOUR_PRESETS)}, got {preset!r}")
@@ -666,7 +671,7 @@ def write_lgg(
                      f"got {patients_per_site} and {slices_per_patient}")
   if size < 16:
     raise ValueError(f"size must be >= 16, got {size}")
-  tumour_area, tumour_free_fraction = _tumour_options("lgg", tumour_preset, tumour_area, tumour_free_fraction)
+  tumour_area, tumour_free_fraction = tumour_options("lgg", tumour_preset, tumour_area, tumour_free_fraction)
   tumour_free_fraction = 0.3 if tumour_free_fraction is None else tumour_free_fraction
   if not 0.0 <= tumour_free_fraction <= 1.0:
     raise ValueError(f"tumour_free_fraction must be in [0, 1], got {tumour_free_fraction}")
@@ -954,7 +959,7 @@ def write_brats(
     The patient folder paths, sorted.
   """
   _check_common(seed, sites, patients_per_site, slices_per_patient, size)
-  tumour_area, tumour_free_fraction = _tumour_options("brats", tumour_preset, tumour_area,
+  tumour_area, tumour_free_fraction = tumour_options("brats", tumour_preset, tumour_area,
                                                       tumour_free_fraction)
   tumour_free_fraction = 0.4 if tumour_free_fraction is None else tumour_free_fraction
   if not 0.0 <= tumour_free_fraction <= 1.0:

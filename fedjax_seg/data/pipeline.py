@@ -76,15 +76,53 @@ class SegDataset:
 # ---------------------------------------------------------------------------
 # Phantom data on demand.
 
+# The tumour keys of ``data.phantom`` (LGG and BraTS). ml_collections cannot override a None-valued
+# key from the command line, so the configs hold typed "not given" placeholders: tumour_preset
+# 'classic' (the writer's defaults), tumour_area () and tumour_free_fraction -1 (the preset's value).
+TUMOUR_KEYS = ("tumour_preset", "tumour_area", "tumour_free_fraction")
+
+
+def phantom_writer_kwargs(layout: str, phantom_cfg: dict) -> dict:
+  """``data.phantom`` -> keyword arguments of the layout's phantom writer.
+
+  The placeholders ``tumour_preset=''``, ``tumour_area=()`` and ``tumour_free_fraction=-1`` become
+  None ("not given": the preset's value, else the writer's default); other keys pass unchanged.
+  """
+  kw = dict(phantom_cfg)
+  if kw.get("tumour_preset") == "":
+    kw["tumour_preset"] = None
+  if "tumour_area" in kw and kw["tumour_area"] is not None and len(kw["tumour_area"]) == 0:
+    kw["tumour_area"] = None
+  if kw.get("tumour_free_fraction") is not None and kw["tumour_free_fraction"] == -1:
+    kw["tumour_free_fraction"] = None
+  if "tumour_area" in kw and kw["tumour_area"] is not None:
+    kw["tumour_area"] = tuple(kw["tumour_area"])  # a JSON round trip gives a list
+  return kw
+
+
 def _phantom_key(layout: str, phantom_cfg: dict) -> str:
-  blob = json.dumps({"layout": layout, **phantom_cfg}, sort_keys=True, default=str)
+  """Cache folder key: a hash of the layout and the writer's arguments.
+
+  The tumour keys enter resolved (`phantom.tumour_options`: the preset applied, explicit values
+  winning) and only when they set something, so the default phantom keeps the key it had before
+  the configs carried these keys, and a preset and the same explicit values share one folder.
+  """
+  kw = phantom_writer_kwargs(layout, phantom_cfg)
+  from fedjax_seg.data import phantom  # local import: phantom is optional tooling
+  if layout in phantom.TUMOUR_PRESETS["classic"] and any(k in kw for k in TUMOUR_KEYS):
+    area, free = phantom.tumour_options(layout, *(kw.pop(k, None) for k in TUMOUR_KEYS))
+    if area is not None:
+      kw["tumour_area"] = list(area)
+    if free is not None:
+      kw["tumour_free_fraction"] = float(free)
+  blob = json.dumps({"layout": layout, **kw}, sort_keys=True, default=str)
   return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
 def ensure_phantom(layout: str, phantom_cfg: dict, cache_dir: str, verbose: bool = True) -> str:
   """Writes a deterministic phantom data set once and returns its root.
 
-  The folder name hashes (layout, phantom config), so a changed config never
+  The folder name hashes (layout, phantom config; `_phantom_key`), so a changed config never
   reuses stale files. Written to a temporary folder then renamed, so an
   interrupted write never leaves a half data set behind.
   """
@@ -96,6 +134,7 @@ def ensure_phantom(layout: str, phantom_cfg: dict, cache_dir: str, verbose: bool
       writers[name] = getattr(phantom, f"write_{name}")
   if layout not in writers:
     raise ValueError(f"no phantom writer for data.layout={layout!r}; have {sorted(writers)}")
+  kwargs = phantom_writer_kwargs(layout, phantom_cfg)
   root = os.path.abspath(os.path.join(cache_dir, f"phantom_{layout}_{_phantom_key(layout, phantom_cfg)}"))
   if os.path.isdir(root):
     return root
@@ -104,7 +143,7 @@ def ensure_phantom(layout: str, phantom_cfg: dict, cache_dir: str, verbose: bool
   t0 = time.time()
   if verbose:
     print(f"[data] writing phantom {layout} data set to {root} ...", flush=True)
-  writers[layout](tmp, **phantom_cfg)
+  writers[layout](tmp, **kwargs)
   os.replace(tmp, root)
   if verbose:
     print(f"[data] phantom written in {time.time() - t0:.1f}s", flush=True)
