@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,flower]'
 	# ICBM152 template for the anatomical phantom (data files only: nilearn is never imported)
 	$(BIN)/python -m pip install -q --no-deps 'nilearn>=0.14.1'
 	touch $(STAMP)

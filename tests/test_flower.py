@@ -21,6 +21,7 @@ from fedjax_seg.flower import client, common, localhost, server  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUDIT_WORKER = os.path.join(REPO, "tests", "workers", "flower_client_audit.py")
+SERVER_AUDIT_WORKER = os.path.join(REPO, "tests", "workers", "flower_server_audit.py")
 CONFIGS = {"fedavg": (lgg_fedavg, "configs/lgg_fedavg.py"),
            "dcew": (lgg_dcew, "configs/lgg_dcew.py")}
 # 3 hospitals (phantom sites CS, DU, HT), 4 patients each (2 train), 16x16 slices, U-Net base 4.
@@ -82,15 +83,27 @@ def in_process(algorithm_name, ov, workdir):
   return load_model(workdir)
 
 
-def run_federation(algorithm_name, ov, workdir, roots, audit_dir=None, timeout_s=300):
-  prefix = (sys.executable, AUDIT_WORKER) if audit_dir else ()
-  env = {"FLOWER_AUDIT_DIR": str(audit_dir)} if audit_dir else None
-  fed = localhost.start(config_args(algorithm_name, ov), str(workdir), roots,
-                        client_prefix=prefix, env=env)
+def start_federation(algorithm_name, ov, workdir, roots, audit_dir=None, **kw):
+  """Server + one process per hospital on 127.0.0.1 (not waited for); with ``audit_dir``
+  both sides record every message at the Flower boundary (tests/workers/flower_*_audit.py)."""
+  if audit_dir:
+    kw.update(client_prefix=(sys.executable, AUDIT_WORKER),
+              server_prefix=(sys.executable, SERVER_AUDIT_WORKER),
+              env={"FLOWER_AUDIT_DIR": str(audit_dir)})
+  return localhost.start(config_args(algorithm_name, ov), str(workdir), roots, **kw)
+
+
+def wait_federation(fed, timeout_s=300):
   codes = fed.wait(timeout_s)
-  assert codes == {"server": 0, "clients": [0] * len(roots)}, (
-      codes, fed.log(0)[-3000:], *(fed.log(i)[-2000:] for i in range(1, len(roots) + 1)))
+  n = len(fed.clients)
+  assert codes == {"server": 0, "clients": [0] * n}, (
+      codes, fed.log(0)[-3000:], *(fed.log(i)[-2000:] for i in range(1, n + 1)))
   return fed
+
+
+def run_federation(algorithm_name, ov, workdir, roots, audit_dir=None, timeout_s=300, **kw):
+  return wait_federation(start_federation(algorithm_name, ov, workdir, roots, audit_dir, **kw),
+                         timeout_s)
 
 
 # --- in-process units (no network) ----------------------------------------------------
@@ -169,6 +182,9 @@ def test_server_sends_only_the_global_model_and_refuses_extra_arrays(hospitals, 
     ("fl.secagg", True, "unmasked"),
     ("fl.partition", "iid", "by_site"),
     ("fl.clients_per_chunk", 2, "chunks"),
+    ("fl.scaffold", True, "standard model-uploading round"),
+    ("fl.ditto_lambda", 0.1, "standard model-uploading round"),
+    ("fl.clients_per_round", 2, "every hospital"),
 ])
 def test_refused_configs(data_cache, key, value, match):
   c = make_config("fedavg", {**overrides(data_cache, 1), key: value})
@@ -179,49 +195,120 @@ def test_refused_configs(data_cache, key, value, match):
 # --- real federations: server + 3 hospital processes on 127.0.0.1 --------------------
 
 
-def _audit(audit_dir, k):
-  with open(os.path.join(audit_dir, f"hospital{k}.jsonl")) as f:
-    lines = [json.loads(line) for line in f]
-  return [l["path"] for l in lines if "path" in l], [l for l in lines if "round" in l]
+def _jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
-def test_fedavg_one_round_processes_equal_in_process(hospitals, data_cache, tmp_path):
-  """R=1 FedAvg as 4 OS processes = train_federated; each hospital opened files of its own
-  folder only (not the other hospitals', not the pooled phantom) and received exactly the
-  initial global model."""
-  roots, phantom_root = hospitals
-  ov = overrides(data_cache, 1)
-  audit = tmp_path / "audit"
-  audit.mkdir()
-  run_federation("fedavg", ov, tmp_path / "flower", roots, audit_dir=audit)
-  ref = in_process("fedavg", ov, tmp_path / "ref")
-  assert max_abs_diff(load_model(tmp_path / "flower"), ref) < 1e-5
-  r = rows(tmp_path / "flower")
-  assert [x["round"] for x in r] == [1] and r[0]["weights"] == pytest.approx([1 / 3] * 3)
+def _serialised_sha256(arrays):
+  """SHA-256 of the tensors Flower sends for ``arrays`` (its NumPy serialisation)."""
+  from flwr.common import ndarrays_to_parameters
+  digest = hashlib.sha256()
+  for t in ndarrays_to_parameters(list(arrays)).tensors:
+    digest.update(t)
+  return digest.hexdigest()
 
-  c = make_config("fedavg", ov)
-  local = common.load_hospital(c, 0, roots[0], verbose=False)
-  fed = common.build(c, 3, local.num_classes, local.sample_shape)
+
+def check_wire(audit, roots, phantom_root, c, rounds):
+  """The must-shows of a federation run with the audit workers, from both ends of every
+  connection:
+
+  * hospital k opened files of its own folder only (never another hospital's, never the
+    pooled phantom), and read its data;
+  * it received exactly: one get_properties, then one fit per round (no evaluate, no
+    get_parameters); each fit carried the round, its index and K, and arrays with the
+    global model's structure, byte-identical to what the server sent it that round, the
+    same for every hospital, in round 0 the initial model, and never any hospital's upload;
+  * it sent, per round, exactly the algorithm's declared upload (``alg.uploads``: the
+    leaves of each entry, shapes and dtypes in order), num_examples and its stats
+    (nothing else), and the server received those bytes unchanged from it, once each.
+
+  Returns the per-hospital audit records (fits received, fits sent)."""
+  K = len(roots)
+  local = [common.load_hospital(c, k, roots[k], verbose=False) for k in range(K)]
+  fed = common.build(c, K, local[0].num_classes, local[0].sample_shape)
   init = common.to_wire(common.initial_state(fed).variables)
-  init_sha = hashlib.sha256(b"".join(a.tobytes() for a in init)).hexdigest()
+  model_struct = [[list(a.shape), str(a.dtype)] for a in init]
+  upload_like, stats_like = common.upload_like(fed)
+  upload_struct = [[list(l.shape), str(np.dtype(l.dtype))] for name in fed.alg.uploads
+                   for l in jax.tree.leaves(upload_like[name])]
+  assert upload_struct and len(upload_struct) == len(jax.tree.leaves(
+      {n: upload_like[n] for n in fed.alg.uploads}))
+
+  srv = _jsonl(os.path.join(audit, "server.jsonl"))
+  sent_by_server = {(e["round"], e["hospital"]): e for e in srv if e.get("sent") == "fit"}
+  got_by_server = [e for e in srv if e.get("received") == "fit"]
+  assert sorted(sent_by_server) == [(r, k) for r in range(rounds) for k in range(K)]
+  assert sorted((e["round"], e["hospital"]) for e in got_by_server) == sorted(sent_by_server)
+
+  recv, sent = {}, {}
   for k, root in enumerate(roots):
-    paths, msgs = _audit(audit, k)
+    lines = _jsonl(os.path.join(audit, f"hospital{k}.jsonl"))
+    paths = [l["path"] for l in lines if "path" in l]
     mine = [p for p in paths if p.startswith(root + os.sep)]
     assert any(p.endswith("_mask.tif") for p in mine), "the audit hook saw no data file"
     for other in [phantom_root] + [q for j, q in enumerate(roots) if j != k]:
       assert not [p for p in paths if p == other or p.startswith(other + os.sep)], (k, other)
-    assert [m["round"] for m in msgs] == [0]
-    assert msgs[0]["config"] == ["hospital", "num_clients", "round"]
-    assert msgs[0]["arrays"] == [[list(a.shape), str(a.dtype)] for a in init]
-    assert msgs[0]["sha256"] == init_sha
+    assert [l["recv"] for l in lines if "recv" in l] == ["get_properties"] + ["fit"] * rounds
+    recv[k] = [l for l in lines if l.get("recv") == "fit"]
+    sent[k] = [l for l in lines if l.get("send") == "fit"]
+    assert [m["round"] for m in recv[k]] == [m["round"] for m in sent[k]] == list(range(rounds))
+    for rnd, (m, u) in enumerate(zip(recv[k], sent[k])):
+      assert m["config"] == ["hospital", "num_clients", "round"]
+      assert m["arrays"] == model_struct
+      assert m["sha256"] == sent_by_server[(rnd, k)]["sha256"]
+      assert sent_by_server[(rnd, k)]["config"] == {"round": rnd, "hospital": k, "num_clients": K}
+      assert u["arrays"] == upload_struct
+      assert set(u["metrics"]) == set(stats_like) | {"hospital", "round"}
+      assert (u["metrics"]["hospital"], u["metrics"]["round"]) == (k, rnd)
+      assert u["num_examples"] == int(local[k].data.valid.sum()) == u["metrics"]["num_samples"]
+      (at_server,) = [e for e in got_by_server if (e["round"], e["hospital"]) == (rnd, k)]
+      assert {key: at_server[key] for key in ("arrays", "sha256", "num_examples", "metrics")} \
+          == {key: u[key] for key in ("arrays", "sha256", "num_examples", "metrics")}
+  for rnd in range(rounds):
+    assert len({recv[k][rnd]["sha256"] for k in range(K)}) == 1
+  assert recv[0][0]["sha256"] == _serialised_sha256(init)
+  uploads = {u["sha256"] for k in range(K) for u in sent[k]}
+  assert not uploads & {m["sha256"] for k in range(K) for m in recv[k]}
+
+  # Round 0's uploads are the hospitals' own client updates of the initial model.
+  step = common.client_step(fed)
+  for k in range(K):
+    want = common.upload_to_wire(fed.alg, step(
+        common.from_wire(init, common.variables_like(fed)), local[k].data, 0, k)[0])
+    with np.load(os.path.join(audit, f"hospital{k}_round0.npz")) as z:
+      got = [z[f"arr_{i}"] for i in range(len(z.files))]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=0, atol=1e-6)
+  return recv, sent
+
+
+def test_fedavg_one_round_processes_equal_in_process(hospitals, data_cache, tmp_path):
+  """R=1 FedAvg as 4 OS processes = train_federated; what each hospital opened, received
+  and sent, recorded at both ends of the wire (check_wire)."""
+  roots, phantom_root = hospitals
+  ov = overrides(data_cache, 1)
+  audit = tmp_path / "audit"
+  audit.mkdir()
+  fed = start_federation("fedavg", ov, tmp_path / "flower", roots, audit_dir=audit)
+  try:
+    ref = in_process("fedavg", ov, tmp_path / "ref")  # while the processes run
+  finally:
+    wait_federation(fed)
+  assert max_abs_diff(load_model(tmp_path / "flower"), ref) < 1e-5
+  r = rows(tmp_path / "flower")
+  assert [x["round"] for x in r] == [1] and r[0]["weights"] == pytest.approx([1 / 3] * 3)
+  check_wire(str(audit), roots, phantom_root, make_config("fedavg", ov), 1)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm_name", ["fedavg", "dcew"])
 def test_three_rounds_processes_equal_in_process(hospitals, data_cache, tmp_path, algorithm_name):
   """R=3 (FedAvg; DCEW, whose weights use every hospital's cost and Dice stats) over
-  Flower = train_federated; every hospital received the same global model each round."""
-  roots, _ = hospitals
+  Flower = train_federated round by round (weights) and in the final global model; every
+  round's messages as check_wire requires."""
+  roots, phantom_root = hospitals
   ov = overrides(data_cache, 3)
   audit = tmp_path / "audit"
   audit.mkdir()
@@ -229,12 +316,28 @@ def test_three_rounds_processes_equal_in_process(hospitals, data_cache, tmp_path
   ref = in_process(algorithm_name, ov, tmp_path / "ref")
   assert max_abs_diff(load_model(tmp_path / "flower"), ref) < 1e-5
   got, want = rows(tmp_path / "flower"), rows(tmp_path / "ref")[1:]
-  assert [x["round"] for x in got] == [1, 2, 3]
+  assert [x["round"] for x in got] == [w["round"] for w in want] == [1, 2, 3]
   for g, w in zip(got, want):
     assert g["weights"] == pytest.approx(w["weights"], abs=1e-6)
-  sent = [_audit(audit, k)[1] for k in range(3)]
-  for rnd in range(3):
-    assert len({s[rnd]["sha256"] for s in sent}) == 1 and sent[0][rnd]["round"] == rnd
+    assert g["client_train_loss"] == pytest.approx(w["client_train_loss"], abs=1e-5)
+  check_wire(str(audit), roots, phantom_root, make_config(algorithm_name, ov), 3)
+
+
+@pytest.mark.slow
+def test_tls_federation_equals_in_process(hospitals, data_cache, tmp_path):
+  """The same federation over TLS (certificates of fedjax_seg.flower.certs, the flags of
+  docs/flower.md): the server logs SSL enabled, the model equals train_federated."""
+  from fedjax_seg.flower import certs
+  roots, _ = hospitals
+  ov = overrides(data_cache, 1)
+  cert_dir = str(tmp_path / "certificates")
+  certs.generate(cert_dir, key_size=2048)
+  server_args, client_args = localhost.tls_args(cert_dir)
+  assert not any("ca.key" in a for a in server_args + client_args)
+  fed = run_federation("fedavg", ov, tmp_path / "flower", roots, server_args=server_args,
+                       client_args=client_args)
+  assert "SSL is enabled" in fed.log(0)
+  assert max_abs_diff(load_model(tmp_path / "flower"), in_process("fedavg", ov, tmp_path / "ref")) < 1e-5
 
 
 @pytest.mark.slow
@@ -262,3 +365,38 @@ def test_server_restart_resumes_and_equals_in_process(hospitals, data_cache, tmp
   assert "resumed at round" in fed.log(0)
   assert [x["round"] for x in rows(wd)] == [1, 2, 3]
   assert max_abs_diff(load_model(wd), in_process("dcew", ov, tmp_path / "ref")) < 1e-5
+
+
+@pytest.mark.slow
+def test_hospital_failure_stops_the_round_and_resume_equals_in_process(hospitals, data_cache,
+                                                                       tmp_path):
+  """Hospital 1 is killed after round 1 of 3: the server aggregates nothing of round 2 and
+  exits with an error (code 2) instead of waiting or averaging two hospitals; restarting the
+  server and that hospital resumes after round 1 and gives the uninterrupted result."""
+  roots, _ = hospitals
+  ov = overrides(data_cache, 3)
+  wd = tmp_path / "flower"
+  fed = start_federation("fedavg", ov, wd, roots)
+  try:
+    deadline = time.time() + 300
+    while not os.path.isdir(wd / "checkpoints" / "1"):
+      assert time.time() < deadline and fed.server.poll() is None, fed.log(0)[-3000:]
+      time.sleep(0.02)
+    fed.clients[1].kill()
+    fed.clients[1].wait()
+    assert fed.server.wait(120) == 2, fed.log(0)[-3000:]
+    assert "hospital(s) failed" in fed.log(0) and "resume after round 1" in fed.log(0)
+    assert sorted(d for d in os.listdir(wd / "checkpoints") if d.isdigit()) == ["1"]
+    assert [x["round"] for x in rows(wd)] == [1]
+    port = int(fed.address.rsplit(":", 1)[1])
+    fed.server = localhost.start(config_args("fedavg", ov), str(wd), roots, port=port,
+                                 start_clients=False).server
+    fed.clients[1] = localhost.start(config_args("fedavg", ov), str(wd), roots, port=port,
+                                     start_server=False, hospitals=[1]).clients[0]
+    codes = fed.wait(300)
+  finally:
+    fed.stop()
+  assert codes == {"server": 0, "clients": [0, 0, 0]}, (codes, fed.log(0)[-3000:])
+  assert "resumed at round 1" in fed.log(0)
+  assert [x["round"] for x in rows(wd)] == [1, 2, 3]
+  assert max_abs_diff(load_model(wd), in_process("fedavg", ov, tmp_path / "ref")) < 1e-5

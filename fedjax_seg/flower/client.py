@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 import time
 from typing import Dict, Optional
 
@@ -36,6 +37,7 @@ class HospitalClient:
     self.local = common.load_hospital(config, self.hospital, data_root, verbose=verbose)
     self.digest = common.config_digest(config)
     self._fed: Dict[int, tuple] = {}
+    self._warm: Optional[threading.Thread] = None
     if verbose:
       print(f"[flower] hospital {self.hospital} (site {self.local.site}): "
             f"{len(self.local.train_patients)} train patients, "
@@ -56,8 +58,32 @@ class HospitalClient:
       self._fed[k] = (fed, common.variables_like(fed), common.client_step(fed))
     return self._fed[k]
 
+  def warm_up(self, k: int) -> None:
+    """Compiles the client update for K = ``k`` hospitals (one call on a zero model, result
+    dropped), so that round 1 does not wait for the compilation."""
+    import jax
+    import numpy as np
+    _, like, step = self._federation(k)
+    zeros = jax.tree.map(lambda l: np.zeros(l.shape, l.dtype), like)
+    jax.block_until_ready(step(zeros, self.local.data, 0, self.hospital))
+
+  def warm_up_in_background(self, k: int) -> None:
+    """:meth:`warm_up` in a thread while the hospital connects; fit() waits for it. A wrong
+    ``k`` costs one compilation (fit compiles for the server's K)."""
+    def run():
+      try:
+        self.warm_up(k)
+      except Exception as e:  # noqa: BLE001 (fit reports the real error, if any)
+        print(f"[flower] hospital {self.hospital}: warm-up for K={k} failed ({e!r})",
+              flush=True)
+    self._warm = threading.Thread(target=run, name="warm-up", daemon=True)
+    self._warm.start()
+
   def fit(self, arrays, ins: Dict):
     """(global model arrays, {round, hospital, num_clients}) -> (upload arrays, s_k, metrics)."""
+    if self._warm is not None:
+      self._warm.join()
+      self._warm = None
     if int(ins[common.HOSPITAL]) != self.hospital:
       raise ValueError(f"message for hospital {ins[common.HOSPITAL]} reached hospital "
                        f"{self.hospital}")
@@ -71,7 +97,7 @@ class HospitalClient:
     if self.verbose:
       print(f"[flower] hospital {self.hospital} round {rnd + 1}: train_loss "
             f"{metrics['train_loss']:.4f} dice {metrics['dice_pre']:.3f}->"
-            f"{metrics['dice_post']:.3f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+            f"{metrics['dice_post']:.3f} ({time.perf_counter() - t0:.3f}s)", flush=True)
     return wire, int(round(metrics["num_samples"])), {
         common.HOSPITAL: self.hospital, common.ROUND: rnd, **metrics}
 
@@ -136,6 +162,9 @@ def main(argv=None):
                               "(TLS); without it the connection is insecure.")
   max_wait = flags.DEFINE_float("max_wait_s", None, "Give up reconnecting after this many "
                                 "seconds (default: retry forever).")
+  k_flag = flags.DEFINE_integer("num_hospitals", 0, "K, to compile the client update while "
+                                "connecting (default: config.fl.num_clients, else the "
+                                "phantom's sites; the server's K is what counts).")
   flags.mark_flags_as_required(["config", "hospital"])
 
   def run(args):
@@ -154,7 +183,12 @@ def main(argv=None):
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     ca = open(certs.value, "rb").read() if certs.value else None
+    k = k_flag.value or int(config_flag.value.fl.num_clients) or \
+        len(config_flag.value.data.phantom.sites)
+    import flwr  # noqa: F401  (imported before the warm-up thread competes for the GIL)
+    core.warm_up_in_background(k)
     start(core, address.value, ca, max_wait.value)
+    common.exit_now(0)  # the server ended the run; a hospital writes nothing
 
   app.run(run, argv=argv)
 

@@ -46,9 +46,9 @@ class WireError(ValueError):
 
 
 def check_config(config) -> None:
-  """Refuses configurations a Flower federation cannot run as the in-process one would."""
-  from fedjax_seg.config_utils import validate
-  validate(config)
+  """Refuses configurations a Flower federation cannot run as the in-process one would.
+  The Flower-specific refusals come first (they say what to set instead), then the
+  project's own config validation."""
   algo = config.algorithm
   if algo not in aggregators.AGGREGATORS:
     raise ValueError(
@@ -56,8 +56,20 @@ def check_config(config) -> None:
         f"supervised family {sorted(aggregators.AGGREGATORS)} (with FedProx, server "
         f"optimisers, DP-FedAvg, robust exclusion); the semi-supervised methods, FedWeP and "
         f"FCL are not supported yet")
-  fl_train.check_fl_config(config)
   fl = config.fl
+  kind = fl_train.method(config)
+  if kind != "standard":
+    raise ValueError(f"{kind} (config.fl.local_norm / scaffold / ditto_lambda) keeps "
+                     f"per-client state or uploads more than the model; the Flower "
+                     f"federation runs the standard model-uploading round only")
+  if int(fl.get("clients_per_round", 0)):
+    raise ValueError(f"config.fl.clients_per_round={fl.clients_per_round}: every hospital takes "
+                     f"part in every round of a Flower federation; set it to 0")
+  # Options of the in-process trainer the hospitals' client update does not take yet.
+  for key, plain in (("local_work", "equal"), ("fednova", False), ("cost_ratio", "local")):
+    if fl.get(key, plain) != plain:
+      raise ValueError(f"config.fl.{key}={fl.get(key)!r}: not supported by the Flower "
+                       f"federation yet (set {plain!r})")
   if fl.get("secagg", False):
     raise ValueError("config.fl.secagg=True: fl/secagg.py simulates the masks inside the "
                      "server's aggregator, so over Flower the server would still receive every "
@@ -75,6 +87,9 @@ def check_config(config) -> None:
   if not config.data.get("stratify_by_site", True):
     raise ValueError("config.data.stratify_by_site=False: a hospital can only split its own "
                      "patients; set it to True")
+  from fedjax_seg.config_utils import validate
+  validate(config)
+  fl_train.check_fl_config(config)
 
 
 def num_hospitals(config, given: int = 0) -> int:
@@ -329,3 +344,19 @@ def quiet_flower_logs() -> None:
   """Flower's INFO lines once (its own handler), not again through absl's root handler."""
   import logging
   logging.getLogger("flwr").propagate = False
+
+
+def exit_now(code: int = 0) -> None:
+  """Ends a server or hospital process once its work is on disk: flushes the logs and
+  exits without the interpreter's teardown (the XLA and gRPC destructors take seconds on
+  a small machine, and every result file is already written and closed)."""
+  import logging
+  import os
+  import sys
+  logging.shutdown()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(code)

@@ -2,12 +2,16 @@
 hospital, each hospital reading only its own folder.
 
     python -m fedjax_seg.flower.localhost --config configs/lgg_fedavg.py --workdir DIR \
-        [--port 0] [--hospitals_dir H] [--config.x=y ...]
+        [--port 0] [--hospitals_dir H] [--tls] [--config.x=y ...]
+    python -m fedjax_seg.flower.localhost split --config configs/lgg_fedavg.py \
+        --hospitals_dir H [--config.x=y ...]       # only the per-site folders
 
 writes one folder per site (``H``, default ``DIR/hospitals/<k>_<site>/kaggle_3m/...``,
 copied from config.data.root or the phantom; Kaggle LGG layout), then starts
 ``fedjax_seg.flower.server`` and K ``fedjax_seg.flower.client`` processes on
-127.0.0.1 (insecure) with the same config and overrides. Logs: ``DIR/logs/``.
+127.0.0.1 with the same config and overrides: insecure, or with ``--tls`` over TLS with
+self-signed certificates in ``DIR/certificates`` (``fedjax_seg.flower.certs``). Logs:
+``DIR/logs/``.
 """
 from __future__ import annotations
 
@@ -92,14 +96,20 @@ class Federation:
 
 
 def start(config_args: Sequence[str], workdir: str, roots: Sequence[str], port: int = 0,
-          client_prefix: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
-          server_args: Sequence[str] = (), start_server: bool = True,
-          start_clients: bool = True) -> Federation:
+          client_prefix: Sequence[str] = (), server_prefix: Sequence[str] = (),
+          env: Optional[Dict[str, str]] = None,
+          server_args: Sequence[str] = (), client_args: Sequence[str] = (),
+          start_server: bool = True, start_clients: bool = True,
+          hospitals: Optional[Sequence[int]] = None) -> Federation:
   """Starts the server (writing ``workdir``) and one client per folder of ``roots``.
 
   config_args: ``--config=FILE`` and any ``--config.x=y`` overrides, given to every process.
-  client_prefix: a command that runs ``-m fedjax_seg.flower.client ...`` in its place
-  (tests: a wrapper recording opened files); default ``sys.executable``.
+  client_prefix / server_prefix: a command that runs in place of ``python -m
+  fedjax_seg.flower.client`` / ``... .server`` with the same arguments (tests: wrappers
+  recording what crosses the network); default ``sys.executable -m ...``.
+  server_args / client_args: more flags for the server / every client (TLS: see
+  :func:`tls_args`). hospitals: the indices k of the clients to start (default: all; a
+  hospital restarted alone keeps its index and folder).
   """
   port = port or free_port()
   address = f"127.0.0.1:{port}"
@@ -118,17 +128,30 @@ def start(config_args: Sequence[str], workdir: str, roots: Sequence[str], port: 
   logs = [os.path.join(logs_dir, "server.log")]
   server = None
   if start_server:
-    server = spawn([sys.executable, "-m", "fedjax_seg.flower.server", *config_args,
+    prefix = list(server_prefix) or [sys.executable, "-m", "fedjax_seg.flower.server"]
+    server = spawn([*prefix, *config_args,
                     f"--workdir={workdir}", f"--address={address}",
                     f"--num_hospitals={len(roots)}", *server_args], logs[0])
   clients = []
   if start_clients:
     for k, root in enumerate(roots):
+      if hospitals is not None and k not in hospitals:
+        continue
       logs.append(os.path.join(logs_dir, f"hospital{k}.log"))
       prefix = list(client_prefix) or [sys.executable, "-m", "fedjax_seg.flower.client"]
       clients.append(spawn([*prefix, *config_args, f"--hospital={k}", f"--data_root={root}",
-                            f"--address={address}"], logs[-1]))
+                            f"--address={address}", f"--num_hospitals={len(roots)}", *client_args],
+                           logs[-1]))
   return Federation(server, clients, logs, address)
+
+
+def tls_args(cert_dir: str):
+  """(server_args, client_args) of a TLS federation with the certificates of
+  ``fedjax_seg.flower.certs`` in ``cert_dir``: the server gets the CA certificate, its
+  certificate and its key; a hospital only the CA certificate."""
+  j = lambda name: os.path.join(cert_dir, name)  # noqa: E731
+  return ([f"--ca_cert={j('ca.crt')}", f"--server_cert={j('server.pem')}",
+           f"--server_key={j('server.key')}"], [f"--root_certificates={j('ca.crt')}"])
 
 
 def main(argv=None):
@@ -142,9 +165,21 @@ def main(argv=None):
                                       "WORKDIR/hospitals).")
   port = flags.DEFINE_integer("port", 0, "Server port on 127.0.0.1 (0: a free one).")
   timeout = flags.DEFINE_float("timeout_s", 3600.0, "Kill everything after this long.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  tls = flags.DEFINE_bool("tls", False, "Connect over TLS with self-signed certificates "
+                          "written to WORKDIR/certificates (fedjax_seg.flower.certs).")
+  flags.mark_flags_as_required(["config"])
 
   def run(args):
+    if args[1:] not in ([], ["split"]):
+      raise app.UsageError(f"unexpected arguments {args[1:]} (the one command is 'split')")
+    if args[1:] == ["split"]:  # the hospitals' folders only, for running the processes by hand
+      if not hospitals_dir.value:
+        raise app.UsageError("split needs --hospitals_dir")
+      for k, root in enumerate(split_sites(config_flag.value, hospitals_dir.value)):
+        print(f"hospital {k}: --data_root={root}")
+      return
+    if not workdir.value:
+      raise app.UsageError("--workdir is required")
     argv_all = list(sys.argv if argv is None else argv)[1:]
     passthrough = []
     for i, a in enumerate(argv_all):  # --config FILE, --config=FILE, --config.x=y
@@ -154,8 +189,17 @@ def main(argv=None):
         passthrough.append(a)
     roots = split_sites(config_flag.value, hospitals_dir.value
                         or os.path.join(workdir.value, "hospitals"))
-    fed = start(passthrough, workdir.value, roots, port.value)
-    print(f"[flower] server + {len(roots)} hospitals on {fed.address}; logs in "
+    server_args, client_args = (), ()
+    if tls.value:
+      from fedjax_seg.flower import certs
+      cert_dir = os.path.join(workdir.value, "certificates")
+      if not all(os.path.exists(os.path.join(cert_dir, n)) for n in certs.FILES):
+        certs.generate(cert_dir)
+      server_args, client_args = tls_args(cert_dir)
+    fed = start(passthrough, workdir.value, roots, port.value, server_args=server_args,
+                client_args=client_args)
+    print(f"[flower] server + {len(roots)} hospitals on {fed.address}"
+          f"{' (TLS)' if tls.value else ' (insecure)'}; logs in "
           f"{os.path.join(workdir.value, 'logs')}", flush=True)
     codes = fed.wait(timeout.value)
     print(f"[flower] exit codes {codes}", flush=True)

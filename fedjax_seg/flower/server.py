@@ -211,8 +211,9 @@ def strategy(core: ServerCore, wait_s: float = 600.0, rpc_timeout_s: Optional[fl
     def aggregate_fit(self, server_round, results, failures):
       if failures:
         raise FederationError(
-            f"round {core.round}: {len(failures)} hospital(s) failed ({failures[0]!r}); nothing "
-            f"was aggregated. Re-run the server to resume from round {core.round}")
+            f"round {core.round + 1}: {len(failures)} hospital(s) failed ({failures[0]!r}); "
+            f"nothing of this round was aggregated. Re-run the server to resume after round "
+            f"{core.round} (its last checkpoint)")
       received = {}
       for proxy, res in results:
         h = self.sent.get(proxy.cid)
@@ -289,7 +290,8 @@ def main(argv=None):
       if os.environ.get("FEDJAX_SEG_TRACEBACK"):
         raise
       print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+      common.exit_now(2)  # not sys.exit: Flower's gRPC threads would keep the process alive
+    common.exit_now(0)  # checkpoints, metrics, final model and results are written and closed
 
   app.run(run, argv=argv)
 
