@@ -92,6 +92,10 @@ def run_loop(workdir: str, run: Run, stop_after: Optional[int] = None,
         print(f"{run.tag} resumed from checkpoint at {run.x_key} {start}", flush=True)
     if run.place is not None:
       state = run.place(state)
+    else:
+      # A restored state lives committed on a device, a fresh one does not: jit would
+      # compile the round (and evaluation) again on resume. Commit both the same way.
+      state = jax.device_put(state, jax.local_devices()[0])
     log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None,
                             key=run.x_key)
     if start == 0 and run.log_initial:
