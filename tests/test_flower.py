@@ -232,8 +232,7 @@ def check_wire(audit, roots, phantom_root, c, rounds):
   upload_like, stats_like = common.upload_like(fed)
   upload_struct = [[list(l.shape), str(np.dtype(l.dtype))] for name in fed.alg.uploads
                    for l in jax.tree.leaves(upload_like[name])]
-  assert upload_struct and len(upload_struct) == len(jax.tree.leaves(
-      {n: upload_like[n] for n in fed.alg.uploads}))
+  assert fed.alg.uploads and upload_struct
 
   srv = _jsonl(os.path.join(audit, "server.jsonl"))
   sent_by_server = {(e["round"], e["hospital"]): e for e in srv if e.get("sent") == "fit"}
