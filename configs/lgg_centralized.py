@@ -38,7 +38,8 @@ def get_config(arg=None):
   config.seed = 0
   config.data = get_data_config()
   config.model = ml_collections.ConfigDict(dict(
-      name="unet", base=32, depth=4, dropout=0.5, norm="none",
+      name="unet", base=32, depth=4, dropout=0.5,
+      norm="none",  # none | batch | group | layer (models/unet.make_norm); small tumours: docs/results/small_tumours.md
       dtype="float32"))  # compute dtype; "bfloat16": mixed precision (f32 params, f32 aggregation)
   config.loss = "dice_ce"
   config.optimizer = ml_collections.ConfigDict(dict(
