@@ -77,6 +77,15 @@ def hospitals(data_cache, tmp_path_factory):
   return roots, pipeline.resolve_root(c.data, verbose=False)
 
 
+@pytest.fixture(scope="module")
+def cores(hospitals, data_cache):
+  """The 3 hospitals' Flower-independent cores of the tiny FedAvg config, built once (the
+  in-process units and check_wire share their compiled client updates)."""
+  roots, _ = hospitals
+  c = make_config("fedavg", overrides(data_cache, 1))
+  return [client.HospitalClient(c, k, roots[k], verbose=False) for k in range(len(roots))]
+
+
 def in_process(algorithm_name, ov, workdir):
   """The reference: fl/train.train_federated on the same config (pooled phantom)."""
   fl_train.train_federated(make_config(algorithm_name, ov), str(workdir))
@@ -125,12 +134,11 @@ def test_hospital_reads_its_sites_train_patients(hospitals, data_cache):
     np.testing.assert_array_equal(np.asarray(local.data.y), y)
 
 
-def test_upload_is_exactly_the_declared_upload(hospitals, data_cache):
+def test_upload_is_exactly_the_declared_upload(cores):
   """What a hospital sends: the leaves of alg.uploads' entries (shapes, dtypes, order),
   nothing else, plus the stats as metrics; a malformed global model is refused."""
-  roots, _ = hospitals
-  c = make_config("dcew", overrides(data_cache, 1))
-  core = client.HospitalClient(c, 1, roots[1], verbose=False)
+  core = cores[1]
+  c = core.config
   fed = common.build(c, 3, core.local.num_classes, core.local.sample_shape)
   state = common.initial_state(fed)
   arrays, n, metrics = core.fit(common.to_wire(state.variables),
@@ -153,11 +161,9 @@ def test_upload_is_exactly_the_declared_upload(hospitals, data_cache):
     core.fit(common.to_wire(state.variables), {"round": 0, "hospital": 2, "num_clients": 3})
 
 
-def test_server_sends_only_the_global_model_and_refuses_extra_arrays(hospitals, data_cache,
+def test_server_sends_only_the_global_model_and_refuses_extra_arrays(cores, data_cache,
                                                                      tmp_path):
-  roots, _ = hospitals
-  c = make_config("fedavg", overrides(data_cache, 1))
-  cores = [client.HospitalClient(c, k, roots[k], verbose=False) for k in range(3)]
+  c = cores[0].config
   srv = server.ServerCore(c, str(tmp_path), 3, verbose=False)
   srv.setup({k: core.properties() for k, core in enumerate(cores)})
   sent = srv.broadcast()
@@ -209,7 +215,7 @@ def _serialised_sha256(arrays):
   return digest.hexdigest()
 
 
-def check_wire(audit, roots, phantom_root, c, rounds):
+def check_wire(audit, roots, phantom_root, c, rounds, cores=None):
   """The must-shows of a federation run with the audit workers, from both ends of every
   connection:
 
@@ -223,9 +229,12 @@ def check_wire(audit, roots, phantom_root, c, rounds):
     leaves of each entry, shapes and dtypes in order), num_examples and its stats
     (nothing else), and the server received those bytes unchanged from it, once each.
 
+  cores: the hospitals' HospitalClient of config ``c`` if already built (else built here).
   Returns the per-hospital audit records (fits received, fits sent)."""
   K = len(roots)
-  local = [common.load_hospital(c, k, roots[k], verbose=False) for k in range(K)]
+  cores = cores or [client.HospitalClient(c, k, roots[k], verbose=False) for k in range(K)]
+  assert all(core.digest == common.config_digest(c) for core in cores)
+  local = [core.local for core in cores]
   fed = common.build(c, K, local[0].num_classes, local[0].sample_shape)
   init = common.to_wire(common.initial_state(fed).variables)
   model_struct = [[list(a.shape), str(a.dtype)] for a in init]
@@ -271,10 +280,8 @@ def check_wire(audit, roots, phantom_root, c, rounds):
   assert not uploads & {m["sha256"] for k in range(K) for m in recv[k]}
 
   # Round 0's uploads are the hospitals' own client updates of the initial model.
-  step = common.client_step(fed)
   for k in range(K):
-    want = common.upload_to_wire(fed.alg, step(
-        common.from_wire(init, common.variables_like(fed)), local[k].data, 0, k)[0])
+    want, _, _ = cores[k].fit(init, {"round": 0, "hospital": k, "num_clients": K})
     with np.load(os.path.join(audit, f"hospital{k}_round0.npz")) as z:
       got = [z[f"arr_{i}"] for i in range(len(z.files))]
     assert len(got) == len(want)
@@ -283,7 +290,7 @@ def check_wire(audit, roots, phantom_root, c, rounds):
   return recv, sent
 
 
-def test_fedavg_one_round_processes_equal_in_process(hospitals, data_cache, tmp_path):
+def test_fedavg_one_round_processes_equal_in_process(hospitals, cores, data_cache, tmp_path):
   """R=1 FedAvg as 4 OS processes = train_federated; what each hospital opened, received
   and sent, recorded at both ends of the wire (check_wire)."""
   roots, phantom_root = hospitals
@@ -298,7 +305,7 @@ def test_fedavg_one_round_processes_equal_in_process(hospitals, data_cache, tmp_
   assert max_abs_diff(load_model(tmp_path / "flower"), ref) < 1e-5
   r = rows(tmp_path / "flower")
   assert [x["round"] for x in r] == [1] and r[0]["weights"] == pytest.approx([1 / 3] * 3)
-  check_wire(str(audit), roots, phantom_root, make_config("fedavg", ov), 1)
+  check_wire(str(audit), roots, phantom_root, make_config("fedavg", ov), 1, cores)
 
 
 @pytest.mark.slow
