@@ -29,9 +29,12 @@ def run_or_load(config, workdir: str, tag: str = "bench") -> Dict:
   stored = os.path.join(workdir, "config.json")
   if os.path.exists(stored):
     with open(stored) as f:
-      old = _flat(json.load(f))
-    new = _flat(json.loads(config.to_json_best_effort()))
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+      old_blob = json.load(f)
+    # keys the stored run lacks (added to the configs after it ran) do not count, as
+    # for launch.py (runlog.config_diff); every other differing key does
+    from fedjax_seg import runlog
+    diff = [k for k, _, _ in runlog.config_diff(old_blob, json.loads(config.to_json_best_effort()),
+                                                allowed=())]
     if diff:
       raise SystemExit(f"error: {workdir} holds a run with another config ({', '.join(diff[:8])}"
                        f"{' …' if len(diff) > 8 else ''}); delete it or pass another --workdir")

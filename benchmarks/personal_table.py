@@ -43,11 +43,11 @@ ROWS = [
     ("Ditto (λ=0.1): personalised", "ditto", lgg_ditto, None, {}, {}, "personalised"),
     ("FedAvg, m = K/2 clients per round", "fedavg_half", lgg_fedavg, None,
      {"clients_per_round": 2}, {}, "metrics"),
-    ("FedAvg (SGD, lr 0.05)", "fedavg_sgd", lgg_fedavg, None, {}, {"name": "sgd", "lr": 0.05},
-     "metrics"),
-    ("SCAFFOLD (SGD, lr 0.05)", "scaffold", lgg_scaffold, None, {}, {}, "metrics"),
+    ("FedAvg (SGD)", "fedavg_sgd", lgg_fedavg, None, {}, {"name": "sgd"}, "metrics"),
+    ("SCAFFOLD (SGD)", "scaffold", lgg_scaffold, None, {}, {}, "metrics"),
 ]
-REFERENCES = {"FedAvg (SGD, lr 0.05)": ["SCAFFOLD (SGD, lr 0.05)"]}
+REFERENCES = {"FedAvg (SGD)": ["SCAFFOLD (SGD)"]}
+SGD_ROWS = ("fedavg_sgd", "scaffold")
 
 
 def make_config(mod, arg, fl_over, opt_over, seed, args):
@@ -109,6 +109,9 @@ def main():
   p.add_argument("--cache-dir", default="runs/_data")
   p.add_argument("--n-boot", type=int, default=2000)
   p.add_argument("--out-md", default=None)
+  p.add_argument("--sgd-lr-grid", type=float, nargs="+", default=[0.05],
+                 help="SGD learning rates for FedAvg (SGD) on the first seed; the one with the "
+                      "best validation Dice is used for FedAvg (SGD) and SCAFFOLD on every seed")
   args = p.parse_args()
   if args.quick:
     args.seeds, args.rounds = args.seeds[:2], 3
@@ -117,12 +120,25 @@ def main():
 
   t0, load0 = time.time(), os.getloadavg()
   rows = [r for r in ROWS if args.rows is None or r[1] in args.rows]
+  root = args.workdir + ("_quick" if args.quick else "")
+  sgd_lr, sgd_grid = args.sgd_lr_grid[0], {}
+  if any(r[1] in SGD_ROWS for r in rows) and len(args.sgd_lr_grid) > 1:
+    for lr in args.sgd_lr_grid:  # chosen on the validation split of the first seed
+      c = make_config(lgg_fedavg, None, {}, {"name": "sgd", "lr": lr}, args.seeds[0], args)
+      res = _runs.run_or_load(c, os.path.join(root, f"fedavg_sgd_lr{lr:g}", f"s{args.seeds[0]}"),
+                              "personal_table")
+      sgd_grid[lr] = res["metrics"]["val"]["dice_mean"]
+      print(f"[personal_table] SGD lr {lr:g}: val Dice {sgd_grid[lr]:.4f}", flush=True)
+    sgd_lr = max(sgd_grid, key=lambda lr: sgd_grid[lr])
   data, table, per_seed = {}, [], {}
   for name, key, mod, arg, fl_over, opt_over, which in rows:
     data[name] = {}
+    if key in SGD_ROWS:
+      opt_over = {**opt_over, "lr": sgd_lr}
     for seed in args.seeds:
       c = make_config(mod, arg, fl_over, opt_over, seed, args)
-      wd = os.path.join(args.workdir + ("_quick" if args.quick else ""), key, f"s{seed}")
+      wkey = key + (f"_lr{sgd_lr:g}" if key in SGD_ROWS else "")
+      wd = os.path.join(root, wkey, f"s{seed}")
       res = _runs.run_or_load(c, wd, "personal_table")
       recs, site, dice = per_patient(res, which)
       data[name][seed] = {str(r["id"]): float(r["dice_mean"]) for r in recs}
@@ -171,9 +187,15 @@ def main():
           f"drawn per seed (data.split_seed = seed); U-Net base {args.base} depth {args.depth} "
           f"with batch norm; K = 4 clients by site; R = {args.rounds} rounds × E = "
           f"{args.local_steps} local steps × batch {args.batch}; Adam lr {args.lr} "
-          f"(SCAFFOLD and its FedAvg reference: SGD lr 0.05); seeds {args.seeds}. FedBN / SiloBN "
+          f"(SCAFFOLD and its FedAvg reference: SGD lr {sgd_lr:g}"
+          + (f", chosen from {sorted(sgd_grid)} on the validation Dice of FedAvg (SGD), seed "
+             f"{args.seeds[0]}: " + ", ".join(f"{lr:g} → {v:.3f}" for lr, v in sorted(sgd_grid.items()))
+             if sgd_grid else "") +
+          f"); seeds {args.seeds}. FedBN / SiloBN "
           f"and 'Ditto: personalised' segment each test patient with its own hospital's model. "
-          f"Per-site columns: mean over seeds of the site's mean per-patient Dice.\n\n")
+          f"Per-site columns: mean over seeds of the site's mean per-patient Dice. 'Ditto: global "
+          f"model' is FedAvg's model by construction (the personal models never reach the "
+          f"server; same keys), so it equals the FedAvg row.\n\n")
   md = head + "\n".join(lines) + "\n"
   for r, comp in comps.items():
     md += f"\n## Paired comparison against {r}\n\n" + stats.markdown(comp)
@@ -188,6 +210,7 @@ def main():
   os.makedirs("benchmarks/results", exist_ok=True)
   with open(f"benchmarks/results/personal_table{'_quick' if args.quick else ''}.json", "w") as f:
     json.dump({"args": vars(args), "command": cmd, "per_seed": per_seed, "comparisons": comps,
+               "sgd_lr": sgd_lr, "sgd_lr_grid_val_dice": sgd_grid,
                "wall_time_s": elapsed}, f, indent=1, default=str)
   print(md)
   print(f"[personal_table] written {out_md}")
