@@ -18,19 +18,9 @@ def _toy(k=6, n=4, seed=0):
 
 
 def _alg(lr=0.5, steps=2):
-  def client(bcast, inp, key):
-    data, cstate, _ = inp
-    n = jnp.sum(data["valid"])
-    mean = jnp.sum(data["x"] * data["valid"]) / n
-    w = bcast["w"]
-    for _ in range(steps):
-      w = w - lr * (w - mean)
-    return {"model": {"w": w}}, {"rounds": cstate["rounds"] + 1, "last": w}, {"num_samples": n}
-
-  def aggregate(state, upload, stats, key):
-    agg, weights, failed = aggregators.fedavg(state.variables, upload["model"], stats)
-    return agg, weights, failed, {}
-  return algorithm.Algorithm("toy", ("model",), client, aggregate)
+  """test_algorithm's toy method: E steps towards each client's data mean, FedAvg."""
+  from test_algorithm import _mean_estimation
+  return _mean_estimation(lr, steps)
 
 
 def _state(k):
