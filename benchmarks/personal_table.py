@@ -15,7 +15,7 @@ it), so it is also compared with FedAvg under the same SGD.
   python benchmarks/personal_table.py                  # 3 seeds, R=12, E=4, 32x32
   python benchmarks/personal_table.py --quick          # 2 seeds, R=3: a smoke run
 
-Writes docs/results/personal.md (and benchmarks/results/personal_table[_quick].json).
+Writes docs/results/personal.md (--out-md) and benchmarks/results/<its stem>.json.
 """
 from __future__ import annotations
 
@@ -208,7 +208,8 @@ def main():
   with open(out_md, "w") as f:
     f.write(md)
   os.makedirs("benchmarks/results", exist_ok=True)
-  with open(f"benchmarks/results/personal_table{'_quick' if args.quick else ''}.json", "w") as f:
+  stem = os.path.splitext(os.path.basename(out_md))[0]   # personal, personal_early, ...
+  with open(os.path.join("benchmarks/results", f"{stem}.json"), "w") as f:
     json.dump({"args": vars(args), "command": cmd, "per_seed": per_seed, "comparisons": comps,
                "sgd_lr": sgd_lr, "sgd_lr_grid_val_dice": sgd_grid,
                "wall_time_s": elapsed}, f, indent=1, default=str)
