@@ -157,12 +157,8 @@ def patient_record(patient, pred: np.ndarray, class_names: Sequence[str], use_sp
   pred = np.asarray(pred)
   if pred.shape != labels.shape:
     raise ValueError(f"patient {patient.id}: prediction {pred.shape} vs labels {labels.shape}")
-  c = len(class_names)
-  m = np.bincount((labels.astype(np.int64) * c + pred).reshape(-1), minlength=c * c).reshape(c, c)
-  tp = np.diag(m).astype(np.float64)
-  fp, fn = m.sum(0) - tp, m.sum(1) - tp
-  counts = np.stack([tp, fp, fn, m.sum() - tp - fp - fn], axis=1)
-  pooled = metrics.metrics_from_counts(counts, class_names=tuple(class_names))
+  m = _confusion(labels, pred, len(class_names))
+  pooled = metrics.metrics_from_counts(_counts(m), class_names=tuple(class_names))
   spacing = patient.spacing if use_spacing else None
   fg = list(enumerate(class_names))[1:]
   rec: Dict = {"id": patient.id, "site": patient.site, "num_samples": int(len(labels)),
@@ -177,6 +173,19 @@ def patient_record(patient, pred: np.ndarray, class_names: Sequence[str], use_sp
     rec["region_hd95"] = {name: _hd95_over_volumes(labels, pred, cls, spacing)
                           for name, cls in metrics.BRATS_REGIONS}
   return rec
+
+
+def _confusion(labels: np.ndarray, pred: np.ndarray, c: int) -> np.ndarray:
+  """int64 [C, C] confusion matrix (rows: ground truth, columns: prediction)."""
+  return np.bincount((np.asarray(labels).astype(np.int64) * c + np.asarray(pred)).reshape(-1),
+                     minlength=c * c).reshape(c, c)
+
+
+def _counts(m: np.ndarray) -> np.ndarray:
+  """[C, 4] (tp, fp, fn, tn) of a confusion matrix, as `metrics.metrics_from_counts` reads."""
+  tp = np.diag(m).astype(np.float64)
+  fp, fn = m.sum(0) - tp, m.sum(1) - tp
+  return np.stack([tp, fp, fn, m.sum() - tp - fp - fn], axis=1)
 
 
 def per_patient_report(ds, preds: Dict[str, Dict[str, np.ndarray]]) -> Dict:
@@ -322,18 +331,11 @@ def per_site_text(summary: Dict, split: str = "test") -> str:
 def metrics_from_preds(ds, preds: Dict[str, np.ndarray]) -> Dict[str, float]:
   """Pooled metrics of a split from per-patient class maps (the counts `steps.evaluate`
   accumulates, without the loss): for models that differ by patient (FedBN, Ditto)."""
-  c = len(ds.class_names)
-  total = np.zeros((c, c), np.int64)
-  for pid, pred in preds.items():
-    labels = np.asarray(ds.patients[pid].labels).astype(np.int64)
-    total += np.bincount((labels * c + np.asarray(pred)).reshape(-1),
-                         minlength=c * c).reshape(c, c)
   if not preds:
     return {}
-  tp = np.diag(total).astype(np.float64)
-  fp, fn = total.sum(0) - tp, total.sum(1) - tp
-  counts = np.stack([tp, fp, fn, total.sum() - tp - fp - fn], axis=1)
-  return metrics.metrics_from_counts(counts, class_names=tuple(ds.class_names))
+  c = len(ds.class_names)
+  total = sum(_confusion(ds.patients[pid].labels, pred, c) for pid, pred in preds.items())
+  return metrics.metrics_from_counts(_counts(total), class_names=tuple(ds.class_names))
 
 
 def predict_by_model(predict_fn, models: Sequence, model_of_patient: Dict[str, int], fallback,

@@ -149,15 +149,20 @@ def _quad_client(penalty=None, prox=0.0):
   return cu
 
 
+def _scaffold():
+  """(SCAFFOLD over the quadratic toy clients, its round-0 state)."""
+  v0 = {"params": {"w": jnp.zeros((2,))}}
+  alg = scaffold.make_algorithm(_quad_client(scaffold.correction_penalty), aggregators.fedavg,
+                                LR, E, K)
+  return alg, algorithm.ServerState(v0, jnp.int32(0), clients=scaffold.init_clients(v0, K),
+                                    server=scaffold.zeros_like_params(v0))
+
+
 @pytest.mark.parametrize("backend", ["vmap", "unrolled", "map"])
 def test_scaffold_controls_follow_the_paper(backend):
   targets = _targets()
   data, n = _data(targets)
-  v0 = {"params": {"w": jnp.zeros((2,))}}
-  alg = scaffold.make_algorithm(_quad_client(scaffold.correction_penalty), aggregators.fedavg,
-                                LR, E, K)
-  state = algorithm.ServerState(v0, jnp.int32(0), clients=scaffold.init_clients(v0, K),
-                                server=scaffold.zeros_like_params(v0))
+  alg, state = _scaffold()
   run = jax.jit(algorithm.make_round(alg, backend))
   x, c, ck = np.zeros(2), np.zeros(2), np.zeros((K, 2))
   for _ in range(3):
@@ -182,13 +187,8 @@ def test_scaffold_controls_follow_the_paper(backend):
 
 
 def test_scaffold_with_sampling_divides_by_all_clients():
-  targets = _targets()
-  data, _ = _data(targets)
-  v0 = {"params": {"w": jnp.zeros((2,))}}
-  alg = scaffold.make_algorithm(_quad_client(scaffold.correction_penalty), aggregators.fedavg,
-                                LR, E, K)
-  state = algorithm.ServerState(v0, jnp.int32(0), clients=scaffold.init_clients(v0, K),
-                                server=scaffold.zeros_like_params(v0))
+  data, _ = _data(_targets())
+  alg, state = _scaffold()
   state, info = jax.jit(algorithm.make_round(alg, "vmap", clients_per_round=1))(
       state, data, jax.random.PRNGKey(2))
   j = int(np.flatnonzero(np.asarray(info["sampled"]))[0])

@@ -42,6 +42,13 @@ def finite_clients(stacked) -> jnp.ndarray:
   return ok
 
 
+def keep_if_finite(new, old):
+  """One client's state: ``new`` if every leaf is finite, else ``old`` (a diverged client
+  keeps its last good per-client state)."""
+  ok = finite_clients(jax.tree.map(lambda a: a[None], new))[0]
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 def _normalise(raw: jnp.ndarray, ok: jnp.ndarray) -> jnp.ndarray:
   """raw_k / Σ_{ok} raw_j over included clients; 0 for excluded ones."""
   raw = jnp.where(ok, raw, 0.0)

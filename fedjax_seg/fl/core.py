@@ -114,20 +114,22 @@ def make_client_update(fns: ModelFns, tx: optax.GradientTransformation, loss_nam
   return client_update
 
 
-def model_aggregate(aggregator: Callable, agg_kwargs: Optional[Dict[str, Any]] = None) -> Callable:
+def model_aggregate(aggregator: Callable, agg_kwargs: Optional[Dict[str, Any]] = None,
+                    global_of: Callable = lambda state: state.variables) -> Callable:
   """``Algorithm.aggregate`` for clients that upload one model (upload['model']).
 
   ``aggregator(global, stacked, stats, **agg_kwargs) -> (agg, weights, failed[, extra])``
   (fl/aggregators.py, dp.py, secagg.py); one with attribute ``wants_round_key = True``
   also gets ``rng=`` (the round's aggregation key, independent of the client keys) and
-  ``round=`` (DP noise, secure-aggregation masks).
+  ``round=`` (DP noise, secure-aggregation masks). ``global_of(state)``: the global
+  model the uploads are aggregated against (FedBN: its shared part).
   """
   agg_kwargs = dict(agg_kwargs or {})
 
   def aggregate(state, upload, stats, a_key):
     dyn = ({"rng": a_key, "round": state.round}
            if getattr(aggregator, "wants_round_key", False) else {})
-    out = aggregator(state.variables, upload["model"], stats, **agg_kwargs, **dyn)
+    out = aggregator(global_of(state), upload["model"], stats, **agg_kwargs, **dyn)
     return out[0], out[1], out[2], (out[3] if len(out) > 3 else {})
   return aggregate
 

@@ -47,8 +47,7 @@ def make_algorithm(client_update: Callable, personal_update: Callable, aggregato
     w_k, stats = client_update(bcast, data, key)
     v_new, pstats = personal_update(v_k, data, jax.random.fold_in(key, 1),
                                     anchor=bcast["params"])
-    ok = aggregators.finite_clients(jax.tree.map(lambda a: a[None], v_new))[0]
-    v_new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), v_new, v_k)
+    v_new = aggregators.keep_if_finite(v_new, v_k)
     stats = {**stats, "personal_train_loss": pstats["train_loss"],
              "personal_dice_post": pstats["dice_post"]}
     return {"model": w_k}, v_new, stats

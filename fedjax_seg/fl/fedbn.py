@@ -36,7 +36,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from fedjax_seg.fl import aggregators, algorithm
+from fedjax_seg.fl import aggregators, algorithm, core
 
 MODES = ("fedbn", "silobn")
 NORM_MODULES = ("BatchNorm", "GroupNorm", "LayerNorm")
@@ -92,23 +92,15 @@ def make_algorithm(client_update: Callable, aggregator: Callable, mode: str,
                    agg_kwargs: Optional[Dict[str, Any]] = None) -> algorithm.Algorithm:
   """FedBN / SiloBN over ``client_update(variables, data_k, key) -> (variables', stats)``
   (core.make_client_update) and any model aggregator (fl/aggregators.py, robust)."""
-  agg_kwargs = dict(agg_kwargs or {})
-
   def client(bcast, inp, key):
     data, local_k, _ = inp
     shared, _ = split(bcast, mode)
     new_vars, stats = client_update(merge(shared, local_k), data, key)
     new_shared, new_local = split(new_vars, mode)
-    ok = aggregators.finite_clients(jax.tree.map(lambda a: a[None], new_local))[0]
-    new_local = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_local, local_k)
-    return {"model": new_shared}, new_local, stats
+    return {"model": new_shared}, aggregators.keep_if_finite(new_local, local_k), stats
 
-  def aggregate(state, upload, stats, a_key):
-    dyn = ({"rng": a_key, "round": state.round}
-           if getattr(aggregator, "wants_round_key", False) else {})
-    shared, _ = split(state.variables, mode)
-    out = aggregator(shared, upload["model"], stats, **agg_kwargs, **dyn)
-    return out[0], out[1], out[2], (out[3] if len(out) > 3 else {})
+  aggregate = core.model_aggregate(aggregator, agg_kwargs,
+                                   global_of=lambda state: split(state.variables, mode)[0])
 
   def server_update(state, agg, failed, upload, clients, weights, server_data, key, **_):
     mean_local = jax.tree.map(lambda a: jnp.mean(a, axis=0).astype(a.dtype), clients)

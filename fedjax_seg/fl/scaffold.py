@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Optional
 import jax
 import jax.numpy as jnp
 
-from fedjax_seg.fl import aggregators, algorithm
+from fedjax_seg.fl import aggregators, algorithm, core
 
 
 def zeros_like_params(variables):
@@ -57,7 +57,6 @@ def make_algorithm(client_update: Callable, aggregator: Callable, local_lr: floa
                    server_update: Optional[Callable] = None) -> algorithm.Algorithm:
   """client_update: ``core.make_client_update(..., penalty=correction_penalty)``.
   server_update: optional server optimiser on the model (fl/server_opt.py)."""
-  agg_kwargs = dict(agg_kwargs or {})
 
   def broadcast(state, server_data, key):
     return {"model": state.variables, "control": state.server}, {}
@@ -71,24 +70,21 @@ def make_algorithm(client_update: Callable, aggregator: Callable, local_lr: floa
     inv = 1.0 / (stats.get("local_steps", jnp.float32(local_steps)) * local_lr)
     c_new = jax.tree.map(lambda ck, cc, xp, yp: ck - cc + (xp - yp) * inv,
                          c_k, c, x["params"], y["params"])
-    ok = aggregators.finite_clients(jax.tree.map(lambda a: a[None], c_new))[0]
-    c_new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), c_new, c_k)
+    c_new = aggregators.keep_if_finite(c_new, c_k)
     delta = jax.tree.map(jnp.subtract, c_new, c_k)
     return {"model": y, "control": delta}, c_new, stats
 
+  model_agg = core.model_aggregate(aggregator, agg_kwargs)
+
   def aggregate(state, upload, stats, a_key):
-    dyn = ({"rng": a_key, "round": state.round}
-           if getattr(aggregator, "wants_round_key", False) else {})
-    out = aggregator(state.variables, upload["model"], stats, **agg_kwargs, **dyn)
-    model, weights, failed = out[0], out[1], out[2]
+    model, weights, failed, extra = model_agg(state, upload, stats, a_key)
     inc = (weights > 0).astype(jnp.float32)
 
     def dsum(d):
       d = jnp.where(inc.reshape((-1,) + (1,) * (d.ndim - 1)) > 0, d, 0)
       return (jnp.tensordot(inc, d, axes=1) / num_clients).astype(d.dtype)
     control_delta = jax.tree.map(dsum, upload["control"])
-    return ({"model": model, "control_delta": control_delta}, weights, failed,
-            (out[3] if len(out) > 3 else {}))
+    return {"model": model, "control_delta": control_delta}, weights, failed, extra
 
   def update(state, agg, failed, upload, clients, weights, server_data, key, **_):
     model, opt_state = agg["model"], state.server_opt_state

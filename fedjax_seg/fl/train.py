@@ -15,6 +15,7 @@ client to that many rows (one compiled round for every N).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Callable, Dict, Optional
@@ -255,7 +256,6 @@ def build_algorithm(config, kind: str, fns, tx, num_classes: int, hp, augment, a
     return scaffold.make_algorithm(cu, aggregator, float(config.optimizer.lr), hp.local_steps,
                                    num_clients, kw, server_update)
   if kind == "ditto":
-    import dataclasses
     cu = core.make_client_update(fns, tx, config.loss, num_classes, hp, augment=augment)
     pu = core.make_client_update(
         fns, tx, config.loss, num_classes,

@@ -12,7 +12,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import test_fedbn_scaffold_ditto as t  # noqa: E402
-from fedjax_seg.fl import aggregators, algorithm, ditto, fedbn, scaffold  # noqa: E402
+from fedjax_seg.fl import aggregators, algorithm, ditto, fedbn  # noqa: E402
 
 assert jax.device_count() == 4, jax.devices()
 
@@ -31,11 +31,7 @@ cases = {
     "fedbn": (fedbn.make_algorithm(t._bn_client, aggregators.fedavg, "fedbn"),
               lambda: algorithm.ServerState(v_bn, jnp.int32(0),
                                             clients=fedbn.init_clients(v_bn, t.K, "fedbn"))),
-    "scaffold": (scaffold.make_algorithm(t._quad_client(scaffold.correction_penalty),
-                                         aggregators.fedavg, t.LR, t.E, t.K),
-                 lambda: algorithm.ServerState(v_q, jnp.int32(0),
-                                               clients=scaffold.init_clients(v_q, t.K),
-                                               server=scaffold.zeros_like_params(v_q))),
+    "scaffold": (t._scaffold()[0], lambda: t._scaffold()[1]),
     "ditto": (ditto.make_algorithm(t._quad_client(), t._quad_client(prox=0.5), aggregators.fedavg),
               lambda: algorithm.ServerState(v_q, jnp.int32(0), clients=ditto.init_clients(v_q, t.K))),
 }
