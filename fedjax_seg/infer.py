@@ -462,9 +462,9 @@ def _pad_to(x: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 
 def _resize_probs(p: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
-  """Bilinear in-plane resize of probabilities [S, h, w, K] -> [S, H, W, K]."""
-  from fedjax_seg.data import volumes
-  return volumes._resize_inplane(p, hw)
+  """Bilinear in-plane resize of probabilities [S, h, w, K] -> [S, H, W, K] (`preprocess.resize_stack`)."""
+  from fedjax_seg.data import preprocess
+  return preprocess.resize_stack(np.asarray(p, np.float32), hw, "linear")
 
 
 def _multiple(n: int, m: int) -> int:

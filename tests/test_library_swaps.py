@@ -1,0 +1,130 @@
+"""Hand-written code replaced by library calls: the result is unchanged (to a stated tolerance).
+
+Each test keeps the implementation from before the swap as the reference.
+"""
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedjax_seg import infer
+from fedjax_seg.data import preprocess
+
+# (in h, w) -> (out H, W): up, down (integer and non-integer ratios), anisotropic, tiny <-> large.
+RESIZE_CASES = [((64, 64), (128, 128)), ((128, 128), (64, 64)), ((240, 240), (128, 128)),
+                ((256, 256), (128, 128)), ((37, 53), (64, 64)), ((100, 90), (33, 47)),
+                ((7, 5), (96, 96)), ((96, 96), (7, 5)), ((155, 240), (128, 128))]
+
+
+def _pil_resize_slices(images, masks, size):
+  """`preprocess.resize_slices` before the swap (Pillow, one slice and channel at a time)."""
+  s, h, w, c = images.shape
+  if (h, w) == (size, size):
+    return images.astype(np.float32), masks.astype(np.uint8)
+  out_i = np.empty((s, size, size, c), np.float32)
+  out_m = np.empty((s, size, size), np.uint8)
+  for i in range(s):
+    for ch in range(c):
+      im = Image.fromarray(images[i, :, :, ch].astype(np.float32), mode="F")
+      out_i[i, :, :, ch] = np.asarray(im.resize((size, size), Image.BILINEAR))
+    out_m[i] = np.asarray(Image.fromarray(masks[i].astype(np.uint8)).resize((size, size), Image.NEAREST))
+  return out_i, out_m
+
+
+def _pil_resize_probs(p, hw):
+  """`infer._resize_probs` before the swap (Pillow bilinear per slice and class)."""
+  if p.shape[1:3] == tuple(hw):
+    return p
+  out = np.empty((p.shape[0],) + tuple(hw) + (p.shape[-1],), np.float32)
+  for s in range(p.shape[0]):
+    for k in range(p.shape[-1]):
+      out[s, :, :, k] = np.asarray(Image.fromarray(p[s, :, :, k].astype(np.float32), mode="F").resize(
+          (hw[1], hw[0]), Image.BILINEAR))
+  return out
+
+
+# Bilinear: Pillow and jax.image.resize(linear, antialias=True) use the same triangle kernel
+# (widened by the scale when shrinking) with the same edge renormalisation; they differ by float32
+# rounding only. Measured max |new - old| <= 6e-7 * max|x| on these cases; bound 2e-6 * max|x|.
+LINEAR_RTOL = 2e-6
+
+
+@pytest.mark.parametrize("src,dst", [(a, b) for a, b in RESIZE_CASES if b[0] == b[1]])
+def test_resize_slices_images_match_pillow(src, dst):
+  rng = np.random.default_rng(src[0] * 1000 + dst[0])
+  images = (rng.random((3,) + src + (2,)) * 1000.0).astype(np.float32)
+  masks = rng.integers(0, 4, (3,) + src).astype(np.uint8)
+  new_i, new_m = preprocess.resize_slices(images, masks, dst[0])
+  old_i, old_m = _pil_resize_slices(images, masks, dst[0])
+  assert new_i.dtype == np.float32 and new_i.shape == old_i.shape
+  assert new_m.dtype == np.uint8 and new_m.shape == old_m.shape
+  np.testing.assert_allclose(new_i, old_i, rtol=0, atol=LINEAR_RTOL * 1000.0)
+  _check_nearest(masks, new_m, old_m)
+
+
+@pytest.mark.parametrize("src,dst", RESIZE_CASES)
+def test_resize_probs_match_pillow(src, dst):
+  rng = np.random.default_rng(src[1] * 1000 + dst[1])
+  logits = rng.standard_normal((2,) + src + (4,))
+  p = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+  new = infer._resize_probs(p, dst)
+  old = _pil_resize_probs(p, dst)
+  assert new.dtype == np.float32 and new.shape == old.shape
+  np.testing.assert_allclose(new, old, rtol=0, atol=LINEAR_RTOL)
+  np.testing.assert_allclose(new.sum(-1), 1.0, atol=1e-5)  # still a distribution
+
+
+def _source_index(n_in, n_out):
+  """The source row each output row of nearest `resize_stack` copies (resize an arange)."""
+  ramp = np.arange(n_in, dtype=np.int32)[None, :, None, None]
+  return preprocess.resize_stack(ramp, (n_out, 1), "nearest")[0, :, 0, 0]
+
+
+def _check_nearest(masks, new_m, old_m):
+  """Masks: every output pixel is a copy of a source pixel (no new label values).
+
+  The source row/column of output i is floor((i + 0.5) * in / out). Where that
+  coordinate is an exact integer (a tie, e.g. 90 -> 47 at i = 23: 45.0) the float
+  rounding of each implementation decides: Pillow accumulates a double coordinate,
+  XLA divides through a float32 reciprocal, and either may land just below the tie
+  (copying row 44 instead of 45). Those whole rows/columns, taken from the adjacent
+  source row/column, are the only differences; integer ratios (256 -> 128,
+  64 -> 128) and 240 -> 128 have no ties and are bit-identical.
+  """
+  assert set(np.unique(new_m)) <= set(np.unique(masks))
+  (h, w), (big_h, big_w) = masks.shape[1:], new_m.shape[1:]
+  jy, jx = _source_index(h, big_h), _source_index(w, big_w)
+  np.testing.assert_array_equal(new_m, masks[:, jy][:, :, jx])  # a gather of source pixels
+  exact_y = (np.arange(big_h) + 0.5) * h / big_h
+  exact_x = (np.arange(big_w) + 0.5) * w / big_w
+  ties_y, ties_x = np.isclose(exact_y % 1, 0), np.isclose(exact_x % 1, 0)
+  for j, exact, ties in ((jy, exact_y, ties_y), (jx, exact_x, ties_x)):
+    np.testing.assert_array_equal(j[~ties], np.floor(exact[~ties]))
+    assert np.all(np.isin(j[ties] - np.rint(exact[ties]), (-1, 0)))
+  differ = new_m != old_m
+  assert not differ[:, ~ties_y][:, :, ~ties_x].any()
+  if not ties_y.any() and not ties_x.any():
+    np.testing.assert_array_equal(new_m, old_m)
+
+
+@pytest.mark.parametrize("src,dst", [((100, 90), (33, 47)), ((96, 96), (7, 5)), ((37, 53), (64, 64))])
+def test_nearest_masks_differ_only_at_ties(src, dst):
+  rng = np.random.default_rng(1)
+  masks = rng.integers(0, 4, (2,) + src).astype(np.uint8)
+  new = preprocess.resize_stack(masks[..., None], dst, "nearest")[..., 0]
+  old = np.stack([np.asarray(Image.fromarray(m).resize((dst[1], dst[0]), Image.NEAREST)) for m in masks])
+  assert new.dtype == np.uint8
+  _check_nearest(masks, new, old)
+
+
+def test_resize_handles_more_slices_than_one_chunk_and_no_op():
+  rng = np.random.default_rng(2)
+  n = preprocess._RESIZE_CHUNK * 2 + 3
+  images = rng.random((n, 40, 40, 1)).astype(np.float32)
+  masks = (images[..., 0] > 0.5).astype(np.uint8)
+  new_i, new_m = preprocess.resize_slices(images, masks, 24)
+  old_i, old_m = _pil_resize_slices(images, masks, 24)
+  np.testing.assert_allclose(new_i, old_i, atol=LINEAR_RTOL)
+  np.testing.assert_array_equal(new_m, old_m)  # 40 -> 24: no ties
+  same_i, same_m = preprocess.resize_slices(images.astype(np.float64), masks.astype(np.int32), 40)
+  assert same_i.dtype == np.float32 and same_m.dtype == np.uint8
+  np.testing.assert_array_equal(same_i, images)
