@@ -150,29 +150,34 @@ def point_name(point: Point) -> str:
   return ",".join(f"{k}={_fmt(v)}" for k, v in point.items())
 
 
-def apply_point(config, point: Point):
-  """A copy of ``config`` with the point's overrides (types converted to the fields' types)."""
+def _field(config, key: str):
+  """The value of ``config.<key>``; a one-line SweepError naming the key when it does not exist."""
   import ml_collections
+  parts = key.split(".")
+  node = config
+  for i, p in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+      where = (f"config has no {'.'.join(parts[:i + 1])!r}" if i < len(parts) - 1
+               else f"unknown config key (config.{key} does not exist)")
+      raise SweepError(f"sweep key {key!r}: {where}")
+    node = node[p]
+  return node
+
+
+def apply_point(config, point: Point):
+  """A copy of ``config`` with the point's overrides (`ConfigDict.update_from_flattened_dict`).
+
+  Every key must exist (`_field`: never adds a field). ConfigDict's type
+  rules apply (int -> float field, list <-> tuple, else the field's type);
+  in addition a non-string value on a string field becomes its ``str``.
+  """
   c = copy.deepcopy(config)
   for key, value in point.items():
-    parts = key.split(".")
-    node = c
-    for i, p in enumerate(parts[:-1]):
-      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-        raise SweepError(f"sweep key {key!r}: config has no {'.'.join(parts[:i + 1])!r}")
-      node = node[p]
-    leaf = parts[-1]
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-      raise SweepError(f"sweep key {key!r}: unknown config key (config.{key} does not exist)")
-    old = node[leaf]
+    old = _field(c, key)
     if isinstance(old, str) and not isinstance(value, str) and value is not None:
       value = str(value)
-    elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-      value = float(value)
-    elif isinstance(old, tuple) and isinstance(value, list):
-      value = tuple(value)
     try:
-      node[leaf] = value
+      c.update_from_flattened_dict({key: value})
     except (TypeError, ValueError) as e:
       raise SweepError(f"sweep key {key!r}: cannot set {value!r} (type {type(value).__name__}) on a field "
                        f"of type {type(old).__name__}: {e}") from e

@@ -128,3 +128,112 @@ def test_resize_handles_more_slices_than_one_chunk_and_no_op():
   same_i, same_m = preprocess.resize_slices(images.astype(np.float64), masks.astype(np.int32), 40)
   assert same_i.dtype == np.float32 and same_m.dtype == np.uint8
   np.testing.assert_array_equal(same_i, images)
+
+
+# ---------------------------------------------------------------------------
+# sweep.apply_point -> ConfigDict.update_from_flattened_dict
+# ---------------------------------------------------------------------------
+def _old_apply_point(config, point):
+  """`sweep.apply_point` before the swap (hand-written walk and type conversions)."""
+  import copy
+
+  import ml_collections
+
+  from fedjax_seg import sweep
+  c = copy.deepcopy(config)
+  for key, value in point.items():
+    parts = key.split(".")
+    node = c
+    for i, p in enumerate(parts[:-1]):
+      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+        raise sweep.SweepError(f"sweep key {key!r}: config has no {'.'.join(parts[:i + 1])!r}")
+      node = node[p]
+    leaf = parts[-1]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise sweep.SweepError(f"sweep key {key!r}: unknown config key (config.{key} does not exist)")
+    old = node[leaf]
+    if isinstance(old, str) and not isinstance(value, str) and value is not None:
+      value = str(value)
+    elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    elif isinstance(old, tuple) and isinstance(value, list):
+      value = tuple(value)
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise sweep.SweepError(f"sweep key {key!r}: cannot set {value!r} (type {type(value).__name__}) on a "
+                             f"field of type {type(old).__name__}: {e}") from e
+  return c
+
+
+def _sweep_base():
+  import ml_collections
+  return ml_collections.ConfigDict({
+      "seed": 0, "algorithm": "fedavg", "optimizer": {"lr": 1e-3, "name": "adam"},
+      "data": {"root": "", "target_spacing": (1.0, 1.0, 1.0), "sizes": [1, 2], "fold": None,
+               "phantom": {"size": 32}},
+      "fl": {"eval_clients": True, "plain": {"a": 1}}, "flag": False})
+
+
+SWEEP_POINTS = [
+    {"seed": 3, "optimizer.lr": 1, "data.root": 123, "algorithm": "dcew"},
+    {"data.target_spacing": [2.0, 2.0, 2.0], "data.sizes": (3, 4), "data.fold": 2},
+    {"data.phantom.size": 64, "fl.eval_clients": False, "optimizer.lr": True, "flag": True},
+    {"data.root": None, "optimizer.name": "sgd"},
+    {"optimizer.nope": 1},                    # unknown leaf
+    {"nope.lr": 1},                           # unknown section
+    {"data.phantom.size.x": 1},               # through a non-ConfigDict
+    {"seed.lr": 1},
+    {"seed": 0.5},                            # type error
+    {"flag": "yes"},
+    {"data.target_spacing": "fine"},
+    {"seed": 1, "optimizer.nope": 2},         # the error comes after a valid key
+    {"data.sizes[0]": 7},                     # index syntax is not a sweep key
+]
+
+
+@pytest.mark.parametrize("locked", [False, True])
+@pytest.mark.parametrize("point", SWEEP_POINTS, ids=[",".join(p) for p in SWEEP_POINTS])
+def test_apply_point_unchanged(point, locked):
+  from fedjax_seg import sweep
+  base = _sweep_base()
+  if locked:
+    base.lock()
+  before = base.to_json()
+
+  def outcome(fn):
+    try:
+      c = fn(base, point)
+    except sweep.SweepError as e:
+      return "error", str(e)
+    return "ok", (c.to_json(), {k: type(v).__name__ for k, v in _flat(c).items()}, c.is_locked)
+
+  new, old = outcome(sweep.apply_point), outcome(_old_apply_point)
+  if new[0] == "error":
+    assert any(new[1].startswith(f"sweep key {k!r}: ") for k in point), new[1]
+    if "config has no" in new[1] or "unknown config key" in new[1]:
+      assert "\n" not in new[1]
+  assert new == old
+  assert base.to_json() == before  # the base config is untouched
+
+
+def _flat(c, prefix=""):
+  import ml_collections
+  out = {}
+  for k, v in c.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def test_apply_point_never_adds_fields_to_an_unlocked_config():
+  from fedjax_seg import sweep
+  base = _sweep_base()
+  with pytest.raises(sweep.SweepError, match=r"^sweep key 'optimizer.nope': unknown config key "
+                     r"\(config.optimizer.nope does not exist\)$"):
+    sweep.apply_point(base, {"optimizer.nope": 1})
+  with pytest.raises(sweep.SweepError, match=r"^sweep key 'nope.lr': config has no 'nope'$"):
+    sweep.apply_point(base, {"nope.lr": 1})
+  assert "nope" not in base.optimizer and "nope" not in base
