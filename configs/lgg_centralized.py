@@ -44,7 +44,16 @@ def get_config(arg=None):
   config.loss = "dice_ce"
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-7))
-  config.augment = ml_collections.ConfigDict(dict(enabled=False))
+  config.augment = ml_collections.ConfigDict(dict(
+      enabled=False, rotation_deg=(0.0, 90.0), zoom=(1.0, 1.1), flip=False,
+      # nnU-Net's intensity set and elastic deformation (data/augment.py, docs/data.md);
+      # prob 0 = off; the ranges are nnU-Net's
+      noise=dict(prob=0.0, sigma=(0.0, 0.1)),
+      blur=dict(prob=0.0, sigma=(0.5, 1.0)),
+      brightness=dict(prob=0.0, range=(0.75, 1.25)),
+      contrast=dict(prob=0.0, range=(0.75, 1.25)),
+      gamma=dict(prob=0.0, range=(0.7, 1.5)),
+      elastic=dict(prob=0.0, alpha=(0.0, 900.0), sigma=(9.0, 13.0))))
   config.batch_size = 16
   config.eval_batch_size = 32
   config.num_epochs = 30

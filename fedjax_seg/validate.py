@@ -339,6 +339,24 @@ RULES: Dict[str, Rule] = {
     "pretrain.momentum": Fraction(),
     "pretrain.optimizer.name": OneOf(OPTIMIZERS),
     "pretrain.optimizer.lr": Positive(),
+    # --- augment (fedjax_seg/data/augment.py; formulas in docs/data.md) ---
+    "augment.enabled": Satisfies(lambda v: isinstance(v, bool), "must be True or False"),
+    "augment.flip": Satisfies(lambda v: isinstance(v, bool), "must be True or False"),
+    "augment.rotation_deg": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and v[0] <= v[1], "must be (low, high) degrees with low <= high"),
+    "augment.zoom": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 < v[0] <= v[1], "must be (low, high) with 0 < low <= high"),
+    "augment.noise.prob": Fraction(),
+    "augment.noise.sigma": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 <= v[0] <= v[1], "must be (low, high) with 0 <= low <= high"),
+    "augment.blur.prob": Fraction(),
+    "augment.blur.sigma": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 < v[0] <= v[1], "must be (low, high) with 0 < low <= high"),
+    "augment.brightness.prob": Fraction(),
+    "augment.brightness.range": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 <= v[0] <= v[1], "must be (low, high) with 0 <= low <= high"),
+    "augment.contrast.prob": Fraction(),
+    "augment.contrast.range": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 <= v[0] <= v[1], "must be (low, high) with 0 <= low <= high"),
+    "augment.gamma.prob": Fraction(),
+    "augment.gamma.range": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 < v[0] <= v[1], "must be (low, high) with 0 < low <= high"),
+    "augment.elastic.prob": Fraction(),
+    "augment.elastic.alpha": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 <= v[0] <= v[1], "must be (low, high) with 0 <= low <= high"),
+    "augment.elastic.sigma": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 < v[0] <= v[1], "must be (low, high) with 0 < low <= high"),
 }
 
 
