@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -50,7 +50,8 @@ class Run:
   row(state, t, info) -> metrics row after t steps (info None for t = 0);
   describe(row) -> progress text; x_key: 'round' | 'epoch';
   log_initial: evaluate and log t = 0 before training;
-  place(state) -> state: put a (restored) state where the step wants it (sharding).
+  place(state) -> state: put a (restored) state where the step wants it (sharding);
+  clients: site names in client order (TensorBoard tags per-client lists by site).
   """
   tag: str
   state: Any
@@ -62,6 +63,7 @@ class Run:
   x_key: str = "round"
   log_initial: bool = True
   place: Optional[Callable[[Any], Any]] = None
+  clients: Sequence[str] = ()
 
 
 def run_loop(workdir: str, run: Run, stop_after: Optional[int] = None,
@@ -97,7 +99,7 @@ def run_loop(workdir: str, run: Run, stop_after: Optional[int] = None,
       # compile the round (and evaluation) again on resume. Commit both the same way.
       state = jax.device_put(state, jax.local_devices()[0])
     log = runlog.MetricsLog(workdir, resume_from=start if restored is not None else None,
-                            key=run.x_key)
+                            key=run.x_key, clients=run.clients)
     if start == 0 and run.log_initial:
       log.append(run.row(state, 0, None))
     prog = runlog.Progress(run.total, start, what=run.x_key)
@@ -254,9 +256,10 @@ def finish(config, workdir, fns, variables, ds, eval_batch, rows, extra: Dict,
   x_te, y_te = ds.split("test")
   if len(x_te):
     p_te = np.concatenate([preds["test"][pid] for pid in ds.splits["test"]])  # x_te's order
-    runlog.plot_overlays(*evaluation.overlay_samples(
-        x_te[:config.eval_batch_size], y_te[:config.eval_batch_size], p_te[:config.eval_batch_size]),
-        os.path.join(workdir, "overlays.png"))
+    samples = evaluation.overlay_samples(
+        x_te[:config.eval_batch_size], y_te[:config.eval_batch_size], p_te[:config.eval_batch_size])
+    runlog.plot_overlays(*samples, os.path.join(workdir, "overlays.png"))
+    runlog.tb_overlays(workdir, *samples, step=int(rows[-1].get(x_key, 0)) if rows else 0)
   print("\n[results] foreground means (background excluded); pixel_accuracy includes background\n"
         + runlog.metrics_table(split_metrics, TABLE_KEYS), flush=True)
   per_class = {n: {k.split("/")[1]: v for k, v in m.items() if k.startswith("dice/")}

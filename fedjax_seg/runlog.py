@@ -28,6 +28,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -36,7 +37,7 @@ import sys
 import time
 import warnings
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -153,15 +154,17 @@ def cached_jit(key: str, build, name: Optional[str] = None, **jit_kwargs) -> Tim
   return _JIT_CACHE[key]
 
 
-_TBX: Any = None  # (EventsWriter, event_pb2, summary_pb2) once imported; False if unavailable
+_TBX: Any = None  # tensorboardX.SummaryWriter once imported; False if unavailable
+TB_SUBRUNS = ("overlays",)  # TensorBoard runs under <workdir>/tensorboard/ besides the metrics (tb_overlays)
+TB_FLUSH_S = 1  # the writer thread of tensorboardX flushes the event file at most this long after a row
 
 
 def _tbx():
-  """tensorboardX's synchronous event-file writer and protos, or None (warned once).
+  """tensorboardX's ``SummaryWriter`` class, or None (warned once).
 
   ``import tensorboardX`` imports PyTorch when it is installed (the ``bench``
-  extra), which costs seconds and loads a second CUDA stack next to JAX's; we
-  only need the writer and the protos, so torch is hidden while importing.
+  extra), which costs seconds and loads a second CUDA stack next to JAX's;
+  tensorboardX only uses it for torch tensors, so torch is hidden while importing.
   """
   global _TBX
   if _TBX is None:
@@ -169,9 +172,10 @@ def _tbx():
     if hide:
       sys.modules["torch"] = None  # `import torch` raises ImportError inside tensorboardX
     try:
-      from tensorboardX.event_file_writer import EventsWriter
-      from tensorboardX.proto import event_pb2, summary_pb2
-      _TBX = (EventsWriter, event_pb2, summary_pb2)
+      from tensorboardX import SummaryWriter
+      _TBX = SummaryWriter
+      # A NaN scalar (a diverged round's loss) is a value to plot, not a warning per row.
+      logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
     except Exception as e:  # noqa: BLE001 - any import failure: JSONL/CSV still written
       _TBX = False
       warnings.warn(f"tensorboardX unavailable ({e!r}): no TensorBoard event files are "
@@ -183,11 +187,24 @@ def _tbx():
   return _TBX or None
 
 
-def scalars(row: Dict[str, Any], skip=()) -> Dict[str, float]:
+def tb_writer(logdir: str, **kwargs):
+  """A ``tensorboardX.SummaryWriter`` on ``logdir`` (flushed every `TB_FLUSH_S` s), or None without tensorboardX."""
+  cls = _tbx()
+  if cls is None:
+    return None
+  return cls(logdir, flush_secs=TB_FLUSH_S, filename_suffix=f".{time.time_ns()}", **kwargs)
+
+
+def scalars(row: Dict[str, Any], skip=(), clients: Sequence[str] = ()) -> Dict[str, float]:
   """Flatten a metrics row into ``{tag: float}``: nested dicts join keys with '/',
   lists/arrays append the index (``weights/0``); bools become 0/1, NaN/inf are
-  kept; strings, None and other non-numbers are skipped."""
+  kept; strings, None and other non-numbers are skipped.
+
+  ``clients`` (site names, in client order): a top-level per-client list
+  (``weights`` or a ``client_*`` key, one entry per client) is tagged by site
+  instead of index (``client_val_dice/siteA``)."""
   out: Dict[str, float] = {}
+  clients = list(clients)
 
   def walk(tag, v):
     if isinstance(v, dict):
@@ -204,7 +221,13 @@ def scalars(row: Dict[str, Any], skip=()) -> Dict[str, float]:
         walk(tag, a.tolist())
 
   for k, v in row.items():
-    if k not in skip:
+    if k in skip:
+      continue
+    if (clients and (k == "weights" or str(k).startswith("client_")) and isinstance(v, (list, tuple))
+        and len(v) == len(clients)):
+      for name, x in zip(clients, v):
+        walk(f"{k}/{name}", x)
+    else:
       walk(str(k), v)
   return out
 
@@ -216,29 +239,33 @@ class MetricsLog:
   killed at any moment leaves complete rows only. A metrics.jsonl that is not one
   JSON object per line raises :class:`WorkdirError` naming the file and line.
 
-  TensorBoard: every row is also written to ``<workdir>/tensorboard/`` as one
-  event with one scalar per numeric field (see ``scalars``: ``weights/0``, ...)
-  at step ``row[key]``; the file is flushed after each row, so
-  ``tensorboard --logdir`` shows the curves live. JSONL/CSV stay the source of
-  truth: without tensorboardX (warned once) or on a write error, only they are
-  written. Each MetricsLog opens a new event file:
-  - fresh run (no row kept): old event files in ``tensorboard/`` are deleted,
-    as metrics.jsonl is truncated;
+  TensorBoard: every row is also written to ``<workdir>/tensorboard/`` by a
+  ``tensorboardX.SummaryWriter``, one scalar per numeric field (see ``scalars``:
+  ``weights/0``, ..., or ``weights/<site>`` with ``clients``) at step
+  ``row[key]``. The writer's thread writes each row and flushes the file within
+  `TB_FLUSH_S` s, so ``tensorboard --logdir`` shows the curves live; a run
+  killed in that second may lack its last row(s) in TensorBoard (metrics.jsonl
+  has them). JSONL/CSV stay the source of truth: without tensorboardX (warned
+  once) or on a write error, only they are written. Each MetricsLog opens a new
+  event file:
+  - fresh run (no row kept): old event files in ``tensorboard/`` (and its
+    ``overlays/`` run, `tb_overlays`) are deleted, as metrics.jsonl is truncated;
   - resume with kept rows: the kept rows stay in the old event files (not
-    rewritten); the new file starts with a SessionLog.START at step
-    ``resume_from + 1``, which makes TensorBoard hide the rows the old files
-    hold past the checkpoint (the ones dropped from metrics.jsonl), so the
+    rewritten); the writer is opened with ``purge_step=resume_from + 1`` (a
+    SessionLog.START at that step), which makes TensorBoard hide the rows the old
+    files hold past the checkpoint (the ones dropped from metrics.jsonl), so the
     re-run steps are not shown twice. If there are no old event files (a run
     started before this feature), the kept rows are written to the new file.
   The file is closed by ``close()``, or when the log is garbage-collected
-  (trainers do not call ``close()``; every row is already flushed).
+  (trainers do not call ``close()``).
   """
 
   def __init__(self, workdir: str, resume_from: Optional[int] = None, key: str = "epoch",
-               tensorboard: bool = True):
+               tensorboard: bool = True, clients: Sequence[str] = ()):
     self.path_jsonl = os.path.join(workdir, "metrics.jsonl")
     self.path_csv = os.path.join(workdir, "metrics.csv")
     self.key = key
+    self.clients = tuple(str(c) for c in clients)
     self.rows: List[Dict[str, Any]] = read_metrics(self.path_jsonl)
     if resume_from is not None:
       self.rows = [r for r in self.rows if r.get(key, 0) <= resume_from]
@@ -261,34 +288,30 @@ class MetricsLog:
       self.close()
 
   def _tb_open(self, resume_from):
-    tbx = _tbx()
-    if tbx is None:
+    if _tbx() is None:
       return
-    writer_cls, self._event_pb2, self._summary_pb2 = tbx
     old = sorted(glob.glob(os.path.join(self.tb_dir, "events.out.tfevents.*")))
     if not self.rows:
       for p in old:
         os.remove(p)
+      for sub in TB_SUBRUNS:
+        shutil.rmtree(os.path.join(self.tb_dir, sub), ignore_errors=True)
     os.makedirs(self.tb_dir, exist_ok=True)
-    # The file name has a 1 s timestamp; the suffix keeps a quick resume from
+    # The file name has a 1 s timestamp; the suffix (tb_writer) keeps a quick resume from
     # truncating the previous file and sorts files of one second in order.
-    self._tb = writer_cls(os.path.join(self.tb_dir, "events"), f".{time.time_ns()}")
+    purge = int(resume_from) + 1 if self.rows and old else None
+    self._tb = tb_writer(self.tb_dir, purge_step=purge)
     self._tb_close = weakref.finalize(self, self._tb.close)
-    if self.rows and old:
-      self._tb.write_event(self._event_pb2.Event(
-          wall_time=time.time(), step=int(resume_from) + 1,
-          session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)))
-    elif self.rows:
+    if self.rows and not old:
       for r in self.rows:
         self._tb_write(r, flush=False)
     self._tb.flush()
 
   def _tb_write(self, row, flush=True):
-    vals = scalars(row, skip=(self.key,))
-    summ = self._summary_pb2.Summary(value=[
-        self._summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in vals.items()])
-    self._tb.write_event(self._event_pb2.Event(
-        wall_time=time.time(), step=int(row.get(self.key, len(self.rows) - 1)), summary=summ))
+    step = int(row.get(self.key, len(self.rows) - 1))
+    now = time.time()
+    for tag, v in scalars(row, skip=(self.key,), clients=self.clients).items():
+      self._tb.add_scalar(tag, v, step, walltime=now)
     if flush:
       self._tb.flush()
 
@@ -798,21 +821,49 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.nd
   return np.where(m, (1 - alpha) * rgb + alpha * col, rgb)
 
 
+def _overlay_panels(images, labels, preds, channel: int = 1, n: int = 4):
+  """[(image, ground truth overlay, prediction overlay)] RGB of up to n slices, foreground slices first."""
+  fg = np.where(labels.reshape(len(labels), -1).max(axis=1) > 0)[0]
+  idx = list(fg[np.linspace(0, len(fg) - 1, min(n, len(fg))).astype(int)]) if len(fg) else []
+  idx = idx or list(range(min(n, len(images))))
+  out = []
+  for i in idx:
+    img = images[i][..., min(channel, images.shape[-1] - 1)]
+    out.append(tuple(np.clip(im, 0, 1) for im in (
+        np.repeat(img[..., None], 3, -1) / max(img.max(), 1e-8), overlay(img, labels[i]),
+        overlay(img, preds[i]))))
+  return out
+
+
+def tb_overlays(workdir: str, images, labels, preds, step: int, tag: str = "overlays/test") -> None:
+  """The overlays of `plot_overlays` as one TensorBoard image (rows: slices; columns: image,
+  ground truth, prediction) in the run ``<workdir>/tensorboard/overlays``; nothing without
+  tensorboardX, a warning on a write error (never fatal)."""
+  panels = _overlay_panels(images, labels, preds)
+  if not panels:
+    return
+  try:
+    w = tb_writer(os.path.join(workdir, "tensorboard", "overlays"))
+    if w is None:
+      return
+    with w:
+      grid = np.concatenate([np.concatenate(row, axis=1) for row in panels], axis=0)
+      w.add_image(tag, grid.astype(np.float32), int(step), dataformats="HWC")
+  except Exception as e:  # noqa: BLE001 - TensorBoard is a convenience
+    warnings.warn(f"TensorBoard overlays in {workdir}/tensorboard/overlays not written: {e!r}",
+                  RuntimeWarning, stacklevel=2)
+
+
 def plot_overlays(images, labels, preds, path: str, channel: int = 1, n: int = 4) -> None:
   """Grid of n slices: image, ground truth overlay, prediction overlay."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fg = np.where(labels.reshape(len(labels), -1).max(axis=1) > 0)[0]
-  idx = list(fg[np.linspace(0, len(fg) - 1, min(n, len(fg))).astype(int)]) if len(fg) else []
-  idx = idx or list(range(min(n, len(images))))
-  fig, axes = plt.subplots(len(idx), 3, figsize=(7.5, 2.5 * len(idx)), squeeze=False)
-  for r, i in enumerate(idx):
-    img = images[i][..., min(channel, images.shape[-1] - 1)]
-    for c, (title, im) in enumerate([("image", np.repeat(img[..., None], 3, -1) / max(img.max(), 1e-8)),
-                                     ("ground truth", overlay(img, labels[i])),
-                                     ("prediction", overlay(img, preds[i]))]):
-      axes[r, c].imshow(np.clip(im, 0, 1)); axes[r, c].set_axis_off()
+  panels = _overlay_panels(images, labels, preds, channel, n)
+  fig, axes = plt.subplots(len(panels), 3, figsize=(7.5, 2.5 * len(panels)), squeeze=False)
+  for r, row in enumerate(panels):
+    for c, (title, im) in enumerate(zip(("image", "ground truth", "prediction"), row)):
+      axes[r, c].imshow(im); axes[r, c].set_axis_off()
       if r == 0:
         axes[r, c].set_title(title)
   fig.tight_layout(); fig.savefig(path, dpi=80); plt.close(fig)

@@ -21,7 +21,8 @@ Point ``{'seed': 0, 'algorithm': 'fedavg'}`` runs in ``<workdir>/seed=0,algorith
 A point whose workdir has ``results.json`` is done and skipped; an
 interrupted point resumes from its last checkpoint (``train.run`` resumes),
 so re-running the same command finishes the sweep. After the last point
-``<workdir>/report.md`` is written (`fedjax_seg.report`).
+``<workdir>/report.md`` is written (`fedjax_seg.report`), and ``<workdir>/hparams/``
+(TensorBoard HParams: each point's overrides with its val/test Dice; `write_hparams`).
 
 Parallel points, one process per accelerator: ``--sweep_shard i/n`` runs only
 points i, i+n, i+2n, ... of the same grid::
@@ -236,6 +237,41 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+HPARAM_METRICS = ("val", "test")  # results.json metrics[split]['dice_mean'] -> hparams/<split>_dice_mean
+
+
+def _hparam_value(v):
+  return v if isinstance(v, (bool, int, float, str)) else repr(v)
+
+
+def write_hparams(workdir: str, points: Sequence[Point], dirs: Sequence[str]) -> Optional[str]:
+  """TensorBoard HParams of the finished sweep: ``SummaryWriter.add_hparams`` with each
+  point's overrides and its val/test Dice (results.json), one session per point
+  (``<workdir>/hparams/<point name>``, replaced whole). Returns the folder, or None
+  (no tensorboardX; a write error is a warning, never fatal)."""
+  import shutil
+  import warnings
+
+  from fedjax_seg import runlog
+  out = os.path.join(workdir, "hparams")
+  try:
+    shutil.rmtree(out, ignore_errors=True)
+    w = runlog.tb_writer(out)
+    if w is None:
+      return None
+    with w:
+      for p, d in zip(points, dirs):
+        with open(os.path.join(d, "results.json")) as f:
+          metrics = json.load(f).get("metrics", {})
+        m = {f"hparams/{s}_dice_mean": float(metrics[s]["dice_mean"]) for s in HPARAM_METRICS
+             if isinstance(metrics.get(s), dict) and isinstance(metrics[s].get("dice_mean"), (int, float))}
+        w.add_hparams({k: _hparam_value(v) for k, v in p.items()}, m, name=os.path.basename(d))
+  except Exception as e:  # noqa: BLE001 - TensorBoard is a convenience
+    warnings.warn(f"TensorBoard hparams in {out} not written: {e!r}", RuntimeWarning, stacklevel=2)
+    return None
+  return out
+
+
 def run_sweep(config, workdir: str, points: Sequence[Point], run_fn: Optional[Callable] = None,
               shard: Tuple[int, int] = (0, 1), report: bool = True, command: Optional[str] = None,
               keep_going: bool = True, **run_kwargs) -> List[Dict[str, Any]]:
@@ -306,6 +342,8 @@ def run_sweep(config, workdir: str, points: Sequence[Point], run_fn: Optional[Ca
         f"({sum(s['status'] == 'ran' for s in status)} run now, "
         f"{sum(s['status'] == 'skipped' for s in status)} skipped, "
         f"{sum(s['status'] == 'failed' for s in status)} failed)", flush=True)
+  if len(finished) == len(all_dirs):
+    write_hparams(workdir, points, all_dirs)
   if report and finished:
     if len(finished) == len(all_dirs):
       from fedjax_seg import report as report_lib

@@ -1,4 +1,5 @@
 """fedjax_seg.sweep: grid parsing, overrides, get_sweep(), resumable sequential sweeps."""
+import glob
 import json
 import os
 import subprocess
@@ -94,6 +95,10 @@ def test_sweep_resumes_point_by_point_after_interruption(tiny, tmp_path, capsys)
     assert f"| {name} | centralized | {name[-1]} |" in text
     assert f"{r['metrics']['test']['dice_mean']:.4f}" in text
   assert "Mean ± std over seeds" in text
+  # TensorBoard: a HParams session per point, the test overlays of each point
+  for p in (p1, p2):
+    assert glob.glob(os.path.join(wd, "hparams", os.path.basename(p), "events.out.tfevents.*"))
+    assert glob.glob(os.path.join(p, "tensorboard", "overlays", "events.out.tfevents.*"))
   assert json.load(open(os.path.join(wd, "sweep.json")))["points"][1] == {"name": "seed=1",
                                                                          "overrides": {"seed": 1}}
   # a third run does nothing but the report

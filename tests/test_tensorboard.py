@@ -4,6 +4,7 @@ import math
 import os
 import struct
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -72,14 +73,27 @@ def assert_matches(got, want_rows):
       assert (math.isnan(g[tag]) and math.isnan(v)) or g[tag] == pytest.approx(v, rel=1e-6), tag
 
 
+def eventually(check, timeout=10.0):
+  """``check()`` until it passes: the SummaryWriter's thread writes a row within runlog.TB_FLUSH_S s."""
+  t_end = time.time() + timeout
+  while True:
+    try:
+      return check()
+    except (AssertionError, struct.error):  # not yet (or half) written
+      if time.time() > t_end:
+        raise
+      time.sleep(0.05)
+
+
 def test_rows_become_scalars_live(tmp_path):
   wd = str(tmp_path)
   log = runlog.MetricsLog(wd, key="round")
   rs = rows(range(3))
   for i, r in enumerate(rs):
     log.append(r)
-    (f,) = event_files(wd)  # flushed after every row: readable before close()
-    assert_matches(scalars_by_step(f), rs[:i + 1])
+    (f,) = event_files(wd)
+    # written and flushed by the writer thread: readable before close()
+    eventually(lambda: assert_matches(scalars_by_step(f), rs[:i + 1]), timeout=runlog.TB_FLUSH_S + 5)
   evs = read_events(f)
   assert evs[0].file_version == "brain.Event:2"
   log.close()
@@ -149,3 +163,63 @@ def test_without_tensorboardx_warns_once_and_keeps_jsonl(tmp_path, monkeypatch):
   log2.append(rows([0])[0])
   assert not event_files(str(tmp_path / "a")) and len(log.rows) == 1
   assert os.path.exists(tmp_path / "b" / "metrics.jsonl")
+
+
+def test_per_client_lists_tagged_by_site(tmp_path):
+  wd = str(tmp_path)
+  log = runlog.MetricsLog(wd, key="round", clients=("siteA", "site B"))
+  log.append({"round": 1, "train_loss": 0.5, "weights": [0.25, 0.75], "client_val_dice": [0.5, None],
+              "client_train_loss": [1.0, float("nan")], "client_other": [1, 2, 3], "extra": [4, 5]})
+  log.close()
+  (f,) = event_files(wd)
+  got = scalars_by_step(f)[1]
+  assert math.isnan(got.pop("client_train_loss/site_B"))  # NaN kept; "site B" cleaned by tensorboardX
+  assert got == {"train_loss": 0.5, "weights/siteA": 0.25, "weights/site_B": 0.75,
+                 "client_val_dice/siteA": 0.5, "client_train_loss/siteA": 1.0,
+                 "client_other/0": 1, "client_other/1": 2, "client_other/2": 3,  # not one per client
+                 "extra/0": 4, "extra/1": 5}  # not a per-client key
+  # metrics.jsonl keeps the lists (the source of truth)
+  assert runlog.read_metrics(os.path.join(wd, "metrics.jsonl"))[0]["weights"] == [0.25, 0.75]
+
+
+def test_overlays_image_and_fresh_run_clears_sub_runs(tmp_path):
+  wd = str(tmp_path)
+  rng = np.random.default_rng(0)
+  images = rng.random((3, 16, 12, 2)).astype(np.float32)
+  labels = (images[..., 1] > 0.7).astype(np.int32)
+  runlog.tb_overlays(wd, images, labels, 1 - labels, step=7)
+  (f,) = glob.glob(os.path.join(wd, "tensorboard", "overlays", "events.out.tfevents.*"))
+  imgs = [(e.step, v) for e in read_events(f) if e.HasField("summary") for v in e.summary.value
+          if v.HasField("image")]
+  assert len(imgs) == 1
+  step, v = imgs[0]
+  assert step == 7 and v.tag == "overlays/test"
+  assert (v.image.height, v.image.width, v.image.colorspace) == (3 * 16, 3 * 12, 3)
+  runlog.MetricsLog(wd, key="round").close()  # a fresh run: the old overlays go too
+  assert not os.path.exists(os.path.join(wd, "tensorboard", "overlays"))
+
+
+def test_sweep_hparams(tmp_path):
+  import json
+
+  from fedjax_seg import sweep
+  points = [{"seed": 0, "optimizer.lr": 1e-3, "data.target_spacing": (1.0, 1.0)},
+            {"seed": 1, "optimizer.lr": 1e-2, "data.target_spacing": None}]
+  dirs = []
+  for i, p in enumerate(points):
+    d = tmp_path / sweep.point_name(p)
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(
+        {"metrics": {"val": {"dice_mean": 0.5 + i}, "test": {"dice_mean": 0.25 + i}}}))
+    dirs.append(str(d))
+  out = sweep.write_hparams(str(tmp_path), points, dirs)
+  assert out == os.path.join(str(tmp_path), "hparams")
+  for i, d in enumerate(dirs):
+    (f,) = glob.glob(os.path.join(out, os.path.basename(d), "events.out.tfevents.*"))
+    evs = read_events(f)
+    plugins = {v.metadata.plugin_data.plugin_name for e in evs if e.HasField("summary")
+               for v in e.summary.value if v.metadata.plugin_data.plugin_name}
+    assert plugins == {"hparams"}
+    got = scalars_by_step(f)
+    vals = {t: x for s in got.values() for t, x in s.items() if t.startswith("hparams/")}
+    assert vals == {"hparams/val_dice_mean": 0.5 + i, "hparams/test_dice_mean": 0.25 + i}

@@ -576,7 +576,8 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
       s, data, round_key = scale.place_round_inputs(s, data, round_key)
       return s
   run = experiment.Run("[fl]", state, lambda s, t: run_round(s, data, round_key),
-                       config.fl.rounds, lambda s: int(s.round), row, describe, place=place)
+                       config.fl.rounds, lambda s: int(s.round), row, describe, place=place,
+                       clients=names)
   state, rows = experiment.run_loop(workdir, run, stop_after)
   personal = personal_eval(kind, state, ds, names, train_ids)
   return experiment.finish(
