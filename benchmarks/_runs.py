@@ -24,7 +24,8 @@ def _flat(d, prefix=""):
 
 def run_or_load(config, workdir: str, tag: str = "bench") -> Dict:
   """Returns results.json of the run of ``config`` in ``workdir`` (running it if needed)."""
-  from fedjax_seg import train
+  from fedjax_seg import compile_cache, train
+  compile_cache.enable(config.get("compile_cache_dir"))  # as launch.py: programs persist across runs
   done = os.path.join(workdir, "results.json")
   stored = os.path.join(workdir, "config.json")
   if os.path.exists(stored):

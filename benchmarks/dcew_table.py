@@ -97,6 +97,8 @@ def main():
   p.add_argument("--cache", default="runs/_data")
   p.add_argument("--workdir", default="runs/dcew_table")
   p.add_argument("--quick", action="store_true")
+  p.add_argument("--name", default="",
+                 help="file stem of the written table (default: dcew_table[_style][_splits][_quick])")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
   args = p.parse_args()
   if args.phantom_style != "geometric":
@@ -167,6 +169,7 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   tag = "dcew_table" + ("" if args.phantom_style == "geometric" else f"_{args.phantom_style}") + (
       "" if args.fixed_split else "_splits") + ("_quick" if args.quick else "")
+  tag = args.name or tag
   with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
     f.write(md)
   with open(os.path.join(args.out, f"{tag}.json"), "w") as f:

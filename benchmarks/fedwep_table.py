@@ -84,6 +84,10 @@ def make_config(method, scenario, fraction, part, seed, args, lr=None):
   c.seed = seed
   c.semi.label_seed = seed
   c.fl.partition_seed = seed
+  if not args.fixed_split:  # the patient split varies with the seed too
+    c.data.split_seed = seed
+  if args.test_fraction is not None:
+    c.data.test_fraction = args.test_fraction
   c.data.cache_dir = args.cache
   if args.root:
     c.data.root = args.root
@@ -143,6 +147,35 @@ def choose_lr(runs, table, row):
   return max(sorted(by_lr), key=lambda lr: -1.0 if math.isnan(mean(by_lr[lr])) else mean(by_lr[lr]))
 
 
+def comparisons(table, runs, args):
+  """Paired per-patient comparisons against the table's supervised-only row, per
+  (partition, fraction): Markdown and the ``stats.compare`` results.
+
+  Fully supervised FedAvg (run at fraction 1) is compared in every fraction's block.
+  """
+  from fedjax_seg import stats
+  _, rows = TABLES[table]
+  ref = next(n for n, m in rows if m == "supervised_only")
+  if len(args.seeds) < 2 or not any(r["row"] == ref for r in runs):
+    return "", {}
+  out_md, out = [], {}
+  for part in PARTS:
+    for frac in args.fractions:
+      data = {}
+      for name, method in rows:
+        sel = [r for r in runs if r["table"] == table and r["row"] == name and r["part"] == part
+               and (r["fraction"] == frac or method == "fedavg_full")]
+        if sel:
+          data[name] = {r["seed"]: r["per_patient"] for r in sel}
+      if ref not in data or len(data) < 2:
+        continue
+      res = stats.compare(data, ref, "dice_mean", args.n_boot, 0, 0.95)
+      out[f"{part}_{frac}"] = res
+      out_md.append(f"Paired comparison, {part.upper() if part == 'iid' else 'NonIID'} {frac} "
+                    f"(test patients paired by seed and id):\n\n" + stats.markdown(res))
+  return "\n\n".join(out_md), out
+
+
 def cells(table, args):
   scenario, rows = TABLES[table]
   for name, method in rows:
@@ -185,6 +218,11 @@ def main():
   p.add_argument("--norm-k", type=float, default=None,
                  help="config fl.norm_k (divergence guard; default: the config's)")
   p.add_argument("--patients-per-site", type=int, default=16)
+  p.add_argument("--test-fraction", type=float, default=None,
+                 help="config data.test_fraction (default: the config's)")
+  p.add_argument("--fixed-split", action="store_true",
+                 help="data.split_seed = 0 for every seed (the earlier tables); default: = seed")
+  p.add_argument("--n-boot", type=int, default=2000)
   p.add_argument("--slices-per-patient", type=int, default=4)
   p.add_argument("--client-strategy", default="vmap")
   p.add_argument("--step-strategy", default="scan")
@@ -219,7 +257,9 @@ def main():
                          "student_dice": r.get("student_test_dice"),
                          "labelled_fraction_realised": r["labelled_fraction_realised"],
                          "cost_percent": r["cost_percent"], "bytes": r["bytes_per_client_round"],
-                         "model_bytes": r["model_bytes"], "wall_time_s": r["wall_time_s"]})
+                         "model_bytes": r["model_bytes"], "wall_time_s": r["wall_time_s"],
+                         "per_patient": {str(x["id"]): float(x["dice_mean"])
+                                         for x in r["per_patient"]["test"]}})
         print(f"[fedwep_table] {tag}: test Dice {all_runs[-1]['dice']:.4f} "
               f"(val {all_runs[-1]['val_dice']:.4f}; {time.time() - t0:.0f}s so far, "
               f"load {os.getloadavg()[0]:.1f})", flush=True)
@@ -267,6 +307,10 @@ def main():
       pad = lambda v: [f"{x:.3f}" for x in v] + [""] * (4 - len(v))
       paper.append(f"| {name} | " + " | ".join(pad(iid) + pad(non)) + f" | {cost} |")
     md_parts.append("\n".join(lines + paper))
+    comp_md, comp = comparisons(table, runs, args)
+    if comp_md:
+      md_parts.append(comp_md)
+      summary.setdefault(table, {})["comparisons"] = comp
   srv = make_config("fedwep", "label_at_server", args.fractions[0], "iid", args.seeds[0], args)
   srv_clients = (f"lr × {srv.semi.client_lr_scale:g} from round {semi_train.start_round(srv)}")
   lr_text = (f"lr from the grid {grid} chosen per method on mean val Dice" if args.lr_grid
@@ -286,7 +330,8 @@ def main():
         f"row beside it), CPS loss on labelled data {'on' if args.cps_on_labelled else 'off'}, "
         f"FixMatch-style PS = thresholded pseudo-labels on a strong view (no PseudoSeg CAM "
         f"fusion). Test split pooled "
-        f"over sites. Wall time {elapsed:.0f}s, load average {load0[0]:.1f} at start / "
+        f"over sites; {'data.split_seed = 0 for every seed' if args.fixed_split else 'patient split drawn per seed (data.split_seed = seed)'}"
+        f"{'' if args.test_fraction is None else f', test fraction {args.test_fraction}'}. Wall time {elapsed:.0f}s, load average {load0[0]:.1f} at start / "
         f"{os.getloadavg()[0]:.1f} at end (shared 2-core machine).\n\n"
         + "\n\n".join(md_parts) + "\n")
   print("\n" + md)
