@@ -181,7 +181,7 @@ def cells(table, args):
   for name, method in rows:
     if args.methods and method not in args.methods:
       continue
-    for part in PARTS:
+    for part in args.parts:
       fracs = ["1"] if method == "fedavg_full" else args.fractions
       for frac in fracs:
         for seed in args.seeds:
@@ -194,6 +194,8 @@ def main():
   p.add_argument("--tables", nargs="+", default=["server", "client"], choices=list(TABLES))
   p.add_argument("--methods", nargs="*", default=[], help="restrict to these config methods")
   p.add_argument("--fractions", nargs="+", default=FRACTIONS)
+  p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS,
+                 help="partitions (columns) to run; a dropped one is named in the table")
   p.add_argument("--size", type=int, default=48)
   p.add_argument("--model", default="unet")
   p.add_argument("--base", type=int, default=8)
@@ -331,7 +333,8 @@ def main():
         f"FixMatch-style PS = thresholded pseudo-labels on a strong view (no PseudoSeg CAM "
         f"fusion). Test split pooled "
         f"over sites; {'data.split_seed = 0 for every seed' if args.fixed_split else 'patient split drawn per seed (data.split_seed = seed)'}"
-        f"{'' if args.test_fraction is None else f', test fraction {args.test_fraction}'}. Wall time {elapsed:.0f}s, load average {load0[0]:.1f} at start / "
+        f"{'' if args.test_fraction is None else f', test fraction {args.test_fraction}'}"
+        f"{'' if set(args.parts) == set(PARTS) else '; not run (columns –): ' + ', '.join(x for x in PARTS if x not in args.parts)}. Wall time {elapsed:.0f}s, load average {load0[0]:.1f} at start / "
         f"{os.getloadavg()[0]:.1f} at end (shared 2-core machine).\n\n"
         + "\n\n".join(md_parts) + "\n")
   print("\n" + md)
