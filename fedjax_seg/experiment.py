@@ -20,6 +20,7 @@ records, ``results.json``, ``final_model.msgpack``, learning curves and overlays
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -80,6 +81,7 @@ def run_loop(workdir: str, run: Run, stop_after: Optional[int] = None,
   """
   os.makedirs(workdir, exist_ok=True)
   ckpt = runlog.Checkpointer(workdir)
+  stack = contextlib.ExitStack()  # the progress bar, removed however the loop ends
   try:
     _, restored = ckpt.restore_latest(run.state)
     state, start = run.state, 0
@@ -102,7 +104,8 @@ def run_loop(workdir: str, run: Run, stop_after: Optional[int] = None,
                             key=run.x_key, clients=run.clients)
     if start == 0 and run.log_initial:
       log.append(run.row(state, 0, None))
-    prog = runlog.Progress(run.total, start, what=run.x_key)
+    prog = runlog.Progress(run.total, start, what=run.x_key, bar=verbose, tag=run.tag)
+    stack.callback(prog.close)
     for t in range(start, run.total):
       state, info = run.step(state, t)
       row = run.row(state, t + 1, info)
@@ -122,12 +125,12 @@ def run_loop(workdir: str, run: Run, stop_after: Optional[int] = None,
             f"({runlog.os_error_text(err)}); the checkpoint of {run.x_key} {t} and "
             f"metrics.jsonl up to it are intact: free space and re-run the same command "
             f"to resume") from e
-      if verbose:
-        print(prog.line(t + 1, run.describe(row)), flush=True)
+      prog.step(t + 1, run.describe(row) if verbose else "", verbose)
       if stop_after is not None and t + 1 >= stop_after and t + 1 < run.total:
         raise Interrupted(f"stopped after {run.x_key} {t + 1} (test hook)")
     return state, log.rows
   finally:
+    stack.close()
     ckpt.close()
 
 

@@ -1,5 +1,6 @@
 """Run bookkeeping shared by every trainer: metrics files, orbax checkpoints,
-progress lines with ETA, results JSON and plots.
+progress lines with ETA (and rich bars on a terminal, `fedjax_seg.progress`), results JSON
+and plots.
 
 Workdir layout:
   config.json        the resolved config of the run
@@ -491,11 +492,19 @@ class Checkpointer:
 
 
 class Progress:
-  """Progress lines with rate and ETA: ``[train] epoch 3/20 ... eta 1m12s``."""
+  """Progress lines with rate and ETA: ``[train] epoch 3/20 ... eta 1m12s``; on a
+  terminal also a `fedjax_seg.progress.Bar` (rich) with the same ETA.
 
-  def __init__(self, total: int, start: int = 0, what: str = "epoch"):
+  ``step(done, extra)`` prints the line and moves the bar; ``close()`` removes the
+  bar (idempotent). ``bar=False``: lines only.
+  """
+
+  def __init__(self, total: int, start: int = 0, what: str = "epoch", bar: bool = False,
+               tag: str = "[train]"):
+    from fedjax_seg import progress
     self.total, self.start, self.what = total, start, what
     self.t0 = time.time()
+    self.bar = progress.Bar(total, f"{tag} {what}s", completed=start, enabled=None if bar else False)
 
   def line(self, done: int, extra: str = "") -> str:
     el = time.time() - self.t0
@@ -503,6 +512,14 @@ class Progress:
     eta = el / n * (self.total - done)
     return (f"[train] {self.what} {done}/{self.total}  {extra}  "
             f"({el / n:.1f}s/{self.what}, eta {_fmt_s(eta)})")
+
+  def step(self, done: int, extra: str = "", verbose: bool = True) -> None:
+    if verbose:
+      print(self.line(done, extra), flush=True)
+    self.bar.update(done)
+
+  def close(self) -> None:
+    self.bar.close()
 
 
 def _fmt_s(s: float) -> str:

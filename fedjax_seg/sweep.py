@@ -49,6 +49,8 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from fedjax_seg import progress
+
 Point = Dict[str, Any]
 
 
@@ -314,9 +316,11 @@ def run_sweep(config, workdir: str, points: Sequence[Point], run_fn: Optional[Ca
   i0, n = shard
   mine = list(range(i0, len(points), n))
   status = []
+  bar = progress.Bar(len(mine), f"[sweep] points of shard {i0}/{n}")
   for j, idx in enumerate(mine, start=1):
     name, wd = names[idx], os.path.join(workdir, names[idx])
     tag = f"[sweep] point {idx + 1}/{len(points)} ({j}/{len(mine)} of shard {i0}/{n}) {name}"
+    bar.update(j - 1, name)
     if is_done(wd):
       print(f"{tag}: done (results.json), skipped", flush=True)
       status.append({"name": name, "workdir": wd, "status": "skipped"})
@@ -336,6 +340,7 @@ def run_sweep(config, workdir: str, points: Sequence[Point], run_fn: Optional[Ca
                      "error": f"{type(e).__name__}: {e}"})
       continue
     status.append({"name": name, "workdir": wd, "status": "ran", "seconds": time.time() - t0})
+  bar.close()
   all_dirs = [os.path.join(workdir, nm) for nm in names]
   finished = [d for d in all_dirs if is_done(d)]
   print(f"[sweep] {len(finished)}/{len(points)} points done "

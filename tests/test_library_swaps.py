@@ -237,3 +237,74 @@ def test_apply_point_never_adds_fields_to_an_unlocked_config():
   with pytest.raises(sweep.SweepError, match=r"^sweep key 'nope.lr': config has no 'nope'$"):
     sweep.apply_point(base, {"nope.lr": 1})
   assert "nope" not in base.optimizer and "nope" not in base
+
+
+# ---------------------------------------------------------------------------
+# Progress: rich bars on a terminal, today's plain lines always
+# ---------------------------------------------------------------------------
+def test_no_bar_when_stdout_is_not_a_terminal(capsys):
+  from fedjax_seg import progress, runlog
+  assert not progress.interactive()  # pytest captures stdout
+  p = runlog.Progress(3, 0, what="round", bar=True, tag="[fl]")
+  assert not p.bar.shown
+  p.step(1, "train_loss 0.5")
+  p.close()
+  out = capsys.readouterr().out
+  assert out.startswith("[train] round 1/3  train_loss 0.5  (") and "eta " in out
+  assert out.count("\n") == 1
+
+
+def test_bars_share_one_display_and_go_away(monkeypatch):
+  import gc
+
+  from fedjax_seg import progress
+  outer = progress.Bar(2, "[sweep] points", enabled=True)
+  inner = progress.Bar(5, "[fl] rounds", completed=1, enabled=True)
+  assert outer.shown and inner.shown and progress._OPEN == 2
+  live = progress._LIVE
+  inner.update(3, "x")
+  assert live.tasks[1].completed == 3
+  inner.close()
+  inner.close()  # idempotent
+  assert progress._LIVE is live and progress._OPEN == 1
+  del outer  # dropped without close (a loop left by an exception): removed too
+  gc.collect()
+  assert progress._LIVE is None and progress._OPEN == 0
+  monkeypatch.setenv("FEDJAX_SEG_PROGRESS", "plain")
+  assert not progress.interactive()
+
+
+def test_bar_and_plain_lines_on_a_terminal():
+  import os
+  import pty
+  import subprocess
+  import sys
+  import time
+  code = ("import time\nfrom fedjax_seg import runlog\n"
+          "p = runlog.Progress(3, 0, what='epoch', bar=True)\n"
+          "for i in range(1, 4):\n  time.sleep(0.3)\n  p.step(i, f'loss {i}')\n"
+          "p.close()\nprint('done')\n")
+  master, slave = pty.openpty()
+  env = dict(os.environ, TERM="xterm", COLUMNS="120")
+  env.pop("FEDJAX_SEG_PROGRESS", None)
+  proc = subprocess.Popen([sys.executable, "-c", code], stdout=slave, stderr=slave, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  os.close(slave)
+  buf = b""
+  t_end = time.time() + 60
+  while time.time() < t_end:
+    try:
+      chunk = os.read(master, 4096)
+    except OSError:  # the child closed the terminal
+      break
+    if not chunk:
+      break
+    buf += chunk
+  proc.wait(timeout=60)
+  os.close(master)
+  text = buf.decode("utf-8", "replace")
+  assert proc.returncode == 0, text
+  for i in (1, 2, 3):  # the plain lines are still there, above the bar
+    assert f"[train] epoch {i}/3  loss {i}" in text
+  assert "[train] epochs" in text and "eta" in text  # the rich bar (description, ETA column)
+  assert text.rstrip().endswith("done")

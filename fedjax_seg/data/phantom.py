@@ -51,6 +51,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from fedjax_seg import progress
+
 # --------------------------------------------------------------------------
 # Labels of the anatomical volume produced by `head_labels`.
 # --------------------------------------------------------------------------
@@ -685,6 +687,7 @@ def write_lgg(
   out = os.path.join(os.fspath(root), "kaggle_3m")
   _prepare_out_dir(out, overwrite)
   folders = []
+  bar = progress.Bar(len(sites) * patients_per_site, "[data] phantom LGG patients")
   for site in sites:
     for index, name in enumerate(lgg_patient_names(seed, site, patients_per_site)):
       images, masks = generate(seed, site, index, n_slices=slices_per_patient, size=size,
@@ -695,6 +698,8 @@ def write_lgg(
         _save_tiff(images[n], os.path.join(folder, f"{name}_{n + 1}.tif"))
         _save_tiff(masks[n], os.path.join(folder, f"{name}_{n + 1}_mask.tif"))
       folders.append(folder)
+      bar.advance(info=name)
+  bar.close()
   return sorted(folders, key=os.path.basename)
 
 
@@ -982,6 +987,7 @@ def write_brats(
   pairs = [(site, i) for site in sites for i in range(patients_per_site)]
   order = rng_for(seed, "brats", _STREAM_IDS).permutation(len(pairs))
   rows, folders = [], []
+  bar = progress.Bar(len(pairs), "[data] phantom BraTS patients")
   for number, k in enumerate(order, start=1):
     site, index = pairs[int(k)]
     tcia = rng_for(seed, "brats", site, _STREAM_IDS).choice(9000, size=patients_per_site, replace=False)[index]
@@ -995,6 +1001,8 @@ def write_brats(
     save_nifti(seg, affine, os.path.join(folder, f"{name}_seg{ext}"), np.uint8)
     rows.append(f"{grade},NA,NA,TCGA-{site}-{int(tcia) + 1000:04d},NA,{name}")
     folders.append(folder)
+    bar.advance(info=name)
+  bar.close()
   with open(os.path.join(out, "name_mapping.csv"), "w", newline="\n") as f:
     f.write("Grade,BraTS_2017_subject_ID,BraTS_2018_subject_ID,TCGA_TCIA_subject_ID,"
             "BraTS_2019_subject_ID,BraTS_2020_subject_ID\n")
@@ -1234,6 +1242,7 @@ def write_acdc(
   _prepare_out_dir(out, overwrite)
   folders = []
   number = 0
+  bar = progress.Bar(len(groups) * patients_per_group, "[data] phantom ACDC patients")
   for group in groups:
     for index in range(patients_per_group):
       number += 1
@@ -1249,6 +1258,8 @@ def write_acdc(
         save_nifti(image, affine, os.path.join(folder, f"{name}_frame{frame:02d}.nii.gz"), np.int16)
         save_nifti(gt, affine, os.path.join(folder, f"{name}_frame{frame:02d}_gt.nii.gz"), np.uint8)
       folders.append(folder)
+      bar.advance(info=name)
+  bar.close()
   return sorted(folders)
 
 

@@ -251,18 +251,23 @@ def _keep_slices(images: np.ndarray, labels: np.ndarray, fraction: float):
 
 
 class _Progress:
-  """N4 progress lines: one per patient, then a summary (stdout)."""
+  """N4 progress lines: one per patient, then a summary (stdout); on a terminal also a
+  rich bar with ETA (`fedjax_seg.progress.Bar`)."""
 
   def __init__(self, what: str, total: int, cache: Optional[preprocess.N4Cache], verbose: bool):
+    from fedjax_seg import progress
     self.what, self.total, self.cache, self.verbose = what, total, cache, verbose
     self.t0 = time.time()
+    self.bar = progress.Bar(total, f"[n4] {what}", enabled=None if cache is not None and verbose else False)
 
   def patient(self, i: int, pid: str, hits: int, misses: int, seconds: float) -> None:
     if self.cache is not None and self.verbose:
       print(f"[n4] {i}/{self.total} {pid}: {hits + misses} volumes, {hits} from cache, {misses} fitted "
             f"({seconds:.1f}s)", flush=True)
+    self.bar.update(i, pid)
 
   def done(self) -> None:
+    self.bar.close()
     if self.cache is not None and self.verbose:
       c = self.cache
       print(f"[n4] {self.what}: {c.hits + c.misses} volumes, {c.hits} from cache, {c.misses} fitted in "
