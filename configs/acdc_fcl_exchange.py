@@ -16,7 +16,7 @@ acdc_fcl_random.py (random init). Variants: ':smoke' (tests), ':quick'
 """
 import ml_collections
 
-from configs import acdc_centralized, lgg_fedavg
+from configs import acdc_centralized, common, lgg_fedavg
 
 
 def get_config(arg=None):
@@ -59,11 +59,8 @@ def get_config(arg=None):
       label_seed=0,
   ))
   if arg in ("smoke", "quick"):
-    config.data.phantom.size = 32
     config.data.target_spacing = (0.0, 5.0, 5.0)
-    config.data.image_size = 32
-    config.model.base = 8
-    config.model.depth = 3
+    common.small(config)
     config.eval_batch_size = 64
     config.pretrain.hidden_dim = 64
     config.pretrain.feature_dim = 32
@@ -91,5 +88,5 @@ def get_config(arg=None):
     config.pretrain.rounds = 10
     config.finetune.labelled_patients = (1, 2)
   elif arg not in (None, ""):
-    raise ValueError(f"configs/acdc_fcl_*.py: unknown variant {arg!r} (use ':smoke', ':quick' or nothing)")
+    raise common.unknown_variant("configs/acdc_fcl_*.py", arg, ["smoke", "quick"])
   return config

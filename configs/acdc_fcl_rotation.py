@@ -3,10 +3,6 @@ config.algorithm = 'fedrotation'; same data, model, budgets and variants (:smoke
 
   python launch.py --config configs/acdc_fcl_rotation.py --workdir runs/acdc_fcl_rotation
 """
-from configs import acdc_fcl_exchange
+from configs import acdc_fcl_exchange, common
 
-
-def get_config(arg=None):
-  config = acdc_fcl_exchange.get_config(arg)
-  config.algorithm = "fedrotation"
-  return config
+get_config = common.derive(acdc_fcl_exchange.get_config, pass_arg=True, algorithm="fedrotation")

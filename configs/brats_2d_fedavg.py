@@ -11,7 +11,7 @@ aggregator with ``--config.algorithm=fedcostw|costw_ce|dcew``. The final
 table adds WT / TC / ET Dice and HD95 (mm; a patient's slices stacked back
 into a volume).
 """
-from configs import brats_3d_centralized, lgg_fedavg
+from configs import brats_3d_centralized, common, lgg_fedavg
 
 
 def get_config(arg=None):
@@ -40,13 +40,10 @@ def get_config(arg=None):
   config.fl.client_batch_size = 8
   if arg == "smoke":
     d.phantom.patients_per_site = 4
-    d.phantom.size = 32
     d.phantom.slices_per_patient = 16
-    d.image_size = 32
-    config.model.base = 8
-    config.model.depth = 3
+    common.small(config)
     config.fl.rounds = 3
     config.fl.local_steps = 2
   elif arg not in (None, ""):
-    raise ValueError(f"configs/brats_2d_fedavg.py: unknown variant {arg!r} (use ':smoke' or nothing)")
+    raise common.unknown_variant("configs/brats_2d_fedavg.py", arg, ["smoke"])
   return config

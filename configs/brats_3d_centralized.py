@@ -19,51 +19,28 @@ data.cache_dir and used instead.
 """
 import ml_collections
 
-# Phantom tumour keys (placeholders: the 'classic' preset's values; see configs/lgg_centralized.py):
-# tumour_preset 'realistic' draws the whole tumour at 0.5-6 % of the slice, 55 % of slices empty.
-TUMOUR_DEFAULTS = dict(tumour_preset="classic", tumour_area=(), tumour_free_fraction=-1.0)
+from configs import common
 
 
 def get_data_config():
-  data = ml_collections.ConfigDict()
-  data.layout = "brats"
-  data.root = ""                  # '' -> phantom written under cache_dir
-  data.cache_dir = "runs/_data"
-  data.phantom = ml_collections.ConfigDict(dict(
-      seed=0, sites=("CS", "DU", "HT"), patients_per_site=8, slices_per_patient=128, size=128,
-      **TUMOUR_DEFAULTS))
-  data.ndim = 3                    # 3: whole volumes; 2: axial slices
-  data.image_size = 128            # in-plane (seed 001: 240 -> 128)
-  data.depth = 128                 # slices kept, centred on the brain (BraTS has 155)
-  data.target_spacing = ()         # () = keep the voxel grid; e.g. (2.0, 2.0, 2.0) mm
-  data.normalize = "slice_max"     # slice_max (seed 001) | max | zscore | none
-  data.n4 = ml_collections.ConfigDict(dict(
-      enabled=True, shrink_factor=4, iterations=(50, 50, 30), convergence_threshold=1e-3,
-      otsu_bins=200, control_points=4, cache_dir=""))  # cache_dir '' -> <cache_dir>/n4
-  data.skip_bad_patients = False   # True: skip a bad patient with a printed warning
-  data.min_foreground_fraction = 0.0
-  data.split_seed = 0
-  data.stratify_by_site = True
-  data.val_fraction = 0.2
-  data.test_fraction = 0.15
-  return data
+  return common.data(
+      "brats",
+      phantom=ml_collections.ConfigDict(dict(
+          seed=0, sites=("CS", "DU", "HT"), patients_per_site=8, slices_per_patient=128, size=128,
+          **common.tumour())),
+      ndim=3,                      # 3: whole volumes; 2: axial slices
+      image_size=128,              # in-plane (seed 001: 240 -> 128)
+      depth=128,                   # slices kept, centred on the brain (BraTS has 155)
+      target_spacing=(),           # () = keep the voxel grid; e.g. (2.0, 2.0, 2.0) mm
+      normalize="slice_max",       # slice_max (seed 001) | max | zscore | none
+      n4=common.n4(enabled=True, shrink_factor=4),
+      skip_bad_patients=False,     # True: skip a bad patient with a printed warning
+      min_foreground_fraction=0.0)
 
 
 def get_config(arg=None):
-  config = ml_collections.ConfigDict()
-  config.algorithm = "centralized"
-  config.seed = 0
-  config.data = get_data_config()
-  config.model = ml_collections.ConfigDict(dict(
-      name="unet", base=32, depth=4, dropout=0.5, norm="none", ndim=3))
-  config.loss = "dice_ce"
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-7))
-  config.augment = ml_collections.ConfigDict(dict(
-      enabled=True, rotation_deg=(0.0, 90.0), zoom=(1.0, 1.1), flip=False))
-  config.batch_size = 1
-  config.eval_batch_size = 1
-  config.num_epochs = 50
+  config = common.experiment(get_data_config(), common.model(ndim=3), augment_enabled=True,
+                             batch_size=1, eval_batch_size=1, num_epochs=50)
   config.fl = None
   if arg == "smoke":
     # 12 phantom patients of 64×64×32 voxels (1 mm), resampled to 2 mm -> 32×32×16;
@@ -75,7 +52,7 @@ def get_config(arg=None):
     # and wall times in docs/results/runs.md ("3D BraTS smoke run").
     config.data.phantom = ml_collections.ConfigDict(dict(
         seed=0, sites=("CS", "DU", "HT"), patients_per_site=4, slices_per_patient=32, size=64,
-        **TUMOUR_DEFAULTS))
+        **common.tumour()))
     config.data.target_spacing = (2.0, 2.0, 2.0)
     config.data.image_size = 32
     config.data.depth = 16
@@ -87,5 +64,5 @@ def get_config(arg=None):
     config.num_epochs = 25
     config.eval_batch_size = 2
   elif arg not in (None, ""):
-    raise ValueError(f"configs/brats_3d_centralized.py: unknown variant {arg!r} (use ':smoke' or nothing)")
+    raise common.unknown_variant("configs/brats_3d_centralized.py", arg, ["smoke"])
   return config

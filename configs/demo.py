@@ -9,7 +9,7 @@ template, fedjax_seg/data/anatomy.py; `make venv` installs the template with
 `pip install --no-deps nilearn`, see BUILD.md). ':geometric' is the ellipse
 phantom the model-zoo and loss-study numbers were measured on.
 """
-from configs import lgg_centralized
+from configs import common, lgg_centralized
 
 
 def get_config(arg=None):
@@ -22,5 +22,5 @@ def get_config(arg=None):
   if arg in ("geometric", "anatomical"):
     config.data.phantom.style = arg
   elif arg not in (None, ""):
-    raise ValueError(f"configs/demo.py: unknown variant {arg!r} (use ':anatomical', ':geometric' or nothing)")
+    raise common.unknown_variant("configs/demo.py", arg, ["anatomical", "geometric"])
   return config

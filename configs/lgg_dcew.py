@@ -4,10 +4,6 @@
 
 Everything else as configs/lgg_fedavg.py.
 """
-from configs import lgg_fedavg
+from configs import common, lgg_fedavg
 
-
-def get_config(arg=None):
-  config = lgg_fedavg.get_config()
-  config.algorithm = "dcew"
-  return config
+get_config = common.derive(lgg_fedavg.get_config, algorithm="dcew")

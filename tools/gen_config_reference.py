@@ -27,9 +27,16 @@ CONFIG_DIR = os.path.join(ROOT, "configs")
 OUT = os.path.join(ROOT, "docs", "config_reference.md")
 
 
+# configs/common.py holds the shared defaults (no get_config of its own): its builders'
+# keyword arguments and the dicts inside them set these key prefixes.
+SHARED = "common"
+BUILDERS = {"data": "data", "data_split": "data", "n4": "data.n4", "model": "model",
+            "optimizer": "optimizer", "augment": "augment", "tumour": "data.phantom"}
+
+
 def config_names() -> list[str]:
   return sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
-                if f.endswith(".py") and not f.startswith("_"))
+                if f.endswith(".py") and not f.startswith("_") and f[:-3] != SHARED)
 
 
 def flatten(cfg, prefix: str = "") -> "OrderedDict[str, object]":
@@ -130,7 +137,24 @@ def comment_targets(path: str) -> list[tuple[list[str], str]]:
         if sep and head.strip() in {kw.arg for kw in keywords}:
           found.append((chain + [head.strip()], rest.strip()))
 
-  for node in ast.walk(ast.parse(source)):
+  tree = ast.parse(source)
+  for node in ast.walk(tree):
+    # common.data(..., key=value  # comment) in a config file; inside configs/common.py,
+    # every dict(...) of a builder function sets that builder's keys
+    if isinstance(node, ast.Call):
+      func = _chain(node.func)
+      if func and len(func) == 2 and func[0] == SHARED and func[1] in BUILDERS:
+        visit_dict(["config"] + BUILDERS[func[1]].split("."), node.keywords, None)
+    if (isinstance(node, ast.FunctionDef) and node.name in BUILDERS
+            and os.path.basename(path) == SHARED + ".py"):
+      prefix = ["config"] + BUILDERS[node.name].split(".")
+      for sub in ast.walk(node):
+        if isinstance(sub, ast.Call) and _chain(sub.func) == ["dict"]:
+          visit_dict(prefix, sub.keywords, None)
+        if isinstance(sub, ast.Assign) and len(sub.targets) == 1:  # d.key = value  # comment
+          chain = _chain(sub.targets[0])
+          if chain and len(chain) == 2 and sub.lineno in inline:
+            found.append((prefix + chain[1:], inline[sub.lineno]))
     if not isinstance(node, ast.Assign) or len(node.targets) != 1:
       continue
     chain = _chain(node.targets[0])
@@ -150,7 +174,7 @@ def comment_targets(path: str) -> list[tuple[list[str], str]]:
 def descriptions(all_keys) -> dict[str, list[str]]:
   """key -> distinct comment texts (in config-file order)."""
   out: dict[str, list[str]] = {}
-  for name in config_names():
+  for name in config_names() + [SHARED]:
     for chain, text in comment_targets(os.path.join(CONFIG_DIR, name + ".py")):
       root, attrs = chain[0], chain[1:]
       candidates = [".".join(attrs)] if root == "config" else [".".join(chain), ".".join(attrs)]
