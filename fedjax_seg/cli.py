@@ -55,11 +55,16 @@ def launch_path() -> str:
 
 
 def resolve_config_path(value: str) -> str:
-  """``configs/<exp>.py[:arg]`` that does not exist here -> the installed ``configs`` package's file."""
+  """``configs/<exp>.py[:arg]`` that does not exist here -> the installed ``configs`` package's
+  file; a bare name (``demo``, ``lgg_fedavg:smoke``) means ``configs/<name>.py``."""
   path, sep, arg = value.partition(":")
   if os.path.exists(path):
     return value
   norm = path.replace(os.sep, "/")
+  if "/" not in norm and not norm.endswith(".py") and norm:
+    norm = f"configs/{norm}.py"
+    if os.path.isfile(norm):  # a checkout's configs/ folder
+      return norm + sep + arg
   if not norm.startswith("configs/"):
     return value
   spec = importlib.util.find_spec("configs")

@@ -58,6 +58,15 @@ def test_config_path_resolves_to_the_configs_package(tmp_path, monkeypatch):
   assert resolved.endswith(os.path.join("configs", "demo.py") + ":geometric")
   assert os.path.isfile(resolved.rsplit(":", 1)[0])
   assert cli.resolve_config_path("elsewhere/x.py") == "elsewhere/x.py"
+  bare = cli.resolve_config_path("demo:geometric")  # a bare name = configs/<name>.py
+  assert bare.endswith(os.path.join("configs", "demo.py") + ":geometric"), bare
+  assert os.path.isfile(bare.rsplit(":", 1)[0])
+  assert cli.resolve_config_path("no_such_config") == "no_such_config"
+
+
+def test_bare_config_name_in_a_checkout(monkeypatch):
+  monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert cli.resolve_config_path("lgg_fedavg:smoke") == "configs/lgg_fedavg.py:smoke"
 
 
 def test_phantom_writes_files(tmp_path, capsys):
