@@ -223,11 +223,20 @@ def _main(argv) -> int:
   cache_dir = compile_cache.enable(config.get("compile_cache_dir"))
   print(f"[compile] persistent compilation cache: {cache_dir or 'off'}", flush=True)
   from fedjax_seg import train
-  if points is not None:
-    sweep.run_sweep(config, workdir, points, shard=shard,
-                    command="python " + shlex.join(sys.argv))
-  else:
-    train.run(config, workdir)
+  fresh = not os.path.exists(workdir)
+  try:
+    if points is not None:
+      sweep.run_sweep(config, workdir, points, shard=shard,
+                      command="python " + shlex.join(sys.argv))
+    else:
+      train.run(config, workdir)
+  except BaseException:
+    # a run that fails before its first checkpoint or metrics row (bad data, a missing
+    # extra) leaves no workdir behind if it created it
+    if points is None and fresh and os.path.isdir(workdir) and not runlog.has_run(workdir):
+      import shutil
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
   return 0
 
 

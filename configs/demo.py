@@ -6,10 +6,13 @@ Sized to finish in a few minutes on a 2-core CPU (64×64 slices, base 16).
 
 The default renders the phantom hospitals on real brain anatomy (ICBM152
 template, fedjax_seg/data/anatomy.py; `make venv` installs the template with
-`pip install --no-deps nilearn`, see BUILD.md). ':geometric' is the ellipse
-phantom the model-zoo and loss-study numbers were measured on.
+`pip install --no-deps nilearn`, see BUILD.md) when the template is installed,
+and the geometric phantom otherwise (a plain `pip install .`); config.json
+records which. ':anatomical' / ':geometric' pin the style. ':geometric' is the
+ellipse phantom the model-zoo and loss-study numbers were measured on.
 """
 from configs import common, lgg_centralized
+from fedjax_seg.data import anatomy
 
 
 def get_config(arg=None):
@@ -18,7 +21,7 @@ def get_config(arg=None):
   config.data.image_size = 64
   config.model.base = 16
   config.num_epochs = 20
-  config.data.phantom.style = "anatomical"
+  config.data.phantom.style = "anatomical" if anatomy.available() else "geometric"
   if arg in ("geometric", "anatomical"):
     config.data.phantom.style = arg
   elif arg not in (None, ""):

@@ -449,9 +449,21 @@ def _dcew_weights(config) -> None:
                       f"{a} + {b} + {g}")
 
 
+def _anatomy_installed(config) -> None:
+  """A phantom with anatomical style needs the ICBM152 template (the [anatomy] extra)."""
+  if get(config, "data.root") or get(config, "data.phantom.style") != "anatomical":
+    return
+  from fedjax_seg.data import anatomy
+  try:
+    anatomy.template_dir()
+  except anatomy.TemplateUnavailable as e:
+    raise ConfigError("data.phantom.style", "anatomical", f"{e}; or use "
+                      f"--config.data.phantom.style=geometric") from None
+
+
 CROSS_CHECKS: List[Callable[[Any], None]] = [
     _required, _image_size_halves, _fractions_leave_train, _fold_in_range,
-    _federated_needs_fl, _clients_for_partition, _dcew_weights,
+    _federated_needs_fl, _clients_for_partition, _dcew_weights, _anatomy_installed,
 ]
 
 

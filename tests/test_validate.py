@@ -207,3 +207,43 @@ def test_run_cli_parses_afresh_each_time(tmp_path, capfd):
   assert _run(capfd, ["--config", FEDAVG, "--workdir", str(tmp_path / "a"), "--config.fl.rounds=0"])[0] == 2
   rc, _, err = _run(capfd, ["--config", FEDAVG, "--workdir", str(tmp_path / "b"), "--config.fl.eval_every=0"])
   assert rc == 2 and err.splitlines() == ["error: config.fl.eval_every=0: must be an integer >= 1"]
+
+
+def test_anatomical_phantom_without_the_template_is_one_line(tmp_path, capfd, monkeypatch):
+  """A plain `pip install .` has no ICBM152 template: refused before anything is written."""
+  from fedjax_seg.data import anatomy
+
+  def missing():
+    raise anatomy.TemplateUnavailable("nilearn is not installed: pip install -e '.[anatomy]'")
+  monkeypatch.setattr(anatomy, "template_dir", missing)
+  wd = tmp_path / "run"
+  demo = os.path.join(ROOT, "configs", "demo.py") + ":anatomical"
+  rc, _, err = _run(capfd, ["--config", demo, "--workdir", str(wd)])
+  assert rc == 2 and len(err.splitlines()) == 1, err
+  assert err.startswith("error: config.data.phantom.style='anatomical': nilearn is not installed")
+  assert "--config.data.phantom.style=geometric" in err
+  assert not wd.exists()
+  # the demo's default follows what is installed (config.json records it)
+  monkeypatch.setattr(anatomy, "available", lambda: False)
+  assert importlib.import_module("configs.demo").get_config().data.phantom.style == "geometric"
+  monkeypatch.setattr(anatomy, "available", lambda: True)
+  assert importlib.import_module("configs.demo").get_config().data.phantom.style == "anatomical"
+
+
+def test_a_run_failing_before_training_leaves_no_workdir(tmp_path, capfd, monkeypatch):
+  """Data that fails to build after validation (here: the phantom writer raising) removes
+  the workdir the run created; an existing workdir is left alone."""
+  from fedjax_seg.data import pipeline
+
+  def broken(*a, **k):
+    raise ValueError("phantom writer failed")
+  monkeypatch.setattr(pipeline, "build_dataset", broken)
+  wd = tmp_path / "run"
+  rc, _, err = _run(capfd, ["--config", DEMO, "--workdir", str(wd), "--config.data.cache_dir",
+                            str(tmp_path / "cache")])
+  assert rc == 2 and err.strip() == "error: phantom writer failed", err
+  assert not wd.exists()
+  wd.mkdir()
+  (wd / "notes.txt").write_text("mine")
+  rc, _, _ = _run(capfd, ["--config", DEMO, "--workdir", str(wd)])
+  assert rc == 2 and (wd / "notes.txt").read_text() == "mine"
