@@ -44,7 +44,7 @@ def data(layout: str, **keys) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   d.layout = layout
   d.root = ""                # '' -> phantom written under cache_dir
-  d.cache_dir = "runs/_data"  # phantoms, N4 fields, preprocessed arrays
+  d.cache_dir = ""          # phantoms, N4 fields; '' -> $FEDJAX_SEG_DATA_CACHE or ~/.cache/fedjax_seg/data (fedjax_seg/caches.py)
   split = data_split()
   for k, v in keys.items():
     if k in split:

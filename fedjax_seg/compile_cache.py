@@ -31,8 +31,8 @@ ENV_VAR = "FEDJAX_SEG_COMPILE_CACHE"
 
 def default_dir() -> str:
   """The per-user cache folder: ``$XDG_CACHE_HOME/fedjax_seg/jax`` or ``~/.cache/fedjax_seg/jax``."""
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "fedjax_seg", "jax")
+  from fedjax_seg import caches
+  return caches.user_dir("jax")
 
 
 def resolve(path: Optional[str] = None) -> Optional[str]:

@@ -205,7 +205,9 @@ def preprocess_slices(images: np.ndarray, labels: Optional[np.ndarray], data_cfg
 def resolve_root(data_cfg, verbose: bool = True) -> str:
   if data_cfg.get("root"):
     return os.path.abspath(os.path.expanduser(data_cfg.root))
-  return ensure_phantom(data_cfg.layout, dict(data_cfg.phantom), data_cfg.cache_dir, verbose)
+  from fedjax_seg import caches
+  return ensure_phantom(data_cfg.layout, dict(data_cfg.phantom), caches.data_dir(data_cfg.cache_dir),
+                        verbose)
 
 
 # data.split_seed = 'seed' (or -1, which an int-typed config field accepts from the command line, and

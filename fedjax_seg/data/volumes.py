@@ -84,7 +84,8 @@ class VolumeOptions:
     cache_dir = ""
     if n4_cfg is not None and n4_cfg.get("enabled", False):
       n4 = preprocess.N4Params.from_config(n4_cfg)
-      cache_dir = n4_cfg.get("cache_dir", "") or os.path.join(get("cache_dir", "runs/_data"), "n4")
+      from fedjax_seg import caches
+      cache_dir = n4_cfg.get("cache_dir", "") or os.path.join(caches.data_dir(get("cache_dir", "")), "n4")
     target = tuple(get("target_spacing", ()) or ())
     if target and len(target) != 3:
       raise ValueError(f"config.data.target_spacing={target}: expected (dz, dy, dx) mm (0 keeps an axis)")
@@ -201,16 +202,9 @@ def preprocess_volume(images: np.ndarray, labels: np.ndarray, spacing: Sequence[
 
 
 def _resize_inplane(p: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
-  """Bilinear in-plane resize of [S, h, w, K] -> [S, H, W, K] (Pillow, as `preprocess.resize_slices`)."""
-  from PIL import Image
-  if p.shape[1:3] == tuple(hw):
-    return p
-  out = np.empty((p.shape[0],) + tuple(hw) + (p.shape[-1],), np.float32)
-  for s in range(p.shape[0]):
-    for k in range(p.shape[-1]):
-      out[s, :, :, k] = np.asarray(Image.fromarray(p[s, :, :, k].astype(np.float32), mode="F").resize(
-          (hw[1], hw[0]), Image.BILINEAR))
-  return out
+  """Bilinear in-plane resize of [S, h, w, K] -> [S, H, W, K] float32 (`preprocess.resize_stack`,
+  Pillow's ``Image.BILINEAR`` as `preprocess.resize_slices`)."""
+  return preprocess.resize_stack(np.asarray(p, np.float32), hw, "linear")
 
 
 def restore_geometry(probs: np.ndarray, geo: VolumeGeometry) -> np.ndarray:
