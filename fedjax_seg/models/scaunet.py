@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_seg.models.unet import make_norm
+from fedjax_seg.models.unet import UNetBase, make_norm
 
 Scales = Union[int, Sequence[int]]
 
@@ -233,7 +233,7 @@ class SCABlock(nn.Module):
     return nn.relu(y)
 
 
-class SCAUnet(nn.Module):
+class SCAUnet(UNetBase):
   """U-Net whose conv blocks are :class:`SCABlock` s (SCAUnet / SCAUnet-A).
 
   Layout as :class:`~fedjax_seg.models.unet.UNet`: per level one SCA block,
@@ -258,9 +258,7 @@ class SCAUnet(nn.Module):
     depthwise: 'shift' or 'conv', see :class:`DepthwiseConv`.
     dtype: compute dtype (params stay float32); bfloat16 for mixed precision.
   """
-  num_classes: int = 2
   base: int = 16
-  depth: int = 4
   scales: Scales = 4
   dropout: float = 0.5
   norm: str = "none"
@@ -272,15 +270,7 @@ class SCAUnet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    if x.ndim != self.ndim + 2:
-      raise ValueError(
-          f"SCAUnet(ndim={self.ndim}) expects input of rank {self.ndim + 2} "
-          f"[B, {'D, ' if self.ndim == 3 else ''}H, W, C], got shape {x.shape}")
-    factor = 2 ** (self.depth - 1)
-    for s in x.shape[1:-1]:
-      if s % factor:
-        raise ValueError(f"spatial size {x.shape[1:-1]} must be divisible by "
-                         f"2**(depth-1) = {factor} (depth={self.depth})")
+    self.check_input(x)
     if self.upsample not in ("transpose", "resize"):
       raise ValueError(f"model.upsample={self.upsample!r}: expected 'transpose' or 'resize'")
     per_level = scales_per_level(self.scales, self.depth)

@@ -47,7 +47,34 @@ class ConvBlock(nn.Module):
     return x
 
 
-class UNet(nn.Module):
+class UNetBase(nn.Module):
+  """What the U-Nets here share: the class count, the width and number of the
+  levels, and the check of the input. A subclass declares ``ndim`` (2 or 3)
+  and its other attributes.
+
+  Attributes:
+    num_classes: output channels (logits), background included.
+    base: filters at level 0; level l has base * 2**l.
+    depth: number of resolution levels (depth-1 poolings).
+  """
+  num_classes: int = 2
+  base: int = 32
+  depth: int = 4
+
+  def check_input(self, x) -> None:
+    """Raises ValueError unless ``x`` has rank ``ndim + 2`` and spatial sizes divisible by 2**(depth-1)."""
+    if x.ndim != self.ndim + 2:
+      raise ValueError(
+          f"{type(self).__name__}(ndim={self.ndim}) expects input of rank {self.ndim + 2} "
+          f"[B, {'D, ' if self.ndim == 3 else ''}H, W, C], got shape {x.shape}")
+    factor = 2 ** (self.depth - 1)
+    for s in x.shape[1:-1]:
+      if s % factor:
+        raise ValueError(f"spatial size {x.shape[1:-1]} must be divisible by "
+                         f"2**(depth-1) = {factor} (depth={self.depth})")
+
+
+class UNet(UNetBase):
   """U-Net with configurable depth, width, dropout and normalisation.
 
   Attributes:
@@ -59,9 +86,6 @@ class UNet(nn.Module):
     ndim: 2 or 3 spatial dimensions.
     dtype: compute dtype (params stay float32); bfloat16 for mixed precision.
   """
-  num_classes: int = 2
-  base: int = 32
-  depth: int = 4
   dropout: float = 0.5
   norm: str = "none"
   ndim: int = 2
@@ -69,15 +93,7 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    if x.ndim != self.ndim + 2:
-      raise ValueError(
-          f"UNet(ndim={self.ndim}) expects input of rank {self.ndim + 2} "
-          f"[B, {'D, ' if self.ndim == 3 else ''}H, W, C], got shape {x.shape}")
-    factor = 2 ** (self.depth - 1)
-    for s in x.shape[1:-1]:
-      if s % factor:
-        raise ValueError(f"spatial size {x.shape[1:-1]} must be divisible by "
-                         f"2**(depth-1) = {factor} (depth={self.depth})")
+    self.check_input(x)
     x = x.astype(self.dtype)
     window = (2,) * self.ndim
     skips = []
