@@ -23,6 +23,7 @@ image size does not halve ``model.depth - 1`` times, the split fractions add up 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import numbers
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
@@ -138,18 +139,36 @@ class Satisfies:
     return None if ok else self.why
 
 
+def LowHigh(lo: Optional[float] = None, lo_open: bool = False, unit: str = "") -> Satisfies:
+  """A range ``(low, high)``: two finite numbers, low <= high and, with ``lo``, ``lo <= low``
+  (``lo < low`` with ``lo_open``); ``unit`` is named in the message."""
+  def ok(v) -> bool:
+    return (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v)
+            and (lo is None or (lo < v[0] if lo_open else lo <= v[0])) and v[0] <= v[1])
+  bound = "" if lo is None else f"{_fmt_num(lo)} {'<' if lo_open else '<='} "
+  return Satisfies(ok, f"must be (low, high){unit} with {bound}low <= high")
+
+
 Rule = Union[Number, OneOf, Satisfies]
 
 
 # Registries, read lazily: importing them pulls in JAX and every run kind.
-def _algorithms():
-  from fedjax_seg import train
-  return sorted(train.TRAINERS)
+def _registry(module: str, name: str, sort: bool = False) -> Callable[[], Iterable[Any]]:
+  """A `OneOf` callable: ``module.name`` (sorted with ``sort``), imported when the rule is checked."""
+  def values():
+    found = getattr(importlib.import_module(module), name)
+    return sorted(found) if sort else found
+  return values
 
 
-def _losses():
-  from fedjax_seg import losses
-  return losses.LOSS_NAMES
+_algorithms = _registry("fedjax_seg.train", "TRAINERS", sort=True)
+_losses = _registry("fedjax_seg.losses", "LOSS_NAMES")
+_client_strategies = _registry("fedjax_seg.fl.backends", "CLIENT_STRATEGIES")
+_step_strategies = _registry("fedjax_seg.fl.backends", "STEP_STRATEGIES")
+_server_opts = _registry("fedjax_seg.fl.server_opt", "SERVER_OPTS")
+_dp_weightings = _registry("fedjax_seg.fl.dp", "WEIGHTINGS")
+_dp_accountants = _registry("fedjax_seg.fl.dp", "ACCOUNTANTS")
+_samplings = _registry("fedjax_seg.fl.train", "SAMPLINGS")
 
 
 def _models():
@@ -160,36 +179,6 @@ def _models():
 def _layouts():
   from fedjax_seg.data import pipeline, volumes  # noqa: F401 - volumes registers brats, acdc
   return sorted(pipeline.LOADERS)
-
-
-def _client_strategies():
-  from fedjax_seg.fl import backends
-  return backends.CLIENT_STRATEGIES
-
-
-def _step_strategies():
-  from fedjax_seg.fl import backends
-  return backends.STEP_STRATEGIES
-
-
-def _server_opts():
-  from fedjax_seg.fl import server_opt
-  return server_opt.SERVER_OPTS
-
-
-def _dp_weightings():
-  from fedjax_seg.fl import dp
-  return dp.WEIGHTINGS
-
-
-def _dp_accountants():
-  from fedjax_seg.fl import dp
-  return dp.ACCOUNTANTS
-
-
-def _samplings():
-  from fedjax_seg.fl import train as fl_train
-  return fl_train.SAMPLINGS
 
 
 def _scales_ok(v) -> bool:
@@ -327,14 +316,9 @@ RULES: Dict[str, Rule] = {
     "semi.fedwep.search_inputs": OneOf(("real", "random", "auto")),
     # --- FCL pre-training ---
     "pretrain.rounds": Int(lo=0),
-    "pretrain.local_steps": Int(lo=1),
-    "pretrain.volumes_per_batch": Int(lo=1),
-    "pretrain.num_partitions": Int(lo=1),
-    "pretrain.num_positives": Int(lo=1),
-    "pretrain.neg_per_partition": Int(lo=1),
-    "pretrain.bank_size": Int(lo=1),
-    "pretrain.feature_dim": Int(lo=1),
-    "pretrain.hidden_dim": Int(lo=1),
+    **{f"pretrain.{k}": Int(lo=1) for k in ("local_steps", "volumes_per_batch", "num_partitions",
+                                            "num_positives", "neg_per_partition", "bank_size",
+                                            "feature_dim", "hidden_dim")},
     "pretrain.temperature": Positive(),
     "pretrain.momentum": Fraction(),
     "pretrain.optimizer.name": OneOf(OPTIMIZERS),
@@ -342,21 +326,21 @@ RULES: Dict[str, Rule] = {
     # --- augment (fedjax_seg/data/augment.py; formulas in docs/data.md) ---
     "augment.enabled": Satisfies(lambda v: isinstance(v, bool), "must be True or False"),
     "augment.flip": Satisfies(lambda v: isinstance(v, bool), "must be True or False"),
-    "augment.rotation_deg": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and v[0] <= v[1], "must be (low, high) degrees with low <= high"),
-    "augment.zoom": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 < v[0] <= v[1], "must be (low, high) with 0 < low <= high"),
+    "augment.rotation_deg": LowHigh(unit=" degrees"),
+    "augment.zoom": LowHigh(0, lo_open=True),
     "augment.noise.prob": Fraction(),
-    "augment.noise.sigma": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 <= v[0] <= v[1], "must be (low, high) with 0 <= low <= high"),
+    "augment.noise.sigma": LowHigh(0),
     "augment.blur.prob": Fraction(),
-    "augment.blur.sigma": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 < v[0] <= v[1], "must be (low, high) with 0 < low <= high"),
+    "augment.blur.sigma": LowHigh(0, lo_open=True),
     "augment.brightness.prob": Fraction(),
-    "augment.brightness.range": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 <= v[0] <= v[1], "must be (low, high) with 0 <= low <= high"),
+    "augment.brightness.range": LowHigh(0),
     "augment.contrast.prob": Fraction(),
-    "augment.contrast.range": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 <= v[0] <= v[1], "must be (low, high) with 0 <= low <= high"),
+    "augment.contrast.range": LowHigh(0),
     "augment.gamma.prob": Fraction(),
-    "augment.gamma.range": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 < v[0] <= v[1], "must be (low, high) with 0 < low <= high"),
+    "augment.gamma.range": LowHigh(0, lo_open=True),
     "augment.elastic.prob": Fraction(),
-    "augment.elastic.alpha": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 <= v[0] <= v[1], "must be (low, high) with 0 <= low <= high"),
-    "augment.elastic.sigma": Satisfies(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(e) and math.isfinite(e) for e in v) and 0 < v[0] <= v[1], "must be (low, high) with 0 < low <= high"),
+    "augment.elastic.alpha": LowHigh(0),
+    "augment.elastic.sigma": LowHigh(0, lo_open=True),
 }
 
 
