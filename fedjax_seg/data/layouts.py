@@ -90,9 +90,7 @@ def lgg_patient(folder: PathLike) -> Patient:
       its image (names the file), two files with the same slice number, or
       a ``<ID>_<index>.tif`` whose index is not an integer.
   """
-  folder = os.path.abspath(os.fspath(folder))
-  if not os.path.isdir(folder):
-    raise DataError(folder, "patient folder does not exist")
+  folder = _existing_folder(folder, "patient folder does not exist")
   pid = os.path.basename(folder)
   tokens = pid.split("_")
   if len(tokens) < 2 or not tokens[1]:
@@ -140,38 +138,64 @@ def find_lgg(root: PathLike, on_error: OnError = None) -> list[Patient]:
     DataError: root missing, no (usable) patient folders, a patient folder
       without slices (names it), or any `lgg_patient` error.
   """
-  root = os.path.abspath(os.fspath(root))
-  if not os.path.isdir(root):
-    raise DataError(root, "Kaggle LGG root does not exist or is not a folder")
+  root = _existing_folder(root, "Kaggle LGG root does not exist or is not a folder")
   base = os.path.join(root, "kaggle_3m")
   if not os.path.isdir(base):
     base = root
-  patients, skipped = [], 0
-  for name in sorted(os.listdir(base)):
-    path = os.path.join(base, name)
-    if not (_PATIENT_DIR_RE.match(name) and os.path.isdir(path)):
-      continue
-    try:
-      patient = lgg_patient(path)
-      if not patient.images:
-        raise DataError(path, f"patient folder has no slices ({name}_<n>.tif)")
-    except DataError as e:
-      if on_error is None:
-        raise
-      on_error(e)
-      skipped += 1
-      continue
-    patients.append(patient)
-  _check_skipped(base, "Kaggle LGG", patients, skipped)
+
+  def index(path, name):
+    patient = lgg_patient(path)
+    if not patient.images:
+      raise DataError(path, f"patient folder has no slices ({name}_<n>.tif)")
+    return patient
+
+  patients = _scan(base, _PATIENT_DIR_RE, "Kaggle LGG", index, on_error)
   if not patients:
     raise DataError(base, "no Kaggle LGG patient folders found (expected <root>/kaggle_3m/<PATIENT>/"
                           "<PATIENT>_<n>.tif, PATIENT like TCGA_CS_4941_19960909)")
   return sorted(patients, key=lambda p: p.id)
 
 
-def _check_skipped(base: str, what: str, patients: list, skipped: int) -> None:
+def _existing_folder(path: PathLike, problem: str) -> str:
+  """``path`` made absolute; `DataError` ``problem`` unless it is a folder."""
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise DataError(path, problem)
+  return path
+
+
+def _patient_folder(folder: PathLike, expected: str) -> tuple[str, str]:
+  """(absolute folder, patient id = its name); `DataError` if it is missing or empty
+  (``expected``, with ``{pid}`` for the id, says what it should hold)."""
+  folder = _existing_folder(folder, "patient folder does not exist")
+  pid = os.path.basename(folder)
+  if not os.listdir(folder):
+    raise DataError(folder, f"empty patient folder (expected {expected.format(pid=pid)})")
+  return folder, pid
+
+
+def _scan(base: str, pattern: re.Pattern, what: str, index: Callable[[str, str], Patient],
+          on_error: OnError) -> list[Patient]:
+  """``index(path, name)`` of each folder of ``base`` whose name matches ``pattern``, in name order.
+
+  A `DataError` of one folder goes to ``on_error`` (the folder is skipped) when it is given, else
+  it is raised; when every folder was skipped that is a `DataError` of ``base``.
+  """
+  patients, skipped = [], 0
+  for name in sorted(os.listdir(base)):
+    path = os.path.join(base, name)
+    if not (pattern.match(name) and os.path.isdir(path)):
+      continue
+    try:
+      patients.append(index(path, name))
+    except DataError as e:
+      if on_error is None:
+        raise
+      on_error(e)
+      skipped += 1
   if skipped and not patients:
     raise DataError(base, f"no usable {what} patient: all {skipped} skipped as bad input")
+  return patients
 
 
 # ---------------------------------------------------------------------------
@@ -262,12 +286,7 @@ def brats_patient(folder: PathLike, site: str = UNKNOWN_SITE, require_seg: bool 
     DataError: folder missing or empty, a missing modality or seg (names the
       expected file and lists the files the folder holds).
   """
-  folder = os.path.abspath(os.fspath(folder))
-  if not os.path.isdir(folder):
-    raise DataError(folder, "patient folder does not exist")
-  pid = os.path.basename(folder)
-  if not os.listdir(folder):
-    raise DataError(folder, f"empty patient folder (expected {pid}_{{flair,t1,t1ce,t2,seg}}.nii.gz)")
+  folder, pid = _patient_folder(folder, "{pid}_{{flair,t1,t1ce,t2,seg}}.nii.gz")
   images = []
   for modality in BRATS_MODALITIES:
     path = _nifti_path(folder, f"{pid}_{modality}")
@@ -308,27 +327,16 @@ def find_brats(root: PathLike, on_error: OnError = None) -> list[Patient]:
     DataError: root missing, no patient folders, or a bad patient folder
       (empty, missing modality or seg) unless ``on_error`` is given.
   """
-  root = os.path.abspath(os.fspath(root))
-  if not os.path.isdir(root):
-    raise DataError(root, "BraTS root does not exist or is not a folder")
+  root = _existing_folder(root, "BraTS root does not exist or is not a folder")
   base = _brats_base(root)
   sites = brats_site_table(base)
-  patients, skipped = [], 0
-  for name in sorted(os.listdir(base)):
-    path = os.path.join(base, name)
-    if not (_BRATS_DIR_RE.match(name) and os.path.isdir(path)):
-      continue
+
+  def index(path, name):
     info = sites.get(name, {})
-    try:
-      p = brats_patient(path, site=info.get("site", UNKNOWN_SITE))
-    except DataError as e:
-      if on_error is None:
-        raise
-      on_error(e)
-      skipped += 1
-      continue
-    patients.append(dataclasses.replace(p, meta={"grade": info.get("grade", "")}))
-  _check_skipped(base, "BraTS", patients, skipped)
+    p = brats_patient(path, site=info.get("site", UNKNOWN_SITE))
+    return dataclasses.replace(p, meta={"grade": info.get("grade", "")})
+
+  patients = _scan(base, _BRATS_DIR_RE, "BraTS", index, on_error)
   if not patients:
     raise DataError(base, "no BraTS patient folders found (expected <root>/BraTS20_Training_XXX/"
                           "BraTS20_Training_XXX_{flair,t1,t1ce,t2,seg}.nii.gz)")
@@ -400,12 +408,7 @@ def acdc_patient(folder: PathLike, frames: tuple[str, ...] = ("ED", "ES")) -> Pa
     DataError: folder missing or empty, Info.cfg problems, a missing frame
       or gt file (names it).
   """
-  folder = os.path.abspath(os.fspath(folder))
-  if not os.path.isdir(folder):
-    raise DataError(folder, "patient folder does not exist")
-  pid = os.path.basename(folder)
-  if not os.listdir(folder):
-    raise DataError(folder, f"empty patient folder (expected Info.cfg and {pid}_frameYY[_gt].nii.gz)")
+  folder, pid = _patient_folder(folder, "Info.cfg and {pid}_frameYY[_gt].nii.gz")
   info = read_info_cfg(os.path.join(folder, "Info.cfg"))
   images, masks, numbers = [], [], []
   for phase in frames:
@@ -441,23 +444,9 @@ def find_acdc(root: PathLike, frames: tuple[str, ...] = ("ED", "ES"), on_error: 
     DataError: root missing, no patient folders, or a bad patient (see
       `acdc_patient`) unless ``on_error`` is given.
   """
-  root = os.path.abspath(os.fspath(root))
-  if not os.path.isdir(root):
-    raise DataError(root, "ACDC root does not exist or is not a folder")
+  root = _existing_folder(root, "ACDC root does not exist or is not a folder")
   base = _acdc_base(root)
-  patients, skipped = [], 0
-  for name in sorted(os.listdir(base)):
-    path = os.path.join(base, name)
-    if not (_ACDC_DIR_RE.match(name) and os.path.isdir(path)):
-      continue
-    try:
-      patients.append(acdc_patient(path, tuple(frames)))
-    except DataError as e:
-      if on_error is None:
-        raise
-      on_error(e)
-      skipped += 1
-  _check_skipped(base, "ACDC", patients, skipped)
+  patients = _scan(base, _ACDC_DIR_RE, "ACDC", lambda path, name: acdc_patient(path, tuple(frames)), on_error)
   if not patients:
     raise DataError(base, "no ACDC patient folders found (expected <root>/training/patientXXX/Info.cfg "
                           "and patientXXX_frameYY[_gt].nii.gz)")
