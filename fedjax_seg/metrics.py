@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_seg.losses import _weights  # the losses' mask broadcasting: [B] or [B, ...] -> pixel weights
+
 Array = jax.Array
 
 __all__ = [
@@ -90,22 +92,6 @@ METRIC_TABLE_KEYS: Dict[str, str] = {
 # ----------------------------------------------------------------------------
 # jittable counts
 # ----------------------------------------------------------------------------
-def _expand_mask(mask, ndim: int) -> Array:
-    """Appends trailing singleton axes to ``mask`` until it has ``ndim`` axes."""
-    mask = jnp.asarray(mask)
-    if mask.ndim > ndim:
-        raise ValueError(f"mask has {mask.ndim} axes, more than the {ndim} "
-                         "axes of the pixel shape")
-    return mask.reshape(mask.shape + (1,) * (ndim - mask.ndim))
-
-
-def _weights(mask, shape) -> Array:
-    if mask is None:
-        return jnp.ones(shape, jnp.float32)
-    return jnp.broadcast_to(
-        _expand_mask(mask, len(shape)).astype(jnp.float32), shape)
-
-
 def confusion_matrix(pred: Array, labels: Array, num_classes: int,
                      mask: Optional[Array] = None) -> Array:
     """Weighted confusion matrix, float32 ``[C, C]``: rows = truth, cols = pred.
