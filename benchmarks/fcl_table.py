@@ -47,6 +47,13 @@ def make_config(algorithm, seed, args):
   c.finetune.label_seed = seed
   c.finetune.labelled_patients = tuple(args.ns)
   c.data.cache_dir = args.cache
+  if not args.fixed_split:  # the patient split varies with the seed too
+    c.data.split_seed = seed
+    c.fl.partition_seed = seed
+  if args.patients_per_group:
+    c.data.phantom.patients_per_group = args.patients_per_group
+  if args.test_fraction is not None:
+    c.data.test_fraction = args.test_fraction
   if args.root:
     c.data.root = args.root
   if args.size:
@@ -86,6 +93,14 @@ def main():
   p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate")
   p.add_argument("--client-strategy", default="map", help="backends.for_each_client backend")
   p.add_argument("--step-strategy", default="scan")
+  p.add_argument("--patients-per-group", type=int, default=0,
+                 help="phantom patients per pathology group (default: the config's)")
+  p.add_argument("--test-fraction", type=float, default=None)
+  p.add_argument("--fixed-split", action="store_true",
+                 help="data.split_seed = fl.partition_seed = 0 for every seed (the earlier "
+                      "tables); default: = seed")
+  p.add_argument("--n-boot", type=int, default=2000)
+  p.add_argument("--name", default="", help="results file stem (default fcl_table[_quick])")
   p.add_argument("--root", default="", help="real ACDC root (default: phantom)")
   p.add_argument("--cache", default="runs/_data")
   p.add_argument("--workdir", default="runs/fcl_table")
@@ -100,7 +115,7 @@ def main():
 
   load0 = os.getloadavg()
   t0 = time.time()
-  runs = {}
+  runs, per_patient = {}, {}
   for name, algorithm in METHODS:
     if algorithm not in args.methods:
       continue
@@ -111,6 +126,10 @@ def main():
       print(f"[fcl_table] {name} seed {seed} -> {wd}", flush=True)
       r = fcl_train.train_fcl(c, wd)
       runs.setdefault(name, {})[seed] = r
+      for n in args.ns:  # per test patient, for the paired comparisons
+        with open(os.path.join(wd, f"finetune_N{n}", "results.json")) as f:
+          per_patient.setdefault(str(n), {}).setdefault(name, {})[seed] = {
+              str(x["id"]): float(x["dice_mean"]) for x in json.load(f)["per_patient"]["test"]}
       print(f"[fcl_table] {name} seed {seed}: " + ", ".join(
           f"N={n} {v['test_dice_mean']:.4f}" for n, v in r["finetune"].items())
           + f" ({time.time() - t:.0f}s; {time.time() - t0:.0f}s so far, load {os.getloadavg()[0]:.1f})",
@@ -142,6 +161,17 @@ def main():
         d = [a - b for a, b in zip(summary[name][n]["per_seed"], summary["random init"][n]["per_seed"])]
         cells.append(f"{sum(d) / len(d):+.3f} ({sum(x > 0 for x in d)}/{len(d)})")
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  comparisons = {}
+  if len(args.seeds) > 1:
+    from fedjax_seg import stats
+    for ref in ("random init", "FCL"):
+      for n in ns:
+        data = per_patient.get(n, {})
+        if ref in data and len(data) > 1:
+          res = stats.compare(data, ref, "dice_mean", args.n_boot, 0, 0.95)
+          comparisons.setdefault(ref, {})[n] = res
+          lines += ["", f"Paired comparison at N = {n} (test patients paired by seed and id):", "",
+                    stats.markdown(res)]
   pre = {name: runs[name][args.seeds[0]].get("pretrain") for name in runs}
   load1 = os.getloadavg()
   setup = (f"data {'real ACDC ' + args.root if args.root else 'phantom ACDC'} "
@@ -153,6 +183,8 @@ def main():
            f"m={c.pretrain.momentum}, bank {c.pretrain.bank_size}, features {c.pretrain.feature_dim}; "
            f"fine-tuning FedAvg {c.fl.rounds} rounds × {c.fl.local_steps} steps × batch "
            f"{c.fl.client_batch_size}, Adam lr {c.optimizer.lr}, Dice+CE; seeds {args.seeds}; "
+           f"{'split and partition fixed (seed 0)' if args.fixed_split else 'patient split and client partition drawn per seed'}, "
+           f"test fraction {c.data.test_fraction}; "
            f"test Dice = foreground mean (RV, myocardium, LV), background excluded.")
   cmd = "python benchmarks/fcl_table.py " + " ".join(sys.argv[1:])
   wall = time.time() - t0
@@ -162,11 +194,12 @@ def main():
                     f"{c.fl.client_strategy}, step strategy {c.fl.step_strategy}.", "",
                     "Paper claim: " + PAPER_CLAIM, ""])
   os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, "fcl_table" + ("_quick" if args.quick else ""))
+  stem = os.path.join(args.out, args.name or ("fcl_table" + ("_quick" if args.quick else "")))
   with open(stem + ".md", "w") as f:
     f.write(text)
   with open(stem + ".json", "w") as f:
     json.dump({"command": cmd, "setup": setup, "summary": summary, "pretrain": pre,
+               "comparisons": comparisons,
                "wall_time_s": wall, "loadavg_start": load0, "loadavg_end": load1,
                "runs": {n: {str(s): r for s, r in v.items()} for n, v in runs.items()}},
               f, indent=2, default=str)
