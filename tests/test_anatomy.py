@@ -4,7 +4,6 @@ Skipped when the template (nilearn wheel data, extra 'anatomy') is not installed
 Small grids only: the whole module runs in well under a minute on 2 CPU cores.
 """
 import importlib.util
-import os
 
 import ml_collections
 import numpy as np
@@ -14,6 +13,7 @@ from scipy import ndimage
 from fedjax_seg.data import anatomy as A
 from fedjax_seg.data import io as dio
 from fedjax_seg.data import layouts, phantom, pipeline
+from _helpers import read_tree
 
 if not A.available():
   pytest.skip("ICBM152 template not installed (pip install -e '.[anatomy]' or pip install --no-deps nilearn)",
@@ -21,15 +21,6 @@ if not A.available():
 
 LGG_SMALL = dict(sites=("CS", "DU"), patients_per_site=1, slices_per_patient=6, size=32)
 BRATS_SMALL = dict(sites=("CS", "HT"), patients_per_site=1, slices_per_patient=12, size=32)
-
-
-def _files(root):
-  out = {}
-  for d, _, fs in os.walk(root):
-    for f in fs:
-      with open(os.path.join(d, f), "rb") as fh:
-        out[os.path.relpath(os.path.join(d, f), root)] = fh.read()
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +94,7 @@ def test_deterministic_from_seed(lgg, tmp_path):
   assert A.scanner_profile("CS", 0) == A.scanner_profile("CS", 0) != A.scanner_profile("DU", 0)
   root, _ = lgg
   phantom.write_lgg(tmp_path / "again", seed=0, style="anatomical", **LGG_SMALL)
-  x, y = _files(root), _files(tmp_path / "again")
+  x, y = read_tree(root), read_tree(tmp_path / "again")
   assert x.keys() == y.keys() and len(x) == 2 * 2 * 6
   assert all(x[k] == y[k] for k in x)
 
@@ -200,12 +191,17 @@ def test_contrast_survives_scanner_effects():
 # ---------------------------------------------------------------------------
 # Writers round-trip through the project's loaders
 # ---------------------------------------------------------------------------
-def test_lgg_writer_round_trip(lgg):
-  root, folders = lgg
-  patients = layouts.find_lgg(root)
+def _found_as_written(written, find, sites):
+  """The patients ``find`` sees under the root of ``written`` (root, folders): the folders written, of ``sites``."""
+  root, folders = written
+  patients = find(root)
   assert [p.folder for p in patients] == folders
-  assert sorted(p.site for p in patients) == ["CS", "DU"]
-  for p in patients:
+  assert sorted(p.site for p in patients) == sites
+  return patients
+
+
+def test_lgg_writer_round_trip(lgg):
+  for p in _found_as_written(lgg, layouts.find_lgg, ["CS", "DU"]):
     images, masks = dio.load_lgg_patient(p)
     ref_img, ref_mask = A.generate_lgg_patient(0, p.site, 0, n_slices=6, size=32)
     np.testing.assert_array_equal(images, ref_img)
@@ -213,11 +209,7 @@ def test_lgg_writer_round_trip(lgg):
 
 
 def test_brats_writer_round_trip(brats):
-  root, folders = brats
-  patients = layouts.find_brats(root)
-  assert [p.folder for p in patients] == folders
-  assert sorted(p.site for p in patients) == ["CS", "HT"]
-  for p in patients:
+  for p in _found_as_written(brats, layouts.find_brats, ["CS", "HT"]):
     images, seg, ref = dio.load_brats_patient(p)
     ref_img, ref_seg, grade = A.generate_brats_patient(0, p.site, 0, n_slices=12, size=32)
     np.testing.assert_array_equal(images, ref_img.astype(images.dtype))

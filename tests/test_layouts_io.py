@@ -20,6 +20,13 @@ def lgg(tmp_path):
   return tmp_path, folders
 
 
+def _data_error(call, *args, match=None):
+  """The `DataError` that ``call(*args)`` raises (its message matching the regex ``match``)."""
+  with pytest.raises(DataError, match=match) as e:
+    call(*args)
+  return e.value
+
+
 def _first_patient(root):
   return layouts.find_lgg(root)[0]
 
@@ -65,34 +72,26 @@ def test_corrupt_and_truncated_tiff(lgg):
   data = open(path, "rb").read()
   with open(path, "wb") as fh:
     fh.write(data[: len(data) // 2])  # truncated pixel data
-  with pytest.raises(DataError, match="cannot read TIFF") as e:
-    dio.read_lgg_image(path)
-  assert os.path.basename(path) in str(e.value)
+  assert os.path.basename(path) in str(_data_error(dio.read_lgg_image, path, match="cannot read TIFF"))
   with pytest.raises(DataError, match=os.path.basename(path)):
     dio.load_lgg_patient(p)
 
   with open(path, "wb") as fh:
     fh.write(b"this is not a tiff")
-  with pytest.raises(DataError, match="cannot read TIFF") as e:
-    dio.read_lgg_image(path)
-  assert os.path.basename(path) in str(e.value)
+  assert os.path.basename(path) in str(_data_error(dio.read_lgg_image, path, match="cannot read TIFF"))
 
 
 def test_not_a_tiff_format(tmp_path):
   path = tmp_path / "x_1.tif"
   Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path, format="PNG")
-  with pytest.raises(DataError, match="not TIFF") as e:
-    dio.read_lgg_image(path)
-  assert "x_1.tif" in str(e.value)
+  assert "x_1.tif" in str(_data_error(dio.read_lgg_image, path, match="not TIFF"))
 
 
 def test_grayscale_image(lgg):
   root, _ = lgg
   p = _first_patient(root)
   Image.fromarray(np.zeros((16, 16), np.uint8)).save(p.images[0], format="TIFF")
-  with pytest.raises(DataError, match="3 channels") as e:
-    dio.load_lgg_patient(p)
-  assert os.path.basename(p.images[0]) in str(e.value)
+  assert os.path.basename(p.images[0]) in str(_data_error(dio.load_lgg_patient, p, match="3 channels"))
 
 
 def test_mask_with_value_128(lgg):
@@ -102,9 +101,7 @@ def test_mask_with_value_128(lgg):
   mask[3:5, 3:5] = 255
   mask[0, 0] = 128
   Image.fromarray(mask).save(p.masks[4], format="TIFF")
-  with pytest.raises(DataError, match=r"unexpected values \[128\]") as e:
-    dio.load_lgg_patient(p)
-  assert os.path.basename(p.masks[4]) in str(e.value)
+  assert os.path.basename(p.masks[4]) in str(_data_error(dio.load_lgg_patient, p, match=r"unexpected values \[128\]"))
 
 
 def test_rgb_mask_identical_channels_accepted_differing_rejected(tmp_path):
@@ -115,9 +112,7 @@ def test_rgb_mask_identical_channels_accepted_differing_rejected(tmp_path):
   np.testing.assert_array_equal(dio.read_lgg_mask(path), mask // 255)
   rgb = np.stack([mask, mask, np.zeros_like(mask)], -1)
   Image.fromarray(rgb).save(path, format="TIFF")
-  with pytest.raises(DataError, match="differ") as e:
-    dio.read_lgg_mask(path)
-  assert "m_1_mask.tif" in str(e.value)
+  assert "m_1_mask.tif" in str(_data_error(dio.read_lgg_mask, path, match="differ"))
 
 
 def test_size_mismatch(lgg):
@@ -135,9 +130,7 @@ def test_missing_mask(lgg):
   root, _ = lgg
   p = _first_patient(root)
   os.remove(p.masks[9])
-  with pytest.raises(DataError, match="missing mask") as e:
-    layouts.find_lgg(root)
-  assert os.path.basename(p.images[9]) in str(e.value)
+  assert os.path.basename(p.images[9]) in str(_data_error(layouts.find_lgg, root, match="missing mask"))
 
 
 def test_empty_patient_folder(lgg):
@@ -145,31 +138,21 @@ def test_empty_patient_folder(lgg):
   p = _first_patient(root)
   for f in p.images + p.masks:
     os.remove(f)
-  with pytest.raises(DataError, match="no slices") as e:
-    layouts.find_lgg(root)
-  assert p.id in str(e.value)
-  with pytest.raises(DataError, match="no slices") as e:
-    dio.load_lgg_patient(p.folder)
-  assert p.id in str(e.value)
+  assert p.id in str(_data_error(layouts.find_lgg, root, match="no slices"))
+  assert p.id in str(_data_error(dio.load_lgg_patient, p.folder, match="no slices"))
 
 
 def test_nonexistent_root_and_no_patients(tmp_path):
   missing = tmp_path / "nope"
-  with pytest.raises(DataError, match="does not exist") as e:
-    layouts.find_lgg(missing)
-  assert "nope" in str(e.value)
+  assert "nope" in str(_data_error(layouts.find_lgg, missing, match="does not exist"))
   (tmp_path / "kaggle_3m").mkdir()
   (tmp_path / "kaggle_3m" / "data.csv").write_text("x\n")
-  with pytest.raises(DataError, match="no Kaggle LGG patient folders") as e:
-    layouts.find_lgg(tmp_path)
-  assert "kaggle_3m" in str(e.value)
+  assert "kaggle_3m" in str(_data_error(layouts.find_lgg, tmp_path, match="no Kaggle LGG patient folders"))
 
 
 def test_missing_file_read(tmp_path):
-  with pytest.raises(DataError, match="does not exist") as e:
-    dio.read_lgg_mask(tmp_path / "gone_1_mask.tif")
-  assert "gone_1_mask.tif" in str(e.value)
-  assert isinstance(e.value, ValueError)
+  e = _data_error(dio.read_lgg_mask, tmp_path / "gone_1_mask.tif", match="does not exist")
+  assert "gone_1_mask.tif" in str(e) and isinstance(e, ValueError)
 
 
 def test_patient_dir_copied_elsewhere_keeps_site(lgg, tmp_path):

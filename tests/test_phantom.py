@@ -8,18 +8,9 @@ import pytest
 from PIL import Image
 
 from fedjax_seg.data import phantom
+from _helpers import read_tree
 
 SMALL = dict(sites=("CS", "DU", "HT"), patients_per_site=2, slices_per_patient=10, size=32)
-
-
-def _all_files(root):
-  out = {}
-  for dirpath, _, files in os.walk(root):
-    for f in files:
-      path = os.path.join(dirpath, f)
-      with open(path, "rb") as fh:
-        out[os.path.relpath(path, root)] = fh.read()
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +36,12 @@ def test_layout_names(written):
 def test_same_seed_same_bytes_different_seed_different_bytes(written, tmp_path):
   root, _ = written
   phantom.write_lgg(tmp_path / "again", seed=0, **SMALL)
-  a, b = _all_files(root), _all_files(tmp_path / "again")
+  a, b = read_tree(root), read_tree(tmp_path / "again")
   assert a.keys() == b.keys() and len(a) == 120
   assert all(a[k] == b[k] for k in a)
 
   phantom.write_lgg(tmp_path / "other", seed=1, **SMALL)
-  c = _all_files(tmp_path / "other")
+  c = read_tree(tmp_path / "other")
   assert set(a).isdisjoint(c)  # different patient ids
   a_imgs = sorted(v for k, v in a.items() if not k.endswith("_mask.tif"))
   c_imgs = sorted(v for k, v in c.items() if not k.endswith("_mask.tif"))
@@ -185,15 +176,15 @@ def test_realistic_preset_small_tumours_and_mostly_tumour_free_slices(layout, fr
 
 def test_tumour_preset_deterministic_and_classic_is_the_default(tmp_path):
   kw = dict(sites=("CS",), patients_per_site=2, slices_per_patient=8, size=32)
-  a = _all_files(phantom.write_lgg(tmp_path / "a", tumour_preset="realistic", **kw) and tmp_path / "a")
-  b = _all_files(phantom.write_lgg(tmp_path / "b", tumour_preset="realistic", **kw) and tmp_path / "b")
+  a = read_tree(phantom.write_lgg(tmp_path / "a", tumour_preset="realistic", **kw) and tmp_path / "a")
+  b = read_tree(phantom.write_lgg(tmp_path / "b", tumour_preset="realistic", **kw) and tmp_path / "b")
   assert a == b
-  c = _all_files(phantom.write_lgg(tmp_path / "c", tumour_preset="classic", **kw) and tmp_path / "c")
-  d = _all_files(phantom.write_lgg(tmp_path / "d", **kw) and tmp_path / "d")
+  c = read_tree(phantom.write_lgg(tmp_path / "c", tumour_preset="classic", **kw) and tmp_path / "c")
+  d = read_tree(phantom.write_lgg(tmp_path / "d", **kw) and tmp_path / "d")
   assert c == d and c != a
   # an explicit value wins over the preset (tumour_area=None means "not given": the preset's range stays)
-  e = _all_files(phantom.write_lgg(tmp_path / "e", tumour_preset="realistic", tumour_free_fraction=0.3,
-                                   tumour_area=None, **kw) and tmp_path / "e")
+  e = read_tree(phantom.write_lgg(tmp_path / "e", tumour_preset="realistic", tumour_free_fraction=0.3,
+                                  tumour_area=None, **kw) and tmp_path / "e")
   assert e != a
   masks = [np.asarray(Image.open(os.path.join(tmp_path / "e", k))) for k in e if k.endswith("_mask.tif")]
   masks_a = [np.asarray(Image.open(os.path.join(tmp_path / "a", k))) for k in a if k.endswith("_mask.tif")]
@@ -221,7 +212,7 @@ def test_cli_tumour_options(tmp_path, capsys):
   assert rc == 0
   ref = phantom.write_lgg(tmp_path / "y", sites=("CS",), patients_per_site=1, slices_per_patient=4, size=16,
                           tumour_area=(0.01, 0.02), tumour_preset="realistic")
-  assert _all_files(tmp_path / "x") == _all_files(tmp_path / "y") and ref
+  assert read_tree(tmp_path / "x") == read_tree(tmp_path / "y") and ref
   with pytest.raises(SystemExit):
     phantom.main(["--layout", "acdc", "--out", str(tmp_path / "z"), "--tumour-preset", "realistic"])
 

@@ -11,18 +11,10 @@ import pytest
 from fedjax_seg import evaluation, metrics
 from fedjax_seg.data import io as dio
 from fedjax_seg.data import layouts, phantom, pipeline, volumes
+from _helpers import read_tree
 
 BRATS_SMALL = dict(sites=("CS", "DU"), patients_per_site=2, slices_per_patient=8, size=16)
 ACDC_SMALL = dict(groups=("NOR", "DCM", "HCM"), patients_per_group=1, slices_per_patient=4, size=32)
-
-
-def _files(root):
-  out = {}
-  for d, _, fs in os.walk(root):
-    for f in fs:
-      with open(os.path.join(d, f), "rb") as fh:
-        out[os.path.relpath(os.path.join(d, f), root)] = fh.read()
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +35,11 @@ def acdc(tmp_path_factory):
 def test_brats_phantom_is_deterministic(brats, tmp_path):
   root, _ = brats
   phantom.write_brats(tmp_path / "again", seed=0, **BRATS_SMALL)
-  a, b = _files(root), _files(tmp_path / "again")
+  a, b = read_tree(root), read_tree(tmp_path / "again")
   assert a.keys() == b.keys() and len(a) == 4 * 5 + 1
   assert all(a[k] == b[k] for k in a)
   phantom.write_brats(tmp_path / "other", seed=1, **BRATS_SMALL)
-  c = _files(tmp_path / "other")
+  c = read_tree(tmp_path / "other")
   flair = [k for k in a if k.endswith("_flair.nii.gz")]
   assert all(a[k] != c[k] for k in flair)
 
@@ -139,7 +131,7 @@ def test_acdc_round_trip(acdc, tmp_path):
       lv[phase] = (gt.data == 3).sum()
     assert lv["ES"] < lv["ED"]  # the LV contracts
   phantom.write_acdc(tmp_path, seed=0, **ACDC_SMALL)
-  assert _files(root) == _files(tmp_path)  # deterministic
+  assert read_tree(root) == read_tree(tmp_path)  # deterministic
 
 
 def test_acdc_groups_differ():

@@ -17,6 +17,7 @@ import pytest
 
 import launch
 from fedjax_seg import runlog
+from _helpers import read_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEDAVG = os.path.join(ROOT, "configs", "lgg_fedavg.py")
@@ -31,16 +32,6 @@ def command(workdir, data_cache, *extra, **overrides):
   ov = {**TINY, "data.cache_dir": data_cache, **overrides}
   return (["launch.py", "--config", FEDAVG, "--workdir", str(workdir)]
           + [f"--config.{k}={v}" for k, v in ov.items()] + list(extra))
-
-
-def snapshot(folder):
-  out = {}
-  for dirpath, _, files in os.walk(folder):
-    for f in files:
-      p = os.path.join(dirpath, f)
-      with open(p, "rb") as fh:
-        out[os.path.relpath(p, folder)] = fh.read()
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +58,7 @@ def run(capfd, argv):
 def refused(capfd, argv, folder, *needles):
   """Runs argv, which must be refused: exit 2, one stderr line holding every needle,
   ``folder`` byte-identical afterwards. Returns the line."""
-  before = snapshot(folder)
+  before = read_tree(folder)
   rc, out, err = run(capfd, argv)
   lines = err.splitlines()
   assert rc == 2, (out, err)
@@ -75,7 +66,7 @@ def refused(capfd, argv, folder, *needles):
   assert lines[0].startswith("error: "), lines[0]
   for n in needles:
     assert n in lines[0], (n, lines[0])
-  after = snapshot(folder)
+  after = read_tree(folder)
   assert sorted(after) == sorted(before), set(after) ^ set(before)
   assert [k for k in before if before[k] != after[k]] == []
   return lines[0]
@@ -210,12 +201,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(how, copy, earlier
 
 def test_fresh_moves_the_old_run_aside(copy, earlier, data_cache, capfd):
   """A config that differs (seed: another init, the same compiled round) runs with --fresh."""
-  before = snapshot(copy)
+  before = read_tree(copy)
   rc, out, err = run(capfd, command(copy, data_cache, "--fresh", seed=1))
   assert rc == 0, err
   moved = glob.glob(f"{copy}.old-*")
   assert len(moved) == 1 and f"moved to {moved[0]}" in out
-  assert snapshot(moved[0]) == before  # the old run, byte for byte
+  assert read_tree(moved[0]) == before  # the old run, byte for byte
   assert json.load(open(copy / "config.json"))["seed"] == 1
   assert [r["round"] for r in runlog.read_metrics(str(copy / "metrics.jsonl"))] == [0, 1, 2]
   assert "resumed" not in out
@@ -254,6 +245,16 @@ def _fail_fsync_for(monkeypatch, suffix):
   monkeypatch.setattr(os, "fsync", fsync)
 
 
+def _write_fails_on_full_disk(capfd, monkeypatch, copy, data_cache, name):
+  """Three rounds in ``copy`` with ENOSPC on the fsync of ``name``.tmp: exit 2, one line naming ``name``."""
+  with monkeypatch.context() as m:
+    _fail_fsync_for(m, name + ".tmp")
+    rc, out, err = run(capfd, command(copy, data_cache, **{"fl.rounds": 3}))
+  assert rc == 2 and err.splitlines() == [
+      f"error: {copy}/{name}: cannot write it (no space left on device); the previous "
+      f"version is unchanged"]
+
+
 def test_full_disk_loses_nothing(copy, data_cache, capfd, monkeypatch):
   """ENOSPC while saving the checkpoint of round 3, then while writing metrics.jsonl,
   then results.json: each is one line; the checkpoint of round 2 (then 3) and the
@@ -278,21 +279,11 @@ def test_full_disk_loses_nothing(copy, data_cache, capfd, monkeypatch):
   assert ocp.CheckpointManager.save is real_save
   assert files() == before and sorted(os.listdir(copy / "checkpoints")) == ["1", "2", "digests.json"]
 
-  with monkeypatch.context() as m:
-    _fail_fsync_for(m, "metrics.jsonl.tmp")
-    rc, out, err = run(capfd, command(copy, data_cache, **{"fl.rounds": 3}))
-  assert rc == 2 and err.splitlines() == [
-      f"error: {copy}/metrics.jsonl: cannot write it (no space left on device); the previous "
-      f"version is unchanged"]
+  _write_fails_on_full_disk(capfd, monkeypatch, copy, data_cache, "metrics.jsonl")
   assert files() == before and not (copy / "metrics.jsonl.tmp").exists()
   assert runlog.checkpoint_steps(str(copy)) == [1, 2]
 
-  with monkeypatch.context() as m:
-    _fail_fsync_for(m, "results.json.tmp")
-    rc, out, err = run(capfd, command(copy, data_cache, **{"fl.rounds": 3}))
-  assert rc == 2 and err.splitlines() == [
-      f"error: {copy}/results.json: cannot write it (no space left on device); the previous "
-      f"version is unchanged"]
+  _write_fails_on_full_disk(capfd, monkeypatch, copy, data_cache, "results.json")
   assert (copy / "results.json").read_bytes() == before["results.json"]
   assert runlog.checkpoint_steps(str(copy)) == [2, 3]
 
