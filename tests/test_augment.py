@@ -82,15 +82,21 @@ def test_zoom_magnifies_about_the_centre():
   assert np.asarray(ya)[0, 10, 10] == 1 and np.asarray(ya)[0, 0, 0] == 0
 
 
-def test_keyed_determinism_and_parameter_ranges():
-  x, y = _batch()
-  aug = jax.jit(augment.make_augment(_cfg()))
+def _keyed_outputs(aug, x, y):
+  """``aug`` at keys 1, 1, 2: the same key gives the same (images, labels), another key other
+  images. Returns the outputs of keys 1 and 2."""
   a1, b1 = aug(jax.random.PRNGKey(1), x, y)
   a2, b2 = aug(jax.random.PRNGKey(1), x, y)
-  a3, _ = aug(jax.random.PRNGKey(2), x, y)
+  a3, b3 = aug(jax.random.PRNGKey(2), x, y)
   np.testing.assert_array_equal(np.asarray(a1), np.asarray(a2))
   np.testing.assert_array_equal(np.asarray(b1), np.asarray(b2))
   assert not np.array_equal(np.asarray(a1), np.asarray(a3))
+  return (a1, b1), (a3, b3)
+
+
+def test_keyed_determinism_and_parameter_ranges():
+  x, y = _batch()
+  _keyed_outputs(jax.jit(augment.make_augment(_cfg())), x, y)
   keys = jax.random.split(jax.random.PRNGKey(0), 256)
   theta, z, fy, fx = jax.jit(jax.vmap(lambda k: augment.draw_params(k, (0.0, 90.0), (1.0, 1.1), True)))(keys)
   theta, z = np.degrees(np.asarray(theta)), np.asarray(z)
@@ -244,6 +250,11 @@ def _only(op, **params):
   return ops
 
 
+def _apply_only(x, y, op, **params):
+  """(x, y) augmented by ``op`` alone (``params`` set, prob 1 unless given), no spatial transform, key 0."""
+  return jax.jit(augment.make_augment(_ops_cfg(_only(op, **params), **STILL)))(jax.random.PRNGKey(0), x, y)
+
+
 def _positive_batch(shape=(3, 12, 12), channels=2, seed=0):
   x, y = _batch(shape, channels, seed)
   x = np.asarray(x).copy()
@@ -281,13 +292,7 @@ def test_config_files_keep_every_op_off_and_match_no_op_sections():
 
 def test_all_ops_keyed_determinism_and_labels_kept():
   x, y = _positive_batch((4, 16, 16))
-  aug = jax.jit(augment.make_augment(_ops_cfg(ALL_ON, flip=True)))
-  a1, m1 = aug(jax.random.PRNGKey(1), x, y)
-  a2, m2 = aug(jax.random.PRNGKey(1), x, y)
-  a3, m3 = aug(jax.random.PRNGKey(2), x, y)
-  np.testing.assert_array_equal(np.asarray(a1), np.asarray(a2))
-  np.testing.assert_array_equal(np.asarray(m1), np.asarray(m2))
-  assert not np.array_equal(np.asarray(a1), np.asarray(a3))
+  (a1, m1), (a3, m3) = _keyed_outputs(jax.jit(augment.make_augment(_ops_cfg(ALL_ON, flip=True))), x, y)
   assert not np.array_equal(np.asarray(m1), np.asarray(m3))
   for m in (m1, m3):
     assert m.dtype == y.dtype and m.shape == y.shape
@@ -338,8 +343,7 @@ def test_elastic_field_against_numpy():
 def test_gamma_against_numpy():
   x, y = _positive_batch()
   g = 1.7
-  xa, ya = jax.jit(augment.make_augment(_ops_cfg(_only("gamma", range=(g, g)), **STILL)))(
-      jax.random.PRNGKey(0), x, y)
+  xa, ya = _apply_only(x, y, "gamma", range=(g, g))
   xn = np.asarray(x, np.float64)
   lo, hi = xn.min(axis=(1, 2), keepdims=True), xn.max(axis=(1, 2), keepdims=True)
   ref = lo + (hi - lo) * ((xn - lo) / (hi - lo + augment.GAMMA_EPS)) ** g
@@ -352,8 +356,7 @@ def test_gamma_against_numpy():
 def test_contrast_against_numpy():
   x, y = _positive_batch()
   f = 1.2
-  xa, _ = jax.jit(augment.make_augment(_ops_cfg(_only("contrast", range=(f, f)), **STILL)))(
-      jax.random.PRNGKey(0), x, y)
+  xa, _ = _apply_only(x, y, "contrast", range=(f, f))
   xn = np.asarray(x, np.float64)
   mu = xn.mean(axis=(1, 2), keepdims=True)
   ref = np.clip((xn - mu) * f + mu, xn.min(axis=(1, 2), keepdims=True), xn.max(axis=(1, 2), keepdims=True))
@@ -362,23 +365,20 @@ def test_contrast_against_numpy():
 
 def test_brightness_against_numpy():
   x, y = _positive_batch()
-  xa, _ = jax.jit(augment.make_augment(_ops_cfg(_only("brightness", range=(0.8, 0.8)), **STILL)))(
-      jax.random.PRNGKey(0), x, y)
+  xa, _ = _apply_only(x, y, "brightness", range=(0.8, 0.8))
   np.testing.assert_allclose(np.asarray(xa), 0.8 * np.asarray(x), rtol=1e-6)
 
 
 def test_blur_against_numpy():
   x, y = _positive_batch()
-  xa, _ = jax.jit(augment.make_augment(_ops_cfg(_only("blur", sigma=(1.0, 1.0)), **STILL)))(
-      jax.random.PRNGKey(0), x, y)
+  xa, _ = _apply_only(x, y, "blur", sigma=(1.0, 1.0))
   np.testing.assert_allclose(np.asarray(xa), _np_blur(x, 1.0, 3), atol=1e-5)
 
 
 def test_noise_against_numpy():
   x, y = _positive_batch((2, 64, 64), channels=1)
   sigma = 0.3
-  xa, _ = jax.jit(augment.make_augment(_ops_cfg(_only("noise", sigma=(sigma, sigma)), **STILL)))(
-      jax.random.PRNGKey(0), x, y)
+  xa, _ = _apply_only(x, y, "noise", sigma=(sigma, sigma))
   n = (np.asarray(xa, np.float64) - np.asarray(x, np.float64)) / sigma
   assert abs(n.mean()) < 0.05 and abs(n.std() - 1.0) < 0.05
   # exactly x + σ·N(0, 1) from the op's key: add_noise against NumPy
@@ -389,8 +389,7 @@ def test_noise_against_numpy():
 
 def test_each_op_applies_with_its_probability_per_sample():
   x, y = _positive_batch((64, 8, 8), channels=1)
-  xa, _ = jax.jit(augment.make_augment(_ops_cfg(_only("brightness", prob=0.5, range=(2.0, 2.0)), **STILL)))(
-      jax.random.PRNGKey(0), x, y)
+  xa, _ = _apply_only(x, y, "brightness", prob=0.5, range=(2.0, 2.0))
   changed = np.asarray([not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(xa, x)])
   assert 16 <= changed.sum() <= 48
   for a, b, c in zip(np.asarray(xa), np.asarray(x), changed):  # applied samples are exactly 2·x
