@@ -13,7 +13,9 @@ is the same for all:
     the same point for every algorithm),
   * for every remaining step: ``state, info = step(state, t)``, a metrics row appended
     to ``metrics.jsonl``/``metrics.csv`` (TensorBoard too), a checkpoint, a progress
-    line with ETA; ``stop_after`` (test hook) raises :class:`Interrupted`.
+    line with ETA; ``stop_after`` (test hook) raises :class:`Interrupted`. A row with a
+    validation Dice (``val_dice_mean``) that beats the best so far also replaces the
+    best checkpoint in ``workdir/checkpoints_best`` (``runlog.Checkpointer``).
 
 :func:`finish` ends every run that trains a U-Net: val/test metrics, per-patient
 records, ``results.json``, ``final_model.msgpack``, learning curves and overlays.
@@ -85,7 +87,9 @@ def run_loop(workdir: str, run: Run, stop_after: Optional[int] = None,
   try:
     _, restored = ckpt.restore_latest(run.state)
     state, start = run.state, 0
-    if restored is not None:
+    if restored is None:
+      ckpt.reset_best()  # a fresh start drops a stale best, as MetricsLog drops old rows
+    else:
       state, start = restored, int(run.done(restored))
       if start > run.total:
         raise runlog.WorkdirError(
@@ -111,7 +115,7 @@ def run_loop(workdir: str, run: Run, stop_after: Optional[int] = None,
       row = run.row(state, t + 1, info)
       log.append(row)
       try:
-        ckpt.save(t + 1, state)
+        ckpt.save(t + 1, state, metrics=row)  # row[val_dice_mean]: the best checkpoint
       except Exception as e:  # noqa: BLE001 - a full disk, ...: the row of t + 1 goes too
         err = runlog.os_error(e)
         if err is None:
@@ -251,6 +255,9 @@ def finish(config, workdir, fns, variables, ds, eval_batch, rows, extra: Dict,
                            "per_site": per_site}
       results.update(metrics=personalised["metrics"], per_patient=personalised["per_patient"],
                      per_site=personalised["per_site"], evaluated="personalised")
+  best = runlog.best_checkpoint(workdir)  # (step, val Dice) of checkpoints_best/, or None
+  results["best_step"] = best[0] if best else None
+  results["best_val_dice_mean"] = best[1] if best else None
   results["compile_s"] = runlog.compile_times(reset=True)  # {program: s} of this run
   results["final_model"] = save_model(workdir, variables)
   runlog.write_json(os.path.join(workdir, "results.json"), results)

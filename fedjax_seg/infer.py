@@ -3,8 +3,10 @@
     python -m fedjax_seg.infer --workdir RUN --input PATH --output OUT [--gt PATH]
 
 * ``RUN`` is a training workdir (``config.json`` + ``checkpoints/``); the
-  latest orbax checkpoint is used (``--step`` picks another), for centralised
-  ({'variables', 'opt_state', 'epoch'}) and federated (ServerState) runs alike.
+  latest orbax checkpoint is used (``--step`` picks another), or with
+  ``--checkpoint best`` the one of the epoch/round with the highest validation
+  Dice (``checkpoints_best/``), for centralised ({'variables', 'opt_state',
+  'epoch'}) and federated (ServerState) runs alike.
 * ``PATH`` is one of
     - a NIfTI volume (``.nii`` / ``.nii.gz``), 3D (one channel, e.g. ACDC) or
       4D ``[x, y, z, C]`` (C channels in the training order);
@@ -89,6 +91,8 @@ class LoadedRun:
   class_names: Tuple[str, ...]
   in_channels: int
   layout: str
+  checkpoint: str = "latest"          # 'latest' | 'best'
+  val_dice: Optional[float] = None    # the best checkpoint's validation Dice ('best')
 
   @property
   def ndim(self) -> int:
@@ -123,8 +127,16 @@ def _checkpoint_variables_metadata(ckpt_dir: str, step: int):
     mngr.close()
 
 
-def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
+CHECKPOINTS = ("latest", "best")
+
+
+def load_run(workdir: str, step: Optional[int] = None, checkpoint: str = "latest") -> LoadedRun:
   """Rebuilds the model of ``workdir`` from its config.json and restores its variables.
+
+  checkpoint: 'latest' (the final model, or the newest checkpoint) or 'best' (the
+  checkpoint of the step with the highest validation Dice, ``checkpoints_best/``;
+  InferError when the run has none). step: that checkpoint step, from
+  ``checkpoints/`` or, when pruned there, ``checkpoints_best/`` (not with 'best').
 
   The restore target mirrors the saved state's structure (read from the
   checkpoint metadata), so centralised and federated states both restore; the
@@ -136,7 +148,7 @@ def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
   import jax
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
-  from fedjax_seg import models
+  from fedjax_seg import models, runlog
 
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
@@ -151,17 +163,34 @@ def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
   for key in ("model", "data"):
     if key not in config:
       raise InferError(f"{cfg_path} has no '{key}' section; is it a fedjax_seg run?")
+  if checkpoint not in CHECKPOINTS:
+    raise InferError(f"--checkpoint {checkpoint!r}: expected one of {', '.join(CHECKPOINTS)}")
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps_ = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit()) if os.path.isdir(ckpt_dir) else []
-  steps_ = [s for s in steps_ if os.path.isdir(os.path.join(ckpt_dir, str(s), "default"))]
-  if not steps_:
+  best_dir = os.path.join(workdir, runlog.BEST_DIR)
+  steps_ = _steps_in(ckpt_dir)
+  best_value = None
+  if checkpoint == "best":
+    if step is not None:
+      raise InferError(f"--step {step} and --checkpoint best: give one of them")
+    best = runlog.best_checkpoint(workdir)
+    if best is None:
+      raise InferError(f"{workdir} has no best checkpoint (no {runlog.BEST_DIR}/: no epoch/round "
+                       f"with a validation Dice, e.g. FCL pre-training, or a run from before best "
+                       f"checkpoints were kept); use --checkpoint latest")
+    step, best_value = best
+    ckpt_dir = best_dir
+  elif not steps_:
     raise InferError(f"no checkpoint in {ckpt_dir}: the run has not finished an epoch/round yet "
                      f"(or the folder was moved without checkpoints/)")
-  latest = step is None
+  latest = step is None and checkpoint == "latest"
   if step is None:
     step = steps_[-1]
-  elif step not in steps_:
-    raise InferError(f"no checkpoint for step {step} in {ckpt_dir}; available: {steps_}")
+  elif checkpoint == "latest" and step not in steps_:
+    best_steps = _steps_in(best_dir)
+    if step not in best_steps:
+      raise InferError(f"no checkpoint for step {step} in {ckpt_dir}; available: "
+                       f"{sorted(set(steps_) | set(best_steps))}")
+    ckpt_dir = best_dir  # the best step, pruned from checkpoints/
 
   layout = config.data.get("layout", "lgg")
   class_names = _class_names(workdir, layout)
@@ -198,7 +227,7 @@ def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
                        f"describes (config.model = {dict(config.model)})")
     variables = jax.tree.map(jnp.asarray, dict(restored))
     return LoadedRun(workdir, config, fns, variables, steps_[-1], num_classes,
-                     tuple(class_names), in_channels, layout)
+                     tuple(class_names), in_channels, layout, checkpoint)
 
   try:
     meta = _checkpoint_variables_metadata(ckpt_dir, step)
@@ -208,7 +237,8 @@ def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
     raise InferError(f"checkpoint {ckpt_dir}/{step} has no 'variables' (keys "
                      f"{sorted(meta.keys()) if hasattr(meta, 'keys') else type(meta).__name__})")
   want = _tree_shapes(dict(like))
-  have = _tree_shapes(meta["variables"])
+  sub = _evaluated_model(workdir, meta["variables"])  # semi-supervised: {model name: variables}
+  have = _tree_shapes(meta["variables"][sub] if sub else meta["variables"])
   if want != have:
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
@@ -231,9 +261,34 @@ def load_run(workdir: str, step: Optional[int] = None) -> LoadedRun:
     raise InferError(f"cannot restore checkpoint {ckpt_dir}/{step}: {type(e).__name__}: {e}") from e
   finally:
     mngr.close()
-  variables = jax.tree.map(jnp.asarray, dict(state["variables"]))
+  variables = jax.tree.map(jnp.asarray, dict(state["variables"][sub] if sub else state["variables"]))
   return LoadedRun(workdir, config, fns, variables, step, num_classes, tuple(class_names),
-                   in_channels, layout)
+                   in_channels, layout, checkpoint, best_value)
+
+
+def _evaluated_model(workdir: str, variables) -> Optional[str]:
+  """The key of the evaluated model when a checkpoint's ``variables`` hold several models by
+  name (semi-supervised runs: ``{'model': ...}``, ``{'student': ..., 'teacher': ...}``):
+  results.json's ``evaluated_model``, else the only key; None for a plain U-Net's variables."""
+  keys = list(variables.keys()) if hasattr(variables, "keys") else []
+  if not keys or "params" in keys:
+    return None
+  try:
+    with open(os.path.join(workdir, "results.json")) as f:
+      name = json.load(f).get("evaluated_model")
+  except (OSError, ValueError, AttributeError):
+    name = None
+  if name in keys:
+    return name
+  return keys[0] if len(keys) == 1 else None
+
+
+def _steps_in(ckpt_dir: str) -> List[int]:
+  """The complete orbax steps of a checkpoint folder (``<step>/default`` present)."""
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return sorted(int(s) for s in os.listdir(ckpt_dir)
+                if s.isdigit() and os.path.isdir(os.path.join(ckpt_dir, s, "default")))
 
 
 def _class_names(workdir: str, layout: str) -> Tuple[str, ...]:
@@ -680,14 +735,16 @@ def _output_paths(inp: InputImage, output: str, overlay: Optional[str]):
 
 def infer(workdir: str, input_path: str, output: str, gt: Optional[str] = None,
           overlay: Optional[str] = None, step: Optional[int] = None,
-          batch_size: Optional[int] = None, run: Optional[LoadedRun] = None) -> Dict:
+          batch_size: Optional[int] = None, run: Optional[LoadedRun] = None,
+          checkpoint: str = "latest") -> Dict:
   """Segments ``input_path`` with the run in ``workdir``; writes the mask(s) and the overlay PNG.
 
   Returns a summary dict: mask (path or list of paths), overlay, panels (titles
   of the overlay's panels), labels (sorted label values written), step,
-  shape, and dice (per foreground class name) when ``gt`` is given.
+  shape, checkpoint ('latest' | 'best'), val_dice (the best checkpoint's validation
+  Dice, else None), and dice (per foreground class name) when ``gt`` is given.
   """
-  run = run or load_run(workdir, step)
+  run = run or load_run(workdir, step, checkpoint)
   inp = load_input(input_path)
   gt_labels = load_ground_truth(gt, inp, run) if gt else None
   pred = segment(run, inp, batch_size)
@@ -706,8 +763,10 @@ def infer(workdir: str, input_path: str, output: str, gt: Optional[str] = None,
   display = inp.data[..., min(DISPLAY_CHANNEL.get(run.layout, 0), inp.data.shape[-1] - 1)]
   panels = plot_planes(display, pred, gt_labels, inp.spacing, overlay_path, run.class_names,
                        title=f"{os.path.basename(os.path.abspath(input_path))} | "
-                             f"{os.path.basename(run.workdir)} step {run.step}")
+                             f"{os.path.basename(run.workdir)} step {run.step}"
+                             f"{' (best)' if run.checkpoint == 'best' else ''}")
   summary = {"mask": written, "overlay": overlay_path, "panels": panels, "step": run.step,
+             "checkpoint": run.checkpoint, "val_dice": run.val_dice,
              "shape": list(pred.shape), "labels": sorted(int(v) for v in np.unique(file_labels)),
              "voxels_per_class": {run.class_names[k]: int((pred == k).sum()) for k in range(run.num_classes)}}
   if gt_labels is not None:
@@ -728,15 +787,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                              "holding <slice>_mask.tif): shown beside the prediction")
   ap.add_argument("--overlay", default=None, help="overlay PNG path (default: next to the mask)")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  ap.add_argument("--checkpoint", choices=CHECKPOINTS, default="latest",
+                  help="latest: the final model / newest checkpoint (default); best: the "
+                       "epoch/round with the highest validation Dice (checkpoints_best/)")
   ap.add_argument("--batch_size", type=int, default=None, help="default: config.eval_batch_size")
   args = ap.parse_args(argv)
   from fedjax_seg.data import io
   try:
-    s = infer(args.workdir, args.input, args.output, args.gt, args.overlay, args.step, args.batch_size)
+    s = infer(args.workdir, args.input, args.output, args.gt, args.overlay, args.step, args.batch_size,
+              checkpoint=args.checkpoint)
   except (InferError, io.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"[infer] checkpoint step {s['step']}; segmented {args.input} {tuple(s['shape'])} (z, y, x)")
+  which = f" (best, val Dice {s['val_dice']:.4f})" if s["checkpoint"] == "best" else ""
+  print(f"[infer] checkpoint step {s['step']}{which}; segmented {args.input} {tuple(s['shape'])} (z, y, x)")
   print("[infer] voxels per class: " + ", ".join(f"{k} {v}" for k, v in s["voxels_per_class"].items()))
   if "dice" in s:
     print("[infer] Dice vs ground truth: " + ", ".join(f"{k} {v:.4f}" for k, v in s["dice"].items()))

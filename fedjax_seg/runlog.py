@@ -8,6 +8,8 @@ Workdir layout:
   metrics.csv        the same rows as CSV
   tensorboard/       the same rows as TensorBoard scalars (tensorboardX event files)
   checkpoints/       orbax CheckpointManager (latest 2 kept) + digests.json (sha256 per step)
+  checkpoints_best/  the checkpoint with the highest validation Dice (val_dice_mean) so far
+                     + digests.json; absent when no row has a validation Dice
   results.json       final metrics (written at the end)
   learning_curves.png, overlays.png
 
@@ -379,10 +381,65 @@ def _swallow_unraisable():
     sys.unraisablehook = hook
 
 
-class Checkpointer:
-  """Thin orbax wrapper: save(step, pytree), restore_latest(abstract) -> (step, pytree).
+BEST_DIR = "checkpoints_best"
+BEST_METRIC = "val_dice_mean"  # the metrics row's validation Dice (foreground mean)
 
-  Every save also records the sha256 of the saved state (``state_digest``) in
+
+def _metric_value(metrics: Optional[Dict[str, Any]], key: str) -> Optional[float]:
+  """``metrics[key]`` as a finite float, else None (absent, None, NaN, not a number)."""
+  if not metrics or key not in metrics:
+    return None
+  try:
+    v = float(metrics[key])
+  except (TypeError, ValueError):
+    return None
+  return v if math.isfinite(v) else None
+
+
+def _mp_options(local: bool, suffix: str = ""):
+  if not local:
+    return ocp.options.MultiprocessingOptions()
+  return ocp.options.MultiprocessingOptions(
+      primary_host=jax.process_index(), active_processes={jax.process_index()},
+      barrier_sync_key_prefix=f"process{jax.process_index()}{suffix}")
+
+
+def _best_manager(path: str, metric: str = BEST_METRIC, create: bool = True,
+                  local: bool = False) -> ocp.CheckpointManager:
+  """The orbax manager of ``path`` (``checkpoints_best/``) that keeps the one checkpoint
+  with the highest ``metrics[metric]`` (``best_fn``/``best_mode='max'``; a step saved
+  without metrics is not kept)."""
+  if local and create:  # orbax refuses create=True with active_processes
+    os.makedirs(path, exist_ok=True)
+  return ocp.CheckpointManager(
+      path, options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, best_fn=lambda m: float(m[metric]), best_mode="max",
+          keep_checkpoints_without_metrics=False, create=create and not local,
+          cleanup_tmp_directories=create, multiprocessing_options=_mp_options(local, "_best")))
+
+
+def best_checkpoint(workdir: str, metric: str = BEST_METRIC) -> Optional[Tuple[int, float]]:
+  """(step, ``metric``) of the best checkpoint in ``workdir/checkpoints_best``, or None
+  when the run has none (no row with a finite ``metric``, or a run from before best
+  checkpoints were kept). Reads only (creates nothing)."""
+  path = os.path.join(os.path.abspath(workdir), BEST_DIR)
+  if not os.path.isdir(path) or not any(n.isdigit() for n in os.listdir(path)):
+    return None
+  mngr = _best_manager(path, metric, create=False)
+  try:
+    step = mngr.best_step()
+    value = _metric_value(mngr.metrics(step), metric) if step is not None else None
+  finally:
+    mngr.close()
+  return None if value is None else (int(step), value)
+
+
+class Checkpointer:
+  """Thin orbax wrapper: save(step, pytree, metrics), restore_latest(abstract) -> (step,
+  pytree), best() -> (step, value), restore_best(abstract).
+
+  Latest checkpoints (``checkpoints/``, the newest ``max_to_keep``): every save also
+  records the sha256 of the saved state (``state_digest``) in
   ``checkpoints/digests.json``; ``restore_latest`` restores the newest step whose
   checkpoint reads back with that digest. A step that does not (unreadable files,
   flipped bytes) is reported on stdout as a warning naming the step, and the next
@@ -392,19 +449,33 @@ class Checkpointer:
   A save that fails (a full disk: OSError ENOSPC) removes its partial temporary
   folder and re-raises; the older checkpoints are untouched (orbax writes a step to a
   temporary folder and renames it when complete, and deletes old steps only after).
+
+  Best checkpoint (``checkpoints_best/``, one step): a save whose ``metrics`` hold a
+  finite ``best_metric`` (``val_dice_mean``: the validation Dice of the row) higher
+  than the best so far also saves the state there, with the value as orbax metrics;
+  a second orbax manager (``best_fn``, ``best_mode='max'``) keeps only the best step
+  and deletes the one it beat (after the new one is complete). Its digests are in
+  ``checkpoints_best/digests.json``. A run whose rows carry no validation Dice (FCL
+  pre-training) has no ``checkpoints_best/``. The best is saved *before* the latest
+  checkpoint of the same step, so a run killed between the two resumes from the step
+  before, re-runs that step (bit-identical: exact resume) and finds it already best
+  (an equal value does not replace it): the best survives a resume unchanged.
+  ``reset_best`` (a fresh start) deletes a stale ``checkpoints_best/``.
   """
 
-  def __init__(self, workdir: str, max_to_keep: int = 2):
+  def __init__(self, workdir: str, max_to_keep: int = 2, best_metric: str = BEST_METRIC):
     self.workdir = os.path.abspath(workdir)
     self.path = path = os.path.join(self.workdir, "checkpoints")
     self.digests_path = os.path.join(path, DIGESTS)
+    self.best_metric = best_metric
+    self.best_path = os.path.join(self.workdir, BEST_DIR)
+    self.best_digests_path = os.path.join(self.best_path, DIGESTS)
+    self._best_mngr: Optional[ocp.CheckpointManager] = None  # opened when first needed
+    self._best_cache: Any = _ABSENT  # best() memoised between saves
     # Several processes (launch.py --distributed): each process keeps its own copy
     # of the (replicated) state in its own workdir, so orbax runs per process.
     self.local = jax.process_count() > 1
-    mp = (ocp.options.MultiprocessingOptions(
-        primary_host=jax.process_index(), active_processes={jax.process_index()},
-        barrier_sync_key_prefix=f"process{jax.process_index()}")
-          if self.local else ocp.options.MultiprocessingOptions())
+    mp = _mp_options(self.local)
     if self.local:  # orbax refuses create=True with active_processes
       os.makedirs(path, exist_ok=True)
     self.manager = ocp.CheckpointManager(
@@ -416,45 +487,108 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def _digests(self) -> Dict[str, str]:
+  def _digests(self, path: Optional[str] = None) -> Dict[str, str]:
     try:
-      with open(self.digests_path) as f:
+      with open(path or self.digests_path) as f:
         d = json.load(f)
       return d if isinstance(d, dict) else {}
     except (OSError, ValueError):  # absent, or unreadable: the checkpoints are not verified
       return {}
 
-  def save(self, step: int, state) -> None:
-    host = jax.device_get(state)  # the digest's bytes (orbax copies to host as well)
+  def _save_to(self, manager, root: str, digests_path: str, step: int, state, digest: str,
+               metrics: Optional[Dict[str, float]] = None) -> None:
     try:
-      self.manager.save(step, args=ocp.args.StandardSave(host if self.local else state))
-      self.manager.wait_until_finished()
+      manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
+      manager.wait_until_finished()
     except BaseException:
-      for tmp in glob.glob(os.path.join(self.path, f"{step}.orbax-checkpoint-tmp*")):
+      for tmp in glob.glob(os.path.join(root, f"{step}.orbax-checkpoint-tmp*")):
         shutil.rmtree(tmp, ignore_errors=True)
       raise
-    kept = {str(s) for s in self.manager.all_steps()}
-    digests = {k: v for k, v in self._digests().items() if k in kept}
-    digests[str(step)] = state_digest(host)
+    kept = {str(s) for s in manager.all_steps()}
+    digests = {k: v for k, v in self._digests(digests_path).items() if k in kept}
+    digests[str(step)] = digest
     # A kill before this write leaves the step without a digest: restored unverified.
-    atomic_write(self.digests_path, json.dumps(digests, sort_keys=True, indent=1))
+    atomic_write(digests_path, json.dumps(digests, sort_keys=True, indent=1))
 
-  def _restore(self, step: int, abstract):
-    restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    want = self._digests().get(str(step))
-    if want is not None and state_digest(restored) != want:
-      raise ValueError("its content differs from the sha256 recorded when it was saved")
-    return restored
+  def save(self, step: int, state, metrics: Optional[Dict[str, Any]] = None) -> None:
+    """Saves ``state`` as the latest checkpoint of ``step``; also as the best one when
+    ``metrics[best_metric]`` is finite and beats ``best()`` (saved first)."""
+    host = jax.device_get(state)  # the digest's bytes (orbax copies to host as well)
+    digest = state_digest(host)
+    value = _metric_value(metrics, self.best_metric)
+    if value is not None:
+      best = self.best()
+      if best is None or value > best[1]:
+        mngr = self._best_manager(create=True)
+        if step in mngr.all_steps():  # a step re-run after a resume that now scores higher
+          mngr.delete(step)
+        self._best_cache = _ABSENT
+        self._save_to(mngr, self.best_path, self.best_digests_path, step,
+                      host if self.local else state, digest, {self.best_metric: value})
+        self._best_cache = (int(step), value)
+    self._save_to(self.manager, self.path, self.digests_path, step,
+                  host if self.local else state, digest)
 
-  def restore_latest(self, like):
-    steps = sorted(self.manager.all_steps(), reverse=True)
-    if not steps:
-      return None, None
+  def _best_manager(self, create: bool = False) -> Optional[ocp.CheckpointManager]:
+    if self._best_mngr is None and (create or os.path.isdir(self.best_path)):
+      self._best_mngr = _best_manager(self.best_path, self.best_metric, create=create,
+                                      local=self.local)
+    return self._best_mngr
+
+  def best(self) -> Optional[Tuple[int, float]]:
+    """(step, value of ``best_metric``) of the best checkpoint, or None when there is none."""
+    if self._best_cache is _ABSENT:
+      mngr = self._best_manager()
+      step = mngr.best_step() if mngr is not None else None
+      value = _metric_value(mngr.metrics(step), self.best_metric) if step is not None else None
+      self._best_cache = None if value is None else (int(step), value)
+    return self._best_cache
+
+  def reset_best(self) -> None:
+    """Deletes ``checkpoints_best/`` (a fresh start: a best of an earlier run is stale)."""
+    if self._best_mngr is not None:
+      self._best_mngr.close()
+      self._best_mngr = None
+    shutil.rmtree(self.best_path, ignore_errors=True)
+    self._best_cache = _ABSENT
+
+  def _abstract(self, like):
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     if self.local:  # restore on this process's first device; the trainer re-places it
       dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
                               abstract)
+    return abstract
+
+  def _restore(self, step: int, abstract, manager=None, digests_path: Optional[str] = None):
+    restored = (manager or self.manager).restore(step, args=ocp.args.StandardRestore(abstract))
+    want = self._digests(digests_path).get(str(step))
+    if want is not None and state_digest(restored) != want:
+      raise ValueError("its content differs from the sha256 recorded when it was saved")
+    return restored
+
+  def restore_best(self, like):
+    """(step, state) of the best checkpoint, verified against its digest; (None, None)
+    when there is none. A checkpoint that does not read back raises
+    :class:`WorkdirError` naming it."""
+    best = self.best()
+    if best is None:
+      return None, None
+    step = best[0]
+    try:
+      with _swallow_unraisable():
+        return step, self._restore(step, self._abstract(like), self._best_manager(),
+                                   self.best_digests_path)
+    except Exception as e:  # noqa: BLE001 - any failure to read back
+      why = one_line(str(e).split(" See full TensorStore details")[0])
+      raise WorkdirError(f"{self.best_path}: the best checkpoint (step {step}) cannot be "
+                         f"restored ({why})") from e
+
+  def restore_latest(self, like):
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      return None, None
+    abstract = self._abstract(like)
     bad: List[Tuple[int, str]] = []
     for i, step in enumerate(steps):
       try:
@@ -489,6 +623,9 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+    if self._best_mngr is not None:
+      self._best_mngr.close()
+      self._best_mngr = None
 
 
 class Progress:

@@ -76,6 +76,21 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
   b = ck.manager.restore(ck.latest_step())
   ck.close()
   chex.assert_trees_all_close(a["variables"]["params"], b["variables"]["params"], rtol=1e-6)
+  # the best checkpoint by validation Dice: the first epoch with the highest val_dice_mean,
+  # the same after the resume, in results.json too, with the same parameters
+  dice = [r["val_dice_mean"] for r in rows]
+  best_step = int(np.argmax(dice)) + 1
+  for wd, res in ((full, r_full), (cut, r_cut)):
+    assert runlog.best_checkpoint(wd) == (best_step, pytest.approx(dice[best_step - 1]))
+    assert res["best_step"] == best_step
+    assert res["best_val_dice_mean"] == pytest.approx(dice[best_step - 1])
+  best = []
+  for wd in (full, cut):
+    ck = runlog.Checkpointer(wd)
+    best.append(ck.restore_best(a)[1])
+    ck.close()
+  chex.assert_trees_all_close(best[0]["variables"]["params"], best[1]["variables"]["params"],
+                              rtol=1e-6)
 
 
 def test_config_validation_names_the_key(tiny):
