@@ -25,6 +25,18 @@ def test_sharded_round_equals_unsharded_on_4_cpu_devices():
   assert "OK sharded == unsharded" in p.stdout and "OK padding client weight 0" in p.stdout
 
 
+@pytest.mark.slow
+def test_semi_fcl_and_core_rounds_sharded_over_4_cpu_devices_equal_the_recorded_numbers():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers",
+                                                   "sharding_semi_fcl_worker.py")],
+                     env=env, capture_output=True, text=True, timeout=1800)
+  assert p.returncode == 0, p.stdout + p.stderr[-5000:]
+  for name in ("semi_fedwep_random", "semi_cps", "semi_mean_teacher", "fcl_fcl", "core"):
+    assert f"OK {name} sharded over 4 devices" in p.stdout, p.stdout
+
+
 def test_sharded_is_a_client_strategy():
   assert "sharded" in backends.CLIENT_STRATEGIES
   assert backends.resolve_strategy("sharded") == "sharded"
