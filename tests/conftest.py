@@ -45,3 +45,15 @@ def tiny_config(cache_dir, algorithm="centralized"):
 @pytest.fixture
 def tiny(data_cache):
   return lambda algorithm="centralized": tiny_config(data_cache, algorithm)
+
+
+def tiny_federated(tiny, algorithm="fedavg", **fl):
+  """``tiny(algorithm)`` with the FedAvg ``fl`` section made small: 2 rounds of 1 local step,
+  client batch 4, 4 stats samples, vmap + scan (one compiled step body), no per-client
+  evaluation; ``fl`` sets these or other ``fl`` keys."""
+  from configs import lgg_fedavg
+  c = tiny(algorithm)
+  c.fl = lgg_fedavg.get_fl_config()
+  c.fl.update({"rounds": 2, "local_steps": 1, "client_batch_size": 4, "stats_samples": 4,
+               "client_strategy": "vmap", "step_strategy": "scan", "eval_clients": False, **fl})
+  return c

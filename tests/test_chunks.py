@@ -181,12 +181,9 @@ def test_trainer_streamed_equals_all_at_once(tiny, tmp_path):
   """config.fl.clients_per_chunk=2 through the federated trainer (K=3 by site,
   DCEW, 2 rounds): same metrics and final model as the all-at-once trainer."""
   import json
-  from configs import lgg_fedavg
+  from conftest import tiny_federated
   from fedjax_seg import runlog, train
-  c = tiny("dcew")
-  c.fl = lgg_fedavg.get_fl_config()
-  c.fl.update({"rounds": 2, "local_steps": 2, "client_batch_size": 4, "stats_samples": 4,
-               "client_strategy": "vmap", "step_strategy": "scan", "eval_clients": False})
+  c = tiny_federated(tiny, "dcew", local_steps=2)
   train.run(c, str(tmp_path / "all"))
   c.fl.clients_per_chunk = 2
   train.run(c, str(tmp_path / "chunks"))

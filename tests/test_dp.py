@@ -239,17 +239,9 @@ def test_trainer_logs_epsilon_of_the_accountant_and_resumes_exactly(tiny, tmp_pa
   """DP-FedAvg + secure aggregation + FedAdam through train.run: ε per round is
   the accountant's; an interrupted run resumes (server optimiser state and
   DP noise included) to the uninterrupted result."""
-  from configs import lgg_fedavg
+  from conftest import tiny_federated
   from fedjax_seg import runlog, train
-  c = tiny("fedavg")
-  c.fl = lgg_fedavg.get_fl_config()
-  c.fl.rounds = 2
-  c.fl.local_steps = 1
-  c.fl.client_batch_size = 4
-  c.fl.stats_samples = 4
-  c.fl.client_strategy = "vmap"
-  c.fl.step_strategy = "scan"
-  c.fl.eval_clients = False
+  c = tiny_federated(tiny)
   c.fl.dp = _config().fl.dp
   c.fl.dp.target_epsilon = 0.0
   c.fl.dp.noise_multiplier = 1.1

@@ -3,8 +3,6 @@ against hand-computed NumPy rounds on quadratic toy clients, then end to end on 
 tiny U-Net with batch norm."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +11,7 @@ import optax
 import pytest
 
 from fedjax_seg.fl import aggregators, algorithm, ditto, fedbn, local, scaffold
+from _helpers import run_worker
 
 K, LR, E = 3, 0.1, 3
 
@@ -233,12 +232,7 @@ def test_ditto_personal_models_follow_the_proximal_update(backend):
 def test_sharded_on_4_cpu_devices_equals_vmap():
   """FedBN, SCAFFOLD, Ditto, with and without client sampling (subprocess: the device count
   must be forced before jax is imported)."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
-  p = subprocess.run([sys.executable, os.path.join(root, "tests", "workers",
-                                                   "personal_sharding_worker.py")],
-                     env=env, capture_output=True, text=True, timeout=600)
+  p = run_worker("personal_sharding_worker.py", timeout=600)
   assert p.returncode == 0, p.stdout + p.stderr[-4000:]
   assert p.stdout.count("OK ") == 6, p.stdout
 
@@ -247,21 +241,11 @@ def test_sharded_on_4_cpu_devices_equals_vmap():
 
 
 def _e2e_config(tiny, **fl):
-  from configs import lgg_fedavg
-  c = tiny("fedavg")
-  c.fl = lgg_fedavg.get_fl_config()
+  from conftest import tiny_federated
+  c = tiny_federated(tiny, **{"local_steps": 2, **fl})
   c.model.norm = "batch"
   c.model.base = 4
   c.data.image_size = 16
-  c.fl.rounds = 2
-  c.fl.local_steps = 2
-  c.fl.client_batch_size = 4
-  c.fl.stats_samples = 4
-  c.fl.client_strategy = "vmap"
-  c.fl.step_strategy = "scan"
-  c.fl.eval_clients = False
-  for key, value in fl.items():
-    c.fl[key] = value
   return c
 
 
