@@ -65,12 +65,7 @@ def _parse_value(text):
 def make_config(name, overrides):
   import importlib
   c = importlib.import_module(f"configs.{CONFIGS[name]}").get_config()
-  for key, value in overrides.items():
-    *head, last = key.split(".")
-    node = c
-    for h in head:
-      node = node[h]
-    node[last] = value
+  c.update_from_flattened_dict(overrides)  # dotted keys
   return c
 
 

@@ -38,12 +38,7 @@ def overrides(data_cache, rounds):
 
 def make_config(algorithm_name, ov):
   c = CONFIGS[algorithm_name][0].get_config()
-  for key, value in ov.items():
-    *head, last = key.split(".")
-    node = c
-    for h in head:
-      node = node[h]
-    node[last] = value
+  c.update_from_flattened_dict(ov)  # dotted keys
   return c
 
 
@@ -346,6 +341,24 @@ def test_tls_federation_equals_in_process(hospitals, data_cache, tmp_path):
   assert max_abs_diff(load_model(tmp_path / "flower"), in_process("fedavg", ov, tmp_path / "ref")) < 1e-5
 
 
+def wait_for_round_1(fed, wd, poll, timeout=300):
+  """Until the server of ``fed`` has its checkpoint of round 1 in ``wd`` (orbax's finalised
+  step 1), checking every ``poll`` seconds that it is still running."""
+  deadline = time.time() + timeout
+  while not os.path.isdir(wd / "checkpoints" / "1"):
+    assert time.time() < deadline and fed.server.poll() is None, fed.log(0)[-3000:]
+    time.sleep(poll)
+
+
+def check_resumed(fed, codes, wd, algorithm_name, ov, ref_dir, resumed):
+  """A resumed 3-round federation: every process exited 0, the server log says ``resumed``,
+  rounds 1-3 are logged and the final model equals the in-process run (in ``ref_dir``)."""
+  assert codes == {"server": 0, "clients": [0, 0, 0]}, (codes, fed.log(0)[-3000:])
+  assert resumed in fed.log(0)
+  assert [x["round"] for x in rows(wd)] == [1, 2, 3]
+  assert max_abs_diff(load_model(wd), in_process(algorithm_name, ov, ref_dir)) < 1e-5
+
+
 @pytest.mark.slow
 def test_server_restart_resumes_and_equals_in_process(hospitals, data_cache, tmp_path):
   """The server is killed after round 1 of 3 and started again with the same command:
@@ -355,10 +368,7 @@ def test_server_restart_resumes_and_equals_in_process(hospitals, data_cache, tmp
   wd = tmp_path / "flower"
   fed = localhost.start(config_args("dcew", ov), str(wd), roots)
   try:
-    deadline = time.time() + 300
-    while not os.path.isdir(wd / "checkpoints" / "1"):  # orbax's finalised step 1
-      assert time.time() < deadline and fed.server.poll() is None, fed.log(0)[-3000:]
-      time.sleep(0.05)
+    wait_for_round_1(fed, wd, poll=0.05)
     fed.server.kill()
     fed.server.wait()
     again = localhost.start(config_args("dcew", ov), str(wd), roots,
@@ -367,10 +377,7 @@ def test_server_restart_resumes_and_equals_in_process(hospitals, data_cache, tmp
     codes = fed.wait(300)
   finally:
     fed.stop()
-  assert codes == {"server": 0, "clients": [0, 0, 0]}, (codes, fed.log(0)[-3000:])
-  assert "resumed at round" in fed.log(0)
-  assert [x["round"] for x in rows(wd)] == [1, 2, 3]
-  assert max_abs_diff(load_model(wd), in_process("dcew", ov, tmp_path / "ref")) < 1e-5
+  check_resumed(fed, codes, wd, "dcew", ov, tmp_path / "ref", "resumed at round")
 
 
 @pytest.mark.slow
@@ -384,10 +391,7 @@ def test_hospital_failure_stops_the_round_and_resume_equals_in_process(hospitals
   wd = tmp_path / "flower"
   fed = start_federation("fedavg", ov, wd, roots)
   try:
-    deadline = time.time() + 300
-    while not os.path.isdir(wd / "checkpoints" / "1"):
-      assert time.time() < deadline and fed.server.poll() is None, fed.log(0)[-3000:]
-      time.sleep(0.02)
+    wait_for_round_1(fed, wd, poll=0.02)
     fed.clients[1].kill()
     fed.clients[1].wait()
     assert fed.server.wait(120) == 2, fed.log(0)[-3000:]
@@ -402,7 +406,4 @@ def test_hospital_failure_stops_the_round_and_resume_equals_in_process(hospitals
     codes = fed.wait(300)
   finally:
     fed.stop()
-  assert codes == {"server": 0, "clients": [0, 0, 0]}, (codes, fed.log(0)[-3000:])
-  assert "resumed at round 1" in fed.log(0)
-  assert [x["round"] for x in rows(wd)] == [1, 2, 3]
-  assert max_abs_diff(load_model(wd), in_process("fedavg", ov, tmp_path / "ref")) < 1e-5
+  check_resumed(fed, codes, wd, "fedavg", ov, tmp_path / "ref", "resumed at round 1")

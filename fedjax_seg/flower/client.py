@@ -148,7 +148,7 @@ def start(core: HospitalClient, address: str, root_certificates: Optional[bytes]
 
 def main(argv=None):
   sys.path.insert(0, os.getcwd())  # so that configs/*.py can import configs.*
-  from absl import app, flags, logging
+  from absl import app, flags
   from ml_collections import config_flags
 
   config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -168,10 +168,7 @@ def main(argv=None):
   flags.mark_flags_as_required(["config", "hospital"])
 
   def run(args):
-    if len(args) > 1:
-      raise app.UsageError(f"unexpected arguments: {args[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)
+    common.start_cli(args)
     from fedjax_seg import compile_cache
     compile_cache.enable(config_flag.value.get("compile_cache_dir"))
     common.quiet_flower_logs()

@@ -340,6 +340,16 @@ def load_hospital(config, hospital: int, root: Optional[str] = None,
                       tuple(int(s) for s in data.x.shape[1:]))
 
 
+def start_cli(args) -> None:
+  """The first step of the server and hospital commands inside ``app.run``: no positional
+  arguments; absl logging at WARNING unless ``--verbosity`` was given."""
+  from absl import app, flags, logging
+  if len(args) > 1:
+    raise app.UsageError(f"unexpected arguments: {args[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def quiet_flower_logs() -> None:
   """Flower's INFO lines once (its own handler), not again through absl's root handler."""
   import logging

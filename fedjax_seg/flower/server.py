@@ -255,7 +255,7 @@ def serve(core: ServerCore, address: str, certificates=None, wait_s: float = 600
 
 def main(argv=None):
   sys.path.insert(0, os.getcwd())  # so that configs/*.py can import configs.*
-  from absl import app, flags, logging
+  from absl import app, flags
   from ml_collections import config_flags
 
   config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -272,10 +272,7 @@ def main(argv=None):
   flags.mark_flags_as_required(["config", "workdir"])
 
   def run(args):
-    if len(args) > 1:
-      raise app.UsageError(f"unexpected arguments: {args[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)
+    common.start_cli(args)
     tls = [ca.value, cert.value, key.value]
     if any(tls) and not all(tls):
       raise app.UsageError("TLS needs all of --ca_cert, --server_cert, --server_key")
