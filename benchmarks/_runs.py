@@ -46,6 +46,30 @@ def run_or_load(config, workdir: str, tag: str = "bench") -> Dict:
     return json.load(f)
 
 
+# The run-budget arguments the table benchmarks share: name -> (type, nargs).
+BUDGET_ARGS = {"seeds": (int, "+"), "size": (int, None), "base": (int, None), "depth": (int, None),
+               "rounds": (int, None), "local_steps": (int, None), "batch": (int, None),
+               "lr": (float, None), "patients_per_site": (int, None),
+               "slices_per_patient": (int, None), "test_fraction": (float, None)}
+
+
+def add_budget_args(p, **defaults) -> None:
+  """``--<name>`` (``local_steps``: ``--local-steps``) for each keyword, in the order given, with
+  that default and the type (and nargs) of `BUDGET_ARGS`."""
+  for name, default in defaults.items():
+    type_, nargs = BUDGET_ARGS[name]
+    p.add_argument("--" + name.replace("_", "-"), type=type_, nargs=nargs, default=default)
+
+
+def write_results(out_dir: str, tag: str, md: str, blob: Dict) -> None:
+  """A benchmark's outputs: the table ``<out_dir>/<tag>.md`` and its numbers ``<tag>.json``."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{tag}.md"), "w") as f:
+    f.write(md)
+  with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
+    json.dump(blob, f, indent=2)
+
+
 def mean_std(v):
   m = sum(v) / len(v)
   s = (sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5

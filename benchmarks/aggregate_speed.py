@@ -17,7 +17,6 @@ Markdown + JSON in benchmarks/results/aggregate_speed[_quick].{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -29,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import _runs  # noqa: E402
 from fedjax_seg import models  # noqa: E402
 from fedjax_seg.fl import aggregators  # noqa: E402
 
@@ -117,13 +117,8 @@ def main():
         f"per model); GB/s = K × model bytes / time (median of {args.reps}).\n\n"
         + "\n".join(lines) + "\n\nFraction of the copy roof:\n\n" + "\n".join(frac) + "\n")
   print("\n" + md)
-  os.makedirs(args.out, exist_ok=True)
-  tag = "aggregate_speed_quick" if args.quick else "aggregate_speed"
-  with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
-    f.write(md)
-  with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-    json.dump({"machine": machine, "args": vars(args), "num_params": n_params, "rows": rows},
-              f, indent=2)
+  _runs.write_results(args.out, "aggregate_speed_quick" if args.quick else "aggregate_speed", md,
+                      {"machine": machine, "args": vars(args), "num_params": n_params, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ dp-accounting RDP accountant reports after the last round (results.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -63,14 +62,9 @@ def make_config(module, fl_over, seed, args):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+  _runs.add_budget_args(p, seeds=[0, 1])
   p.add_argument("--epsilons", type=float, nargs="+", default=[10.0, 1000.0])
-  p.add_argument("--size", type=int, default=32)
-  p.add_argument("--base", type=int, default=8)
-  p.add_argument("--depth", type=int, default=3)
-  p.add_argument("--rounds", type=int, default=15)
-  p.add_argument("--local-steps", type=int, default=8)
-  p.add_argument("--lr", type=float, default=1e-2)
+  _runs.add_budget_args(p, size=32, base=8, depth=3, rounds=15, local_steps=8, lr=1e-2)
   p.add_argument("--cache", default="runs/_data")
   p.add_argument("--workdir", default="runs/beyond_table")
   p.add_argument("--quick", action="store_true")
@@ -111,12 +105,8 @@ def main():
         "| method | Dice (tumour) % | IoU (tumour) % | DP after the last round |\n|---|---|---|---|\n"
         + "\n".join(table) + "\n")
   print("\n" + md)
-  tag = "beyond_table" + ("_quick" if args.quick else "")
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, tag + ".md"), "w") as f:
-    f.write(md)
-  with open(os.path.join(args.out, tag + ".json"), "w") as f:
-    json.dump({"args": vars(args), "command": cmd, "summary": summary}, f, indent=2)
+  _runs.write_results(args.out, "beyond_table" + ("_quick" if args.quick else ""), md,
+                      {"args": vars(args), "command": cmd, "summary": summary})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import time
@@ -91,11 +90,7 @@ def main():
       f"Wall time {time.time() - t0:.0f}s (load {load0[0]:.1f} at start, "
       f"{os.getloadavg()[0]:.1f} at end; shared 2-core machine).", ""])
   print("\n" + md)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "label_at_server_study.md"), "w") as f:
-    f.write(md)
-  with open(os.path.join(args.out, "label_at_server_study.json"), "w") as f:
-    json.dump({"command": cmd, "rows": rows}, f, indent=2)
+  _runs.write_results(args.out, "label_at_server_study", md, {"command": cmd, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -43,21 +43,15 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from fedjax_seg import losses, models, steps  # noqa: E402
-from benchmarks.model_table import np_init_variables  # noqa: E402
+from benchmarks.model_table import np_init_variables, timed  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def _timed(fn, args, reps: int) -> Dict[str, float]:
-  """Median wall and process-CPU milliseconds over ``reps`` calls (after a warm-up)."""
-  jax.block_until_ready(fn(*args))
-  wall, cpu = [], []
-  for _ in range(reps):
-    t, c = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn(*args))
-    wall.append(time.perf_counter() - t)
-    cpu.append(time.process_time() - c)
-  return {"ms": float(np.median(wall) * 1e3), "cpu_ms": float(np.median(cpu) * 1e3)}
+  """Median wall and process-CPU milliseconds over ``reps`` calls (after a warm-up): `model_table.timed`."""
+  t = timed(fn, args, reps)
+  return {"ms": t["wall_ms"], "cpu_ms": t["cpu_ms"]}
 
 
 def _analysis(compiled) -> Dict[str, float]:

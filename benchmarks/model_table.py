@@ -81,7 +81,7 @@ def _cost(compiled) -> Dict[str, float]:
   return dict(a or {})
 
 
-def _timed(fn, args, reps: int) -> Dict[str, float]:
+def timed(fn, args, reps: int) -> Dict[str, float]:
   """Median wall and CPU (process, all threads) milliseconds over ``reps`` calls.
 
   On a shared machine wall time includes waiting for a core; process CPU
@@ -142,8 +142,8 @@ def measure(name: str, kwargs: Dict, shape, reps: int, num_classes: int = 2) -> 
   compile_s = time.perf_counter() - t
   fwd_cost, bwd_cost = _cost(fwd_c), _cost(bwd_c)
   mem = bwd_c.memory_analysis()
-  t_fwd = _timed(fwd_c, (variables, x), reps)
-  t_bwd = _timed(bwd_c, (variables, x, y), reps)
+  t_fwd = timed(fwd_c, (variables, x), reps)
+  t_bwd = timed(bwd_c, (variables, x, y), reps)
   return {
       "model": name, "kwargs": kwargs, "input": list(shape), "params": n_params,
       "gflop_fwd": fwd_cost.get("flops", float("nan")) / 1e9,

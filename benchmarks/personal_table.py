@@ -91,17 +91,8 @@ def per_patient(res, which):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  p.add_argument("--rounds", type=int, default=12)
-  p.add_argument("--local-steps", type=int, default=4)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--lr", type=float, default=3e-3)
-  p.add_argument("--size", type=int, default=32)
-  p.add_argument("--base", type=int, default=8)
-  p.add_argument("--depth", type=int, default=3)
-  p.add_argument("--patients-per-site", type=int, default=40)
-  p.add_argument("--slices-per-patient", type=int, default=4)
-  p.add_argument("--test-fraction", type=float, default=0.2)
+  _runs.add_budget_args(p, seeds=[0, 1, 2], rounds=12, local_steps=4, batch=8, lr=3e-3, size=32, base=8,
+                        depth=3, patients_per_site=40, slices_per_patient=4, test_fraction=0.2)
   p.add_argument("--client-strategy", default="vmap")
   p.add_argument("--rows", nargs="+", default=None, help="row keys to run (default: all)")
   p.add_argument("--quick", action="store_true", help="2 seeds, 3 rounds (smoke run)")
