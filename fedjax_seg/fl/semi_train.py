@@ -160,7 +160,8 @@ def check_aggregation(config, hp: semi.SemiHParams) -> None:
   """The aggregation options (fl.dp, fl.secagg, fl.server_opt, fl.norm_k) act on the
   clients' uploaded models: refused, naming the key, when clients upload nothing."""
   fl = config.fl
-  fl_train.refuse_supervised_only(config, f"config.algorithm={hp.method!r} (semi-supervised)")
+  fl_train.refuse_supervised_only(config, f"config.algorithm={hp.method!r} (semi-supervised)",
+                                  extra=fl_train.NOT_SEMI)
   on = {"fl.dp.enabled": bool(fl.get("dp") and fl.dp.get("enabled", False)),
         "fl.secagg": bool(fl.get("secagg", False)),
         "fl.server_opt": fl.get("server_opt", "none") not in ("none", "", None)}
@@ -234,17 +235,15 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
       info = jax.device_get(info)
       active = bool(info["active"]) and not hp.clients_idle
       inc = np.asarray(info["included"])
-      mean_inc = lambda a: float(np.mean(np.asarray(a)[inc])) if inc.any() else float("nan")
-      row.update({"train_loss": mean_inc(info["train_loss"]), "sup_loss": mean_inc(info["sup_loss"]),
-                  "unsup_loss": mean_inc(info["unsup_loss"]),
-                  "server_loss": float(info["server_loss"]),
-                  "weights": [float(w) for w in info["weights"]], "failed": bool(info["failed"]),
-                  "clients_active": active,
+      mean_inc = lambda a: float(np.nanmean(np.where(inc, a, np.nan))) if inc.any() else float("nan")
+      row.update(fl_train.info_row(info, names))  # loss, weights, failure, exclusions, DP / secagg
+      row.update({"sup_loss": mean_inc(info["sup_loss"]), "unsup_loss": mean_inc(info["unsup_loss"]),
+                  "server_loss": float(info["server_loss"]), "clients_active": active,
                   "bytes_down_per_client": comm["down"] if active else 0,
                   "bytes_up_per_client": comm["up"] if active else 0,
                   "bytes_total": comm["total"] * len(names) if active else 0})
-      row.update(fl_train._robust_row(info, names))
-      row["excluded"] = [n for n, i in zip(names, inc) if not i] if active else []
+      if not active:  # idle clients (label-at-server warm-up) are not excluded ones
+        row["excluded"] = []
       if "seeds" in info:
         row.update({"seeds": [int(s) for s in info["seeds"]], "seed_c_star": float(info["c_star"]),
                     "seed_c_mean": float(info["c_mean"])})

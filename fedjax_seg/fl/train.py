@@ -314,10 +314,15 @@ SUPERVISED_ONLY = (("clients_per_round", 0), ("client_sampling", "uniform"),
                    ("local_work", "equal"), ("fednova", False), ("cost_ratio", "local"))
 
 
-def refuse_supervised_only(config, who: str) -> None:
-  """ValueError naming the first config.fl key of SUPERVISED_ONLY set away from off:
-  ``who`` (the semi-supervised rounds, FCL pre-training) would silently ignore it."""
-  for key, off in SUPERVISED_ONLY:
+# Read by the supervised rounds (and FCL's supervised fine-tuning) but not by the
+# semi-supervised rounds: their clients have their own objectives and one compiled round.
+NOT_SEMI = (("prox_mu", 0.0), ("clients_per_chunk", 0))
+
+
+def refuse_supervised_only(config, who: str, extra=()) -> None:
+  """ValueError naming the first config.fl key of SUPERVISED_ONLY (+ ``extra``) set away
+  from off: ``who`` (the semi-supervised rounds, FCL pre-training) would silently ignore it."""
+  for key, off in SUPERVISED_ONLY + tuple(extra):
     value = config.fl.get(key, off)
     if value != off:
       raise ValueError(f"config.fl.{key}={value!r}: not implemented for {who}; it applies to "
