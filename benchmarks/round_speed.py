@@ -178,12 +178,17 @@ def torch_worker(spec):
     dice = (2 * inter + 1) / (p.sum((0, 2, 3)) + g.sum((0, 2, 3)) + 1)
     return (1 - dice.mean()) + F.cross_entropy(logits, y)
 
-  model = UNet(args.base, args.depth)
+  want = getattr(args, "torch_device", "cpu")
+  if want == "auto":
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+  dev = torch.device(want)
+  sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+  model = UNet(args.base, args.depth).to(dev)
   n_params = sum(p.numel() for p in model.parameters())
   global_state = {n: v.clone() for n, v in model.state_dict().items()}
   per = client_arrays(k, args)
-  xs = [torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))) for x, _ in per]
-  ys = [torch.from_numpy(y.astype(np.int64)) for _, y in per]
+  xs = [torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(dev) for x, _ in per]
+  ys = [torch.from_numpy(y.astype(np.int64)).to(dev) for _, y in per]
   ns = [len(x) for x, _ in per]
   rng = np.random.default_rng(0)
 
@@ -192,11 +197,11 @@ def torch_worker(spec):
     for i in range(k):
       model.load_state_dict(global_state)
       opt = torch.optim.Adam(model.parameters(), 1e-3)
-      sidx = rng.integers(0, ns[i], args.batch)
+      sidx = torch.as_tensor(rng.integers(0, ns[i], args.batch), device=dev)
       with torch.no_grad():
         dice_ce(model(xs[i][sidx]), ys[i][sidx])                 # cost/dice of M_{t-1}
       for _ in range(args.local_steps):
-        idx = rng.integers(0, ns[i], args.batch)
+        idx = torch.as_tensor(rng.integers(0, ns[i], args.batch), device=dev)
         opt.zero_grad()
         dice_ce(model(xs[i][idx]), ys[i][idx]).backward()
         opt.step()
@@ -208,12 +213,14 @@ def torch_worker(spec):
     with torch.no_grad():
       for n in global_state:
         global_state[n] = sum(w / tot * s[n] for w, s in zip(weights, states))
+    sync()
 
   load = _load()
   t, first, cpu = _time(run, args.reps)
   print(_RESULT + json.dumps({"torch": torch.__version__, "params": n_params, "time": t,
                               "first_s": first, "cpu_s": cpu, "load": load,
-                              "threads": torch.get_num_threads()}), flush=True)
+                              "threads": torch.get_num_threads(), "device": str(dev)}),
+        flush=True)
 
 
 def _worker_result(cmd, env=None, timeout=None):
@@ -233,7 +240,7 @@ def torch_row(k, strategy, args):
   threads = 1 if strategy == "torch1" else (THREADS or os.cpu_count() or 1)
   spec = {"k": k, "threads": threads,
           "args": {a: getattr(args, a) for a in ("size", "base", "depth", "batch", "samples",
-                                                 "local_steps", "reps")}}
+                                                 "local_steps", "reps", "torch_device")}}
   return _worker_result([sys.executable, os.path.abspath(__file__),
                          "--torch-worker", json.dumps(spec)])
 
@@ -358,6 +365,7 @@ def bench(k, args, peak, cache_root):
       t, first, cpu = tr["time"], tr["first_s"], tr["cpu_s"]
       out["load"][strategy], args.torch_version = tr["load"], tr["torch"]
       out[f"{strategy}_threads"] = tr["threads"]
+      out[f"{strategy}_device"] = args.torch_device_used = tr.get("device", "cpu")
       out[f"{strategy}_compile_cold_s"] = out[f"{strategy}_compile_cached_s"] = None
       fl = out.get("loop_flops")  # credited with the JAX loop's FLOPs (None without a loop row)
     else:
@@ -432,11 +440,11 @@ def _fmt(x, spec):
 
 def markdown(rows, args, machine, peak):
   e = args.local_steps
-  head = ("Machine: " + machine + f". f32 matmul peak (jitted 2048², measured): {peak:.1f} GFLOP/s."
+  head = ("Machine: " + machine + f". f32 matmul peak (jitted {args.peak_n}², default precision, measured): {peak:.1f} GFLOP/s."
           f"\nU-Net base {args.base}, depth {args.depth}, {args.size}×{args.size}×3, 2 classes, "
           f"compute dtype {args.dtype}, batch {args.batch}, E={e} local Adam steps + 2 stats "
           f"forward passes per client, FedAvg; median of {args.reps} rounds after a warm-up; "
-          f"torch {args.torch_version or 'not installed'} (each torch row in its own process). "
+          f"torch {args.torch_version or 'not installed'} on {getattr(args, 'torch_device_used', args.torch_device)} (each torch row in its own process). "
           "CPU = process CPU seconds per round, all threads. Compile: trace + lower + XLA "
           "compile of one round's programs, cold = into an empty persistent cache, cached = "
           "a second process reading it. Load = 1-min load average when the row started "
@@ -505,6 +513,10 @@ def main():
   p.add_argument("--max-unrolled-k", type=int, default=8,
                  help="skip 'unrolled' above this K (its compile time grows with K·E)")
   p.add_argument("--reps", type=int, default=3)
+  p.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda", "auto"],
+                 help="where the PyTorch loop runs (auto: cuda when torch sees a GPU)")
+  p.add_argument("--peak-n", type=int, default=0,
+                 help="matmul size of the measured peak (default 2048 on CPU, 8192 on GPU/TPU)")
   p.add_argument("--threads", type=int, default=0,
                  help="0: all cores (default); 1: one thread for XLA and torch (a shared, "
                  "loaded machine); other values set torch's threads only")
@@ -531,7 +543,8 @@ def main():
              f"({jax.devices()[0].device_kind}), jax {jax.__version__}, "
              f"threads {THREADS or 'all'}, "
              f"load at start {_load()}")
-  peak = matmul_peak()
+  args.peak_n = args.peak_n or (2048 if jax.default_backend() == "cpu" else 8192)
+  peak = matmul_peak(args.peak_n)
   print(f"[round_speed] {machine}\n[round_speed] f32 matmul peak {peak:.1f} GFLOP/s\n"
         f"[round_speed] U-Net base {args.base} depth {args.depth}, {args.size}×{args.size}, "
         f"batch {args.batch}, E={args.local_steps}, dtype {args.dtype}", flush=True)
