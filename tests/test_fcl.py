@@ -372,6 +372,15 @@ def test_e2e_smoke_fcl_local_cl_random(data_cache, tmp_path):
   # resume: a second call finds every stage finished and returns the same numbers
   again = fcl_train.train_fcl(_smoke(data_cache, "fcl"), str(tmp_path / "fcl"))
   assert again["finetune"] == out["fcl"]["finetune"]
+  # the fine-tuned U-Net segments a frame: infer writes its NIfTI mask
+  import glob
+  import nibabel as nib
+  from fedjax_seg import infer
+  frame = sorted(f for f in glob.glob(os.path.join(data_cache, "phantom_acdc_*", "training", "*",
+                                                   "*_frame*.nii.gz")) if "_gt" not in f)[0]
+  s = infer.infer(str(tmp_path / "fcl" / "finetune_N1"), frame, str(tmp_path / "fcl_mask.nii.gz"))
+  mask = np.asarray(nib.load(s["mask"][0] if isinstance(s["mask"], list) else s["mask"]).dataobj)
+  assert mask.shape == nib.load(frame).shape and set(np.unique(mask).tolist()) <= {0, 1, 2, 3}
 
 
 @pytest.mark.slow  # 10.6 min on 2 cores shared with a benchmark: run by `make test-slow`

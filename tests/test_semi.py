@@ -278,6 +278,12 @@ def test_fedwep_label_at_client_with_aggregation_options(tiny, tmp_path, option)
     from fedjax_seg import infer   # a semi-supervised run loads like any run
     run = infer.load_run(str(tmp_path / option))
     assert "params" in run.variables
+    import glob
+    from PIL import Image
+    patient = sorted(glob.glob(os.path.join(c.data.cache_dir, "phantom_lgg_*", "kaggle_3m", "*")))[0]
+    s = infer.infer(str(tmp_path / option), patient, str(tmp_path / "masks"))  # writes TIFF masks
+    assert s["mask"] and all(os.path.isfile(m) for m in s["mask"])
+    assert set(np.unique(np.asarray(Image.open(s["mask"][0]))).tolist()) <= {0, 255}
 
 
 def _toy_unet_and_pair(valid_lab=(1, 0, 0, 0)):
