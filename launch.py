@@ -25,6 +25,23 @@ from typing import List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so configs/ can import configs.*
 
+
+def available_configs() -> List[str]:
+  """Names of the shipped experiment configs (configs/<name>.py; `--config <name>` works
+  with `fedjax-seg train`), from the configs package next to this file or installed."""
+  spec = importlib.util.find_spec("configs")
+  folders = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+  names = set()
+  for folder in folders:
+    names |= {f[:-3] for f in os.listdir(folder)
+              if f.endswith(".py") and not f.startswith("_") and f != "common.py"}
+  return sorted(names)
+
+
+__doc__ += ("\nConfigs (configs/<name>.py; variants after a colon, e.g. demo:geometric):\n  "
+            + "\n  ".join(", ".join(available_configs()[i:i + 6])
+                          for i in range(0, len(available_configs()), 6)) + "\n")
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -150,7 +167,13 @@ def flag_error(e: BaseException, argv: Sequence[str]) -> str:
 
 def parse_flags(argv: Sequence[str]) -> List[str]:
   """Parses ``argv`` into the flags (the config file loaded, overrides applied);
-  returns the remaining arguments. Raises :class:`UsageLine` with one line."""
+  returns the remaining arguments. Raises :class:`UsageLine` with one line.
+  ``--config demo`` (a bare name) means the shipped ``configs/demo.py``."""
+  from fedjax_seg import cli
+  resolved = cli.resolve_config_argv(argv)
+  if list(sys.argv) == list(argv):  # config_flags and the workdir check read sys.argv too
+    sys.argv[:] = resolved
+  argv = resolved
   try:
     rest = flags.FLAGS(list(argv))
     _CONFIG.value.keys()  # a config file that failed to load raises on first access

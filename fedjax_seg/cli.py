@@ -77,7 +77,8 @@ def resolve_config_path(value: str) -> str:
   return value
 
 
-def _train_argv(argv: Sequence[str]) -> list[str]:
+def resolve_config_argv(argv: Sequence[str]) -> list[str]:
+  """``argv`` with its ``--config`` value resolved by ``resolve_config_path``."""
   out = list(argv)
   for i, a in enumerate(out):
     if a.startswith("--config="):
@@ -90,7 +91,7 @@ def _train_argv(argv: Sequence[str]) -> list[str]:
 def run_train(argv: Sequence[str]) -> int:
   path = launch_path()
   saved = sys.argv
-  sys.argv = [f"{PROG} train", *_train_argv(argv)]
+  sys.argv = [f"{PROG} train", *resolve_config_argv(argv)]
   try:
     runpy.run_path(path, run_name="__main__")  # launch.py ends in app.run(main), which exits
   except SystemExit as e:

@@ -247,3 +247,12 @@ def test_a_run_failing_before_training_leaves_no_workdir(tmp_path, capfd, monkey
   (wd / "notes.txt").write_text("mine")
   rc, _, _ = _run(capfd, ["--config", DEMO, "--workdir", str(wd)])
   assert rc == 2 and (wd / "notes.txt").read_text() == "mine"
+
+
+def test_config_by_name_and_help_lists_the_configs(tmp_path, capfd):
+  """`--config demo:geometric` means configs/demo.py:geometric; --help names every config."""
+  rc, _, err = _run(capfd, ["--config", "demo:geometric", "--workdir", str(tmp_path / "w"),
+                            "--config.num_epochs=0"])
+  assert rc == 2 and err.splitlines() == ["error: config.num_epochs=0: must be an integer >= 1"]
+  assert "lgg_fedavg" in launch.available_configs() and "common" not in launch.available_configs()
+  assert "demo, lgg_centralized" in launch.__doc__ or "demo," in launch.__doc__
