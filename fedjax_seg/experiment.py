@@ -185,7 +185,7 @@ def build_augment(config) -> Optional[steps.AugmentFn]:
   aug = config.get("augment")
   if not aug or not aug.get("enabled", False):
     return None
-  from fedjax_seg.data import augment  # issue: real data formats
+  from fedjax_seg.data import augment
   return augment.make_augment(aug)
 
 
