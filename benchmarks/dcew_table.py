@@ -165,6 +165,12 @@ def main():
     md += (f"\nSplit: {'data.split_seed = 0 for every seed' if args.fixed_split else 'drawn per seed (data.split_seed = seed)'}; "
            f"{args.patients_per_site} patients/site, test fraction {args.test_fraction}; "
            f"wall time {time.time() - t0:.0f} s.\n\n" + stats.markdown(comparison))
+    if "CL" in per_patient:  # centralised vs FedAvg: a comparison of its own (not in the Holm set)
+      comparison_cl = stats.compare({"FedAvg": per_patient["FedAvg"], "CL": per_patient["CL"]},
+                                    "FedAvg", "dice_mean", args.n_boot, 0, 0.95)
+      md += "\n\nCentralised training against FedAvg (same seeds, same test patients):\n\n" + (
+          stats.markdown(comparison_cl))
+      comparison = {**comparison, "centralised": comparison_cl}
   print("\n" + md)
   os.makedirs(args.out, exist_ok=True)
   tag = "dcew_table" + ("" if args.phantom_style == "geometric" else f"_{args.phantom_style}") + (
