@@ -247,9 +247,13 @@ def test_proportional_local_steps_from_sizes():
   np.testing.assert_array_equal(fl_train.local_steps_per_client(c, data), [2, 3, 1])
 
 
-@pytest.mark.parametrize("key,value", [("clients_per_round", 2), ("local_norm", "fedbn"),
-                                       ("scaffold", True), ("fednova", True)])
-def test_semi_and_fcl_refuse_supervised_only_options(key, value):
+@pytest.mark.parametrize("key,value,fcl_refuses", [
+    ("clients_per_round", 2, True), ("local_norm", "fedbn", True), ("scaffold", True, True),
+    ("fednova", True, True),
+    # FedProx's term and streamed chunks act on the supervised client update only; FCL
+    # keeps them (its fine-tuning is supervised FedAvg)
+    ("prox_mu", 0.01, False), ("clients_per_chunk", 2, False)])
+def test_semi_and_fcl_refuse_the_options_they_do_not_read(key, value, fcl_refuses):
   from configs import acdc_fcl_exchange, lgg_fedwep
   from fedjax_seg.fl import fcl_train, semi_train
   c = lgg_fedwep.get_config("fedwep,label_at_client,1/4,iid")
@@ -258,20 +262,8 @@ def test_semi_and_fcl_refuse_supervised_only_options(key, value):
     semi_train.check_aggregation(c, semi_train.hparams(c))
   c = acdc_fcl_exchange.get_config()
   c.fl[key] = value
+  if not fcl_refuses:
+    fcl_train.validate(c)
+    return
   with pytest.raises(ValueError, match=f"config.fl.{key}=.*FCL pre-training"):
     fcl_train.validate(c)
-
-
-@pytest.mark.parametrize("key,value", [("prox_mu", 0.01), ("clients_per_chunk", 2)])
-def test_semi_refuses_the_options_its_clients_do_not_read(key, value):
-  """FedProx's term and streamed chunks act on the supervised client update only; FCL keeps
-  them (its fine-tuning is supervised FedAvg)."""
-  from configs import acdc_fcl_exchange, lgg_fedwep
-  from fedjax_seg.fl import fcl_train, semi_train
-  c = lgg_fedwep.get_config("fedwep,label_at_client,1/4,iid")
-  c.fl[key] = value
-  with pytest.raises(ValueError, match=f"config.fl.{key}=.*semi-supervised"):
-    semi_train.check_aggregation(c, semi_train.hparams(c))
-  c = acdc_fcl_exchange.get_config()
-  c.fl[key] = value
-  fcl_train.validate(c)
