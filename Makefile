@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/python launch.py --config configs/demo.py --workdir runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m pytest -q -x -n 2 --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
