@@ -31,15 +31,10 @@ def _pil_resize_slices(images, masks, size):
 
 
 def _pil_resize_probs(p, hw):
-  """`infer._resize_probs` before the swap (Pillow bilinear per slice and class)."""
-  if p.shape[1:3] == tuple(hw):
-    return p
-  out = np.empty((p.shape[0],) + tuple(hw) + (p.shape[-1],), np.float32)
-  for s in range(p.shape[0]):
-    for k in range(p.shape[-1]):
-      out[s, :, :, k] = np.asarray(Image.fromarray(p[s, :, :, k].astype(np.float32), mode="F").resize(
-          (hw[1], hw[0]), Image.BILINEAR))
-  return out
+  """`infer._resize_probs` before the swap: Pillow bilinear per slice and class, the code
+  `volumes._resize_inplane` still runs (kept on Pillow, see its docstring)."""
+  from fedjax_seg.data import volumes
+  return volumes._resize_inplane(p, hw)
 
 
 # Bilinear: Pillow and jax.image.resize(linear, antialias=True) use the same triangle kernel
