@@ -70,6 +70,12 @@ def write_results(out_dir: str, tag: str, md: str, blob: Dict) -> None:
     json.dump(blob, f, indent=2)
 
 
+def patient_dice(results: Dict, split: str = "test", metric: str = "dice_mean") -> Dict[str, float]:
+  """{patient id: metric} of a run's results.json dict: the per-patient records that the
+  paired comparisons (fedjax_seg.stats.compare) pair by seed and id."""
+  return {str(x["id"]): float(x[metric]) for x in results["per_patient"][split]}
+
+
 def mean_std(v):
   m = sum(v) / len(v)
   s = (sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5

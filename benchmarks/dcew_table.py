@@ -21,7 +21,6 @@ round for R rounds; CL gets the same number of optimiser steps in total
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -125,8 +124,7 @@ def main():
                         f"{algorithm}_s{seed}")
       full = _runs.run_or_load(c, wd, "dcew_table")
       r = full["metrics"]["test"]
-      per_patient.setdefault(name, {})[seed] = {
-          str(x["id"]): float(x["dice_mean"]) for x in full["per_patient"]["test"]}
+      per_patient.setdefault(name, {})[seed] = _runs.patient_dice(full)
       results.setdefault(name, []).append({"seed": seed, "iou": r["iou_mean"], "dice": r["dice_mean"],
                                            "worst_site_dice": full.get("per_site", {}).get(
                                                "test", {}).get("worst_dice")})
@@ -172,15 +170,11 @@ def main():
           stats.markdown(comparison_cl))
       comparison = {**comparison, "centralised": comparison_cl}
   print("\n" + md)
-  os.makedirs(args.out, exist_ok=True)
   tag = "dcew_table" + ("" if args.phantom_style == "geometric" else f"_{args.phantom_style}") + (
       "" if args.fixed_split else "_splits") + ("_quick" if args.quick else "")
   tag = args.name or tag
-  with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
-    f.write(md)
-  with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-    json.dump({"args": vars(args), "command": cmd, "summary": summary,
-               "comparison": comparison}, f, indent=2)
+  _runs.write_results(args.out, tag, md, {"args": vars(args), "command": cmd, "summary": summary,
+                                         "comparison": comparison})
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import logging  # noqa: E402
 
+from benchmarks import _runs  # noqa: E402
 from configs import acdc_fcl_exchange  # noqa: E402
 
 METHODS = [("random init", "random_init"), ("local CL", "local_cl"),
@@ -128,8 +129,8 @@ def main():
       runs.setdefault(name, {})[seed] = r
       for n in args.ns:  # per test patient, for the paired comparisons
         with open(os.path.join(wd, f"finetune_N{n}", "results.json")) as f:
-          per_patient.setdefault(str(n), {}).setdefault(name, {})[seed] = {
-              str(x["id"]): float(x["dice_mean"]) for x in json.load(f)["per_patient"]["test"]}
+          per_patient.setdefault(str(n), {}).setdefault(name, {})[seed] = _runs.patient_dice(
+              json.load(f))
       print(f"[fcl_table] {name} seed {seed}: " + ", ".join(
           f"N={n} {v['test_dice_mean']:.4f}" for n, v in r["finetune"].items())
           + f" ({time.time() - t:.0f}s; {time.time() - t0:.0f}s so far, load {os.getloadavg()[0]:.1f})",

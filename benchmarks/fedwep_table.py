@@ -35,7 +35,6 @@ fractions, seeds); the table reports the test Dice at that value and names it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -260,8 +259,7 @@ def main():
                          "labelled_fraction_realised": r["labelled_fraction_realised"],
                          "cost_percent": r["cost_percent"], "bytes": r["bytes_per_client_round"],
                          "model_bytes": r["model_bytes"], "wall_time_s": r["wall_time_s"],
-                         "per_patient": {str(x["id"]): float(x["dice_mean"])
-                                         for x in r["per_patient"]["test"]}})
+                         "per_patient": _runs.patient_dice(r)})
         print(f"[fedwep_table] {tag}: test Dice {all_runs[-1]['dice']:.4f} "
               f"(val {all_runs[-1]['val_dice']:.4f}; {time.time() - t0:.0f}s so far, "
               f"load {os.getloadavg()[0]:.1f})", flush=True)
@@ -338,14 +336,11 @@ def main():
         f"{os.getloadavg()[0]:.1f} at end (shared 2-core machine).\n\n"
         + "\n\n".join(md_parts) + "\n")
   print("\n" + md)
-  os.makedirs(args.out, exist_ok=True)
   tag = args.name or ("fedwep_table_quick" if args.quick else "fedwep_table")
-  with open(os.path.join(args.out, f"{tag}.md"), "w") as f:
-    f.write(md)
-  with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-    json.dump({"args": vars(args), "command": cmd, "summary": summary, "runs": runs,
-               "grid_runs": all_runs, "chosen_lr": {f"{t}/{n}": v for (t, n), v in chosen.items()},
-               "wall_time_s": elapsed, "load_start": load0, "load_end": os.getloadavg()}, f, indent=2)
+  _runs.write_results(args.out, tag, md, {
+      "args": vars(args), "command": cmd, "summary": summary, "runs": runs, "grid_runs": all_runs,
+      "chosen_lr": {f"{t}/{n}": v for (t, n), v in chosen.items()}, "wall_time_s": elapsed,
+      "load_start": load0, "load_end": os.getloadavg()})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ records, ``results.json``, ``final_model.msgpack``, learning curves and overlays
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -83,7 +82,7 @@ def run_loop(workdir: str, run: Run, stop_after: Optional[int] = None,
   """
   os.makedirs(workdir, exist_ok=True)
   ckpt = runlog.Checkpointer(workdir)
-  stack = contextlib.ExitStack()  # the progress bar, removed however the loop ends
+  prog = None  # its bar is removed however the loop ends
   try:
     _, restored = ckpt.restore_latest(run.state)
     state, start = run.state, 0
@@ -109,7 +108,6 @@ def run_loop(workdir: str, run: Run, stop_after: Optional[int] = None,
     if start == 0 and run.log_initial:
       log.append(run.row(state, 0, None))
     prog = runlog.Progress(run.total, start, what=run.x_key, bar=verbose, tag=run.tag)
-    stack.callback(prog.close)
     for t in range(start, run.total):
       state, info = run.step(state, t)
       row = run.row(state, t + 1, info)
@@ -134,7 +132,8 @@ def run_loop(workdir: str, run: Run, stop_after: Optional[int] = None,
         raise Interrupted(f"stopped after {run.x_key} {t + 1} (test hook)")
     return state, log.rows
   finally:
-    stack.close()
+    if prog is not None:
+      prog.close()
     ckpt.close()
 
 

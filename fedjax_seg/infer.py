@@ -167,7 +167,7 @@ def load_run(workdir: str, step: Optional[int] = None, checkpoint: str = "latest
     raise InferError(f"--checkpoint {checkpoint!r}: expected one of {', '.join(CHECKPOINTS)}")
   ckpt_dir = os.path.join(workdir, "checkpoints")
   best_dir = os.path.join(workdir, runlog.BEST_DIR)
-  steps_ = _steps_in(ckpt_dir)
+  steps_ = runlog.steps_in(ckpt_dir, "default")  # complete steps
   best_value = None
   if checkpoint == "best":
     if step is not None:
@@ -186,7 +186,7 @@ def load_run(workdir: str, step: Optional[int] = None, checkpoint: str = "latest
   if step is None:
     step = steps_[-1]
   elif checkpoint == "latest" and step not in steps_:
-    best_steps = _steps_in(best_dir)
+    best_steps = runlog.steps_in(best_dir, "default")
     if step not in best_steps:
       raise InferError(f"no checkpoint for step {step} in {ckpt_dir}; available: "
                        f"{sorted(set(steps_) | set(best_steps))}")
@@ -281,14 +281,6 @@ def _evaluated_model(workdir: str, variables) -> Optional[str]:
   if name in keys:
     return name
   return keys[0] if len(keys) == 1 else None
-
-
-def _steps_in(ckpt_dir: str) -> List[int]:
-  """The complete orbax steps of a checkpoint folder (``<step>/default`` present)."""
-  if not os.path.isdir(ckpt_dir):
-    return []
-  return sorted(int(s) for s in os.listdir(ckpt_dir)
-                if s.isdigit() and os.path.isdir(os.path.join(ckpt_dir, s, "default")))
 
 
 def _class_names(workdir: str, layout: str) -> Tuple[str, ...]:

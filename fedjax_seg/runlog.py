@@ -427,10 +427,15 @@ def best_checkpoint(workdir: str, metric: str = BEST_METRIC) -> Optional[Tuple[i
     return None
   mngr = _best_manager(path, metric, create=False)
   try:
-    step = mngr.best_step()
-    value = _metric_value(mngr.metrics(step), metric) if step is not None else None
+    return _best_of(mngr, metric)
   finally:
     mngr.close()
+
+
+def _best_of(mngr: Optional[ocp.CheckpointManager], metric: str) -> Optional[Tuple[int, float]]:
+  """(step, finite ``metric``) of ``mngr``'s best step, or None."""
+  step = mngr.best_step() if mngr is not None else None
+  value = _metric_value(mngr.metrics(step), metric) if step is not None else None
   return None if value is None else (int(step), value)
 
 
@@ -538,10 +543,7 @@ class Checkpointer:
   def best(self) -> Optional[Tuple[int, float]]:
     """(step, value of ``best_metric``) of the best checkpoint, or None when there is none."""
     if self._best_cache is _ABSENT:
-      mngr = self._best_manager()
-      step = mngr.best_step() if mngr is not None else None
-      value = _metric_value(mngr.metrics(step), self.best_metric) if step is not None else None
-      self._best_cache = None if value is None else (int(step), value)
+      self._best_cache = _best_of(self._best_manager(), self.best_metric)
     return self._best_cache
 
   def reset_best(self) -> None:
@@ -896,14 +898,19 @@ def check_workdir(workdir: str, config_blob: Optional[Dict[str, Any]] = None,
   return old
 
 
-def checkpoint_steps(workdir: str) -> List[int]:
-  """The completed checkpoint steps in ``workdir/checkpoints`` (folder names; orbax's
-  temporary folders of an unfinished save excluded), read without restoring."""
-  ck = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ck):
+def steps_in(folder: str, item: Optional[str] = None) -> List[int]:
+  """The completed orbax steps of a checkpoint folder (step folder names; orbax's temporary
+  folders of an unfinished save excluded; with ``item``, only steps holding ``<step>/<item>``),
+  read without restoring."""
+  if not os.path.isdir(folder):
     return []
-  return sorted(int(n) for n in os.listdir(ck)
-                if n.isdigit() and os.path.isdir(os.path.join(ck, n)))
+  return sorted(int(n) for n in os.listdir(folder)
+                if n.isdigit() and os.path.isdir(os.path.join(folder, n, item or "")))
+
+
+def checkpoint_steps(workdir: str) -> List[int]:
+  """The completed checkpoint steps in ``workdir/checkpoints`` (`steps_in`)."""
+  return steps_in(os.path.join(workdir, "checkpoints"))
 
 
 def check_extent(workdir: str, key: str, total: int) -> None:

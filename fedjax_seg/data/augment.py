@@ -203,14 +203,9 @@ def adjust_gamma(x: jnp.ndarray, gamma) -> jnp.ndarray:
 # ---------------------------------------------------------------------------
 # Config.
 
-def _pair(value, name: str):
-  try:
-    out = tuple(float(v) for v in value)
-  except (TypeError, ValueError):
-    out = ()
-  if len(out) != 2:
-    raise ValueError(f"config.augment.{name}={value!r}: expected (low, high)")
-  return out
+def _pair(value):
+  """A (low, high) range as floats (its shape and order were checked by `_check_rules`)."""
+  return tuple(float(v) for v in value)
 
 
 def _read_ops(get) -> Dict[str, Dict[str, object]]:
@@ -229,7 +224,7 @@ def _read_ops(get) -> Dict[str, Dict[str, object]]:
       v = sget(k, None)
       if v is None:
         raise ValueError(f"config.augment.{op}.{k} is missing (the {op} section needs {', '.join(keys)})")
-      vals[k] = float(v) if k == "prob" else _pair(v, f"{op}.{k}")
+      vals[k] = float(v) if k == "prob" else _pair(v)
     if vals["prob"] > 0:
       ops[op] = vals
   return ops
@@ -268,13 +263,9 @@ def make_augment(cfg) -> AugmentFn:
     if extra:
       raise ValueError(f"unknown config.augment keys {sorted(extra)}; known: {sorted(known)}")
   _check_rules(cfg)
-  rotation = tuple(float(v) for v in get("rotation_deg", (0.0, 90.0)))
-  zoom = tuple(float(v) for v in get("zoom", (1.0, 1.1)))
+  rotation = _pair(get("rotation_deg", (0.0, 90.0)))  # ranges checked by _check_rules
+  zoom = _pair(get("zoom", (1.0, 1.1)))
   flip = bool(get("flip", False))
-  if len(rotation) != 2 or rotation[0] > rotation[1]:
-    raise ValueError(f"config.augment.rotation_deg={rotation}: expected (low, high) degrees")
-  if len(zoom) != 2 or not 0 < zoom[0] <= zoom[1]:
-    raise ValueError(f"config.augment.zoom={zoom}: expected (low, high) with 0 < low <= high")
   ops = _read_ops(get)
   radius = {op: kernel_radius(ops[op]["sigma"][1]) for op in ("blur", "elastic") if op in ops}
 
@@ -283,23 +274,20 @@ def make_augment(cfg) -> AugmentFn:
     k_apply, k_op = jax.random.split(jax.random.fold_in(k, _FOLD[op]))
     return jax.random.bernoulli(k_apply, ops[op]["prob"]), k_op
 
+  # nnU-Net's order; each op: (its range key, x' = f(x, drawn value, noise key))
+  intensity_ops = (
+      ("noise", "sigma", lambda x, v, k: add_noise(x, k, v)),
+      ("blur", "sigma", lambda x, v, k: blur(x, v, radius["blur"])),
+      ("brightness", "range", lambda x, v, k: scale_brightness(x, v)),
+      ("contrast", "range", lambda x, v, k: adjust_contrast(x, v)),
+      ("gamma", "range", lambda x, v, k: adjust_gamma(x, v)))
+
   def intensity(k, x):
-    if "noise" in ops:
-      on, kk = draw(k, "noise")
-      k_s, k_n = jax.random.split(kk)
-      x = jnp.where(on, add_noise(x, k_n, _uniform(k_s, ops["noise"]["sigma"])), x)
-    if "blur" in ops:
-      on, kk = draw(k, "blur")
-      x = jnp.where(on, blur(x, _uniform(kk, ops["blur"]["sigma"]), radius["blur"]), x)
-    if "brightness" in ops:
-      on, kk = draw(k, "brightness")
-      x = jnp.where(on, scale_brightness(x, _uniform(kk, ops["brightness"]["range"])), x)
-    if "contrast" in ops:
-      on, kk = draw(k, "contrast")
-      x = jnp.where(on, adjust_contrast(x, _uniform(kk, ops["contrast"]["range"])), x)
-    if "gamma" in ops:
-      on, kk = draw(k, "gamma")
-      x = jnp.where(on, adjust_gamma(x, _uniform(kk, ops["gamma"]["range"])), x)
+    for op, rng, fn in intensity_ops:
+      if op in ops:
+        on, kk = draw(k, op)
+        k_v, k_n = jax.random.split(kk) if op == "noise" else (kk, None)
+        x = jnp.where(on, fn(x, _uniform(k_v, ops[op][rng]), k_n), x)
     return x
 
   def augment(key, x, y):
