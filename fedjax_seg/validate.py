@@ -149,6 +149,8 @@ def LowHigh(lo: Optional[float] = None, lo_open: bool = False, unit: str = "") -
   return Satisfies(ok, f"must be (low, high){unit} with {bound}low <= high")
 
 
+BOOL = Satisfies(lambda v: isinstance(v, bool), "must be True or False")
+
 Rule = Union[Number, OneOf, Satisfies]
 
 
@@ -324,8 +326,8 @@ RULES: Dict[str, Rule] = {
     "pretrain.optimizer.name": OneOf(OPTIMIZERS),
     "pretrain.optimizer.lr": Positive(),
     # --- augment (fedjax_seg/data/augment.py; formulas in docs/data.md) ---
-    "augment.enabled": Satisfies(lambda v: isinstance(v, bool), "must be True or False"),
-    "augment.flip": Satisfies(lambda v: isinstance(v, bool), "must be True or False"),
+    "augment.enabled": BOOL,
+    "augment.flip": BOOL,
     "augment.rotation_deg": LowHigh(unit=" degrees"),
     "augment.zoom": LowHigh(0, lo_open=True),
     "augment.noise.prob": Fraction(),
