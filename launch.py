@@ -38,9 +38,9 @@ def available_configs() -> List[str]:
   return sorted(names)
 
 
+_NAMES = available_configs()
 __doc__ += ("\nConfigs (configs/<name>.py; variants after a colon, e.g. demo:geometric):\n  "
-            + "\n  ".join(", ".join(available_configs()[i:i + 6])
-                          for i in range(0, len(available_configs()), 6)) + "\n")
+            + "\n  ".join(", ".join(_NAMES[i:i + 6]) for i in range(0, len(_NAMES), 6)) + "\n")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
