@@ -158,6 +158,11 @@ def save_config(config, workdir: str) -> None:
     runlog.atomic_write(path, text)
 
 
+# config.fl keys that change the data or the logging of a federated run, never its compiled
+# round (excluded from the round programs' compile keys: the seeds of a table share one program).
+NOT_COMPILED_FL_KEYS = ("fl.partition_seed", "fl.eval_every", "fl.eval_clients")
+
+
 def compile_key(config, ds, parts=None, exclude=()) -> str:
   """Everything a compiled step depends on besides its argument shapes:
   the whole config, or only the top-level ``parts`` named, less the dotted

@@ -205,7 +205,7 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
                 if k not in ("label_fraction", "label_seed", "min_labelled", "pad_rows")}
   ckey = json.dumps({"semi": shape_free, "hp": str(hp)}, sort_keys=True) + experiment.compile_key(
       config, ds, ("model", "loss", "optimizer", "algorithm", "fl"),
-      exclude=("fl.partition_seed", "fl.eval_every", "fl.eval_clients"))
+      exclude=experiment.NOT_COMPILED_FL_KEYS)
   dpc, noise_mult = fl_train.privacy(config, len(names))
   stx = server_opt.from_config(config.fl)
   run_round = runlog.cached_jit(

@@ -499,7 +499,7 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   ckey = experiment.compile_key(config, ds, ("model", "loss", "optimizer", "augment", "algorithm",
                                              "fl", "xla_opt_level"),
                                 exclude=("fl.labelled_patients", "fl.label_seed", "fl.rounds",
-                                         "fl.eval_every", "fl.eval_clients", "fl.partition_seed"))
+                                         *experiment.NOT_COMPILED_FL_KEYS))
   server_tx = server_opt.from_config(config.fl)
   dpc, noise_mult = privacy(config, len(names))
   server_update = server_opt.make_server_update(server_tx) if server_tx else None
