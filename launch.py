@@ -228,6 +228,8 @@ def _main(argv) -> int:
   config = _CONFIG.value
   # Everything below up to the training reads only: nothing is written when it refuses.
   validate.check(config)
+  file_config = _load_config(_config_flag_value(sys.argv))  # the file's own values
+  validate.check_unread(config, dict(validate.leaves(file_config)))
   points = sweep.resolve(_SWEEP.value, flags.FLAGS["config"].config_filename)
   shard = sweep.parse_shard(_SWEEP_SHARD.value) if points is not None else None
   if _FRESH.value:  # whatever the old run holds is moved aside, unread
@@ -237,7 +239,7 @@ def _main(argv) -> int:
   elif points is not None:  # each point's workdir is checked when the point starts
     runlog.check_workdir(workdir)
   else:  # the config file's own values tell an override of a key newer than the run
-    defaults = json.loads(_load_config(_config_flag_value(sys.argv)).to_json_best_effort())
+    defaults = json.loads(file_config.to_json_best_effort())
     runlog.check_workdir(workdir, json.loads(config.to_json_best_effort()), defaults)
     key = "num_epochs" if config.algorithm == "centralized" else "fl.rounds"
     if validate.get(config, key) is not None:

@@ -48,12 +48,11 @@ def get_config(arg=None):
       neg_per_partition=4,            # sampled negatives per other partition (balanced)
       hidden_dim=128,                 # projection MLP
       feature_dim=64,                 # exchanged feature size
-      optimizer=ml_collections.ConfigDict(dict(name="adam", lr=1e-3)),
+      optimizer=common.optimizer(),
       augment=ml_collections.ConfigDict(dict(
           rotation_deg=(-15.0, 15.0), zoom=(1.0, 1.15), flip=False,
           intensity_scale=0.2, intensity_shift=0.2, noise=0.05)),
   ))
-  config.xla_opt_level = -1           # >= 0: XLA backend optimisation level (0: fast compile)
   config.finetune = ml_collections.ConfigDict(dict(
       labelled_patients=(1, 2, 4, 8),
       label_seed=0,

@@ -33,7 +33,9 @@ def data_split(**over) -> dict:
       split_seed=0,
       stratify_by_site=True,    # every site (ACDC: pathology group) gets val and test patients
       val_fraction=0.2,         # fraction of the patients held out for validation
-      test_fraction=0.15)       # fraction of the patients held out for the test
+      test_fraction=0.15,       # fraction of the patients held out for the test
+      fold=ml_collections.config_dict.placeholder(int),  # None: split by fractions; f in [0, num_folds): k-fold by patient, fold f is the test set
+      num_folds=5)              # k of the k-fold split (data.fold set)
   keys.update(over)
   return keys
 
@@ -45,6 +47,7 @@ def data(layout: str, **keys) -> ml_collections.ConfigDict:
   d.layout = layout
   d.root = ""                # '' -> phantom written under cache_dir
   d.cache_dir = ""          # phantoms, N4 fields; '' -> $FEDJAX_SEG_DATA_CACHE or ~/.cache/fedjax_seg/data (fedjax_seg/caches.py)
+  d.skip_bad_patients = False  # True: skip a bad patient with a printed warning (else one error naming the file)
   split = data_split()
   for k, v in keys.items():
     if k in split:
@@ -69,14 +72,20 @@ def model(**over) -> ml_collections.ConfigDict:
   compute dtype ("bfloat16": mixed precision with f32 params and f32 aggregation)."""
   m = dict(
       name="unet", base=32, depth=4, dropout=0.5,
+      ndim=2,           # 2: slices | 3: volumes
       norm="none",      # none | batch | group | layer (models/unet.make_norm); small tumours: docs/results/small_tumours.md
       dtype="float32")  # compute dtype; "bfloat16": mixed precision (f32 params, f32 aggregation)
   m.update(over)
   return ml_collections.ConfigDict(m)
 
 
-def optimizer() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-7))
+def optimizer(lr: float = 1e-3) -> ml_collections.ConfigDict:
+  """steps.make_optimizer: Adam(lr, 0.9, 0.999, 1e-7) (seed 001); every optimiser's keys."""
+  return ml_collections.ConfigDict(dict(
+      name="adam",          # adam | adamw | sgd | momentum
+      lr=lr, b1=0.9, b2=0.999, eps=1e-7,   # adam / adamw
+      weight_decay=1e-4,    # adamw
+      momentum=0.9))        # momentum (heavy-ball SGD)
 
 
 def augment(enabled: bool) -> ml_collections.ConfigDict:
@@ -108,6 +117,8 @@ def experiment(data_config: ml_collections.ConfigDict, model_config: ml_collecti
   config.batch_size = batch_size
   config.eval_batch_size = eval_batch_size
   config.num_epochs = num_epochs
+  config.xla_opt_level = -1   # >= 0: XLA backend optimisation level (0: ~3x faster compile, slower run)
+  config.init_from = ""       # a pre-training workdir: its encoder.msgpack initialises the U-Net's contracting path
   return config
 
 

@@ -39,6 +39,9 @@ def get_fl_config():
   fl.clients_per_round = 0      # m > 0: m of the K clients per round, without replacement (0 = all)
   fl.client_sampling = "uniform"  # uniform | size (probability ∝ training samples)
   fl.eval_every = 1
+  fl.labelled_patients = 0      # > 0: train on that many patients per client (FCL fine-tuning; nested in N)
+  fl.label_seed = 0             # which patients those are
+  fl.pad_rows = 1               # pad every client's arrays to at least this many rows (one compile over N)
   fl.eval_clients = True        # per-client validation Dice each round
   # --- beyond FedAvg (README.md "Beyond FedAvg"); defaults = plain FedAvg ---
   fl.prox_mu = 0.0              # FedProx μ: local loss + (μ/2)‖w − w_global‖²

@@ -36,5 +36,6 @@ def get_config(arg=None):
     raise ValueError(f"configs/lgg_scaunet.py:{variant}: expected one of {sorted(VARIANTS)}")
   config = demo.get_config("geometric")  # the phantom its README numbers were measured on
   config.model = ml_collections.ConfigDict(dict(
-      **VARIANTS[variant], dropout=0.5, norm="batch", depthwise="shift"))
+      **VARIANTS[variant], dropout=0.5, norm="batch", depthwise="shift", ndim=2,
+      dtype="float32"))
   return config

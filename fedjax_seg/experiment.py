@@ -186,8 +186,8 @@ def num_params(variables) -> int:
 
 
 def build_augment(config) -> Optional[steps.AugmentFn]:
-  aug = config.get("augment")
-  if not aug or not aug.get("enabled", False):
+  aug = config.augment
+  if not aug.enabled:
     return None
   from fedjax_seg.data import augment
   return augment.make_augment(aug)

@@ -96,7 +96,12 @@ class LoadedRun:
 
   @property
   def ndim(self) -> int:
-    return int(self.config.model.get("ndim", 2))
+    return model_ndim(self.config)
+
+
+def model_ndim(config) -> int:
+  """config.model.ndim; a run written before the U-Net config had the key is 2D."""
+  return int(config.model.get("ndim", 2))
 
 
 def _config_from_json(path: str):
@@ -192,7 +197,7 @@ def load_run(workdir: str, step: Optional[int] = None, checkpoint: str = "latest
                        f"{sorted(set(steps_) | set(best_steps))}")
     ckpt_dir = best_dir  # the best step, pruned from checkpoints/
 
-  layout = config.data.get("layout", "lgg")
+  layout = config.data.layout
   class_names = _class_names(workdir, layout)
   num_classes = len(class_names)
   in_channels = LAYOUT_CHANNELS.get(layout)
@@ -202,9 +207,9 @@ def load_run(workdir: str, step: Optional[int] = None, checkpoint: str = "latest
     fns = models.build(config.model, num_classes)
   except (ValueError, TypeError) as e:
     raise InferError(f"config/model mismatch: cannot build config.model from {cfg_path}: {e}") from e
-  ndim = int(config.model.get("ndim", 2))
+  ndim = model_ndim(config)
   size = int(config.data.image_size)
-  depth = int(config.model.get("depth", 4))
+  depth = int(config.model.depth)
   probe = (1,) + ((2 ** (depth - 1),) if ndim == 3 else ()) + (size, size, in_channels)
   try:
     like = jax.eval_shape(lambda: fns.init(jax.random.PRNGKey(0), jnp.zeros(probe, jnp.float32)))
@@ -562,13 +567,13 @@ def predict_probs(run: LoadedRun, x: np.ndarray, batch_size: Optional[int] = Non
   rounded up to the U-Net's multiple, S, S)`` (a single window when
   ``data.depth`` is set: the training crop), zero padded at the end.
   """
-  bs = int(batch_size or run.config.get("eval_batch_size", 8))
+  bs = int(batch_size or run.config.eval_batch_size)
   prob_fn = make_prob_fn(run, bs)
   if run.ndim != 3:
     return prob_fn(x)
   size = int(run.config.data.image_size)
-  m = 2 ** (int(run.config.model.get("depth", 4)) - 1)
-  wd = int(run.config.data.get("depth", 0) or 0) or _multiple(x.shape[0], m)
+  m = 2 ** (int(run.config.model.depth) - 1)
+  wd = int(run.config.data.depth) or _multiple(x.shape[0], m)
   window = (wd, size, size)
   p = sliding_window(prob_fn, _pad_to(x, window), window)
   return p[: x.shape[0]]

@@ -25,21 +25,20 @@ from fedjax_seg.models import ModelFns
 def make_optimizer(opt_cfg, lr: Optional[float] = None) -> optax.GradientTransformation:
   """Optimiser from ``config.optimizer`` (name: adam | sgd | momentum | adamw).
 
-  Adam defaults are seed 001's: lr 1e-3, β1 0.9, β2 0.999, ε 1e-7. ``lr``
-  overrides ``opt_cfg.lr`` (e.g. the semi-supervised clients' scaled step).
+  Every key is read from ``opt_cfg`` (configs/common.optimizer: seed 001's Adam(1e-3,
+  0.9, 0.999, 1e-7)). ``lr`` overrides ``opt_cfg.lr`` (e.g. the semi-supervised clients' scaled step).
   """
-  name = opt_cfg.get("name", "adam")
-  lr = opt_cfg.get("lr", 1e-3) if lr is None else lr
+  name = opt_cfg["name"]
+  lr = opt_cfg["lr"] if lr is None else lr
   if name == "adam":
-    return optax.adam(lr, b1=opt_cfg.get("b1", 0.9), b2=opt_cfg.get("b2", 0.999),
-                      eps=opt_cfg.get("eps", 1e-7))
+    return optax.adam(lr, b1=opt_cfg["b1"], b2=opt_cfg["b2"], eps=opt_cfg["eps"])
   if name == "adamw":
-    return optax.adamw(lr, b1=opt_cfg.get("b1", 0.9), b2=opt_cfg.get("b2", 0.999),
-                       eps=opt_cfg.get("eps", 1e-7), weight_decay=opt_cfg.get("weight_decay", 1e-4))
+    return optax.adamw(lr, b1=opt_cfg["b1"], b2=opt_cfg["b2"], eps=opt_cfg["eps"],
+                       weight_decay=opt_cfg["weight_decay"])
   if name == "sgd":
     return optax.sgd(lr)
   if name == "momentum":
-    return optax.sgd(lr, momentum=opt_cfg.get("momentum", 0.9))
+    return optax.sgd(lr, momentum=opt_cfg["momentum"])
   raise ValueError(f"config.optimizer.name={name!r}: expected adam, adamw, sgd or momentum")
 
 

@@ -302,10 +302,13 @@ def run_sweep(config, workdir: str, points: Sequence[Point], run_fn: Optional[Ca
   if len(set(names)) != len(names):
     raise SweepError(f"sweep points with the same folder name: {names}")
   configs = []
+  from fedjax_seg import validate as rules
+  base = dict(rules.leaves(config))
   for p in points:  # every override checked before the first point runs
     c = apply_point(config, p)
     try:
       validate(c)
+      rules.check_unread(c, base)
     except ValueError as e:
       raise SweepError(f"sweep point {point_name(p)}: {e}") from e
     configs.append(c)

@@ -413,13 +413,13 @@ def _fold_in_range(config) -> None:
 
 
 def _federated_needs_fl(config) -> None:
-  if config.get("algorithm", "centralized") != "centralized" and not _is_section(config.get("fl")):
+  if config.algorithm != "centralized" and not _is_section(config.get("fl")):
     raise ConfigError("fl", config.get("fl"), f"algorithm {config.algorithm!r} needs the fl "
                       f"section (configs/lgg_fedavg.py get_fl_config())")
 
 
 def _clients_for_partition(config) -> None:
-  if config.get("algorithm", "centralized") == "centralized":
+  if config.algorithm == "centralized":
     return
   kind, k = get(config, "fl.partition"), get(config, "fl.num_clients", 0)
   if kind in ("iid", "dirichlet") and k is not None and k < 1:
@@ -445,6 +445,113 @@ def _anatomy_installed(config) -> None:
   except anatomy.TemplateUnavailable as e:
     raise ConfigError("data.phantom.style", "anatomical", f"{e}; or use "
                       f"--config.data.phantom.style=geometric") from None
+
+
+# ---------------------------------------------------------------------------
+# Keys the chosen algorithm does not read.
+# ---------------------------------------------------------------------------
+COST_WEIGHTED = ("fedcostw", "costw_ce", "dcew")
+FEDWEP = ("fedwep", "fedwep_real", "fedwep_random")
+PRETRAINING = ("fcl", "local_cl", "fedrotation")
+
+
+def _algo(*names) -> Callable[[Any], bool]:
+  return lambda c: c.algorithm in names
+
+
+def _when(key: str, test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+  return lambda c: test(get(c, key))
+
+
+# (key or section prefix, read(config) -> bool, who reads it): a key whose value differs
+# from its reference (section defaults, else the config file's own value) on a run that
+# does not read it is refused, naming the key and who does read it.
+READ_BY: List[Tuple[str, Callable[[Any], bool], str]] = [
+    ("num_epochs", _algo("centralized"), "centralised training (federated runs: config.fl.rounds)"),
+    ("batch_size", _algo("centralized"), "centralised training (federated runs: config.fl.client_batch_size)"),
+    ("fl.", lambda c: c.algorithm != "centralized", "the federated algorithms"),
+    ("fl.alpha", _algo(*COST_WEIGHTED), "fedcostw, costw_ce, dcew"),
+    ("fl.beta", _algo("dcew"), "dcew"),
+    ("fl.gamma", _algo("dcew"), "dcew"),
+    ("fl.cost", _algo("fedcostw"), "fedcostw"),
+    ("fl.cost_ratio", _algo(*COST_WEIGHTED), "fedcostw, costw_ce, dcew"),
+    ("fl.trim", _algo("trimmed_mean"), "trimmed_mean"),
+    ("fl.dirichlet_alpha", _when("fl.partition", lambda v: v == "dirichlet"), "fl.partition='dirichlet'"),
+    ("fl.local_steps_per_client", _when("fl.local_work", lambda v: v == "list"), "fl.local_work='list'"),
+    ("fl.client_sampling", _when("fl.clients_per_round", lambda v: bool(v)), "fl.clients_per_round > 0"),
+    ("fl.server_lr", _when("fl.server_opt", lambda v: v != "none"), "a server optimiser (fl.server_opt)"),
+    ("fl.server_momentum", _when("fl.server_opt", lambda v: v == "fedavgm"), "fl.server_opt='fedavgm'"),
+    ("fl.server_b1", _when("fl.server_opt", lambda v: v in ("fedadam", "fedyogi", "fedadagrad")),
+     "fl.server_opt fedadam / fedyogi / fedadagrad"),
+    ("fl.server_b2", _when("fl.server_opt", lambda v: v in ("fedadam", "fedyogi")),
+     "fl.server_opt fedadam / fedyogi"),
+    ("fl.server_tau", _when("fl.server_opt", lambda v: v in ("fedadam", "fedyogi", "fedadagrad")),
+     "fl.server_opt fedadam / fedyogi / fedadagrad"),
+    ("fl.secagg_bits", _when("fl.secagg", bool), "fl.secagg=True"),
+    ("fl.secagg_seed", _when("fl.secagg", bool), "fl.secagg=True"),
+    ("fl.dp.", _when("fl.dp.enabled", bool), "fl.dp.enabled=True"),
+    ("fl.dp.enabled", lambda c: True, ""),
+    ("fl.dp.sample_cap", _when("fl.dp.weighting", lambda v: v == "samples"), "fl.dp.weighting='samples'"),
+    ("semi.fedwep.", _algo(*FEDWEP), "fedwep, fedwep_real, fedwep_random"),
+    ("semi.mt.", _algo("mean_teacher"), "mean_teacher"),
+    ("semi.cps.", _algo("cps"), "cps"),
+    ("semi.ps.", _algo("pseudoseg"), "pseudoseg"),
+    ("semi.server_steps", _when("semi.scenario", lambda v: v == "label_at_server"), "semi.scenario='label_at_server'"),
+    ("semi.server_batch_size", _when("semi.scenario", lambda v: v == "label_at_server"),
+     "semi.scenario='label_at_server'"),
+    ("pretrain.", _algo(*PRETRAINING), "the FCL pre-training algorithms (fcl, local_cl, fedrotation)"),
+    ("augment.", _when("augment.enabled", bool), "augment.enabled=True"),
+    ("augment.enabled", lambda c: True, ""),
+    ("data.n4.", _when("data.n4.enabled", bool), "data.n4.enabled=True"),
+    ("data.n4.enabled", lambda c: True, ""),
+    ("data.phantom.", _when("data.root", lambda v: not v), "the phantom (data.root='')"),
+    ("data.num_folds", _when("data.fold", lambda v: v is not None), "a k-fold split (data.fold set)"),
+    ("data.test_fraction", _when("data.fold", lambda v: v is None), "the fraction split (data.fold unset)"),
+]
+
+
+def _reader(key: str):
+  """The most specific READ_BY entry of ``key`` (an exact key beats a section prefix)."""
+  best = None
+  for prefix, read, who in READ_BY:
+    if key == prefix or (prefix.endswith(".") and key.startswith(prefix)):
+      if best is None or len(prefix) > len(best[0]) or key == prefix:
+        best = (prefix, read, who)
+  return best
+
+
+def section_defaults() -> Dict[str, Any]:
+  """{dotted key: default} of the fl and semi sections (configs/lgg_fedavg.py
+  get_fl_config(), configs/lgg_fedwep.py get_semi_config()): every config's reference for
+  those keys, whatever its file sets."""
+  from configs import lgg_fedavg, lgg_fedwep
+  out = {f"fl.{k}": v for k, v in leaves(lgg_fedavg.get_fl_config())}
+  out.update({f"semi.{k}": v for k, v in leaves(lgg_fedwep.get_semi_config())})
+  return out
+
+
+def _same(a, b) -> bool:
+  if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+  return a == b
+
+
+def check_unread(config, reference: Optional[Dict[str, Any]] = None) -> None:
+  """Raises :class:`ConfigError` for the first key set away from its reference value that
+  ``config.algorithm`` (with the other keys) does not read. The reference of an fl / semi
+  key is its section default (``section_defaults``); of any other key, ``reference``
+  ({dotted key: value}, e.g. the config file's own values before command-line
+  overrides; a key it lacks is not checked)."""
+  ref = dict(reference or {})
+  ref.update(section_defaults())
+  for key, value in leaves(config):
+    entry = _reader(key)
+    if entry is None or key not in ref or _same(value, ref[key]):
+      continue
+    prefix, read, who = entry
+    if not read(config):
+      raise ConfigError(key, value, f"not read by config.algorithm={config.algorithm!r} with "
+                        f"these settings (read by {who}); leave it at {ref[key]!r}")
 
 
 CROSS_CHECKS: List[Callable[[Any], None]] = [

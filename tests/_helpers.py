@@ -22,3 +22,33 @@ def run_worker(name, timeout, devices=4):
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, os.path.join(root, "tests", "workers", name)],
                         env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# The hyper-parameters the unit tests of the rounds were written (and their golden numbers
+# recorded) with; a run reads every field from its config instead (fl/train.client_hparams,
+# fl/semi_train.hparams).
+CLIENT_HP = dict(local_steps=4, batch_size=8, stats_samples=16, step_strategy="auto", prox_mu=0.0)
+SEMI_HP = dict(
+    method="fedwep", scenario="label_at_client", loss="dice_ce", unsup_weight=1.0,
+    rampup_rounds=0, client_start_round=0, unlabelled_batch_size=8, server_steps=8,
+    server_batch_size=8, p=0.5, sigma=0.1, num_seeds=8, search_size=8, search_inputs="random",
+    pair_criterion="max", pseudo="hard", pseudo_loss="ce", cps_on_labelled=True, ema_decay=0.99,
+    mt_ema_warmup=True, mt_noise=0.1, threshold=0.9, strong_noise=0.1, strong_intensity=0.2)
+
+
+def client_hp(**over):
+  """core.ClientHParams: CLIENT_HP with ``over``."""
+  from fedjax_seg.fl import core
+  return core.ClientHParams(**{**CLIENT_HP, **over})
+
+
+def semi_hp(**over):
+  """semi.SemiHParams: SEMI_HP with ``over``."""
+  from fedjax_seg.fl import semi
+  return semi.SemiHParams(**{**SEMI_HP, **over})
+
+
+# The config.data keys of a NIfTI layout (BraTS, ACDC) a hand-built test config leaves at
+# their configs/ values (configs/brats_3d_centralized.py, configs/common.py).
+NIFTI_DATA = dict(depth=0, target_spacing=(), min_foreground_fraction=0.0, fold=None, num_folds=5,
+                  n4=dict(enabled=False))

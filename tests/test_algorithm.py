@@ -9,6 +9,7 @@ import pytest
 from fedjax_seg import models
 from fedjax_seg.data import federated
 from fedjax_seg.fl import aggregators, algorithm, core, fcl
+import _helpers
 
 
 def _mean_estimation(lr=0.5, steps=3):
@@ -110,7 +111,7 @@ def test_comm_bytes_read_from_the_declared_uploads():
   rng = np.random.default_rng(0)
   data = federated.stack_clients([(rng.random((3, 8, 8, 1), np.float32),
                                    np.zeros((3, 8, 8), np.int32)) for _ in range(2)])
-  hp = core.ClientHParams(local_steps=1, batch_size=2, stats_samples=2, step_strategy="scan")
+  hp = _helpers.client_hp(local_steps=1, batch_size=2, stats_samples=2, step_strategy="scan")
   cu = core.make_client_update(fns, optax.sgd(0.1), "dice_ce", 2, hp)
   alg = core.supervised_algorithm(cu, aggregators.fedavg)
   got = algorithm.comm_bytes(alg, core.ServerState(v, jnp.int32(0)), data)

@@ -98,9 +98,14 @@ def test_local_train_matches_hand_written_sgd_with_after_step():
 @pytest.mark.parametrize("name,backend", [
     ("semi_fedwep_random", "vmap"), ("semi_fedwep_random", "sharded"),
     ("semi_cps", "map"), ("semi_mean_teacher", "vmap"),
-    ("fcl_fcl", "vmap"), ("fcl_fcl", "unrolled"), ("core", "map")])
+    ("fcl_fcl", "vmap"), ("fcl_fcl", "unrolled"), ("core", "map"),
+    # streamed one client at a time (fl/scale.make_chunked_algorithm_round)
+    ("semi_fedwep_random", "chunked"), ("semi_cps", "chunked"), ("semi_mean_teacher", "chunked"),
+    ("semi_server_fedwep_real", "chunked"), ("fcl_fcl", "chunked")])
 def test_rounds_reproduce_the_recorded_numbers_under_every_backend(name, backend):
-  if name.startswith("semi_"):
+  if name.startswith("semi_server_"):
+    out = golden.case_semi(name[len("semi_server_"):], "label_at_server", client_strategy=backend)
+  elif name.startswith("semi_"):
     out = golden.case_semi(name[len("semi_"):], client_strategy=backend)
   elif name.startswith("fcl_"):
     out = golden.case_fcl(name[len("fcl_"):], client_strategy=backend)

@@ -15,6 +15,7 @@ from PIL import Image
 from fedjax_seg.data import io as dio
 from fedjax_seg.data import layouts, phantom, pipeline
 from fedjax_seg.data.io import DataError
+import _helpers
 
 SHAPE = (4, 6, 6)  # internal [Z, Y, X]
 AFFINE = phantom.nifti_affine(SHAPE, (1.0, 1.0, 1.0))
@@ -210,7 +211,7 @@ def _brats_cfg(root, skip):
   return ml_collections.ConfigDict(dict(
       layout="brats", root=str(root), cache_dir="", image_size=8, ndim=2, normalize="zscore",
       skip_bad_patients=skip, split_seed=0, stratify_by_site=False, val_fraction=0.2, test_fraction=0.15,
-      verbose=False))
+      verbose=False, **_helpers.NIFTI_DATA))
 
 
 def test_skip_bad_patients_warns_and_skips(tmp_path, capsys):
@@ -236,7 +237,8 @@ def test_skip_bad_patients_lgg(tmp_path, capsys):
   Image.fromarray(np.full((16, 16), 9, np.uint8)).save(p.masks[0], format="TIFF")
   cfg = ml_collections.ConfigDict(dict(
       layout="lgg", root=str(tmp_path), cache_dir="", image_size=16, normalize="slice_max",
-      skip_bad_patients=True, split_seed=0, stratify_by_site=False, val_fraction=0.2, test_fraction=0.15))
+      skip_bad_patients=True, split_seed=0, stratify_by_site=False, val_fraction=0.2, test_fraction=0.15,
+      fold=None, num_folds=5))
   with pytest.raises(ValueError, match="at least 3 patients"):  # 2 left: the split needs 3
     pipeline.build_dataset(cfg, verbose=False)
   err = capsys.readouterr().err

@@ -14,6 +14,7 @@ from _np_init import numpy_init
 from fedjax_seg import models
 from fedjax_seg.data import federated
 from fedjax_seg.fl import aggregators, core, scale
+import _helpers
 
 K, N, F = 7, 5, 4
 
@@ -142,7 +143,7 @@ def test_unet_round_streamed_equals_all_at_once():
   data = federated.stack_clients(per, host=True)
   assert isinstance(data.x, np.ndarray)
   variables = numpy_init(fns, (1, h, h, 3))
-  hp = core.ClientHParams(local_steps=2, batch_size=4, stats_samples=4, step_strategy="scan")
+  hp = _helpers.client_hp(local_steps=2, batch_size=4, stats_samples=4, step_strategy="scan")
   cu = core.make_client_update(fns, optax.adam(1e-2), "dice_ce", 2, hp)
   kw = AGG_KW["dcew"]
   state = core.ServerState(variables, jnp.int32(0))
@@ -196,3 +197,39 @@ def test_trainer_streamed_equals_all_at_once(tiny, tmp_path):
   sa, sb = a.manager.restore(2), b.manager.restore(2)
   a.close(); b.close()
   chex.assert_trees_all_close(sa, sb, rtol=1e-4, atol=1e-5)
+
+
+def test_semi_trainer_streamed_equals_all_at_once(tiny, tmp_path):
+  """FedWeP label-at-client through its trainer with config.fl.clients_per_chunk=2 (K=3:
+  a full chunk, then a padded one; data on the host): same metrics and final models as
+  the all-at-once round. DP / secure aggregation with chunks, and chunks for idle
+  clients, are refused naming the key."""
+  import json
+  from test_semi import _semi_tiny
+  from fedjax_seg import runlog, train
+  c = _semi_tiny(tiny, "fedwep", rounds=2)
+  c.fl.local_steps = 2
+  c.fl.norm_k = 0.0  # the divergence guard needs every update at once
+  train.run(c, str(tmp_path / "all"))
+  c.fl.clients_per_chunk = 2
+  train.run(c, str(tmp_path / "chunks"))
+  rows = [[json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")] for d in ("all", "chunks")]
+  assert len(rows[0]) == len(rows[1]) == 3
+  for a, b in zip(*rows):
+    for key in ("weights", "client_train_loss"):
+      if key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4)
+    if "seeds" in a:
+      assert a["seeds"] == b["seeds"]
+  a, b = runlog.Checkpointer(str(tmp_path / "all")), runlog.Checkpointer(str(tmp_path / "chunks"))
+  sa, sb = a.manager.restore(2), b.manager.restore(2)
+  a.close(); b.close()
+  chex.assert_trees_all_close(sa, sb, rtol=1e-4, atol=1e-5)
+  c.fl.secagg = True
+  with pytest.raises(ValueError, match="clients_per_chunk=2 cannot be combined with config.fl.secagg"):
+    train.run(c, str(tmp_path / "bad"))
+  from configs import lgg_fedwep
+  idle = lgg_fedwep.get_config("supervised_only,label_at_server")
+  idle.fl.clients_per_chunk = 2
+  with pytest.raises(ValueError, match="config.fl.clients_per_chunk with config.algorithm='supervised_only'"):
+    train.run(idle, str(tmp_path / "idle"))

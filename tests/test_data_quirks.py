@@ -10,6 +10,7 @@ import pytest
 from fedjax_seg.data import io as dio
 from fedjax_seg.data import layouts, partition, phantom, pipeline
 from fedjax_seg.data.io import DataError
+import _helpers
 
 BRATS_TINY = dict(sites=("CS", "DU"), patients_per_site=2, slices_per_patient=4, size=16)
 
@@ -39,7 +40,7 @@ def _cfg(root):
   return ml_collections.ConfigDict(dict(
       layout="brats", root=str(root), cache_dir="", image_size=8, ndim=2, normalize="zscore",
       skip_bad_patients=False, split_seed=0, stratify_by_site=False, val_fraction=0.25, test_fraction=0.34,
-      verbose=False))
+      verbose=False, **_helpers.NIFTI_DATA))
 
 
 def test_brats_patient_355_seg_alias_loads(brats):

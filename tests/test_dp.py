@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fedjax_seg.fl import dp
+import _helpers
 
 K = 4
 
@@ -213,7 +214,7 @@ def _round_wiring(dp_on, secagg_on):
   c.fl.secagg, c.fl.secagg_bits = secagg_on, 24
   c.fl.server_opt = "fedavgm"
   fl_train.check_fl_config(c)
-  hp = core.ClientHParams(local_steps=2, batch_size=4, stats_samples=4, step_strategy="scan")
+  hp = _helpers.client_hp(local_steps=2, batch_size=4, stats_samples=4, step_strategy="scan")
   cu = core.make_client_update(fns, optax.sgd(0.5), "sparse_ce", 2, hp)
   tx = server_opt.from_config(c.fl)
   rr = jax.jit(core.make_run_round(cu, fl_train.build_aggregator(c, 3, 0.5), "vmap", {},

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import common
 from fedjax_seg import models, steps
 from fedjax_seg.fl import fcl, fcl_train
 
@@ -264,7 +265,7 @@ def _tiny_setup(k=3, hw=16, feature_dim=8, bank_size=8):
   rng = np.random.default_rng(0)
   vols = [[rng.normal(size=(6, hw, hw, 1)).astype(np.float32) for _ in range(2 + c)] for c in range(k)]
   data = fcl.stack_volumes(vols)
-  tx = steps.make_optimizer({"name": "adam", "lr": 1e-3})
+  tx = steps.make_optimizer(common.optimizer())
   return hp, fns, variables, data, tx
 
 

@@ -13,6 +13,7 @@ import pytest
 from fedjax_seg import losses, models, steps
 from fedjax_seg.data import federated, partition
 from fedjax_seg.fl import aggregators, core
+import _helpers
 
 K, N, H = 3, 6, 16
 
@@ -41,7 +42,7 @@ def _round(fns, data, variables, client_strategy, step_strategy, sgd=False, aggr
   key = (client_strategy, step_strategy, sgd, aggregator, local_steps, loss)
   if key not in _COMPILED:
     tx = optax.sgd(0.1) if sgd else optax.adam(1e-2)
-    hp = core.ClientHParams(local_steps=local_steps, batch_size=4, stats_samples=4,
+    hp = _helpers.client_hp(local_steps=local_steps, batch_size=4, stats_samples=4,
                             step_strategy=step_strategy)
     cu = core.make_client_update(fns, tx, loss, 2, hp)
     _COMPILED[key] = jax.jit(core.make_run_round(cu, aggregators.get(aggregator),
@@ -112,7 +113,7 @@ def test_fedavg_one_sgd_step_equals_centralised_step(setup):
 def test_run_round_compiles_once(setup):
   fns, data, variables = setup
   traces = []
-  hp = core.ClientHParams(local_steps=1, batch_size=2, stats_samples=2, step_strategy="scan")
+  hp = _helpers.client_hp(local_steps=1, batch_size=2, stats_samples=2, step_strategy="scan")
   cu = core.make_client_update(fns, optax.adam(1e-3), "dice_ce", 2, hp)
   inner = core.make_run_round(cu, aggregators.fedavg, "vmap")
 

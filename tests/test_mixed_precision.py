@@ -9,6 +9,7 @@ import optax
 from _np_init import numpy_init
 from fedjax_seg import models
 from fedjax_seg.fl import aggregators, backends, core
+import _helpers
 
 H = 16
 CFG = {"name": "unet", "base": 4, "depth": 2, "dropout": 0.0}
@@ -58,7 +59,7 @@ def test_unet_bf16_compute_f32_params_logits_grads():
 def test_bf16_round_keeps_f32_models_and_aggregate():
   fns = models.build({**CFG, "dtype": "bfloat16"}, 2)
   variables = numpy_init(fns, (1, H, H, 3))
-  hp = core.ClientHParams(local_steps=2, batch_size=4, stats_samples=4, step_strategy="scan")
+  hp = _helpers.client_hp(local_steps=2, batch_size=4, stats_samples=4, step_strategy="scan")
   cu = core.make_client_update(fns, optax.adam(1e-2), "dice_ce", 2, hp)
   from fedjax_seg.data import federated
   rng = np.random.default_rng(0)

@@ -19,7 +19,8 @@ import pytest
 from fedjax_seg import models, steps
 from fedjax_seg.data import federated
 from fedjax_seg.data.federated import ClientData
-from fedjax_seg.fl import aggregators, core, fcl, semi
+from fedjax_seg.fl import aggregators, core, fcl, scale, semi
+import _helpers
 
 
 def _fp(tree):
@@ -45,7 +46,7 @@ def case_core(client_strategy="vmap", step_strategy="scan"):
   data = federated.stack_clients([(np.asarray(x[0]), np.asarray(y[0])),
                                   (np.asarray(x[1, :3]), np.asarray(y[1, :3]))])
   v = fns.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
-  hp = core.ClientHParams(local_steps=2, batch_size=2, stats_samples=2,
+  hp = _helpers.client_hp(local_steps=2, batch_size=2, stats_samples=2,
                           step_strategy=step_strategy, prox_mu=0.01)
   cu = core.make_client_update(fns, optax.adam(1e-2), "dice_ce", 2, hp)
   rr = jax.jit(core.make_run_round(cu, aggregators.dcew, client_strategy,
@@ -86,14 +87,18 @@ OLD_SEMI = {"mt_ema_warmup": False, "cps_on_labelled": False}
 def case_semi(method, scenario="label_at_client", client_strategy="unrolled",
               step_strategy="unrolled", **options):
   fns = _unet()
-  hp = semi.SemiHParams(method=method, scenario=scenario, unlabelled_batch_size=2,
+  hp = _helpers.semi_hp(method=method, scenario=scenario, unlabelled_batch_size=2,
                         server_steps=2, server_batch_size=2, num_seeds=4, search_size=2,
                         threshold=0.5, ema_decay=0.9, rampup_rounds=2,
                         **{**OLD_SEMI, **options})
-  chp = core.ClientHParams(local_steps=2, batch_size=2, step_strategy=step_strategy)
+  chp = _helpers.client_hp(local_steps=2, batch_size=2, step_strategy=step_strategy)
   v = semi.init_models(hp, fns, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
-  rr = jax.jit(semi.make_run_round(hp, fns, optax.adam(1e-2), 2, chp, client_strategy,
-                                   optax.adam(2e-2)))
+  if client_strategy == "chunked":  # one client at a time, streamed (fl/scale.py)
+    rr = scale.make_chunked_algorithm_round(
+        semi.make_algorithm(hp, fns, optax.adam(1e-2), 2, chp, optax.adam(2e-2)), 1, "unrolled")
+  else:
+    rr = jax.jit(semi.make_run_round(hp, fns, optax.adam(1e-2), 2, chp, client_strategy,
+                                     optax.adam(2e-2)))
   state, info = rr(core.ServerState(v, jnp.int32(1)), _semi_data(scenario),
                    jax.random.PRNGKey(1))
   out = {"model": _fp(state.variables), "train_loss": [float(t) for t in info["train_loss"]]}
@@ -122,7 +127,11 @@ def case_fcl(method, client_strategy="map", step_strategy="scan"):
   view = lambda key, x: x + 0.1 * jax.random.normal(key, x.shape)
   cu = fcl.make_client_update(hp, fns, tx, view)
   state = fcl.init_state(hp, variables, 2, dim)
-  rr = jax.jit(fcl.make_run_round(hp, cu, client_strategy))
+  if client_strategy == "chunked":
+    chunked = scale.make_chunked_algorithm_round(fcl.make_algorithm(hp, cu), 1, "map")
+    rr = lambda s, d, k, on: chunked(s, d, k, exchange_on=on)
+  else:
+    rr = jax.jit(fcl.make_run_round(hp, cu, client_strategy))
   for _ in range(2):
     state, info = rr(state, data, jax.random.PRNGKey(1), jnp.bool_(True))
   return {"model": _fp(state.variables), "private": _fp(state.clients),

@@ -83,7 +83,8 @@ def test_build_dataset_with_n4_prints_progress_and_uses_cache(tmp_path, capsys):
   cfg = ml_collections.ConfigDict(dict(
       layout="brats", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), image_size=16, ndim=2,
       normalize="zscore", split_seed=0, stratify_by_site=False, val_fraction=0.34, test_fraction=0.5,
-      n4=dict(enabled=True, shrink_factor=4, iterations=(5,), cache_dir="")))
+      n4=dict(enabled=True, shrink_factor=4, iterations=(5,), cache_dir=""), depth=0, target_spacing=(),
+      min_foreground_fraction=0.0, skip_bad_patients=False, fold=None, num_folds=5))
   a = pipeline.build_dataset(cfg, verbose=False)
   out = capsys.readouterr().out
   assert "[n4] 1/3 BraTS20_Training_001: 4 volumes, 0 from cache, 4 fitted" in out

@@ -14,6 +14,7 @@ from fedjax_seg.data import federated
 from fedjax_seg.fl import aggregators as agg
 from fedjax_seg.fl import core, server_opt
 from fedjax_seg.models import ModelFns
+import _helpers
 
 K = 5
 
@@ -179,7 +180,7 @@ def test_bad_clients_excluded_in_a_round_and_model_stays_finite():
   c = lgg_fedavg.get_config()
   c.algorithm, c.fl.norm_k, c.fl.server_opt, c.fl.server_lr = "median", 3.0, "fedadam", 0.01
   fl_train.check_fl_config(c)
-  hp = core.ClientHParams(local_steps=2, batch_size=4, stats_samples=4, step_strategy="scan")
+  hp = _helpers.client_hp(local_steps=2, batch_size=4, stats_samples=4, step_strategy="scan")
   cu = core.make_client_update(fns, optax.sgd(0.1), "dice_ce", 2, hp)
   tx = server_opt.from_config(c.fl)
   rr = jax.jit(core.make_run_round(cu, fl_train.build_aggregator(c, 5), "vmap",

@@ -250,9 +250,9 @@ def test_proportional_local_steps_from_sizes():
 @pytest.mark.parametrize("key,value,fcl_refuses", [
     ("clients_per_round", 2, True), ("local_norm", "fedbn", True), ("scaffold", True, True),
     ("fednova", True, True),
-    # FedProx's term and streamed chunks act on the supervised client update only; FCL
-    # keeps them (its fine-tuning is supervised FedAvg)
-    ("prox_mu", 0.01, False), ("clients_per_chunk", 2, False)])
+    # FedProx's term acts on the supervised client update only; FCL keeps it (its
+    # fine-tuning is supervised FedAvg)
+    ("prox_mu", 0.01, False)])
 def test_semi_and_fcl_refuse_the_options_they_do_not_read(key, value, fcl_refuses):
   from configs import acdc_fcl_exchange, lgg_fedwep
   from fedjax_seg.fl import fcl_train, semi_train
@@ -267,3 +267,19 @@ def test_semi_and_fcl_refuse_the_options_they_do_not_read(key, value, fcl_refuse
     return
   with pytest.raises(ValueError, match=f"config.fl.{key}=.*FCL pre-training"):
     fcl_train.validate(c)
+
+
+def test_semi_and_fcl_take_streamed_chunks():
+  """fl.clients_per_chunk streams the semi-supervised and FCL pre-training clients too
+  (fl/scale.make_chunked_algorithm_round); with DP it is refused naming both keys."""
+  from configs import acdc_fcl_exchange, lgg_fedwep
+  from fedjax_seg.fl import fcl_train, semi_train
+  c = lgg_fedwep.get_config("fedwep,label_at_client,1/4,iid")
+  c.fl.clients_per_chunk = 2
+  semi_train.check_aggregation(c, semi_train.hparams(c))
+  c.fl.dp.enabled = True
+  with pytest.raises(ValueError, match="clients_per_chunk=2 cannot be combined with config.fl.dp"):
+    semi_train.check_aggregation(c, semi_train.hparams(c))
+  c = acdc_fcl_exchange.get_config()
+  c.fl.clients_per_chunk = 2
+  fcl_train.validate(c)

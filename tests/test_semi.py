@@ -13,6 +13,7 @@ import pytest
 from configs import lgg_fedwep
 from fedjax_seg import train
 from fedjax_seg.fl import fedwep, semi, semi_train
+import _helpers
 
 
 def _ids(k, n):
@@ -64,7 +65,7 @@ def test_semi_data_hides_unlabelled_masks():
 
 def test_communication_accounting():
   mb = 1000
-  hp = lambda m, s="label_at_client": semi.SemiHParams(method=m, scenario=s)
+  hp = lambda m, s="label_at_client": _helpers.semi_hp(method=m, scenario=s)
   assert semi.comm_bytes(hp("fedwep"), mb) == {"down": mb + 8, "up": mb, "total": 2 * mb + 8}
   assert semi.comm_bytes(hp("cps"), mb) == {"down": 2 * mb, "up": 2 * mb, "total": 4 * mb}
   assert semi.comm_bytes(hp("mean_teacher"), mb)["total"] == 4 * mb
@@ -116,9 +117,9 @@ def test_objectives_of_every_method_are_finite_and_mt_teacher_is_ema():
   pair = semi.ClientPair(ClientData(x, y, jnp.ones((2, 4))),
                          ClientData(x, jnp.zeros_like(y), jnp.ones((2, 4))))
   server = ClientData(x[:1], y[:1], jnp.ones((1, 4)))
-  chp = core.ClientHParams(local_steps=1, batch_size=2, step_strategy="unrolled")
+  chp = _helpers.client_hp(local_steps=1, batch_size=2, step_strategy="unrolled")
   for method in ("cps", "mean_teacher", "pseudoseg"):
-    hp = semi.SemiHParams(method=method, unlabelled_batch_size=2, threshold=0.0, ema_decay=0.5)
+    hp = _helpers.semi_hp(method=method, unlabelled_batch_size=2, threshold=0.0, ema_decay=0.5)
     v = semi.init_models(hp, fns, jax.random.PRNGKey(0), x[0, :1])
     cu = semi.make_client_update(hp, fns, optax.sgd(0.1), 2, chp)
     new, st = jax.jit(cu)((v, {"round": jnp.int32(3)}), jax.tree.map(lambda a: a[0], pair),
@@ -208,8 +209,8 @@ def test_label_at_server_round_uses_its_own_server_optimiser():
   empty = ClientData(x, jnp.zeros_like(y), jnp.zeros((2, 4)))
   data = semi.SemiData(semi.ClientPair(empty, ClientData(x, jnp.zeros_like(y), jnp.ones((2, 4)))),
                        ClientData(x[:1], y[:1], jnp.ones((1, 4))))
-  chp = core.ClientHParams(local_steps=1, batch_size=2, step_strategy="unrolled")
-  hp = semi.SemiHParams(method="supervised_only", scenario="label_at_server", server_steps=2,
+  chp = _helpers.client_hp(local_steps=1, batch_size=2, step_strategy="unrolled")
+  hp = _helpers.semi_hp(method="supervised_only", scenario="label_at_server", server_steps=2,
                         server_batch_size=2)
   v = semi.init_models(hp, fns, jax.random.PRNGKey(0), x[0, :1])
   moved = {}
@@ -315,7 +316,7 @@ def test_mean_teacher_ema_warmup_against_numpy(warmup):
   """after_step on a random student trajectory = NumPy EMA with (or without) the warm-up
   decay min(1 − 1/(t+1), α); with the warm-up the teacher after t < 1/(1−α) − 1 steps is
   the plain mean of its init and the t student iterates (init weight 1/(t+1), not α^t)."""
-  hp = semi.SemiHParams(method="mean_teacher", ema_decay=0.9, mt_ema_warmup=warmup)
+  hp = _helpers.semi_hp(method="mean_teacher", ema_decay=0.9, mt_ema_warmup=warmup)
   obj = semi.Objective(hp, None, 2)
   rng = np.random.default_rng(0)
   theta0 = rng.normal(size=(3, 4)).astype(np.float32)
@@ -349,9 +350,9 @@ def test_mean_teacher_step_count_is_carried_across_rounds():
   from fedjax_seg.fl import core
   fns, x, pair = _toy_unet_and_pair()
   E = 3
-  chp = core.ClientHParams(local_steps=E, batch_size=2, step_strategy="unrolled")
+  chp = _helpers.client_hp(local_steps=E, batch_size=2, step_strategy="unrolled")
   for warmup in (True, False):
-    hp = semi.SemiHParams(method="mean_teacher", unlabelled_batch_size=2, ema_decay=0.99,
+    hp = _helpers.semi_hp(method="mean_teacher", unlabelled_batch_size=2, ema_decay=0.99,
                           mt_ema_warmup=warmup)
     v = semi.init_models(hp, fns, jax.random.PRNGKey(0), x[:1])
     v["teacher"] = fns.init(jax.random.PRNGKey(7), x[:1])
@@ -366,7 +367,7 @@ def test_mean_teacher_step_count_is_carried_across_rounds():
           new["teacher"]["params"], v["teacher"]["params"], v["student"]["params"])
   # label_at_server, clients from round 2, 2 server steps per round: round 3 starts at
   # t = (3 − 2)·E + 3·2 = 9; its server steps at 9 + E = 12
-  hp = semi.SemiHParams(method="mean_teacher", scenario="label_at_server", server_steps=2,
+  hp = _helpers.semi_hp(method="mean_teacher", scenario="label_at_server", server_steps=2,
                         server_batch_size=2, client_start_round=2)
   assert int(semi.ema_steps_before(hp, 3, E)) == 9
   assert int(semi.ema_steps_before(hp, 1, E)) == 2
@@ -401,10 +402,10 @@ def test_cps_loss_on_labelled_data_against_numpy():
   import optax
   from fedjax_seg.fl import core
   fns, x, pair = _toy_unet_and_pair()
-  chp = core.ClientHParams(local_steps=1, batch_size=2, step_strategy="unrolled")
-  hp = {o: semi.SemiHParams(method="cps", unlabelled_batch_size=2, cps_on_labelled=o)
+  chp = _helpers.client_hp(local_steps=1, batch_size=2, step_strategy="unrolled")
+  hp = {o: _helpers.semi_hp(method="cps", unlabelled_batch_size=2, cps_on_labelled=o)
         for o in (True, False)}
-  assert semi.SemiHParams(method="cps").cps_on_labelled      # the paper's choice is the default
+  assert _helpers.semi_hp(method="cps").cps_on_labelled      # the paper's choice is the default
   v = semi.init_models(hp[True], fns, jax.random.PRNGKey(0), x[:1])
   unsup = {}
   for o in (True, False):

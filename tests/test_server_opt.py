@@ -12,6 +12,7 @@ from fedjax_seg import losses
 from fedjax_seg.data import federated
 from fedjax_seg.fl import aggregators, core, server_opt
 from fedjax_seg.models import ModelFns
+import _helpers
 
 
 def _tree(rng, scale=1.0):
@@ -167,7 +168,7 @@ def test_fedprox_client_step_matches_hand_computed_gradient(prox_setup, mu):
   which is NaN when written as global_norm(w − w_g)²."""
   fns, data, variables = prox_setup
   lr = 0.5
-  hp = core.ClientHParams(local_steps=2, batch_size=4, stats_samples=4,
+  hp = _helpers.client_hp(local_steps=2, batch_size=4, stats_samples=4,
                           step_strategy="unrolled", prox_mu=mu)
   cu = core.make_client_update(fns, optax.sgd(lr), "sparse_ce", 2, hp)
   client = jax.tree.map(lambda a: a[0], data)

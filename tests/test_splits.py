@@ -14,7 +14,7 @@ STRATA = {p: p.split("_")[0] for p in IDS}
 
 
 def _cfg(**kw):
-  return ml_collections.ConfigDict({**dict(split_seed=0, val_fraction=0.2, test_fraction=0.15), **kw})
+  return ml_collections.ConfigDict({**dict(split_seed=0, val_fraction=0.2, test_fraction=0.15, fold=None, num_folds=5), **kw})
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])

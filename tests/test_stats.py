@@ -241,7 +241,7 @@ def test_finish_writes_per_patient_records_3d_brats(tmp_path):
       layout="brats", root=str(root), cache_dir="", image_size=8, ndim=3, depth=4,
       target_spacing=(2.0, 2.0, 2.0), normalize="zscore", split_seed=0, stratify_by_site=False,
       val_fraction=0.25, test_fraction=0.34, skip_bad_patients=False, min_foreground_fraction=0.0,
-      frames=("ED", "ES"), verbose=False))
+      frames=("ED", "ES"), verbose=False, fold=None, num_folds=5, n4=dict(enabled=False)))
   ds = pipeline.build_dataset(data, verbose=False)
   fns = models.ModelFns(Tiny())
   variables = fns.init(jax.random.PRNGKey(0), np.zeros((1, 4, 8, 8, 4), np.float32))

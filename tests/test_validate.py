@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEDAVG = os.path.join(ROOT, "configs", "lgg_fedavg.py")
 DEMO = os.path.join(ROOT, "configs", "demo.py") + ":geometric"
 ACDC_CL = os.path.join(ROOT, "configs", "acdc_centralized.py")
+FEDWEP = os.path.join(ROOT, "configs", "lgg_fedwep.py")
 
 
 def _fedavg():
@@ -46,8 +47,58 @@ def test_every_shipped_config_and_variant_passes():
       except Exception:  # noqa: BLE001 - not a variant of this config
         continue
       validate.check(c)
+      validate.check_unread(c)  # a shipped config sets no fl / semi key its algorithm ignores
       checked += 1
   assert checked >= 25
+
+
+def test_check_unread_reads_the_algorithm_and_the_other_keys():
+  c = _fedavg()
+  validate.check_unread(c, dict(validate.leaves(c)))  # the file's own values: nothing set
+  c.algorithm = "dcew"
+  c.fl.beta, c.fl.gamma = 0.3, 0.2                      # read by dcew
+  validate.check_unread(c)
+  c.algorithm = "fedcostw"                              # beta is not read by fedcostw
+  with pytest.raises(ConfigError, match=r"config.fl.beta=0.3: not read by config.algorithm='fedcostw'"):
+    validate.check_unread(c)
+  c = _fedavg()
+  c.fl.server_b2 = 0.9
+  with pytest.raises(ConfigError, match="server_b2"):
+    validate.check_unread(c)
+  c.fl.server_opt = "fedadagrad"                        # Adagrad has no β2
+  with pytest.raises(ConfigError, match="server_b2"):
+    validate.check_unread(c)
+  c.fl.server_opt = "fedadam"
+  validate.check_unread(c)
+  c = _fedavg()
+  c.fl.dp.clip_norm = 2.0
+  with pytest.raises(ConfigError, match="fl.dp.clip_norm"):
+    validate.check_unread(c)
+  c.fl.dp.enabled = True
+  validate.check_unread(c)
+  c.fl.dp.sample_cap = 10.0                             # read with weighting='samples' only
+  with pytest.raises(ConfigError, match="fl.dp.sample_cap"):
+    validate.check_unread(c)
+  c.fl.dp.weighting = "samples"
+  validate.check_unread(c)
+  # a key outside fl / semi is compared with the reference given, and unchecked without one
+  c = _fedavg()
+  ref = dict(validate.leaves(c))
+  c.num_epochs = 3
+  validate.check_unread(c)
+  with pytest.raises(ConfigError, match="config.num_epochs=3"):
+    validate.check_unread(c, ref)
+  c.algorithm = "centralized"
+  validate.check_unread(c, ref)
+
+
+def test_sweep_point_setting_an_unread_key_is_refused(tmp_path):
+  from fedjax_seg import sweep
+  ran = []
+  with pytest.raises(sweep.SweepError, match=r"sweep point .*config.fl.trim=0.2: not read"):
+    sweep.run_sweep(_fedavg(), str(tmp_path / "sw"), [{"fl.trim": 0.2}],
+                    run_fn=lambda *a, **k: ran.append(a))
+  assert not ran
 
 
 def test_message_format_is_exact():
@@ -167,6 +218,16 @@ CASES = [
     ("unknown_model_key", FEDAVG, ["--config.model.dtyp=bfloat16"], "unknown config key model.dtyp (did you mean model.dtype?)"),
     ("unknown_no_hint", FEDAVG, ["--config.zzzzzz=1"], "unknown config key zzzzzz"),
     ("unknown_flag", FEDAVG, ["--workdirr=x"], "workdirr"),
+    # keys the chosen algorithm does not read (validate.READ_BY)
+    ("unread_alpha", FEDAVG, ["--config.fl.alpha=0.7"],
+     "config.fl.alpha=0.7: not read by config.algorithm='fedavg' with these settings (read by fedcostw, costw_ce, dcew); leave it at 0.5"),
+    ("unread_num_epochs", FEDAVG, ["--config.num_epochs=3"], "config.num_epochs=3: not read by config.algorithm='fedavg'"),
+    ("unread_server_lr", FEDAVG, ["--config.fl.server_lr=0.5"], "config.fl.server_lr=0.5: not read"),
+    ("unread_dp_clip", FEDAVG, ["--config.fl.dp.clip_norm=2.0"], "(read by fl.dp.enabled=True)"),
+    ("unread_augment", FEDAVG, ["--config.augment.flip=True"], "config.augment.flip=True: not read"),
+    ("unread_mt", FEDWEP, ["--config.semi.mt.ema_decay=0.9"], "(read by mean_teacher)"),
+    ("unread_fl_on_centralized", FEDAVG, ["--config.algorithm=centralized", "--config.fl.rounds=3"],
+     "config.fl.rounds=3: not read by config.algorithm='centralized'"),
     ("extra_argument", FEDAVG, ["stray"], "unexpected arguments: stray"),
 ]
 

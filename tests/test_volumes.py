@@ -163,7 +163,8 @@ def test_phantom_cli_brats_and_acdc(tmp_path, capsys):
 def _data_cfg(layout, root, **kw):
   d = dict(layout=layout, root=str(root), cache_dir="", image_size=16, ndim=2, depth=0, target_spacing=(),
            normalize="zscore", split_seed=0, stratify_by_site=False, val_fraction=0.25, test_fraction=0.2,
-           skip_bad_patients=False, min_foreground_fraction=0.0, frames=("ED", "ES"), verbose=False)
+           skip_bad_patients=False, min_foreground_fraction=0.0, frames=("ED", "ES"), verbose=False,
+           fold=None, num_folds=5, n4=dict(enabled=False))
   d.update(kw)
   return ml_collections.ConfigDict(d)
 

@@ -104,7 +104,7 @@ DIFFERENT = [
     ("image_size", {"data.image_size": 16, "data.phantom.size": 32},
      "data.image_size 8 -> 16, data.phantom.size 16 -> 32"),
     ("partition", {"fl.partition": "iid", "fl.num_clients": 3}, "fl.num_clients 0 -> 3, fl.partition"),
-    ("dp", {"fl.dp.clip_norm": 2.0}, "fl.dp.clip_norm 1.0 -> 2.0"),
+    ("dp", {"fl.dp.enabled": True, "fl.dp.clip_norm": 2.0}, "fl.dp.clip_norm 1.0 -> 2.0"),
 ]
 
 
@@ -116,7 +116,7 @@ def test_different_config_is_refused(name, overrides, needle, copy, data_cache, 
 
 def test_many_differences_name_eight_keys(copy, data_cache, capfd):
   ov = {"seed": 3, "model.base": 4, "fl.local_steps": 3, "fl.client_batch_size": 3, "fl.stats_samples": 3,
-        "optimizer.lr": 0.01, "optimizer.b1": 0.8, "fl.norm_k": 5.0, "fl.alpha": 0.4, "fl.prox_mu": 0.1}
+        "optimizer.lr": 0.01, "optimizer.b1": 0.8, "fl.norm_k": 5.0, "model.dropout": 0.25, "fl.prox_mu": 0.1}
   line = refused(capfd, command(copy, data_cache, **ov), copy, "and 2 more")
   assert line.count(" -> ") == 8
 
@@ -223,16 +223,16 @@ def test_resumable_keys_may_change(copy, data_cache, capfd):
 
 
 def test_key_newer_than_the_run(copy, data_cache, capfd):
-  """A run made before fl.trim existed resumes; overriding the new key is a difference."""
+  """A run made before fl.prox_mu existed resumes; overriding the new key is a difference."""
   stored = json.load(open(copy / "config.json"))
-  del stored["fl"]["trim"]
+  del stored["fl"]["prox_mu"]
   (copy / "config.json").write_text(runlog.json_text(stored))
-  refused(capfd, command(copy, data_cache, **{"fl.trim": 0.2}), copy,
-          "different config (fl.trim (absent) -> 0.2)")
+  refused(capfd, command(copy, data_cache, **{"fl.prox_mu": 0.2}), copy,
+          "different config (fl.prox_mu (absent) -> 0.2)")
   rc, out, err = run(capfd, command(copy, data_cache))
   assert rc == 0, err
-  assert "config.json in" in out and "updated (fl.trim)" in out
-  assert json.load(open(copy / "config.json"))["fl"]["trim"] == 0.1
+  assert "config.json in" in out and "updated (fl.prox_mu)" in out
+  assert json.load(open(copy / "config.json"))["fl"]["prox_mu"] == 0.0
 
 
 def _fail_fsync_for(monkeypatch, suffix):

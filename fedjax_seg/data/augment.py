@@ -247,10 +247,10 @@ def _uniform(key, lohi):
 def make_augment(cfg) -> AugmentFn:
   """Builds the augmentation from ``config.augment`` (a ConfigDict or dict).
 
-  Spatial keys: rotation_deg (low, high) degrees, zoom (low, high), flip bool
-  (when absent: the seed-001 values (0.0, 90.0), (1.0, 1.1), False, as
-  before the op sections existed). ``enabled`` is read by the trainer, not
-  here. Op sections (each optional; see the module docstring and
+  Spatial keys (required): rotation_deg (low, high) degrees, zoom (low, high), flip
+  bool (configs/common.augment: seed 001's (0.0, 90.0), (1.0, 1.1), False). ``enabled``
+  is read by the trainer, not here. Op sections (each optional, an absent op is off;
+  see the module docstring and
   docs/data.md for the formulas): noise {prob, sigma}, blur {prob, sigma},
   brightness {prob, range}, contrast {prob, range}, gamma {prob, range},
   elastic {prob, alpha, sigma}; every pair is (low, high) of a per-sample
@@ -263,9 +263,13 @@ def make_augment(cfg) -> AugmentFn:
     if extra:
       raise ValueError(f"unknown config.augment keys {sorted(extra)}; known: {sorted(known)}")
   _check_rules(cfg)
-  rotation = _pair(get("rotation_deg", (0.0, 90.0)))  # ranges checked by _check_rules
-  zoom = _pair(get("zoom", (1.0, 1.1)))
-  flip = bool(get("flip", False))
+  for key in ("rotation_deg", "zoom", "flip"):
+    if get(key, None) is None:
+      raise ValueError(f"config.augment.{key} is missing (configs/common.py augment() has "
+                       f"every key and its default)")
+  rotation = _pair(get("rotation_deg", None))  # ranges checked by _check_rules
+  zoom = _pair(get("zoom", None))
+  flip = bool(get("flip", None))
   ops = _read_ops(get)
   radius = {op: kernel_radius(ops[op]["sigma"][1]) for op in ("blur", "elastic") if op in ops}
 

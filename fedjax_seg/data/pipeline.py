@@ -155,7 +155,7 @@ def ensure_phantom(layout: str, phantom_cfg: dict, cache_dir: str, verbose: bool
 
 def _load_lgg(root: str, data_cfg) -> Tuple[List[Tuple[str, str, np.ndarray, np.ndarray]], Tuple[str, ...]]:
   from fedjax_seg.data import io, layouts
-  skip = bool(data_cfg.get("skip_bad_patients", False))
+  skip = bool(data_cfg.skip_bad_patients)
   out = []
   patients = layouts.find_lgg(root, on_error=io.warn_skip if skip else None)
   for p in patients:
@@ -198,12 +198,12 @@ def preprocess_slices(images: np.ndarray, labels: Optional[np.ndarray], data_cfg
     images = images[..., None]
   dummy = np.zeros(images.shape[:3], np.uint8) if labels is None else labels
   x, y = preprocess.resize_slices(images, dummy, int(data_cfg.image_size))
-  x = preprocess.normalize(x, data_cfg.get("normalize", "slice_max"))
+  x = preprocess.normalize(x, data_cfg.normalize)
   return x, None if labels is None else y
 
 
 def resolve_root(data_cfg, verbose: bool = True) -> str:
-  if data_cfg.get("root"):
+  if data_cfg.root:
     return os.path.abspath(os.path.expanduser(data_cfg.root))
   from fedjax_seg import caches
   return ensure_phantom(data_cfg.layout, dict(data_cfg.phantom), caches.data_dir(data_cfg.cache_dir),
@@ -218,8 +218,7 @@ SPLIT_SEED_FROM_RUN_INT = -1
 
 def resolve_split_seed(data_cfg, seed: Optional[int] = None) -> int:
   """``data.split_seed`` as an int: an int >= 0 as given, ``'seed'`` or -1 -> ``seed`` (config.seed)."""
-  value = data_cfg.get("split_seed", 0)
-  value = 0 if value is None else value
+  value = data_cfg.split_seed
   if isinstance(value, str):
     if value.strip().lower() != SPLIT_SEED_FROM_RUN:
       raise ValueError(f"config.data.split_seed={value!r}: expected an int >= 0, {SPLIT_SEED_FROM_RUN!r} "
@@ -228,7 +227,7 @@ def resolve_split_seed(data_cfg, seed: Optional[int] = None) -> int:
   value = int(value)
   if value == SPLIT_SEED_FROM_RUN_INT:
     if seed is None:
-      raise ValueError(f"config.data.split_seed={data_cfg.get('split_seed')!r} (follow config.seed) needs the "
+      raise ValueError(f"config.data.split_seed={data_cfg.split_seed!r} (follow config.seed) needs the "
                        f"run's seed: call build_dataset(config.data, seed=config.seed), or set "
                        f"data.split_seed to an int >= 0")
     return int(seed)
@@ -242,22 +241,21 @@ def make_splits(patient_ids: Sequence[str], data_cfg, strata: Optional[Dict[str,
                 seed: Optional[int] = None) -> Dict[str, List[str]]:
   """Train / val / test patient ids from ``config.data``.
 
-  Without ``data.fold`` (absent or None): `preprocess.split_patients` with
+  With ``data.fold`` None: `preprocess.split_patients` with
   ``split_seed``, ``val_fraction``, ``test_fraction`` (the historical
   split). With ``data.fold = f``: `preprocess.kfold_split`, k =
-  ``data.num_folds`` (default 5) folds by patient, stratified by site
+  ``data.num_folds`` folds by patient, stratified by site
   (``strata``), fold f the test split, validation ``val_fraction`` of the
   rest; ``test_fraction`` is then unused. ``split_seed`` may be ``'seed'``
   or -1 (`resolve_split_seed`), so that every run seed evaluates other patients.
   """
   split_seed = resolve_split_seed(data_cfg, seed)
-  fold = data_cfg.get("fold", None)
+  fold = data_cfg.fold
   if fold is None:
     return preprocess.split_patients(patient_ids, split_seed, data_cfg.val_fraction, data_cfg.test_fraction,
                                      strata)
-  num_folds = data_cfg.get("num_folds", None) or 5
-  return preprocess.kfold_split(patient_ids, int(fold), int(num_folds), split_seed,
-                                data_cfg.get("val_fraction", 0.2), strata)
+  return preprocess.kfold_split(patient_ids, int(fold), int(data_cfg.num_folds), split_seed,
+                                data_cfg.val_fraction, strata)
 
 
 def build_dataset(data_cfg, verbose: bool = True, seed: Optional[int] = None) -> SegDataset:
@@ -291,7 +289,7 @@ def build_dataset(data_cfg, verbose: bool = True, seed: Optional[int] = None) ->
     x, y = preprocess_slices(images, labels, data_cfg)
     patients[pid] = PatientArrays(pid, site, x, y.astype(np.int32))
   strata = ({p.id: p.site for p in patients.values()}
-            if data_cfg.get("stratify_by_site", True) else None)
+            if data_cfg.stratify_by_site else None)
   splits = make_splits(list(patients), data_cfg, strata, seed)
   ds = SegDataset(patients, splits, len(class_names), tuple(class_names), root, data_cfg.layout)
   if verbose:

@@ -52,7 +52,9 @@ def remap_brats_labels(seg: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class VolumeOptions:
-  """The ``config.data`` keys the volume loaders read (defaults in brackets).
+  """The ``config.data`` keys the volume loaders read. ``from_config`` reads each from
+  the config (configs/brats_3d_centralized.py, configs/acdc_centralized.py hold them);
+  the field defaults (in brackets) serve code that builds options directly.
 
   ndim [2], image_size [128], depth [0 = all slices], target_spacing
   [() = none], normalize ['zscore'], n4 (ConfigDict: enabled [False],
@@ -76,31 +78,31 @@ class VolumeOptions:
   @classmethod
   def from_config(cls, data_cfg) -> "VolumeOptions":
     get = data_cfg.get
-    ndim = int(get("ndim", 2))
+    ndim = int(data_cfg.ndim)
     if ndim not in (2, 3):
       raise ValueError(f"config.data.ndim={ndim}: expected 2 (slices) or 3 (volumes)")
-    n4_cfg = get("n4", None)
+    n4_cfg = data_cfg.n4
     n4 = None
     cache_dir = ""
-    if n4_cfg is not None and n4_cfg.get("enabled", False):
+    if n4_cfg.enabled:
       n4 = preprocess.N4Params.from_config(n4_cfg)
       from fedjax_seg import caches
-      cache_dir = n4_cfg.get("cache_dir", "") or os.path.join(caches.data_dir(get("cache_dir", "")), "n4")
-    target = tuple(get("target_spacing", ()) or ())
+      cache_dir = n4_cfg.cache_dir or os.path.join(caches.data_dir(data_cfg.cache_dir), "n4")
+    target = tuple(data_cfg.target_spacing or ())
     if target and len(target) != 3:
       raise ValueError(f"config.data.target_spacing={target}: expected (dz, dy, dx) mm (0 keeps an axis)")
-    frames = tuple(get("frames", ("ED", "ES")))
+    frames = tuple(data_cfg.frames) if data_cfg.layout == "acdc" else ()  # an ACDC key
     for f in frames:
       if f not in ("ED", "ES"):
         raise ValueError(f"config.data.frames={frames}: entries must be 'ED' or 'ES'")
-    depth = int(get("depth", 0) or 0)
+    depth = int(data_cfg.depth)
     if depth < 0:
       raise ValueError(f"config.data.depth={depth} must be >= 0 (0 keeps every slice)")
-    return cls(ndim=ndim, image_size=int(get("image_size", 128)), depth=depth,
+    return cls(ndim=ndim, image_size=int(data_cfg.image_size), depth=depth,
                target_spacing=tuple(None if (t is None or t <= 0) else float(t) for t in target),
-               normalize=get("normalize", "zscore"), n4=n4, n4_cache_dir=cache_dir,
-               skip_bad_patients=bool(get("skip_bad_patients", False)),
-               min_foreground_fraction=float(get("min_foreground_fraction", 0.0)),
+               normalize=data_cfg.normalize, n4=n4, n4_cache_dir=cache_dir,
+               skip_bad_patients=bool(data_cfg.skip_bad_patients),
+               min_foreground_fraction=float(data_cfg.min_foreground_fraction),
                frames=frames, verbose=bool(get("verbose", True)))
 
 

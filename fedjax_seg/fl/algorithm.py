@@ -105,6 +105,10 @@ class Algorithm:
   downlink: state -> per-client messages [K] (default ()).
   split_data: round data -> (per-client data [K], server data). Default (data, ()).
   key_scheme: 'flat' | 'split3' (module docstring).
+  fedavg_model: True declares that ``aggregate`` is FedAvg of upload['model'] weighted by
+    stats['num_samples'] over the finite clients with samples (a divergence guard aside),
+    and that ``server_update`` reads no upload['model']: then clients can be streamed in
+    chunks (fl/scale.make_chunked_algorithm_round).
   """
   name: str
   uploads: Tuple[str, ...]
@@ -115,6 +119,7 @@ class Algorithm:
   downlink: Callable = _default_downlink
   split_data: Callable = _default_split
   key_scheme: str = "flat"
+  fedavg_model: bool = False
 
   def __post_init__(self):
     if self.key_scheme not in ("flat", "split3"):

@@ -38,11 +38,13 @@ ServerState = algorithm.ServerState
 
 @dataclasses.dataclass(frozen=True)
 class ClientHParams:
-  local_steps: int = 4          # E optimiser steps per round
-  batch_size: int = 8
-  stats_samples: int = 16       # local samples for the aggregator statistics
-  step_strategy: str = "auto"
-  prox_mu: float = 0.0          # FedProx μ (0 = FedAvg local objective)
+  """From ``config.fl`` (fl/train.client_hparams); no defaults here: they live in
+  configs/lgg_fedavg.py get_fl_config()."""
+  local_steps: int              # E optimiser steps per round
+  batch_size: int
+  stats_samples: int            # local samples for the aggregator statistics
+  step_strategy: str            # auto | scan | unrolled
+  prox_mu: float                # FedProx μ (0 = FedAvg local objective)
 
 
 def client_stats(fns: ModelFns, loss_name: str, num_classes: int, variables, x, y, mask):

@@ -216,8 +216,8 @@ def gaussian_epsilon_exact(noise_multiplier: float, rounds: int, delta: float) -
 def check_config(config) -> None:
   """Refuses DP settings that would void the guarantee (ValueError naming keys)."""
   fl = config.fl
-  dp = fl.get("dp")
-  if dp is None or not dp.get("enabled", False):
+  dp = fl.dp
+  if not dp.enabled:
     return
   if config.algorithm not in DP_ALGORITHMS:
     why = ("its weights c_k/C, d_k/D are normalised over clients and c_k, d_k are unbounded "

@@ -332,9 +332,13 @@ def make_view_augment(aug_cfg) -> Callable[[jax.Array, jnp.ndarray], jnp.ndarray
   """(key, x [B, H, W, C]) -> x: in-plane rotation/zoom/flip (data.augment, bilinear)
   then per-sample intensity scale ~ U(1 ± scale), shift ~ U(± shift), Gaussian noise σ."""
   from fedjax_seg.data import augment as aug_lib
-  aug_cfg = dict(aug_cfg or {})
-  scale, shift, noise = (float(aug_cfg.pop(k, d)) for k, d in
-                         (("intensity_scale", 0.2), ("intensity_shift", 0.2), ("noise", 0.05)))
+  aug_cfg = dict(aug_cfg)
+  missing = [k for k in ("intensity_scale", "intensity_shift", "noise") if k not in aug_cfg]
+  if missing:
+    raise ValueError(f"config.pretrain.augment.{missing[0]} is missing (configs/"
+                     f"acdc_fcl_exchange.py has every key and its default)")
+  scale, shift, noise = (float(aug_cfg.pop(k)) for k in ("intensity_scale", "intensity_shift",
+                                                           "noise"))
   geo = aug_lib.make_augment(aug_cfg)
 
   def view(key, x):
@@ -502,7 +506,7 @@ def make_algorithm(hp: PretrainHParams, client_update: Callable) -> algorithm.Al
 
   return algorithm.Algorithm(hp.method, ("model", "bank") if hp.contrastive else ("model",),
                              client_update, aggregate, server_update=server_update,
-                             downlink=lambda state: state.server)
+                             downlink=lambda state: state.server, fedavg_model=True)
 
 
 def make_run_round(hp: PretrainHParams, client_update: Callable, client_strategy: str = "auto"):

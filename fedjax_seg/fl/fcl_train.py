@@ -39,7 +39,7 @@ import numpy as np
 
 from fedjax_seg import experiment, models, runlog, steps
 from fedjax_seg.data import federated, pipeline
-from fedjax_seg.fl import core, dp, fcl
+from fedjax_seg.fl import core, dp, fcl, scale
 from fedjax_seg.fl import train as fl_train
 
 ALGORITHMS = {"fcl": "fcl", "local_cl": "local_cl", "fedrotation": "rotation", "random_init": None}
@@ -60,10 +60,10 @@ def load_data(data_cfg, verbose: bool = True) -> Tuple[pipeline.SegDataset, pipe
   [F·D, H, W, C] — exactly what the 2D loader produces (ED slices then ES
   slices) when ``data.min_foreground_fraction`` is 0. Same patients, same splits.
   """
-  if int(data_cfg.get("ndim", 2)) != 2:
+  if int(data_cfg.ndim) != 2:
     raise ValueError("config.data.ndim must be 2 for FCL (2D slices are fine-tuned; "
                      "volumes are loaded internally for partition sampling)")
-  if float(data_cfg.get("min_foreground_fraction", 0.0)) > 0:
+  if float(data_cfg.min_foreground_fraction) > 0:
     raise ValueError("config.data.min_foreground_fraction must be 0 for FCL: dropping slices "
                      "would break the slice order that partition sampling relies on")
   vcfg = copy.deepcopy(data_cfg)
@@ -112,8 +112,8 @@ def encoder_config(config, hp: fcl.PretrainHParams):
   if m.name != "unet":
     raise ValueError(f"config.model.name={m.name!r}: FCL fine-tunes a 'unet'")
   rotation = hp.method == "rotation"
-  return dict(name="unet_encoder", base=m.base, depth=m.depth, norm=m.get("norm", "none"),
-              ndim=m.get("ndim", 2), hidden_dim=config.pretrain.hidden_dim,
+  return dict(name="unet_encoder", base=m.base, depth=m.depth, norm=m.norm,
+              ndim=m.ndim, hidden_dim=config.pretrain.hidden_dim,
               feature_dim=4 if rotation else config.pretrain.feature_dim, normalize=not rotation)
 
 
@@ -130,13 +130,14 @@ def validate(config) -> None:
   fl_train.refuse_supervised_only(config, f"config.algorithm={config.algorithm!r} (FCL "
                                           f"pre-training)")
   fl = config.fl
-  dpc = fl.get("dp")
-  for key, on in (("fl.dp.enabled", bool(dpc and dpc.get("enabled", False))),
-                  ("fl.secagg", bool(fl.get("secagg", False)))):
+  for key, on in (("fl.dp.enabled", bool(fl.dp.enabled)), ("fl.secagg", bool(fl.secagg))):
     if on:
       raise ValueError(f"config.{key} with config.algorithm={config.algorithm!r}: pre-training "
                        f"clients upload {list(_uploads(config))} (features besides the model); "
                        f"DP-FedAvg / secure aggregation protect one uploaded model only")
+  shadow = copy.deepcopy(config)
+  shadow.algorithm = "fedavg"  # pre-training averages the encoders by FedAvg
+  scale.check_chunked(shadow)  # streamed clients (fl.clients_per_chunk)
 
 
 def _uploads(config):
@@ -171,16 +172,24 @@ def pretrain(config, workdir: str, vol: pipeline.SegDataset, train_ids, names,
   init_key, round_key = jax.random.split(jax.random.fold_in(key, 0xFC1))
   variables = fns.init(init_key, jnp.zeros((1,) + data.x.shape[3:], jnp.float32))
   tx = steps.make_optimizer(config.pretrain.optimizer)
-  view = fcl.make_view_augment(config.pretrain.get("augment", {}))
+  view = fcl.make_view_augment(config.pretrain.augment)
   ckey = json.dumps({"hp": hp.program_key(), "enc": ecfg, "xla": _xla_opts(config),
                      "fl": config.fl.client_strategy,
                      "opt": json.loads(config.pretrain.optimizer.to_json()),
                      "aug": json.loads(config.pretrain.augment.to_json())}, sort_keys=True)
-  run_round = runlog.cached_jit(
-      "fcl_pretrain" + ckey,
-      lambda: fcl.make_run_round(hp, fcl.make_client_update(hp, fns, tx, view),
-                                 config.fl.client_strategy), donate_argnums=(0,),
-      **_xla_opts(config))
+  if config.fl.clients_per_chunk:  # C clients at a time (fl/scale.py); banks gathered
+    chunked = scale.make_chunked_algorithm_round(
+        fcl.make_algorithm(hp, fcl.make_client_update(hp, fns, tx, view)),
+        config.fl.clients_per_chunk, config.fl.client_strategy,
+        jit=lambda name, fn: runlog.cached_jit(f"fcl_pretrain_{name}" + ckey, fn,
+                                               **_xla_opts(config)))
+    run_round = lambda s_, d, k_, on: chunked(s_, d, k_, exchange_on=on)
+  else:
+    run_round = runlog.cached_jit(
+        "fcl_pretrain" + ckey,
+        lambda: fcl.make_run_round(hp, fcl.make_client_update(hp, fns, tx, view),
+                                   config.fl.client_strategy), donate_argnums=(0,),
+        **_xla_opts(config))
   exchange_on = jnp.bool_(hp.exchange)
   state = fcl.init_state(hp, variables, k, ecfg["feature_dim"])
   mbytes = core.model_bytes(variables)

@@ -48,7 +48,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_seg.data.federated import ClientData
-from fedjax_seg.fl import aggregators, backends, core
+from fedjax_seg.fl import aggregators, algorithm, backends, core
 from fedjax_seg.fl.backends import CLIENT_AXIS, client_mesh, pad_clients, pad_keys
 
 # --- placement (single host and several hosts) ------------------------------------
@@ -89,7 +89,7 @@ def check_chunked(config) -> None:
   """Refuses the combinations a streamed round cannot compute exactly (the norm_k
   exclusion is skipped, with a note)."""
   fl = config.fl
-  c = fl.get("clients_per_chunk", 0)
+  c = fl.clients_per_chunk
   if not c:
     return
   if c < 0:
@@ -98,13 +98,11 @@ def check_chunked(config) -> None:
     raise ValueError(f"config.fl.clients_per_chunk={c} needs a linear aggregator "
                      f"{aggregators.LINEAR_AGGREGATORS}; config.algorithm={config.algorithm!r} "
                      f"needs all client models at once")
-  dpc = fl.get("dp")
-  for bad, why in (("secagg", bool(fl.get("secagg", False))),
-                   ("dp.enabled", dpc is not None and bool(dpc.get("enabled", False)))):
+  for bad, why in (("secagg", bool(fl.secagg)), ("dp.enabled", bool(fl.dp.enabled))):
     if why:
       raise ValueError(f"config.fl.clients_per_chunk={c} cannot be combined with "
                        f"config.fl.{bad} (needs all client models at once)")
-  if fl.get("norm_k", 0.0) > 0:
+  if fl.norm_k > 0:
     print(f"[fl] note: config.fl.norm_k={fl.norm_k} is not applied with config.fl."
           f"clients_per_chunk={c} (the median update norm needs all client models at once); "
           f"clients with non-finite models or no samples are still excluded", flush=True)
@@ -195,6 +193,96 @@ def make_chunked_round(client_update: Callable, algorithm: str, clients_per_chun
     new_state, weights, failed = finish_fn(state, acc, stats, ok)
     empty = ~((stats["num_samples"] > 0) & jnp.isfinite(stats["num_samples"]))
     info = {**stats, "weights": weights, "failed": failed, "included": weights > 0,
+            "update_norm": upd, "excl_nonfinite": ~finite, "excl_empty": finite & empty,
+            "excl_norm": jnp.zeros_like(finite), "excl_stats": finite & ~empty & ~(weights > 0)}
+    return new_state, info
+  return run_round
+
+
+def make_chunked_algorithm_round(alg: algorithm.Algorithm, clients_per_chunk: int,
+                                 client_strategy: str = "auto",
+                                 jit: Callable = lambda name, build: jax.jit(build())) -> Callable:
+  """``run_round(state, data, key, **round_options) -> (state', info)`` of an
+  ``algorithm.Algorithm`` that declares ``fedavg_model`` (the semi-supervised methods,
+  FCL pre-training), streaming C clients at a time.
+
+  Same result as ``algorithm.make_round(alg, ...)`` without client sampling, up to float
+  summation order (tested), except that the divergence guard's norm exclusion (which
+  needs every update at once) is not applied, as in :func:`make_chunked_round`. Three
+  jitted programs, compiled once each: ``broadcast``, ``chunk`` (C client updates, the
+  running FedAvg sums of upload['model'] and ``num_samples``) and ``finish`` (the
+  average, ``alg.server_update``). The other uploads (FCL's banks: small) and the
+  per-client state rows are gathered over the chunks to [K, ...] for ``server_update``.
+  ``data`` may hold host NumPy arrays; each chunk goes to the device on its turn.
+  info: as ``make_round``'s, plus the robust-report keys of :func:`make_chunked_round`.
+  """
+  if clients_per_chunk < 1:
+    raise ValueError(f"config.fl.clients_per_chunk={clients_per_chunk} must be >= 1")
+  if not alg.fedavg_model:
+    raise ValueError(f"config.fl.clients_per_chunk={clients_per_chunk}: {alg.name} does not "
+                     f"average one uploaded model by FedAvg, so its clients cannot be streamed")
+  C = clients_per_chunk
+  clients = backends.for_each_client(alg.client_update, client_strategy,
+                                     stage=f"{alg.name} client update")
+  others = tuple(u for u in alg.uploads if u != "model")
+
+  def chunk_step(variables, bcast, inputs, keys, acc):
+    upload, rows, stats = clients(bcast, inputs, keys)
+    stacked = upload["model"]
+    ok, ((_, r),) = aggregators.linear_terms("fedavg", stacked, stats)
+    total, num = acc
+    okr = jnp.where(ok, r, 0.0).astype(jnp.float32)
+
+    def add(n, m):
+      okb = ok.reshape((-1,) + (1,) * (m.ndim - 1))
+      return n + jnp.tensordot(okr, jnp.where(okb, m, 0).astype(jnp.float32), axes=1)
+    num = jax.tree.map(add, num, stacked)
+    upd = aggregators.update_norms(variables, stacked)
+    finite = aggregators.finite_clients(stacked)
+    return ((total + jnp.sum(okr), num), rows, stats, {o: upload[o] for o in others}, ok,
+            jnp.where(finite, upd, jnp.nan), finite)
+
+  def finish(state, acc, stats, ok, rows, other_uploads, server_data, s_key, round_options):
+    total, num = acc
+    _, terms = aggregators.linear_terms("fedavg", {"a": jnp.zeros_like(ok, jnp.float32)}, stats)
+    weights = aggregators.linear_weights(terms, ok)
+    failed = ~(total > 0)
+    agg = jax.tree.map(
+        lambda g, n: jnp.where(failed, g, (n / jnp.where(failed, 1.0, total)).astype(g.dtype)),
+        state.variables, num)
+    upload = {**other_uploads, "model": None}
+    new_state, info_s = alg.server_update(state, agg, failed, upload, rows, weights,
+                                          server_data, s_key, **round_options)
+    return new_state, info_s, weights, failed
+
+  bcast_fn = jit("broadcast", lambda: lambda st, sd, k: (alg.broadcast(st, sd, k),
+                                                        alg.downlink(st)))
+  chunk_fn = jit("chunk", lambda: chunk_step)
+  finish_fn = jit("finish", lambda: finish)
+
+  def run_round(state, data, key, **round_options):
+    per_client, server_data = alg.split_data(data)
+    k = backends.num_clients(per_client)
+    r_key = jax.random.fold_in(key, state.round)
+    b_key, c_keys, s_key, _ = algorithm.round_keys(alg.key_scheme, r_key, k)
+    (bcast, info_b), down = bcast_fn(state, server_data, b_key)
+    zeros = jax.tree.map(lambda g: jnp.zeros(g.shape, jnp.float32), state.variables)
+    acc = (jnp.float32(0), zeros)
+    outs = []
+    for lo in range(0, k, C):
+      hi = min(lo + C, k)
+      piece = lambda t: (pad_clients(jax.tree.map(lambda a: a[lo:hi], t), C)
+                         if jax.tree.leaves(t) else t)
+      inputs = (piece(per_client), piece(state.clients), piece(down))
+      acc, *out = chunk_fn(state.variables, bcast, inputs, pad_keys(c_keys[lo:hi], C), acc)
+      outs.append(out)
+    rows, stats, other_uploads, ok, upd, finite = jax.tree.map(
+        lambda *xs: jnp.concatenate(xs)[:k], *outs)
+    new_state, info_s, weights, failed = finish_fn(state, acc, stats, ok, rows, other_uploads,
+                                                   server_data, s_key, round_options)
+    empty = ~((stats["num_samples"] > 0) & jnp.isfinite(stats["num_samples"]))
+    info = {**stats, **info_b, **info_s, "weights": weights, "failed": failed,
+            "included": weights > 0, "sampled": jnp.ones((k,), bool),
             "update_norm": upd, "excl_nonfinite": ~finite, "excl_empty": finite & empty,
             "excl_norm": jnp.zeros_like(finite), "excl_stats": finite & ~empty & ~(weights > 0)}
     return new_state, info

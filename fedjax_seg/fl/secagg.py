@@ -198,13 +198,13 @@ def secure(aggregator: Callable, seeds, bits: int = 24) -> Callable:
 
 def check_config(config) -> None:
   fl = config.fl
-  if not fl.get("secagg", False):
+  if not fl.secagg:
     return
   if config.algorithm in ("median", "trimmed_mean"):
     raise ValueError(f"config.fl.secagg=True with config.algorithm={config.algorithm!r}: a "
                      f"coordinate-wise median / trimmed mean needs individual client values, "
                      f"which the server never sees under secure aggregation")
-  bits = fl.get("secagg_bits", 24)
+  bits = fl.secagg_bits
   if not 8 <= bits <= 28:
     raise ValueError(f"config.fl.secagg_bits={bits}: expected 8..28 (fractional bits of the "
                      f"int32 fixed point)")

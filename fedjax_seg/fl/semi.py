@@ -178,24 +178,27 @@ def empty_client_data(k: int, sample_shape, label_shape, rows: int = 1) -> Clien
                     jnp.zeros((k, rows), jnp.float32))
 
 
-def stack_or_empty(per_client, sample_shape, label_shape, min_rows: int = 1) -> ClientData:
+def stack_or_empty(per_client, sample_shape, label_shape, min_rows: int = 1,
+                   host: bool = False) -> ClientData:
   if all(len(x) == 0 for x, _ in per_client):
-    return empty_client_data(len(per_client), sample_shape, label_shape, max(min_rows, 1))
-  return stack_clients(per_client, min_rows=min_rows)
+    empty = empty_client_data(len(per_client), sample_shape, label_shape, max(min_rows, 1))
+    return jax.tree.map(np.asarray, empty) if host else empty
+  return stack_clients(per_client, min_rows=min_rows, host=host)
 
 
 def build_semi_data(arrays: Callable, lab_ids, unl_ids, server_ids, sample_shape, label_shape,
-                    pad_rows: int = 0) -> SemiData:
+                    pad_rows: int = 0, host: bool = False) -> SemiData:
   """arrays(ids) -> (x [n, ...], y [n, ...]) pooled slices of patients.
 
   Unlabelled labels are replaced by zeros (never seen by training).
   pad_rows: pad every array to at least this many rows (equal shapes across
-  label fractions → one compiled round for a whole sweep).
+  label fractions → one compiled round for a whole sweep). host: the clients' arrays as
+  host NumPy (streamed to the device in chunks, fl/scale.py).
   """
   lab = [arrays(ids) for ids in lab_ids]
   unl = [(x, np.zeros_like(y)) for x, y in (arrays(ids) for ids in unl_ids)]
-  clients = ClientPair(stack_or_empty(lab, sample_shape, label_shape, pad_rows),
-                       stack_or_empty(unl, sample_shape, label_shape, pad_rows))
+  clients = ClientPair(stack_or_empty(lab, sample_shape, label_shape, pad_rows, host),
+                       stack_or_empty(unl, sample_shape, label_shape, pad_rows, host))
   server = stack_or_empty([arrays(server_ids)], sample_shape, label_shape, pad_rows)
   return SemiData(clients, server)
 
@@ -205,38 +208,40 @@ def build_semi_data(arrays: Callable, lab_ids, unl_ids, server_ids, sample_shape
 
 @dataclasses.dataclass(frozen=True)
 class SemiHParams:
-  method: str = "fedwep"
-  scenario: str = "label_at_client"
-  loss: str = "dice_ce"                 # supervised loss
-  unsup_weight: float = 1.0
-  rampup_rounds: int = 0
-  client_start_round: int = 0
-  unlabelled_batch_size: int = 8
-  server_steps: int = 8
-  server_batch_size: int = 8
+  """Every field from ``config`` (fl/semi_train.hparams); no defaults here: they live in
+  configs/lgg_fedwep.py get_semi_config()."""
+  method: str
+  scenario: str
+  loss: str                 # supervised loss
+  unsup_weight: float
+  rampup_rounds: int
+  client_start_round: int
+  unlabelled_batch_size: int
+  server_steps: int
+  server_batch_size: int
   # FedWeP
-  p: float = 0.5
-  sigma: float = 0.1
-  num_seeds: int = 8
-  search_size: int = 8
-  search_inputs: str = "random"
-  pair_criterion: str = "max"
-  pseudo: str = "hard"
+  p: float
+  sigma: float
+  num_seeds: int
+  search_size: int
+  search_inputs: str
+  pair_criterion: str
+  pseudo: str
   # ℓ on hard pseudo-labels (FedWeP, CPS, PseudoSeg): 'ce' (SPEC) | 'dice_ce'
-  pseudo_loss: str = "ce"
+  pseudo_loss: str
   # CPS: the cross pseudo-supervision loss on the labelled batch too (Chen et al. 2021);
   # False = unlabelled batch only (the behaviour before this option)
-  cps_on_labelled: bool = True
+  cps_on_labelled: bool
   # Mean Teacher
-  ema_decay: float = 0.99
+  ema_decay: float
   # decay_t = min(1 − 1/(t+1), ema_decay), t = global step count (Tarvainen & Valpola 2017);
   # False = ema_decay from the first step (the behaviour before this option)
-  mt_ema_warmup: bool = True
-  mt_noise: float = 0.1
+  mt_ema_warmup: bool
+  mt_noise: float
   # PseudoSeg
-  threshold: float = 0.9
-  strong_noise: float = 0.1
-  strong_intensity: float = 0.2
+  threshold: float
+  strong_noise: float
+  strong_intensity: float
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -602,7 +607,9 @@ def make_algorithm(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformat
   label_at_server the server then runs its supervised steps (``server_tx``,
   default ``tx``). ``server_opt_update`` (fl/server_opt.py) turns the average into
   the next models by a server optimiser over every model's params
-  (:func:`params_view`). Round data: :class:`SemiData`.
+  (:func:`params_view`). Round data: :class:`SemiData`. With the FedAvg aggregator
+  (robust or not) it declares ``fedavg_model`` (clients can be streamed in chunks,
+  fl/scale.make_chunked_algorithm_round) unless its clients are idle.
   """
   client_update = make_client_update(hp, fns, tx, num_classes, chp)
   server_steps = (make_server_update(hp, fns, server_tx or tx, num_classes, chp.step_strategy,
@@ -639,7 +646,8 @@ def make_algorithm(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransformat
 
   return algorithm.Algorithm(hp.method, ("model",), client, aggregate, broadcast=broadcast,
                              server_update=server_update,
-                             split_data=lambda d: (d.clients, d.server), key_scheme="split3")
+                             split_data=lambda d: (d.clients, d.server), key_scheme="split3",
+                             fedavg_model=not hp.clients_idle)
 
 
 def params_view(models) -> Dict[str, Any]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from fedjax_seg import experiment, models, runlog, steps
 from fedjax_seg.data import pipeline
-from fedjax_seg.fl import core, semi, server_opt
+from fedjax_seg.fl import core, scale, semi, server_opt
 from fedjax_seg.fl import train as fl_train
 
 SEMI_KEYS = {"scenario", "label_fraction", "label_seed", "min_labelled", "unsup_weight",
@@ -45,57 +45,59 @@ SUB_KEYS = {"fedwep": {"p", "sigma", "num_seeds", "search_size", "search_inputs"
 
 
 def hparams(config) -> semi.SemiHParams:
-  """SemiHParams from ``config.semi``; unknown keys are errors that name the key."""
+  """SemiHParams from ``config.semi``; an unknown or a missing key is an error that names
+  it (every key and its default: configs/lgg_fedwep.py get_semi_config())."""
   s = config.semi
   unknown = set(s.keys()) - SEMI_KEYS
   if unknown:
     raise ValueError(f"unknown config.semi keys {sorted(unknown)}; known: {sorted(SEMI_KEYS)}")
+  missing = SEMI_KEYS - set(s.keys())
+  if missing:
+    raise ValueError(f"config.semi.{sorted(missing)[0]} is missing (configs/lgg_fedwep.py "
+                     f"get_semi_config() holds every key and its default)")
   for sub, keys in SUB_KEYS.items():
-    if sub in s:
-      bad = set(s[sub].keys()) - keys
-      if bad:
-        raise ValueError(f"unknown config.semi.{sub} keys {sorted(bad)}; known: {sorted(keys)}")
+    bad, lack = set(s[sub].keys()) - keys, keys - set(s[sub].keys())
+    if bad:
+      raise ValueError(f"unknown config.semi.{sub} keys {sorted(bad)}; known: {sorted(keys)}")
+    if lack:
+      raise ValueError(f"config.semi.{sub}.{sorted(lack)[0]} is missing (configs/lgg_fedwep.py "
+                       f"get_semi_config() holds every key and its default)")
   method = config.algorithm
-  fw = s.get("fedwep", {})
-  search = fw.get("search_inputs", "auto")
+  fw, mt, ps, cps = s.fedwep, s.mt, s.ps, s.cps
+  search = fw.search_inputs
   if method == "fedwep_real":
     search = "real"
   elif method == "fedwep_random":
     search = "random"
   elif search == "auto":
     search = "real" if s.scenario == "label_at_server" else "random"
-  mt, ps, cps = s.get("mt", {}), s.get("ps", {}), s.get("cps", {})
-  d = semi.SemiHParams()
   return semi.SemiHParams(
       method=method, scenario=s.scenario, loss=config.loss,
-      unsup_weight=s.get("unsup_weight", d.unsup_weight),
-      rampup_rounds=s.get("rampup_rounds", d.rampup_rounds),
+      unsup_weight=s.unsup_weight, rampup_rounds=s.rampup_rounds,
       client_start_round=start_round(config),
-      unlabelled_batch_size=s.get("unlabelled_batch_size", d.unlabelled_batch_size),
-      server_steps=s.get("server_steps", d.server_steps),
-      server_batch_size=s.get("server_batch_size", d.server_batch_size),
-      p=fw.get("p", d.p), sigma=fw.get("sigma", d.sigma), num_seeds=fw.get("num_seeds", d.num_seeds),
-      search_size=fw.get("search_size", d.search_size), search_inputs=search,
-      pair_criterion=fw.get("pair_criterion", d.pair_criterion), pseudo=fw.get("pseudo", d.pseudo),
-      pseudo_loss=s.get("pseudo_loss", d.pseudo_loss),
-      ema_decay=mt.get("ema_decay", d.ema_decay), mt_noise=mt.get("noise", d.mt_noise),
-      mt_ema_warmup=bool(mt.get("ema_warmup", d.mt_ema_warmup)),
-      cps_on_labelled=bool(cps.get("on_labelled", d.cps_on_labelled)),
-      threshold=ps.get("threshold", d.threshold), strong_noise=ps.get("strong_noise", d.strong_noise),
-      strong_intensity=ps.get("strong_intensity", d.strong_intensity))
+      unlabelled_batch_size=s.unlabelled_batch_size,
+      server_steps=s.server_steps, server_batch_size=s.server_batch_size,
+      p=fw.p, sigma=fw.sigma, num_seeds=fw.num_seeds,
+      search_size=fw.search_size, search_inputs=search,
+      pair_criterion=fw.pair_criterion, pseudo=fw.pseudo,
+      pseudo_loss=s.pseudo_loss,
+      ema_decay=mt.ema_decay, mt_noise=mt.noise, mt_ema_warmup=bool(mt.ema_warmup),
+      cps_on_labelled=bool(cps.on_labelled),
+      threshold=ps.threshold, strong_noise=ps.strong_noise,
+      strong_intensity=ps.strong_intensity)
 
 
 def start_round(config) -> int:
   """``config.semi.client_start_round``; -1 means half of ``config.fl.rounds`` (resolved
   here, so a command-line override of the rounds moves it too)."""
-  r = config.semi.get("client_start_round", 0)
+  r = config.semi.client_start_round
   return config.fl.rounds // 2 if r < 0 else r
 
 
 def optimizers(config):
   """(clients' tx, server's tx): the server's supervised steps (label_at_server) use
   ``optimizer.lr``; the clients' steps ``optimizer.lr × semi.client_lr_scale``."""
-  scale = config.semi.get("client_lr_scale", 1.0)
+  scale = config.semi.client_lr_scale
   if not scale > 0:
     raise ValueError(f"config.semi.client_lr_scale={scale} must be > 0")
   server_tx = steps.make_optimizer(config.optimizer)
@@ -113,8 +115,7 @@ def split_semi(ds: pipeline.SegDataset, config, verbose: bool = True):
   is partitioned over the clients, unlabelled.
   """
   s = config.semi
-  frac, seed, minimum = float(s.label_fraction), int(s.get("label_seed", 0)), int(
-      s.get("min_labelled", 1))
+  frac, seed, minimum = float(s.label_fraction), int(s.label_seed), int(s.min_labelled)
   sites = {pid: p.site for pid, p in ds.patients.items()}
   if s.scenario == "label_at_client":
     names, train_ids, val_ids = fl_train.partition_dataset(ds, config.fl, verbose)
@@ -150,7 +151,7 @@ def label_stats(split) -> Dict:
 
 
 def _pad_rows(config, ds) -> int:
-  pad = int(config.semi.get("pad_rows", 0))
+  pad = int(config.semi.pad_rows)
   if pad < 0:  # one shape for every fraction and partition of this data set
     return sum(len(ds.patients[i].labels) for i in ds.splits["train"])
   return pad
@@ -162,9 +163,8 @@ def check_aggregation(config, hp: semi.SemiHParams) -> None:
   fl = config.fl
   fl_train.refuse_supervised_only(config, f"config.algorithm={hp.method!r} (semi-supervised)",
                                   extra=fl_train.NOT_SEMI)
-  on = {"fl.dp.enabled": bool(fl.get("dp") and fl.dp.get("enabled", False)),
-        "fl.secagg": bool(fl.get("secagg", False)),
-        "fl.server_opt": fl.get("server_opt", "none") not in ("none", "", None)}
+  on = {"fl.dp.enabled": bool(fl.dp.enabled), "fl.secagg": bool(fl.secagg),
+        "fl.server_opt": fl.server_opt != "none", "fl.clients_per_chunk": bool(fl.clients_per_chunk)}
   for key, enabled in on.items():
     if enabled and hp.clients_idle:
       raise ValueError(f"config.{key} with config.algorithm={hp.method!r} "
@@ -172,6 +172,7 @@ def check_aggregation(config, hp: semi.SemiHParams) -> None:
   shadow = copy.deepcopy(config)
   shadow.algorithm = "fedavg"  # semi-supervised clients are averaged by FedAvg
   fl_train.check_fl_config(shadow)
+  scale.check_chunked(shadow)  # streamed clients: FedAvg without DP / secure aggregation
 
 
 def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
@@ -183,9 +184,10 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
   ds = pipeline.build_dataset(config.data, seed=config.seed)
   split = split_semi(ds, config)
   sample = ds.patients[ds.splits["train"][0]]
+  chunked = bool(config.fl.clients_per_chunk)  # clients streamed C at a time from the host
   data = semi.build_semi_data(ds.arrays, split["lab"], split["unl"], split["server"],
                               sample.images.shape[1:], sample.labels.shape[1:],
-                              _pad_rows(config, ds))
+                              _pad_rows(config, ds), host=chunked)
   names = split["names"]
   lstats = label_stats(split)
   print(f"[semi] {hp.method} ({hp.scenario}, label_fraction={config.semi.label_fraction}, "
@@ -201,20 +203,27 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
   tx, server_tx = optimizers(config)
   chp = fl_train.client_hparams(config)
   blob = json.loads(config.to_json_best_effort())
-  shape_free = {k: v for k, v in blob.get("semi", {}).items()
+  shape_free = {k: v for k, v in blob["semi"].items()
                 if k not in ("label_fraction", "label_seed", "min_labelled", "pad_rows")}
   ckey = json.dumps({"semi": shape_free, "hp": str(hp)}, sort_keys=True) + experiment.compile_key(
       config, ds, ("model", "loss", "optimizer", "algorithm", "fl"),
       exclude=experiment.NOT_COMPILED_FL_KEYS)
   dpc, noise_mult = fl_train.privacy(config, len(names))
   stx = server_opt.from_config(config.fl)
-  run_round = runlog.cached_jit(
-      "semi_round" + ckey,
-      lambda: semi.make_run_round(
-          hp, fns, tx, ds.num_classes, chp, config.fl.client_strategy, server_tx,
-          aggregator=fl_train.build_aggregator(config, len(names), noise_mult, base="fedavg"),
-          server_opt_update=server_opt.make_server_update(stx) if stx else None),
-      donate_argnums=(0,), **fl_train.jit_options(config))
+  build = dict(aggregator=fl_train.build_aggregator(config, len(names), noise_mult, base="fedavg"),
+               server_opt_update=server_opt.make_server_update(stx) if stx else None)
+  if chunked:
+    run_round = scale.make_chunked_algorithm_round(
+        semi.make_algorithm(hp, fns, tx, ds.num_classes, chp, server_tx, **build),
+        config.fl.clients_per_chunk, config.fl.client_strategy,
+        jit=lambda name, fn: runlog.cached_jit(f"semi_{name}" + ckey, fn,
+                                               **fl_train.jit_options(config)))
+  else:
+    run_round = runlog.cached_jit(
+        "semi_round" + ckey,
+        lambda: semi.make_run_round(hp, fns, tx, ds.num_classes, chp, config.fl.client_strategy,
+                                    server_tx, **build),
+        donate_argnums=(0,), **fl_train.jit_options(config))
   state = core.ServerState(variables, jnp.int32(0),
                            server_opt.init(stx, semi.params_view(variables)))
   mbytes = core.model_bytes(variables[hp.models[0]])

@@ -85,10 +85,9 @@ def make_server_optimizer(name: str, lr: float = 1.0, momentum: float = 0.9, b1:
 
 def from_config(fl) -> Optional[optax.GradientTransformation]:
   """From ``config.fl`` keys server_opt, server_lr, server_momentum, server_b1,
-  server_b2, server_tau (defaults: no server optimiser)."""
-  return make_server_optimizer(fl.get("server_opt", "none"), fl.get("server_lr", 1.0),
-                               fl.get("server_momentum", 0.9), fl.get("server_b1", 0.9),
-                               fl.get("server_b2", 0.99), fl.get("server_tau", 1e-3))
+  server_b2, server_tau."""
+  return make_server_optimizer(fl.server_opt, fl.server_lr, fl.server_momentum, fl.server_b1,
+                               fl.server_b2, fl.server_tau)
 
 
 def init(tx: Optional[optax.GradientTransformation], variables) -> Any:

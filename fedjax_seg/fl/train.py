@@ -93,14 +93,14 @@ def labelled_subset(ids_per_client, n: int, seed: int):
 def jit_options(config) -> Dict:
   """jax.jit kwargs: config.xla_opt_level >= 0 sets XLA's backend optimisation level
   (0 compiles ~3× faster on XLA:CPU and runs ~5× slower: right for smoke tests)."""
-  level = int(config.get("xla_opt_level", -1))
+  level = int(config.xla_opt_level)
   return {"compiler_options": {"xla_backend_optimization_level": level}} if level >= 0 else {}
 
 
 def init_from(config, variables):
   """``config.init_from``: copy the encoder of that workdir's ``encoder.msgpack``
   into the U-Net's contracting path (the decoder keeps its random init)."""
-  src = config.get("init_from", "")
+  src = config.init_from
   if not src:
     return variables
   path = os.path.join(src, "encoder.msgpack")
@@ -116,7 +116,7 @@ def client_hparams(config) -> core.ClientHParams:
   fl = config.fl
   return core.ClientHParams(local_steps=fl.local_steps, batch_size=fl.client_batch_size,
                             stats_samples=fl.stats_samples, step_strategy=fl.step_strategy,
-                            prox_mu=fl.get("prox_mu", 0.0))
+                            prox_mu=fl.prox_mu)
 
 
 def agg_kwargs(config) -> Dict:
@@ -131,7 +131,7 @@ def agg_kwargs(config) -> Dict:
                        f"{fl.alpha}+{fl.beta}+{fl.gamma}")
     return {"alpha": fl.alpha, "beta": fl.beta, "gamma": fl.gamma}
   if config.algorithm == "trimmed_mean":
-    return {"trim": fl.get("trim", 0.1)}
+    return {"trim": fl.trim}
   return {}
 
 
@@ -141,9 +141,9 @@ def check_fl_config(config) -> None:
   server_opt.from_config(config.fl)
   dp.check_config(config)
   secagg.check_config(config)
-  if config.fl.get("norm_k", 0.0) < 0:
+  if config.fl.norm_k < 0:
     raise ValueError(f"config.fl.norm_k={config.fl.norm_k} must be >= 0 (0 = off)")
-  if config.algorithm == "trimmed_mean" and not 0 <= config.fl.get("trim", 0.1) < 0.5:
+  if config.algorithm == "trimmed_mean" and not 0 <= config.fl.trim < 0.5:
     raise ValueError(f"config.fl.trim={config.fl.trim}: expected 0 <= trim < 0.5")
   check_sampling(config)
   check_method(config)
@@ -155,15 +155,15 @@ def method(config) -> str:
   aggregate is the next model), 'fedbn' / 'silobn' (config.fl.local_norm), 'scaffold'
   (config.fl.scaffold), 'ditto' (config.fl.ditto_lambda > 0)."""
   fl = config.fl
-  on = [n for n, v in (("local_norm", fl.get("local_norm", "none") != "none"),
-                       ("scaffold", bool(fl.get("scaffold", False))),
-                       ("ditto_lambda", fl.get("ditto_lambda", 0.0) > 0)) if v]
+  on = [n for n, v in (("local_norm", fl.local_norm != "none"),
+                       ("scaffold", bool(fl.scaffold)),
+                       ("ditto_lambda", fl.ditto_lambda > 0)) if v]
   if len(on) > 1:
     raise ValueError(f"config.fl.{on[0]} and config.fl.{on[1]} are both set: FedBN/SiloBN, "
                      f"SCAFFOLD and Ditto are one at a time")
   if not on:
     return "standard"
-  return {"local_norm": fl.get("local_norm"), "scaffold": "scaffold",
+  return {"local_norm": fl.local_norm, "scaffold": "scaffold",
           "ditto_lambda": "ditto"}[on[0]]
 
 
@@ -172,19 +172,18 @@ LOCAL_WORK = ("equal", "proportional", "list")
 
 def check_local_work(config) -> None:
   fl = config.fl
-  work = fl.get("local_work", "equal")
+  work = fl.local_work
   if work not in LOCAL_WORK:
     raise ValueError(f"config.fl.local_work={work!r}: expected one of {LOCAL_WORK}")
-  lst = tuple(fl.get("local_steps_per_client", ()))
+  lst = tuple(fl.local_steps_per_client)
   if work == "list" and (not lst or any(int(e) < 1 or int(e) > fl.local_steps for e in lst)):
     raise ValueError(f"config.fl.local_steps_per_client={lst}: with local_work='list' give one "
                      f"value per client, each in 1..config.fl.local_steps={fl.local_steps}")
-  if fl.get("fednova", False):
+  if fl.fednova:
     if config.algorithm not in aggregators.LINEAR_AGGREGATORS:
       raise ValueError(f"config.fl.fednova=True with config.algorithm={config.algorithm!r}: "
                        f"FedNova normalises a weighted average {aggregators.LINEAR_AGGREGATORS}")
-    if fl.get("secagg", False) or fl.get("dp", {}).get("enabled", False) or \
-        fl.get("clients_per_chunk", 0):
+    if fl.secagg or fl.dp.enabled or fl.clients_per_chunk:
       raise ValueError("config.fl.fednova=True needs every client's model at the server "
                        "(not with secure aggregation, DP-FedAvg or streamed chunks)")
 
@@ -194,7 +193,7 @@ def local_steps_per_client(config, data) -> Optional[np.ndarray]:
   config.fl.local_steps. 'proportional': τ_k = max(1, round(E · s_k / max_j s_j)) (the
   largest client runs E); 'list': config.fl.local_steps_per_client in client order."""
   fl = config.fl
-  work = fl.get("local_work", "equal")
+  work = fl.local_work
   k = int(np.shape(data.valid)[0])
   if work == "equal":
     return None
@@ -209,7 +208,7 @@ def local_steps_per_client(config, data) -> Optional[np.ndarray]:
 
 def cost_ratio(config) -> str:
   """config.fl.cost_ratio ('local' | 'rounds', core.supervised_algorithm)."""
-  return config.fl.get("cost_ratio", "local")
+  return config.fl.cost_ratio
 
 
 def check_method(config) -> None:
@@ -218,27 +217,27 @@ def check_method(config) -> None:
     raise ValueError(f"config.fl.cost_ratio={cost_ratio(config)!r}: expected one of "
                      f"{core.COST_RATIOS}")
   if cost_ratio(config) == "rounds":
-    if fl.get("clients_per_chunk", 0):
+    if fl.clients_per_chunk:
       raise ValueError("config.fl.cost_ratio='rounds' keeps per-client state; streamed chunks "
                        "(config.fl.clients_per_chunk) run cost_ratio='local' only")
     if method(config) != "standard":
       raise ValueError(f"config.fl.cost_ratio='rounds' with {method(config)}: one per-client "
                        f"state at a time (use cost_ratio='local')")
-  ln = fl.get("local_norm", "none")
+  ln = fl.local_norm
   if ln not in ("none",) + fedbn.MODES:
     raise ValueError(f"config.fl.local_norm={ln!r}: expected one of {('none',) + fedbn.MODES}")
-  if fl.get("ditto_lambda", 0.0) < 0:
+  if fl.ditto_lambda < 0:
     raise ValueError(f"config.fl.ditto_lambda={fl.ditto_lambda} must be >= 0 (0 = off)")
   kind = method(config)
   if kind == "standard":
     return
-  if fl.get("clients_per_chunk", 0):
+  if fl.clients_per_chunk:
     raise ValueError(f"config.fl.clients_per_chunk={fl.clients_per_chunk}: streamed chunks run "
                      f"the standard method only ({kind} keeps per-client state)")
-  if kind in fedbn.MODES and fl.get("server_opt", "none") != "none":
+  if kind in fedbn.MODES and fl.server_opt != "none":
     raise ValueError(f"config.fl.server_opt={fl.server_opt!r} with config.fl.local_norm={kind!r}: "
                      f"a server optimiser over the shared part only is not implemented")
-  if kind == "scaffold" and (fl.get("secagg", False) or fl.get("dp", {}).get("enabled", False)):
+  if kind == "scaffold" and (fl.secagg or fl.dp.enabled):
     raise ValueError("config.fl.scaffold=True with secure aggregation / DP-FedAvg: those protect "
                      "one uploaded model, SCAFFOLD also uploads its control variate")
 
@@ -315,15 +314,15 @@ SUPERVISED_ONLY = (("clients_per_round", 0), ("client_sampling", "uniform"),
 
 
 # Read by the supervised rounds (and FCL's supervised fine-tuning) but not by the
-# semi-supervised rounds: their clients have their own objectives and one compiled round.
-NOT_SEMI = (("prox_mu", 0.0), ("clients_per_chunk", 0))
+# semi-supervised rounds: their clients have their own objectives.
+NOT_SEMI = (("prox_mu", 0.0),)
 
 
 def refuse_supervised_only(config, who: str, extra=()) -> None:
   """ValueError naming the first config.fl key of SUPERVISED_ONLY (+ ``extra``) set away
   from off: ``who`` (the semi-supervised rounds, FCL pre-training) would silently ignore it."""
   for key, off in SUPERVISED_ONLY + tuple(extra):
-    value = config.fl.get(key, off)
+    value = config.fl[key]
     if value != off:
       raise ValueError(f"config.fl.{key}={value!r}: not implemented for {who}; it applies to "
                        f"the supervised federated algorithms only (leave it at {off!r})")
@@ -332,33 +331,33 @@ def refuse_supervised_only(config, who: str, extra=()) -> None:
 def check_sampling(config) -> None:
   """config.fl.clients_per_round / client_sampling: refuses what sampling cannot do."""
   fl = config.fl
-  m = int(fl.get("clients_per_round", 0))
+  m = int(fl.clients_per_round)
   if m < 0:
     raise ValueError(f"config.fl.clients_per_round={m} must be >= 0 (0 = every client)")
-  if fl.get("client_sampling", "uniform") not in SAMPLINGS:
+  if fl.client_sampling not in SAMPLINGS:
     raise ValueError(f"config.fl.client_sampling={fl.client_sampling!r}: expected one of "
                      f"{SAMPLINGS}")
   if not m:
     return
-  if fl.get("secagg", False):
+  if fl.secagg:
     raise ValueError(f"config.fl.clients_per_round={m} with config.fl.secagg=True: the pairwise "
                      f"masks cancel only when every client uploads (dropout-resilient secure "
                      f"aggregation is not implemented)")
-  if fl.get("clients_per_chunk", 0):
+  if fl.clients_per_chunk:
     raise ValueError(f"config.fl.clients_per_round={m} cannot be combined with "
                      f"config.fl.clients_per_chunk={fl.clients_per_chunk}")
 
 
 def clients_per_round(config, num_clients: int) -> int:
   """m of config.fl.clients_per_round (0 or ≥ K: every client → K)."""
-  m = int(config.fl.get("clients_per_round", 0))
+  m = int(config.fl.clients_per_round)
   return m if 0 < m < num_clients else num_clients
 
 
 def sample_probs(config, data) -> Optional[np.ndarray]:
   """[K] sampling probabilities (config.fl.client_sampling='size': ∝ training samples),
   None for uniform sampling."""
-  if config.fl.get("client_sampling", "uniform") != "size":
+  if config.fl.client_sampling != "size":
     return None
   n = np.asarray(jax.device_get(data.valid)).sum(axis=1).astype(np.float64)
   return n / n.sum()
@@ -371,20 +370,19 @@ def build_aggregator(config, num_clients: int, noise_multiplier: float = 0.0,
   wrapped by ``aggregators.robust`` (exploding-norm exclusion, exclusion reasons).
   Any algorithm that uploads one model (upload['model']) can use it."""
   fl = config.fl
-  seeds = (secagg.agree_seeds(num_clients, fl.get("secagg_seed", 0))
-           if fl.get("secagg", False) else None)
-  bits = fl.get("secagg_bits", 24)
-  dpc = fl.get("dp")
-  if dpc is not None and dpc.get("enabled", False):
+  seeds = secagg.agree_seeds(num_clients, fl.secagg_seed) if fl.secagg else None
+  bits = fl.secagg_bits
+  dpc = fl.dp
+  if dpc.enabled:
     inner = dp.dp_fedavg(dpc.clip_norm, noise_multiplier, dpc.weighting, dpc.sample_cap,
                          secagg.make_secure_sum(seeds, bits) if seeds is not None else None)
   else:
     inner = aggregators.get(base or config.algorithm)
-    if fl.get("fednova", False):
+    if fl.fednova:
       inner = aggregators.nova(inner)
     if seeds is not None:
       inner = secagg.secure(inner, seeds, bits)
-  return aggregators.robust(inner, fl.get("norm_k", 0.0))
+  return aggregators.robust(inner, fl.norm_k)
 
 
 def privacy(config, num_clients: int):
@@ -394,8 +392,8 @@ def privacy(config, num_clients: int):
   sampling rate q = m/K (Poisson-sampled Gaussian mechanism; the round draws exactly m
   clients, the usual approximation of Poisson sampling by fixed-size sampling, as in
   McMahan et al. 2018) and the noise std is zC/m."""
-  dpc = config.fl.get("dp")
-  if dpc is None or not dpc.get("enabled", False):
+  dpc = config.fl.dp
+  if not dpc.enabled:
     return None, 0.0
   m = clients_per_round(config, num_clients)
   q = m / num_clients
@@ -470,23 +468,23 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   t_start = time.time()
   check_fl_config(config)
   scale.check_chunked(config)  # clients streamed in chunks (data stay on the host)
-  chunked = bool(config.fl.get("clients_per_chunk", 0))
+  chunked = bool(config.fl.clients_per_chunk)
   experiment.save_config(config, workdir)
   ds = pipeline.build_dataset(config.data, seed=config.seed)
   names, train_ids, val_ids = partition_dataset(ds, config.fl)
   extra_results = {}
-  n_lab = int(config.fl.get("labelled_patients", 0))
+  n_lab = int(config.fl.labelled_patients)
   if n_lab > 0:
-    train_ids = labelled_subset(train_ids, n_lab, int(config.fl.get("label_seed", 0)))
+    train_ids = labelled_subset(train_ids, n_lab, int(config.fl.label_seed))
     extra_results["labelled_patients"] = [list(ids) for ids in train_ids]
   data = build_client_data(ds, train_ids, host=chunked,
-                           min_rows=int(config.fl.get("pad_rows", 1)))
+                           min_rows=int(config.fl.pad_rows))
   taus = local_steps_per_client(config, data)
   if taus is not None:  # unequal local work: masked steps inside the one program
     data = data.replace(steps=taus if chunked else jnp.asarray(taus))
     print(f"[fl] local steps per client ({config.fl.local_work}): "
           + ", ".join(f"{n} {t}" for n, t in zip(names, taus))
-          + (" (FedNova normalised averaging)" if config.fl.get("fednova", False) else ""),
+          + (" (FedNova normalised averaging)" if config.fl.fednova else ""),
           flush=True)
   print(f"[fl] {config.algorithm}: {len(names)} clients, partition={config.fl.partition}\n"
         + federated.client_summary(names, train_ids, data, val_ids), flush=True)
@@ -539,7 +537,7 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
         config.fl.client_strategy, agg_kwargs(config), server_update,
         jit=lambda name, build: runlog.cached_jit(name + ckey, build, **jit_options(config)))
   if kind in fedbn.MODES:
-    fedbn.check_model(variables, kind, config.model.get("norm", "none"))
+    fedbn.check_model(variables, kind, config.model.norm)
   clients0, server0 = init_method_state(kind, variables, len(names))
   if kind == "standard" and cost_ratio(config) == "rounds":
     clients0 = core.init_prev_stats(len(names))
@@ -591,7 +589,7 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
              **privacy_results(dpc, noise_mult, config.fl.rounds, q),
              "clients_per_round": m,
              "num_params": experiment.num_params(state.variables),
-             "pretrained_from": config.get("init_from", "") or None,
+             "pretrained_from": config.init_from or None,
              "method": kind, "bytes_per_client_round": {"up": up_bytes, "down": down_bytes},
              "bytes_per_round": (up_bytes + down_bytes) * m, "wall_time_s": time.time() - t_start},
       personal=personal)

@@ -62,29 +62,29 @@ def check_config(config) -> None:
     raise ValueError(f"{kind} (config.fl.local_norm / scaffold / ditto_lambda) keeps "
                      f"per-client state or uploads more than the model; the Flower "
                      f"federation runs the standard model-uploading round only")
-  if int(fl.get("clients_per_round", 0)):
+  if int(fl.clients_per_round):
     raise ValueError(f"config.fl.clients_per_round={fl.clients_per_round}: every hospital takes "
                      f"part in every round of a Flower federation; set it to 0")
   # Options of the in-process trainer the hospitals' client update does not take yet.
   for key, plain in (("local_work", "equal"), ("fednova", False), ("cost_ratio", "local")):
-    if fl.get(key, plain) != plain:
-      raise ValueError(f"config.fl.{key}={fl.get(key)!r}: not supported by the Flower "
+    if fl[key] != plain:
+      raise ValueError(f"config.fl.{key}={fl[key]!r}: not supported by the Flower "
                        f"federation yet (set {plain!r})")
-  if fl.get("secagg", False):
+  if fl.secagg:
     raise ValueError("config.fl.secagg=True: fl/secagg.py simulates the masks inside the "
                      "server's aggregator, so over Flower the server would still receive every "
                      "model unmasked; not supported (set config.fl.secagg=False)")
-  if int(fl.get("clients_per_chunk", 0)):
+  if int(fl.clients_per_chunk):
     raise ValueError("config.fl.clients_per_chunk: streaming clients in chunks is for one-machine "
                      "simulation; set it to 0 for a Flower federation")
   if fl.partition != "by_site":
     raise ValueError(f"config.fl.partition={fl.partition!r}: a Flower hospital holds its own "
                      f"patients (partition 'by_site'); iid / dirichlet split a pooled data set "
                      f"that no hospital has")
-  if config.data.get("fold", None) is not None:
+  if config.data.fold is not None:
     raise ValueError("config.data.fold: k-fold splits are not supported by the Flower federation "
                      "yet (each hospital splits its own patients); unset data.fold")
-  if not config.data.get("stratify_by_site", True):
+  if not config.data.stratify_by_site:
     raise ValueError("config.data.stratify_by_site=False: a hospital can only split its own "
                      "patients; set it to True")
   from fedjax_seg.config_utils import validate
@@ -98,7 +98,7 @@ def num_hospitals(config, given: int = 0) -> int:
     k = given
   elif config.fl.num_clients > 0:
     k = int(config.fl.num_clients)
-  elif not config.data.get("root"):
+  elif not config.data.root:
     k = len(config.data.phantom.sites)
   else:
     raise ValueError("the number of hospitals is unknown: pass --num_hospitals K "
@@ -319,7 +319,7 @@ def load_hospital(config, hospital: int, root: Optional[str] = None,
   with data_cfg.unlocked():
     if root:
       data_cfg.root = root
-  if not data_cfg.get("root"):
+  if not data_cfg.root:
     raise ValueError("a hospital reads its own data folder: pass --data_root (or set "
                      "config.data.root); the phantom of data.root='' holds every site "
                      "(python -m fedjax_seg.flower.localhost split writes one folder per site)")
@@ -329,12 +329,12 @@ def load_hospital(config, hospital: int, root: Optional[str] = None,
     raise ValueError(f"{ds.root}: a hospital's folder holds one site's patients, found sites "
                      f"{sites}")
   train_ids = hospital_split(list(ds.patients), data_cfg, hospital, config.seed)["train"]
-  n_lab = int(config.fl.get("labelled_patients", 0))
+  n_lab = int(config.fl.labelled_patients)
   if n_lab > 0:  # the same nested subset as the pooled run (seeded by (label_seed, k))
     train_ids = fl_train.labelled_subset([[]] * hospital + [train_ids], n_lab,
-                                         int(config.fl.get("label_seed", 0)))[hospital]
+                                         int(config.fl.label_seed))[hospital]
   stacked = federated.stack_clients([ds.arrays(train_ids)],
-                                    min_rows=int(config.fl.get("pad_rows", 1)))
+                                    min_rows=int(config.fl.pad_rows))
   data = jax.tree.map(lambda a: a[0], stacked)
   return HospitalData(hospital, sites[0], ds.root, list(train_ids), data, ds.num_classes,
                       tuple(int(s) for s in data.x.shape[1:]))

@@ -23,7 +23,7 @@ def main(addr, n, i):
   assert jax.process_count() == int(n) and jax.device_count() == int(n) * jax.local_device_count()
   fns = models.build({"name": "unet", "base": 4, "depth": 2, "dropout": 0.0}, 2)
   variables = numpy_init(fns, (1, 16, 16, 3))  # same NumPy seed in every process
-  hp = core.ClientHParams(local_steps=1, batch_size=4, stats_samples=4, step_strategy="scan")
+  hp = core.ClientHParams(local_steps=1, batch_size=4, stats_samples=4, step_strategy="scan", prox_mu=0.0)
   cu = core.make_client_update(fns, optax.sgd(0.1), "dice_ce", 2, hp)
   state, data, key = scale.place_round_inputs(core.ServerState(variables, jnp.int32(0)),
                                               make_data(3), jax.random.PRNGKey(1))

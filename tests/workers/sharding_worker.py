@@ -38,7 +38,7 @@ def main():
   variables = numpy_init(fns, (1, H, H, 3))
   # sharded: 1 client per device; reference: lax.map over clients. Both compile one
   # client body (compile time, not K, dominates this test on a 2-core CPU).
-  hp = core.ClientHParams(local_steps=2, batch_size=4, stats_samples=4, step_strategy="scan")
+  hp = core.ClientHParams(local_steps=2, batch_size=4, stats_samples=4, step_strategy="scan", prox_mu=0.0)
   cu = core.make_client_update(fns, optax.sgd(0.1), "dice_ce", 2, hp)
   key = jax.random.PRNGKey(1)
   k = 3  # not a multiple of D = 4: padded with one zero-sample client
