@@ -7,6 +7,7 @@ with another budget. Interrupted runs resume from their orbax checkpoint.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from typing import Dict
@@ -22,20 +23,37 @@ def _flat(d, prefix=""):
   return out
 
 
-def run_or_load(config, workdir: str, tag: str = "bench") -> Dict:
-  """Returns results.json of the run of ``config`` in ``workdir`` (running it if needed)."""
+def _config_differs(old_blob: Dict, config) -> list:
+  """The keys whose values differ between a stored run's config and ``config``; keys the
+  stored run lacks (added to the configs after it ran) do not count, as for launch.py
+  (runlog.config_diff)."""
+  from fedjax_seg import runlog
+  return [k for k, _, _ in runlog.config_diff(old_blob, json.loads(config.to_json_best_effort()),
+                                              allowed=())]
+
+
+def run_or_load(config, workdir: str, tag: str = "bench", keep: str = "") -> Dict:
+  """Returns results.json of the run of ``config`` in ``workdir`` (running it if needed).
+
+  keep: a folder (e.g. under benchmarks/results/, committed) holding
+  ``<basename(workdir)>.json.gz`` = {"config", "results"} of each finished run: a run
+  found there with the same config is not run again, so a table can be finished by a
+  later session on another machine (runs/ does not survive)."""
   from fedjax_seg import compile_cache, train
   compile_cache.enable(config.get("compile_cache_dir"))  # as launch.py: programs persist across runs
+  kept = os.path.join(keep, os.path.basename(os.path.normpath(workdir)) + ".json.gz") if keep else ""
+  if kept and os.path.exists(kept):
+    with gzip.open(kept, "rt") as f:
+      blob = json.load(f)
+    if not _config_differs(blob["config"], config):
+      print(f"[{tag}] kept result -> {kept}", flush=True)
+      return blob["results"]
   done = os.path.join(workdir, "results.json")
   stored = os.path.join(workdir, "config.json")
   if os.path.exists(stored):
     with open(stored) as f:
       old_blob = json.load(f)
-    # keys the stored run lacks (added to the configs after it ran) do not count, as
-    # for launch.py (runlog.config_diff); every other differing key does
-    from fedjax_seg import runlog
-    diff = [k for k, _, _ in runlog.config_diff(old_blob, json.loads(config.to_json_best_effort()),
-                                                allowed=())]
+    diff = _config_differs(old_blob, config)
     if diff:
       raise SystemExit(f"error: {workdir} holds a run with another config ({', '.join(diff[:8])}"
                        f"{' …' if len(diff) > 8 else ''}); delete it or pass another --workdir")
@@ -43,7 +61,15 @@ def run_or_load(config, workdir: str, tag: str = "bench") -> Dict:
     print(f"[{tag}] running -> {workdir}", flush=True)
     train.run(config, workdir)
   with open(done) as f:
-    return json.load(f)
+    results = json.load(f)
+  if kept:
+    os.makedirs(keep, exist_ok=True)
+    with open(stored) as f:
+      blob = {"config": json.load(f), "results": results}
+    with gzip.open(kept + ".tmp", "wt") as f:
+      json.dump(blob, f)
+    os.replace(kept + ".tmp", kept)
+  return results
 
 
 # The run-budget arguments the table benchmarks share: name -> (type, nargs).

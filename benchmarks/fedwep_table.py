@@ -211,6 +211,11 @@ def main():
   p.add_argument("--lr-grid", type=float, nargs="+", default=[],
                  help="the same learning-rate grid for every method; each (table, method) "
                       "takes the value with the best mean val Dice (replaces --lr)")
+  p.add_argument("--method-lr", nargs="+", default=[], metavar="METHOD=LR",
+                 help="a learning rate per config method (e.g. chosen beforehand on validation "
+                      "Dice by a --lr-grid pilot); the methods not named take --lr / --lr-grid")
+  p.add_argument("--keep", default="", help="keep each finished run's config and results "
+                 "here (committed: a later session finishes the table without re-running them)")
   p.add_argument("--mt-ema-warmup", type=int, choices=[0, 1], default=1,
                  help="Mean Teacher EMA warm-up min(1 - 1/(t+1), decay) (1, the paper's) or "
                       "the constant decay from the first step (0, the earlier tables)")
@@ -242,15 +247,20 @@ def main():
   t0 = time.time()
   load0 = os.getloadavg()
   grid = args.lr_grid or [args.lr]
+  try:
+    method_lr = {m: float(v) for m, v in (kv.split("=", 1) for kv in args.method_lr)}
+  except ValueError:
+    p.error(f"--method-lr takes METHOD=LR pairs, got {args.method_lr}")
+  per_lr = bool(args.lr_grid or method_lr)  # workdirs and the table name the lr
   all_runs = []
   for table in args.tables:
     for name, method, scenario, part, frac, seed in cells(table, args):
-      for lr in grid:
+      for lr in ([method_lr[method]] if method in method_lr else grid):
         c = make_config(method, scenario, frac, part, seed, args, lr)
         tag = (f"{scenario}_{method}_{part}_f{frac.replace('/', 'o')}_s{seed}"
-               + protocol_suffix(method, args) + (f"_lr{lr:g}" if args.lr_grid else ""))
+               + protocol_suffix(method, args) + (f"_lr{lr:g}" if per_lr else ""))
         wd = os.path.join(args.workdir, tag)
-        r = _runs.run_or_load(c, wd, "fedwep_table")
+        r = _runs.run_or_load(c, wd, "fedwep_table", keep=args.keep)
         all_runs.append({"table": table, "row": name, "method": method, "part": part,
                          "fraction": frac, "seed": seed, "lr": lr,
                          "dice": r["metrics"]["test"]["dice_mean"],
@@ -271,10 +281,10 @@ def main():
     scenario, rows = TABLES[table]
     head = ("| Method | " + " | ".join(f"IID {f}" for f in args.fractions) + " | "
             + " | ".join(f"NonIID {f}" for f in args.fractions) + " | Cost (measured) | bytes/client/round |"
-            + (" lr (val-chosen) |" if args.lr_grid else ""))
+            + (" lr (val-chosen) |" if per_lr else ""))
     lines = [f"**Table {1 if table == 'server' else 2}: {scenario.replace('_', '-')}** "
              f"(test Dice, foreground; mean ± std over seeds {args.seeds})", "", head,
-             "|" + "---|" * (2 * len(args.fractions) + 3 + bool(args.lr_grid))]
+             "|" + "---|" * (2 * len(args.fractions) + 3 + per_lr)]
     for name, method in rows:
       rr = [r for r in runs if r["table"] == table and r["row"] == name]
       if not rr:
@@ -298,7 +308,7 @@ def main():
         b = rr[0]["bytes"]
         lines.append(f"| {label} | " + " | ".join(cols) + f" | {rr[0]['cost_percent']:.2f}% | "
                      f"{b['down']:,} ↓ + {b['up']:,} ↑ |"
-                     + (f" {chosen[(table, name)]:g} |" if args.lr_grid else ""))
+                     + (f" {chosen[(table, name)]:g} |" if per_lr else ""))
     paper = ["", f"Seed's numbers (real data, {scenario.replace('_', '-')}):", "",
              "| Method | " + " | ".join(f"IID {f}" for f in FRACTIONS) + " | "
              + " | ".join(f"NonIID {f}" for f in FRACTIONS) + " | Cost |",
@@ -315,6 +325,9 @@ def main():
   srv_clients = (f"lr × {srv.semi.client_lr_scale:g} from round {semi_train.start_round(srv)}")
   lr_text = (f"lr from the grid {grid} chosen per method on mean val Dice" if args.lr_grid
              else f"lr {args.lr}")
+  if method_lr:
+    lr_text += (" (" + ", ".join(f"{m} {v:g}" for m, v in sorted(method_lr.items()))
+                + ": given per method, chosen beforehand on validation Dice)")
   cmd = "python benchmarks/fedwep_table.py " + " ".join(sys.argv[1:])
   elapsed = time.time() - t0
   mb = runs[0]["model_bytes"] if runs else 0

@@ -297,7 +297,7 @@ def build(k, strategy, args, fns, data, variables):
   key = jax.random.PRNGKey(1)
   step_strategy = "unrolled" if strategy in ("unrolled", "sharded") else args.step_strategy
   hp = core.ClientHParams(local_steps=args.local_steps, batch_size=args.batch,
-                          stats_samples=args.batch, step_strategy=step_strategy)
+                          stats_samples=args.batch, step_strategy=step_strategy, prox_mu=0.0)
   cu = core.make_client_update(fns, optax.adam(1e-3), "dice_ce", 2, hp)
   if strategy == "loop":
     clients = [jax.tree.map(lambda a: a[i], data) for i in range(k)]
