@@ -35,7 +35,7 @@ def _config_differs(old_blob: Dict, config) -> list:
 def run_or_load(config, workdir: str, tag: str = "bench", keep: str = "") -> Dict:
   """Returns results.json of the run of ``config`` in ``workdir`` (running it if needed).
 
-  keep: a folder (e.g. under benchmarks/results/, committed) holding
+  keep: a folder (e.g. benchmarks/results/kept_runs/<table>, committed; not under a folder named runs/, which git ignores) holding
   ``<basename(workdir)>.json.gz`` = {"config", "results"} of each finished run: a run
   found there with the same config is not run again, so a table can be finished by a
   later session on another machine (runs/ does not survive)."""
