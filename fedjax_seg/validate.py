@@ -511,13 +511,10 @@ READ_BY: List[Tuple[str, Callable[[Any], bool], str]] = [
 
 
 def _reader(key: str):
-  """The most specific READ_BY entry of ``key`` (an exact key beats a section prefix)."""
-  best = None
-  for prefix, read, who in READ_BY:
-    if key == prefix or (prefix.endswith(".") and key.startswith(prefix)):
-      if best is None or len(prefix) > len(best[0]) or key == prefix:
-        best = (prefix, read, who)
-  return best
+  """The most specific READ_BY entry of ``key``: the key itself, else its longest section
+  prefix (None when no entry covers it)."""
+  covering = [e for e in READ_BY if key == e[0] or (e[0].endswith(".") and key.startswith(e[0]))]
+  return max(covering, key=lambda e: len(e[0]), default=None)
 
 
 def section_defaults() -> Dict[str, Any]:

@@ -263,13 +263,12 @@ def make_augment(cfg) -> AugmentFn:
     if extra:
       raise ValueError(f"unknown config.augment keys {sorted(extra)}; known: {sorted(known)}")
   _check_rules(cfg)
-  for key in ("rotation_deg", "zoom", "flip"):
-    if get(key, None) is None:
+  rotation, zoom, flip = (get(key, None) for key in ("rotation_deg", "zoom", "flip"))
+  for key, value in (("rotation_deg", rotation), ("zoom", zoom), ("flip", flip)):
+    if value is None:
       raise ValueError(f"config.augment.{key} is missing (configs/common.py augment() has "
                        f"every key and its default)")
-  rotation = _pair(get("rotation_deg", None))  # ranges checked by _check_rules
-  zoom = _pair(get("zoom", None))
-  flip = bool(get("flip", None))
+  rotation, zoom, flip = _pair(rotation), _pair(zoom), bool(flip)  # ranges: _check_rules
   ops = _read_ops(get)
   radius = {op: kernel_radius(ops[op]["sigma"][1]) for op in ("blur", "elastic") if op in ops}
 

@@ -135,9 +135,7 @@ def validate(config) -> None:
       raise ValueError(f"config.{key} with config.algorithm={config.algorithm!r}: pre-training "
                        f"clients upload {list(_uploads(config))} (features besides the model); "
                        f"DP-FedAvg / secure aggregation protect one uploaded model only")
-  shadow = copy.deepcopy(config)
-  shadow.algorithm = "fedavg"  # pre-training averages the encoders by FedAvg
-  scale.check_chunked(shadow)  # streamed clients (fl.clients_per_chunk)
+  scale.check_chunked(config, "fedavg")  # streamed clients: the encoders' FedAvg
 
 
 def _uploads(config):

@@ -85,16 +85,18 @@ def place_round_inputs(state, data: ClientData, key, mesh: Optional[Mesh] = None
 # --- streamed chunks of clients ------------------------------------------------------
 
 
-def check_chunked(config) -> None:
+def check_chunked(config, aggregator: Optional[str] = None) -> None:
   """Refuses the combinations a streamed round cannot compute exactly (the norm_k
-  exclusion is skipped, with a note)."""
+  exclusion is skipped, with a note). aggregator: what averages the clients' models
+  (default config.algorithm; 'fedavg' for the semi-supervised and FCL rounds)."""
   fl = config.fl
+  aggregator = aggregator or config.algorithm
   c = fl.clients_per_chunk
   if not c:
     return
   if c < 0:
     raise ValueError(f"config.fl.clients_per_chunk={c} must be >= 0 (0 = all clients at once)")
-  if config.algorithm not in aggregators.LINEAR_AGGREGATORS:
+  if aggregator not in aggregators.LINEAR_AGGREGATORS:
     raise ValueError(f"config.fl.clients_per_chunk={c} needs a linear aggregator "
                      f"{aggregators.LINEAR_AGGREGATORS}; config.algorithm={config.algorithm!r} "
                      f"needs all client models at once")
@@ -106,6 +108,35 @@ def check_chunked(config) -> None:
     print(f"[fl] note: config.fl.norm_k={fl.norm_k} is not applied with config.fl."
           f"clients_per_chunk={c} (the median update norm needs all client models at once); "
           f"clients with non-finite models or no samples are still excluded", flush=True)
+
+
+def _add_weighted(n, m, ok, r):
+  """n + Σ_{k ok} r_k m_k (f32) of one leaf of a chunk of client models m [C, ...]."""
+  okb = ok.reshape((-1,) + (1,) * (m.ndim - 1))
+  return n + jnp.tensordot(jnp.where(ok, r, 0.0).astype(jnp.float32),
+                           jnp.where(okb, m, 0).astype(jnp.float32), axes=1)
+
+
+def _stream(k: int, C: int, chunk_fn: Callable, acc, pieces, keys, *args):
+  """Runs ``chunk_fn(*args, pieces' chunk, keys' chunk, acc) -> (acc, *out)`` over the K
+  clients C at a time (each piece of ``pieces`` a pytree [K, ...], the last chunk padded
+  with zero clients); returns (acc, the outputs concatenated over the K real clients)."""
+  outs = []
+  for lo in range(0, k, C):
+    hi = min(lo + C, k)
+    piece = lambda t: (pad_clients(jax.tree.map(lambda a: a[lo:hi], t), C)
+                       if jax.tree.leaves(t) else t)
+    acc, *out = chunk_fn(*args, piece(pieces), pad_keys(keys[lo:hi], C), acc)
+    outs.append(out)
+  return acc, jax.tree.map(lambda *xs: jnp.concatenate(xs)[:k], *outs)
+
+
+def _stream_info(stats, weights, failed, upd, finite) -> Dict[str, Any]:
+  """info of a streamed round: stats [K], weights, failure, and the robust-report keys."""
+  empty = ~((stats["num_samples"] > 0) & jnp.isfinite(stats["num_samples"]))
+  return {**stats, "weights": weights, "failed": failed, "included": weights > 0,
+          "update_norm": upd, "excl_nonfinite": ~finite, "excl_empty": finite & empty,
+          "excl_norm": jnp.zeros_like(finite), "excl_stats": finite & ~empty & ~(weights > 0)}
 
 
 def make_chunked_round(client_update: Callable, algorithm: str, clients_per_chunk: int,
@@ -142,12 +173,7 @@ def make_chunked_round(client_update: Callable, algorithm: str, clients_per_chun
     stacked, stats = clients(variables, data, keys)
     ok, terms = aggregators.linear_terms(algorithm, stacked, stats, **agg_kwargs)
     sums, norms_ = acc
-
-    def add(n, m, r):
-      okb = ok.reshape((-1,) + (1,) * (m.ndim - 1))
-      mk = jnp.where(okb, m, 0).astype(jnp.float32)
-      return n + jnp.tensordot(jnp.where(ok, r, 0.0).astype(jnp.float32), mk, axes=1)
-    sums = tuple(jax.tree.map(functools.partial(add, r=r), n, stacked)
+    sums = tuple(jax.tree.map(functools.partial(_add_weighted, ok=ok, r=r), n, stacked)
                  for n, (_, r) in zip(sums, terms))
     norms_ = tuple(R + jnp.sum(jnp.where(ok, r, 0.0)) for R, (_, r) in zip(norms_, terms))
     upd = aggregators.update_norms(variables, stacked)
@@ -182,20 +208,9 @@ def make_chunked_round(client_update: Callable, algorithm: str, clients_per_chun
     keys = jax.random.split(jax.random.fold_in(key, state.round), k)
     zeros = jax.tree.map(lambda g: jnp.zeros(g.shape, jnp.float32), state.variables)
     acc = (tuple(zeros for _ in range(n_terms)), tuple(jnp.float32(0) for _ in range(n_terms)))
-    outs = []
-    for lo in range(0, k, C):
-      hi = min(lo + C, k)
-      chunk = pad_clients(jax.tree.map(lambda a: a[lo:hi], data), C)
-      acc, stats, ok, upd, finite = chunk_fn(state.variables, chunk,
-                                             pad_keys(keys[lo:hi], C), acc)
-      outs.append((stats, ok, upd, finite))
-    stats, ok, upd, finite = jax.tree.map(lambda *xs: jnp.concatenate(xs)[:k], *outs)
+    acc, (stats, ok, upd, finite) = _stream(k, C, chunk_fn, acc, data, keys, state.variables)
     new_state, weights, failed = finish_fn(state, acc, stats, ok)
-    empty = ~((stats["num_samples"] > 0) & jnp.isfinite(stats["num_samples"]))
-    info = {**stats, "weights": weights, "failed": failed, "included": weights > 0,
-            "update_norm": upd, "excl_nonfinite": ~finite, "excl_empty": finite & empty,
-            "excl_norm": jnp.zeros_like(finite), "excl_stats": finite & ~empty & ~(weights > 0)}
-    return new_state, info
+    return new_state, _stream_info(stats, weights, failed, upd, finite)
   return run_round
 
 
@@ -231,16 +246,11 @@ def make_chunked_algorithm_round(alg: algorithm.Algorithm, clients_per_chunk: in
     stacked = upload["model"]
     ok, ((_, r),) = aggregators.linear_terms("fedavg", stacked, stats)
     total, num = acc
-    okr = jnp.where(ok, r, 0.0).astype(jnp.float32)
-
-    def add(n, m):
-      okb = ok.reshape((-1,) + (1,) * (m.ndim - 1))
-      return n + jnp.tensordot(okr, jnp.where(okb, m, 0).astype(jnp.float32), axes=1)
-    num = jax.tree.map(add, num, stacked)
+    num = jax.tree.map(functools.partial(_add_weighted, ok=ok, r=r), num, stacked)
     upd = aggregators.update_norms(variables, stacked)
     finite = aggregators.finite_clients(stacked)
-    return ((total + jnp.sum(okr), num), rows, stats, {o: upload[o] for o in others}, ok,
-            jnp.where(finite, upd, jnp.nan), finite)
+    return ((total + jnp.sum(jnp.where(ok, r, 0.0)), num), rows, stats,
+            {o: upload[o] for o in others}, ok, jnp.where(finite, upd, jnp.nan), finite)
 
   def finish(state, acc, stats, ok, rows, other_uploads, server_data, s_key, round_options):
     total, num = acc
@@ -268,22 +278,10 @@ def make_chunked_algorithm_round(alg: algorithm.Algorithm, clients_per_chunk: in
     (bcast, info_b), down = bcast_fn(state, server_data, b_key)
     zeros = jax.tree.map(lambda g: jnp.zeros(g.shape, jnp.float32), state.variables)
     acc = (jnp.float32(0), zeros)
-    outs = []
-    for lo in range(0, k, C):
-      hi = min(lo + C, k)
-      piece = lambda t: (pad_clients(jax.tree.map(lambda a: a[lo:hi], t), C)
-                         if jax.tree.leaves(t) else t)
-      inputs = (piece(per_client), piece(state.clients), piece(down))
-      acc, *out = chunk_fn(state.variables, bcast, inputs, pad_keys(c_keys[lo:hi], C), acc)
-      outs.append(out)
-    rows, stats, other_uploads, ok, upd, finite = jax.tree.map(
-        lambda *xs: jnp.concatenate(xs)[:k], *outs)
+    acc, (rows, stats, other_uploads, ok, upd, finite) = _stream(
+        k, C, chunk_fn, acc, (per_client, state.clients, down), c_keys, state.variables, bcast)
     new_state, info_s, weights, failed = finish_fn(state, acc, stats, ok, rows, other_uploads,
                                                    server_data, s_key, round_options)
-    empty = ~((stats["num_samples"] > 0) & jnp.isfinite(stats["num_samples"]))
-    info = {**stats, **info_b, **info_s, "weights": weights, "failed": failed,
-            "included": weights > 0, "sampled": jnp.ones((k,), bool),
-            "update_norm": upd, "excl_nonfinite": ~finite, "excl_empty": finite & empty,
-            "excl_norm": jnp.zeros_like(finite), "excl_stats": finite & ~empty & ~(weights > 0)}
-    return new_state, info
+    info = _stream_info(stats, weights, failed, upd, finite)
+    return new_state, {**info_b, **info_s, **info, "sampled": jnp.ones((k,), bool)}
   return run_round

@@ -172,7 +172,7 @@ def check_aggregation(config, hp: semi.SemiHParams) -> None:
   shadow = copy.deepcopy(config)
   shadow.algorithm = "fedavg"  # semi-supervised clients are averaged by FedAvg
   fl_train.check_fl_config(shadow)
-  scale.check_chunked(shadow)  # streamed clients: FedAvg without DP / secure aggregation
+  scale.check_chunked(config, "fedavg")  # streamed clients: FedAvg without DP / secure aggregation
 
 
 def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
