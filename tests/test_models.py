@@ -128,3 +128,60 @@ def test_unet_bad_norm_and_shapes():
     init(UNet(depth=2), (16, 16, 1))
   with pytest.raises(ValueError, match="divisible"):
     init(UNet(depth=3), (1, 10, 10, 1))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_up_conv_equals_flax_conv_transpose(ndim):
+  """The U-Net's up-conv (a matrix product + depth-to-space) gives the values and the
+  gradients of ``nn.ConvTranspose`` with kernel = stride, and the same parameters."""
+  import flax.linen as nn
+  from fedjax_seg.models.unet import ConvTranspose
+  x = _x((2,) + (4, 2, 6)[-ndim:] + (3,))
+  w = (2,) * ndim
+  ref, ours = nn.ConvTranspose(5, w, strides=w), ConvTranspose(5, w, strides=w)
+  v = ref.init(jax.random.PRNGKey(1), x)
+  v_ours = ours.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.map(np.shape, v) == jax.tree.map(np.shape, v_ours)
+  np.testing.assert_array_equal(v["params"]["kernel"], v_ours["params"]["kernel"])
+  v = jax.tree.map(lambda a: a + _x(a.shape, 3), v)  # a non-zero bias, an asymmetric kernel
+  np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), rtol=1e-5, atol=1e-5)
+  loss = lambda m: (lambda p: jnp.sum(jnp.sin(m.apply(p, x))))
+  g_ref, g_ours = jax.grad(loss(ref))(v), jax.grad(loss(ours))(v)
+  for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_ours)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+  # Against NumPy: y[s·i + a] = x[i] · kernel[s-1-a] (2D; the window reversed).
+  if ndim == 2:
+    k, b = np.asarray(v["params"]["kernel"]), np.asarray(v["params"]["bias"])
+    xn, y = np.asarray(x), np.asarray(ours.apply(v, x))
+    for a in range(2):
+      for c in range(2):
+        np.testing.assert_allclose(y[:, a::2, c::2], xn @ k[1 - a, 1 - c] + b, rtol=1e-5, atol=1e-5)
+
+
+def test_up_conv_other_strides_fall_back_to_flax():
+  import flax.linen as nn
+  from fedjax_seg.models.unet import ConvTranspose
+  x = _x((1, 4, 4, 2))
+  ref, ours = nn.ConvTranspose(3, (3, 3), strides=(2, 2)), ConvTranspose(3, (3, 3), strides=(2, 2))
+  v = ref.init(jax.random.PRNGKey(0), x)
+  np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_max_pool_2_equals_flax_max_pool(ndim):
+  """Same values as nn.max_pool; after a ReLU the same gradients too (tied windows
+  are zeros, whose gradient the ReLU removes either way)."""
+  import flax.linen as nn
+  from fedjax_seg.models.unet import max_pool_2
+  x = _x((2,) + (4, 6, 8)[-ndim:] + (3,))
+  w = (2,) * ndim
+  np.testing.assert_array_equal(max_pool_2(x, ndim), nn.max_pool(x, w, strides=w))
+  f_ref = lambda z: jnp.sum(jnp.sin(nn.max_pool(jax.nn.relu(z), w, strides=w)))
+  f_ours = lambda z: jnp.sum(jnp.sin(max_pool_2(jax.nn.relu(z), ndim)))
+  np.testing.assert_allclose(jax.grad(f_ours)(x), jax.grad(f_ref)(x), rtol=1e-6, atol=1e-7)
+  # NumPy reference of the values (2D)
+  if ndim == 2:
+    xn = np.asarray(x)
+    ref = np.maximum(np.maximum(xn[:, 0::2, 0::2], xn[:, 0::2, 1::2]),
+                     np.maximum(xn[:, 1::2, 0::2], xn[:, 1::2, 1::2]))
+    np.testing.assert_array_equal(max_pool_2(x, 2), ref)

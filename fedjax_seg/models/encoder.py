@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_seg.models.unet import ConvBlock
+from fedjax_seg.models.unet import ConvBlock, max_pool_2
 
 HEAD_NAMES = ("proj_hidden", "proj_out")
 
@@ -67,10 +67,9 @@ class UNetEncoder(nn.Module):
       if s % factor:
         raise ValueError(f"spatial size {x.shape[1:-1]} must be divisible by 2**(depth-1) = {factor}")
     x = x.astype(self.dtype)
-    window = (2,) * self.ndim
     for level in range(self.depth - 1):
       x = ConvBlock(self.base * 2 ** level, self.ndim, self.norm, self.dtype)(x, train)
-      x = nn.max_pool(x, window, strides=window)
+      x = max_pool_2(x, self.ndim)
     x = ConvBlock(self.base * 2 ** (self.depth - 1), self.ndim, self.norm, self.dtype)(x, train)
     h = jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, 1 + self.ndim)))  # global average pool
     h = nn.relu(nn.Dense(self.hidden_dim, name="proj_hidden")(h))

@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_seg.models.unet import UNetBase, make_norm
+from fedjax_seg.models.unet import ConvTranspose, UNetBase, make_norm, max_pool_2
 
 Scales = Union[int, Sequence[int]]
 
@@ -285,13 +285,13 @@ class SCAUnet(UNetBase):
     for level in range(self.depth - 1):
       x = block(level, f"down{level}")(x, train)
       skips.append(x)
-      x = nn.max_pool(x, window, strides=window)
+      x = max_pool_2(x, self.ndim)  # every block ends in a ReLU
     x = block(self.depth - 1, "bottleneck")(x, train)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     for level in reversed(range(self.depth - 1)):
       if self.upsample == "transpose":
-        x = nn.ConvTranspose(self.base * 2 ** level, window, strides=window, dtype=self.dtype,
-                             name=f"upconv{level}")(x)
+        x = ConvTranspose(self.base * 2 ** level, window, strides=window, dtype=self.dtype,
+                          name=f"upconv{level}")(x)
       else:
         for axis in range(1, self.ndim + 1):
           x = jnp.repeat(x, 2, axis=axis)
