@@ -136,7 +136,7 @@ class TimedJit:
     return getattr(self.jitted, attr)
 
 
-def _program_name(key: str) -> str:
+def program_name(key: str) -> str:
   m = re.match(r"[A-Za-z0-9_]+", key)
   return m.group(0) if m else "jit"
 
@@ -153,7 +153,7 @@ def cached_jit(key: str, build, name: Optional[str] = None, **jit_kwargs) -> Tim
   progress line and the compile-time record.
   """
   if key not in _JIT_CACHE:
-    _JIT_CACHE[key] = TimedJit(name or _program_name(key), jax.jit(build(), **jit_kwargs))
+    _JIT_CACHE[key] = TimedJit(name or program_name(key), jax.jit(build(), **jit_kwargs))
   return _JIT_CACHE[key]
 
 

@@ -55,7 +55,7 @@ def _numpy_rounds(x, valid, w0, rounds, lr=0.5, steps=3):
   return w, last
 
 
-@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "debug", "sharded"])
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "debug", "sharded", "loop"])
 def test_round_matches_numpy_and_keeps_per_client_state(backend):
   alg = _mean_estimation()
   data, x, valid = _toy_data()
@@ -64,7 +64,7 @@ def test_round_matches_numpy_and_keeps_per_client_state(backend):
                                 clients={"rounds": jnp.zeros((k,), jnp.int32),
                                          "last": jnp.zeros((k,), jnp.float32)})
   run = algorithm.make_round(alg, backend)
-  run = run if backend == "debug" else jax.jit(run)
+  run = run if backend in ("debug", "loop") else jax.jit(run)  # loop: three programs
   for _ in range(3):
     state, info = run(state, data, jax.random.PRNGKey(0))
   w_ref, last_ref = _numpy_rounds(x, valid, 0.0, 3)

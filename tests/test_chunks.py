@@ -168,7 +168,8 @@ def test_chunked_config_validation(capsys):
   assert "config.fl.norm_k=10.0 is not applied" in capsys.readouterr().out
   for bad, match in (({"clients_per_chunk": -1}, "clients_per_chunk"),
                      ({"secagg": True}, "secagg"),
-                     ({"dp": {"enabled": True}}, "dp.enabled")):
+                     ({"dp": {"enabled": True}}, "dp.enabled"),
+                     ({"client_strategy": "loop"}, "client_strategy='loop'")):
     with pytest.raises(ValueError, match=match):
       scale.check_chunked(cfg(**bad))
   c = cfg()

@@ -76,7 +76,12 @@ def _np_fedbn(targets, n, rounds, mode):
   return shared, local_k
 
 
-@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "debug"])
+
+def _jit(run):
+  """jax.jit of a one-program round; the 'loop' round runs its three programs as it is."""
+  return run if isinstance(run, algorithm.LoopedRound) else jax.jit(run)
+
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "debug", "loop"])
 @pytest.mark.parametrize("mode", ["fedbn", "silobn"])
 def test_fedbn_round_matches_numpy_and_keeps_k_distinct_statistics(mode, backend):
   targets = _targets()
@@ -85,7 +90,7 @@ def test_fedbn_round_matches_numpy_and_keeps_k_distinct_statistics(mode, backend
   alg = fedbn.make_algorithm(_bn_client, aggregators.fedavg, mode)
   state = algorithm.ServerState(v0, jnp.int32(0), clients=fedbn.init_clients(v0, K, mode))
   run = algorithm.make_round(alg, backend)
-  run = run if backend == "debug" else jax.jit(run)
+  run = run if backend in ("debug", "loop") else jax.jit(run)
   for _ in range(3):
     state, info = run(state, data, jax.random.PRNGKey(0))
   shared_ref, local_ref = _np_fedbn(targets, n, 3, mode)
@@ -157,12 +162,12 @@ def _scaffold():
                                     server=scaffold.zeros_like_params(v0))
 
 
-@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map"])
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "loop"])
 def test_scaffold_controls_follow_the_paper(backend):
   targets = _targets()
   data, n = _data(targets)
   alg, state = _scaffold()
-  run = jax.jit(algorithm.make_round(alg, backend))
+  run = _jit(algorithm.make_round(alg, backend))
   x, c, ck = np.zeros(2), np.zeros(2), np.zeros((K, 2))
   for _ in range(3):
     state, _ = run(state, data, jax.random.PRNGKey(0))
@@ -199,7 +204,7 @@ def test_scaffold_with_sampling_divides_by_all_clients():
 # --- Ditto -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map"])
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "loop"])
 def test_ditto_personal_models_follow_the_proximal_update(backend):
   lam = 0.5
   targets = _targets()
@@ -207,7 +212,7 @@ def test_ditto_personal_models_follow_the_proximal_update(backend):
   v0 = {"params": {"w": jnp.zeros((2,))}}
   alg = ditto.make_algorithm(_quad_client(), _quad_client(prox=lam), aggregators.fedavg)
   state = algorithm.ServerState(v0, jnp.int32(0), clients=ditto.init_clients(v0, K))
-  run = jax.jit(algorithm.make_round(alg, backend))
+  run = _jit(algorithm.make_round(alg, backend))
   w, v = np.zeros(2), np.zeros((K, 2))
   for _ in range(3):
     state, info = run(state, data, jax.random.PRNGKey(0))

@@ -166,50 +166,176 @@ def _spread(values, idx, k: int, fill):
   return jax.tree.map(one, values)
 
 
-def make_round(alg: Algorithm, client_strategy: str = "auto", *, clients_per_round: int = 0,
-               sample_probs=None, **for_each_kwargs) -> Callable:
-  """``run_round(state, data, key, **round_options) -> (state', info)``; jit it once.
+def _round_parts(alg: Algorithm, clients_per_round: int, sample_probs):
+  """The round cut around its client updates: ``pre`` (keys, broadcast, downlink, the
+  sampled clients), ``client_inputs`` (what the client backend runs on) and ``post``
+  (aggregate, server update, info). :func:`make_round` runs them in one program, the
+  'loop' round (:class:`LoopedRound`) in three."""
 
-  client_strategy: a backend of ``backends.for_each_client`` (any backend runs any
-  algorithm: per-client data, state and downlink are one pytree padded as needed).
-  clients_per_round: m > 0 samples m clients per round (module docstring); 0 (or
-  m ≥ K) runs every client. sample_probs: optional [K] sampling probabilities.
-  round_options: traced values forwarded to ``server_update`` (e.g. FCL's exchange switch).
-  """
-  clients = backends.for_each_client(alg.client_update, client_strategy,
-                                     stage=f"{alg.name} client update", **for_each_kwargs)
-
-  def run_round(state: ServerState, data, key, **round_options):
+  def pre(state: ServerState, data):
     per_client, server_data = alg.split_data(data)
-    k = backends.num_clients(per_client)
+    return per_client, server_data, backends.num_clients(per_client)
+
+  def begin(state: ServerState, data, key):
+    per_client, server_data, k = pre(state, data)
     r_key = jax.random.fold_in(key, state.round)
     b_key, c_keys, s_key, a_key = round_keys(alg.key_scheme, r_key, k)
     bcast, info_b = alg.broadcast(state, server_data, b_key)
     down = alg.downlink(state)
-    sampled = 0 < clients_per_round < k
-    if sampled:
+    idx = None
+    if 0 < clients_per_round < k:
       idx = sample_clients(jax.random.fold_in(r_key, SAMPLE_KEY_SALT), k, clients_per_round,
                            sample_probs)
-      inputs = (_take(per_client, idx), _take(state.clients, idx), _take(down, idx))
-      upload, new_rows, stats = clients(bcast, inputs, c_keys[idx])
-      new_clients = _scatter_rows(state.clients, idx, new_rows)
-    else:
-      upload, new_clients, stats = clients(bcast, (per_client, state.clients, down), c_keys)
+      c_keys = c_keys[idx]
+    return bcast, info_b, down, c_keys, s_key, a_key, idx
+
+  def client_inputs(state: ServerState, data, down, idx):
+    per_client = alg.split_data(data)[0]
+    inputs = (per_client, state.clients, down)
+    return inputs if idx is None else _take(inputs, idx)
+
+  def post(state: ServerState, data, info_b, upload, new_rows, stats, s_key, a_key, idx,
+           round_options):
+    _, server_data, k = pre(state, data)
     if set(upload) != set(alg.uploads):
       raise ValueError(f"Algorithm {alg.name}: client upload keys {sorted(upload)} differ "
                        f"from the declared uploads {list(alg.uploads)}")
+    new_clients = new_rows if idx is None else _scatter_rows(state.clients, idx, new_rows)
     agg, weights, failed, info_a = alg.aggregate(state, upload, stats, a_key)
     new_state, info_s = alg.server_update(state, agg, failed, upload, new_clients, weights,
                                           server_data, s_key, **round_options)
     is_sampled = jnp.ones((k,), bool)
-    if sampled:
+    if idx is not None:
       stats, info_a = _spread(stats, idx, k, jnp.nan), _spread(info_a, idx, k, jnp.nan)
       weights = jnp.zeros((k,), weights.dtype).at[idx].set(weights)
       is_sampled = jnp.zeros((k,), bool).at[idx].set(True)
     info = {**stats, **info_b, **info_a, **info_s, "weights": weights, "failed": failed,
             "included": weights > 0, "sampled": is_sampled}
     return new_state, info
+  return begin, client_inputs, post
+
+
+def make_round(alg: Algorithm, client_strategy: str = "auto", *, clients_per_round: int = 0,
+               sample_probs=None, **for_each_kwargs) -> Callable:
+  """``run_round(state, data, key, **round_options) -> (state', info)``; jit it once.
+
+  client_strategy: a backend of ``backends.for_each_client`` (any backend runs any
+  algorithm: per-client data, state and downlink are one pytree padded as needed), or
+  'loop': a :class:`LoopedRound` (call it as it is, do not jit it: it runs three
+  compiled programs, the one-client program K times).
+  clients_per_round: m > 0 samples m clients per round (module docstring); 0 (or
+  m ≥ K) runs every client. sample_probs: optional [K] sampling probabilities.
+  round_options: traced values forwarded to ``server_update`` (e.g. FCL's exchange switch).
+  """
+  if client_strategy == "loop":
+    if for_each_kwargs:
+      raise ValueError(f"client_strategy 'loop' takes no backend options, got {sorted(for_each_kwargs)}")
+    return LoopedRound(alg, clients_per_round, sample_probs)
+  begin, client_inputs, post = _round_parts(alg, clients_per_round, sample_probs)
+  clients = backends.for_each_client(alg.client_update, client_strategy,
+                                     stage=f"{alg.name} client update", **for_each_kwargs)
+
+  def run_round(state: ServerState, data, key, **round_options):
+    bcast, info_b, down, c_keys, s_key, a_key, idx = begin(state, data, key)
+    upload, new_rows, stats = clients(bcast, client_inputs(state, data, down, idx), c_keys)
+    return post(state, data, info_b, upload, new_rows, stats, s_key, a_key, idx, round_options)
   return run_round
+
+
+def _default_jit(name: str, build: Callable, **kw) -> Callable:
+  return jax.jit(build(), **kw)
+
+
+@dataclasses.dataclass
+class LoopedRound:
+  """The round of ``make_round(alg, 'loop')``: the same function as the one-program
+  round, run as three compiled programs so that the client update is compiled once,
+  however many clients there are (the one-program round inlines K copies of it, and
+  XLA:CPU's compile time grows with K × local steps):
+
+    begin   (state, data, key) -> broadcast, downlink, keys, sampled clients
+    client  (broadcast, state, data, downlink, keys, idx, i, out) -> out with row i
+            written: client i's (upload, new state row, stats); called for
+            i = 0..K−1 (m−1 when sampling) from Python, ``out`` donated, so the K
+            outputs are written in place
+    post    (state, data, ..., out) -> (state', info): aggregate and server update
+            over all K uploads at once (so every aggregator, the divergence guard,
+            DP and secure aggregation see exactly what the one-program round gives them)
+
+  Nothing leaves the device between the programs (the data, the state and the
+  outputs stay device arrays); each call is dispatched asynchronously. Call it
+  un-jitted: ``run(state, data, key, *options, **round_options)``; positional extra
+  arguments are named by ``option_names`` (FCL's ``exchange_on``). ``jit(name, build,
+  **jit_kwargs)`` compiles one program (default ``jax.jit(build(), ...)``; the trainers
+  pass ``runlog.cached_jit`` to time and reuse them)."""
+  alg: Algorithm
+  clients_per_round: int = 0
+  sample_probs: Any = None
+  jit: Callable = _default_jit
+  option_names: Tuple[str, ...] = ()
+  _programs: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+  def with_jit(self, jit: Callable) -> "LoopedRound":
+    return dataclasses.replace(self, jit=jit, _programs={})
+
+  def with_option_names(self, names: Tuple[str, ...]) -> "LoopedRound":
+    return dataclasses.replace(self, option_names=tuple(names), _programs={})
+
+  def _build(self):
+    begin, client_inputs, post = _round_parts(self.alg, self.clients_per_round, self.sample_probs)
+    alg = self.alg
+
+    def one(bcast, state, data, down, keys, idx, i, out):
+      inputs = jax.tree.map(lambda a: a[i], client_inputs(state, data, down, idx))
+      o = alg.client_update(bcast, inputs, keys[i])
+      return jax.tree.map(lambda buf, v: buf.at[i].set(v.astype(buf.dtype)), out, o)
+
+    def shapes(bcast, state, data, down, keys, idx):
+      inputs = jax.tree.map(lambda a: a[0], client_inputs(state, data, down, idx))
+      return jax.eval_shape(alg.client_update, bcast, inputs, keys[0])
+
+    self._programs.update(
+        begin=self.jit("begin", lambda: begin),
+        client=self.jit("client", lambda: one, donate_argnums=(7,)),
+        post=self.jit("post", lambda: post, donate_argnums=(0,)),
+        shapes=shapes)
+
+  def __call__(self, state, data, key, *options, **round_options):
+    if len(options) > len(self.option_names):
+      raise TypeError(f"LoopedRound({self.alg.name}): {len(options)} positional options, "
+                      f"names {self.option_names}")
+    round_options = {**dict(zip(self.option_names, options)), **round_options}
+    if not self._programs:
+      self._build()
+    p = self._programs
+    bcast, info_b, down, keys, s_key, a_key, idx = p["begin"](state, data, key)
+    n = keys.shape[0]
+    sig = (jax.tree.structure((bcast, state, data, down)), n,
+           tuple((a.shape, a.dtype) for a in jax.tree.leaves((bcast, state, data, down))))
+    if sig not in p:  # the outputs' shapes, traced once per input signature
+      p[sig] = p["shapes"](bcast, state, data, down, keys, idx)
+    out = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape, s.dtype), p[sig])
+    for i in range(n):
+      out = p["client"](bcast, state, data, down, keys, idx, jnp.int32(i), out)
+    upload, new_rows, stats = out
+    return p["post"](state, data, info_b, upload, new_rows, stats, s_key, a_key, idx,
+                     round_options)
+
+
+def jit_round(key: str, build: Callable[[], Callable], client_strategy: str,
+              **jit_kwargs) -> Callable:
+  """A trainer's round program: ``runlog.cached_jit(key, build, donate_argnums=(0,))``
+  (one program, the state donated), or, when ``build()`` gives a :class:`LoopedRound`
+  (client_strategy 'loop'), that round with its three programs cached as
+  ``key`` + '/begin', '/client', '/post' (compile times recorded under
+  ``<name>_begin``, ...)."""
+  from fedjax_seg import runlog  # runlog imports nothing of fl/
+  if client_strategy != "loop":
+    return runlog.cached_jit(key, build, donate_argnums=(0,), **jit_kwargs)
+  name = runlog.program_name(key)
+  return build().with_jit(  # the programs are memoised by runlog (a new process: the disk cache)
+      lambda part, b, **kw: runlog.cached_jit(f"{key}/{part}", b, name=f"{name}_{part}",
+                                              **kw, **jit_kwargs))
 
 
 def nbytes(tree) -> int:

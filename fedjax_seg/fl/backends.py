@@ -25,7 +25,11 @@ executes slowly; on accelerators vmap is the fast path):
               multiple of D with all-zero clients whose outputs are dropped
   'debug'     a Python loop over clients; an exception names the client index and the
               stage, and (outside jit) a non-finite output is reported the same way
-  'auto'      'vmap' on gpu/tpu, 'unrolled' on cpu
+  'loop'      a round-level strategy (``algorithm.make_round``): one compiled one-client
+              program called K times from Python, between a broadcast program and an
+              aggregation program; compile time no longer grows with K
+  'auto'      'vmap' on gpu/tpu; on cpu 'unrolled' while K × E ≤ AUTO_UNROLL_MAX
+              (:func:`round_strategy`), else 'loop'
 
 Every backend computes the same function (tests/test_backends.py). Streaming
 clients C at a time with running sums (config ``fl.clients_per_chunk``) is the
@@ -44,7 +48,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-CLIENT_STRATEGIES = ("auto", "vmap", "unrolled", "map", "sharded", "debug")
+CLIENT_STRATEGIES = ("auto", "vmap", "unrolled", "map", "sharded", "debug", "loop")
+# On XLA:CPU the one-program round unrolls every client's every local step, and its compile
+# time grows with K × E (64×64 U-Net, base 16, 2-core CPU, 2026-12-04: K = 8, E = 1 about
+# 16 s; one client at E = 8 about 12-21 s): 'auto' unrolls up to this many client-steps per
+# round and runs the 'loop' round above it (docs/performance.md).
+AUTO_UNROLL_MAX = 8
 STEP_STRATEGIES = ("auto", "scan", "unrolled")
 CLIENT_AXIS = "clients"
 
@@ -67,6 +76,18 @@ def resolve_strategy(strategy: str, kind: str = "client", platform: Optional[str
   if kind == "client":
     return "unrolled" if platform == "cpu" else "vmap"
   return "unrolled" if platform == "cpu" else "scan"
+
+
+def round_strategy(strategy: str, clients: int, local_steps: int,
+                   platform: Optional[str] = None) -> str:
+  """The round's client strategy: ``strategy`` unless it is 'auto' on a CPU with more
+  than AUTO_UNROLL_MAX client-steps per round (clients × local_steps), then 'loop'.
+  clients: the clients that train each round (the sampled m, else K)."""
+  resolve_strategy(strategy, "client", platform)  # refuses an unknown name
+  platform = platform or jax.default_backend()
+  if strategy == "auto" and platform == "cpu" and clients * local_steps > AUTO_UNROLL_MAX:
+    return "loop"
+  return strategy
 
 
 def num_clients(per_client) -> int:
@@ -134,6 +155,9 @@ def for_each_client(fn: Callable, backend: str, *, inner: str = "auto",
   'debug' backend's error messages.
   """
   backend = resolve_strategy(backend, "client")
+  if backend == "loop":
+    raise ValueError("client_strategy 'loop' runs a whole round (algorithm.make_round), "
+                     "not a per-client backend inside a program")
   if backend == "sharded":
     return _sharded(fn, inner, mesh, stage)
   if backend == "vmap":
@@ -169,7 +193,7 @@ def _debug(fn: Callable, stage: str) -> Callable:
 
 def _sharded(fn: Callable, inner: str, mesh: Optional[Mesh], stage: str) -> Callable:
   inner = resolve_strategy(inner, "client")
-  if inner in ("sharded", "debug"):
+  if inner in ("sharded", "debug", "loop"):
     raise ValueError(f"for_each_client: the per-device backend of 'sharded' cannot be {inner!r}")
   per_device = for_each_client(fn, inner, stage=stage)
 

@@ -513,6 +513,8 @@ def make_run_round(hp: PretrainHParams, client_update: Callable, client_strategy
   """``run_round(state, volumes, key, exchange_on=True) -> (state', info)``: all clients,
   FedAvg and the feature exchange in one program (jit it once)."""
   run = algorithm.make_round(make_algorithm(hp, client_update), client_strategy)
+  if isinstance(run, algorithm.LoopedRound):  # three programs; call it un-jitted
+    return run.with_option_names(("exchange_on",))
 
   def run_round(state, data: VolumeData, key, exchange_on=True):
     return run(state, data, key, exchange_on=exchange_on)

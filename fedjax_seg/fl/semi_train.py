@@ -31,7 +31,7 @@ import numpy as np
 
 from fedjax_seg import experiment, models, runlog, steps
 from fedjax_seg.data import pipeline
-from fedjax_seg.fl import core, scale, semi, server_opt
+from fedjax_seg.fl import algorithm, backends, core, scale, semi, server_opt
 from fedjax_seg.fl import train as fl_train
 
 SEMI_KEYS = {"scenario", "label_fraction", "label_seed", "min_labelled", "unsup_weight",
@@ -219,11 +219,11 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
         jit=lambda name, fn: runlog.cached_jit(f"semi_{name}" + ckey, fn,
                                                **fl_train.jit_options(config)))
   else:
-    run_round = runlog.cached_jit(
+    strategy = backends.round_strategy(config.fl.client_strategy, len(names), chp.local_steps)
+    run_round = algorithm.jit_round(
         "semi_round" + ckey,
-        lambda: semi.make_run_round(hp, fns, tx, ds.num_classes, chp, config.fl.client_strategy,
-                                    server_tx, **build),
-        donate_argnums=(0,), **fl_train.jit_options(config))
+        lambda: semi.make_run_round(hp, fns, tx, ds.num_classes, chp, strategy, server_tx, **build),
+        strategy, **fl_train.jit_options(config))
   state = core.ServerState(variables, jnp.int32(0),
                            server_opt.init(stx, semi.params_view(variables)))
   mbytes = core.model_bytes(variables[hp.models[0]])

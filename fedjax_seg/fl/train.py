@@ -520,22 +520,24 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
                            build_aggregator(config, len(names), noise_mult), server_update,
                            len(names))
 
+  strategy = backends.round_strategy(config.fl.client_strategy, m, hp.local_steps)
+
   def build_round():
     if kind != "standard":
-      return algorithm.make_round(make_alg(), config.fl.client_strategy,
+      return algorithm.make_round(make_alg(), strategy,
                                   clients_per_round=m if m < len(names) else 0,
                                   sample_probs=probs)
     return core.make_run_round(client_update(), build_aggregator(config, len(names), noise_mult),
-                               config.fl.client_strategy, agg_kwargs(config), server_update,
+                               strategy, agg_kwargs(config), server_update,
                                clients_per_round=m if m < len(names) else 0, sample_probs=probs,
                                cost_ratio=cost_ratio(config))
-  run_round = runlog.cached_jit("round" + ckey, build_round, donate_argnums=(0,),
-                                **jit_options(config))
   if chunked:  # C clients at a time, aggregate as running sums (fl/scale.py)
     run_round = scale.make_chunked_round(
         client_update(), config.algorithm, config.fl.clients_per_chunk,
         config.fl.client_strategy, agg_kwargs(config), server_update,
         jit=lambda name, build: runlog.cached_jit(name + ckey, build, **jit_options(config)))
+  else:
+    run_round = algorithm.jit_round("round" + ckey, build_round, strategy, **jit_options(config))
   if kind in fedbn.MODES:
     fedbn.check_model(variables, kind, config.model.norm)
   clients0, server0 = init_method_state(kind, variables, len(names))
@@ -550,7 +552,7 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
     up_bytes, down_bytes = cb["up"], cb["down"]
   print(f"[fl] model {config.model.name}: {experiment.num_params(variables):,} parameters, "
         f"{mbytes / 1e6:.2f} MB per transfer; client strategy "
-        f"{backends.resolve_strategy(config.fl.client_strategy)}, step strategy "
+        f"{describe_strategy(config, strategy, m, hp.local_steps, chunked)}, step strategy "
         f"{backends.resolve_strategy(config.fl.step_strategy, 'step')}", flush=True)
   eval_batch = runlog.cached_jit("eval" + experiment.compile_key(config, ds, ("model", "loss")),
                                  lambda: steps.make_eval_batch(fns, config.loss, ds.num_classes))
@@ -593,6 +595,16 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
              "method": kind, "bytes_per_client_round": {"up": up_bytes, "down": down_bytes},
              "bytes_per_round": (up_bytes + down_bytes) * m, "wall_time_s": time.time() - t_start},
       personal=personal)
+
+
+def describe_strategy(config, strategy: str, clients: int, local_steps: int,
+                      chunked: bool) -> str:
+  """The client strategy a round runs, for the progress line."""
+  if strategy == "loop" and not chunked:
+    why = (f", auto: {clients} clients x {local_steps} steps > {backends.AUTO_UNROLL_MAX}"
+           if config.fl.client_strategy == "auto" else "")
+    return f"loop (one client program called per client{why})"
+  return backends.resolve_strategy(config.fl.client_strategy)
 
 
 def info_row(info, names) -> Dict:

@@ -1,0 +1,82 @@
+"""The 'loop' round (algorithm.LoopedRound): one compiled client program called per
+client between a broadcast program and an aggregation program, and the CPU 'auto'
+policy that picks it above backends.AUTO_UNROLL_MAX client-steps per round.
+
+The round-level equalities (supervised DCEW+prox, FedWeP, CPS, Mean Teacher, FedWeP-Real
+label-at-server, FCL with its exchange switch) are in tests/test_backends.py (recorded
+numbers); per-client state, FedBN/SiloBN, SCAFFOLD, Ditto and client sampling against
+NumPy in tests/test_algorithm.py, tests/test_fedbn_scaffold_ditto.py, tests/test_sampling.py.
+"""
+import json
+
+import chex
+import numpy as np
+import pytest
+
+from fedjax_seg import runlog, train
+from fedjax_seg.fl import backends
+
+
+def test_auto_loops_above_the_unroll_budget_on_cpu_only():
+  top = backends.AUTO_UNROLL_MAX
+  assert backends.round_strategy("auto", top, 1, "cpu") == "auto"      # unrolled, one program
+  assert backends.round_strategy("auto", 1, top, "cpu") == "auto"
+  assert backends.round_strategy("auto", top, 2, "cpu") == "loop"
+  assert backends.round_strategy("auto", 8, 8, "gpu") == "auto"        # vmap on accelerators
+  assert backends.round_strategy("unrolled", 8, 8, "cpu") == "unrolled"  # an explicit choice stays
+  assert backends.round_strategy("loop", 1, 1, "gpu") == "loop"
+  with pytest.raises(ValueError, match="config.fl.client_strategy='bad'"):
+    backends.round_strategy("bad", 1, 1, "cpu")
+
+
+def test_loop_is_a_round_strategy_not_a_per_client_backend():
+  with pytest.raises(ValueError, match="runs a whole round"):
+    backends.for_each_client(lambda b, c, k: c, "loop")
+
+
+def _rows(d):
+  return [json.loads(l) for l in open(d / "metrics.jsonl")]
+
+
+def _same_run(a, b, keys):
+  ra, rb = _rows(a), _rows(b)
+  assert len(ra) == len(rb)
+  for x, y in zip(ra, rb):
+    for key in keys:
+      if key in x:
+        np.testing.assert_allclose(x[key], y[key], rtol=1e-4, atol=1e-6)
+  ca, cb = runlog.Checkpointer(str(a)), runlog.Checkpointer(str(b))
+  sa, sb = ca.manager.restore(ca.manager.latest_step()), cb.manager.restore(cb.manager.latest_step())
+  ca.close(); cb.close()
+  chex.assert_trees_all_close(sa, sb, rtol=1e-4, atol=1e-5)
+
+
+def test_federated_trainer_auto_loop_equals_the_one_program_round(tiny, tmp_path, capsys):
+  """DCEW, K = 3 by site × 3 local steps = 9 > AUTO_UNROLL_MAX client-steps: 'auto' runs the
+  loop round (said in the progress line, three programs timed in results.json) and gives
+  the metrics and the final model of the unrolled one-program round."""
+  from conftest import tiny_federated
+  c = tiny_federated(tiny, "dcew", local_steps=3, client_strategy="unrolled",
+                     step_strategy="unrolled")
+  train.run(c, str(tmp_path / "one"))
+  c.fl.client_strategy = "auto"
+  capsys.readouterr()
+  r = train.run(c, str(tmp_path / "loop"))
+  assert "client strategy loop (one client program called per client, auto: 3 clients x 3 steps > 8)" \
+      in capsys.readouterr().out
+  assert {"round_begin", "round_client", "round_post"} <= set(r["compile_s"]), r["compile_s"]
+  _same_run(tmp_path / "one", tmp_path / "loop", ("weights", "train_loss", "val_loss"))
+
+
+def test_semi_trainer_loop_equals_the_one_program_round(tiny, tmp_path):
+  """FedWeP label-at-client through its trainer with client_strategy 'loop' (the
+  divergence guard on: post sees every upload at once)."""
+  from test_semi import _semi_tiny
+  c = _semi_tiny(tiny, "fedwep", rounds=2)
+  c.fl.local_steps = 2
+  c.fl.client_strategy, c.fl.step_strategy = "unrolled", "unrolled"
+  train.run(c, str(tmp_path / "one"))
+  c.fl.client_strategy = "loop"
+  r = train.run(c, str(tmp_path / "loop"))
+  assert "semi_round_client" in r["compile_s"], r["compile_s"]
+  _same_run(tmp_path / "one", tmp_path / "loop", ("weights", "client_train_loss"))
