@@ -263,7 +263,8 @@ class LoopedRound:
             DP and secure aggregation see exactly what the one-program round gives them)
 
   Nothing leaves the device between the programs (the data, the state and the
-  outputs stay device arrays); each call is dispatched asynchronously. Call it
+  outputs stay device arrays; the client indices are device scalars made once); each
+  call is dispatched asynchronously. Call it
   un-jitted: ``run(state, data, key, *options, **round_options)``; positional extra
   arguments are named by ``option_names`` (FCL's ``exchange_on``). ``jit(name, build,
   **jit_kwargs)`` compiles one program (default ``jax.jit(build(), ...)``; the trainers
@@ -285,20 +286,23 @@ class LoopedRound:
     begin, client_inputs, post = _round_parts(self.alg, self.clients_per_round, self.sample_probs)
     alg = self.alg
 
+    def start(state, data, key):
+      """begin + the zeroed [n, ...] buffers the client calls write their outputs into."""
+      bcast, info_b, down, keys, s_key, a_key, idx = begin(state, data, key)
+      one_in = jax.tree.map(lambda a: a[0], client_inputs(state, data, down, idx))
+      shapes = jax.eval_shape(alg.client_update, bcast, one_in, keys[0])
+      out = jax.tree.map(lambda t: jnp.zeros((keys.shape[0],) + t.shape, t.dtype), shapes)
+      return (bcast, info_b, down, keys, s_key, a_key, idx), out
+
     def one(bcast, state, data, down, keys, idx, i, out):
       inputs = jax.tree.map(lambda a: a[i], client_inputs(state, data, down, idx))
       o = alg.client_update(bcast, inputs, keys[i])
       return jax.tree.map(lambda buf, v: buf.at[i].set(v.astype(buf.dtype)), out, o)
 
-    def shapes(bcast, state, data, down, keys, idx):
-      inputs = jax.tree.map(lambda a: a[0], client_inputs(state, data, down, idx))
-      return jax.eval_shape(alg.client_update, bcast, inputs, keys[0])
-
     self._programs.update(
-        begin=self.jit("begin", lambda: begin),
+        begin=self.jit("begin", lambda: start),
         client=self.jit("client", lambda: one, donate_argnums=(7,)),
-        post=self.jit("post", lambda: post, donate_argnums=(0,)),
-        shapes=shapes)
+        post=self.jit("post", lambda: post, donate_argnums=(0,)))
 
   def __call__(self, state, data, key, *options, **round_options):
     if len(options) > len(self.option_names):
@@ -308,15 +312,12 @@ class LoopedRound:
     if not self._programs:
       self._build()
     p = self._programs
-    bcast, info_b, down, keys, s_key, a_key, idx = p["begin"](state, data, key)
+    (bcast, info_b, down, keys, s_key, a_key, idx), out = p["begin"](state, data, key)
     n = keys.shape[0]
-    sig = (jax.tree.structure((bcast, state, data, down)), n,
-           tuple((a.shape, a.dtype) for a in jax.tree.leaves((bcast, state, data, down))))
-    if sig not in p:  # the outputs' shapes, traced once per input signature
-      p[sig] = p["shapes"](bcast, state, data, down, keys, idx)
-    out = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape, s.dtype), p[sig])
-    for i in range(n):
-      out = p["client"](bcast, state, data, down, keys, idx, jnp.int32(i), out)
+    if ("index", n) not in p:  # the client indices as device scalars, made once
+      p["index", n] = [jnp.int32(i) for i in range(n)]
+    for i in p["index", n]:
+      out = p["client"](bcast, state, data, down, keys, idx, i, out)
     upload, new_rows, stats = out
     return p["post"](state, data, info_b, upload, new_rows, stats, s_key, a_key, idx,
                      round_options)

@@ -50,6 +50,10 @@ def run_steps(body: Callable, carry, keys, strategy: str):
   if backends.resolve_strategy(strategy, "step") == "scan":
     return jax.lax.scan(body, carry, keys)
   n = jax.tree.leaves(keys)[0].shape[0]
+  # One trace for all E steps: a jitted body is traced once and called E times (XLA
+  # still inlines the E copies). Tracing the E copies one by one cost most of a
+  # semi-supervised client program's compile time (FedWeP at E = 8: about 35 of 54 s).
+  body = jax.jit(body) if n > 1 else body
   outs = []
   for e in range(n):
     carry, out = body(carry, jax.tree.map(lambda a: a[e], keys))

@@ -212,6 +212,7 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
   stx = server_opt.from_config(config.fl)
   build = dict(aggregator=fl_train.build_aggregator(config, len(names), noise_mult, base="fedavg"),
                server_opt_update=server_opt.make_server_update(stx) if stx else None)
+  strategy = backends.round_strategy(config.fl.client_strategy, len(names), chp.local_steps)
   if chunked:
     run_round = scale.make_chunked_algorithm_round(
         semi.make_algorithm(hp, fns, tx, ds.num_classes, chp, server_tx, **build),
@@ -219,7 +220,6 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
         jit=lambda name, fn: runlog.cached_jit(f"semi_{name}" + ckey, fn,
                                                **fl_train.jit_options(config)))
   else:
-    strategy = backends.round_strategy(config.fl.client_strategy, len(names), chp.local_steps)
     run_round = algorithm.jit_round(
         "semi_round" + ckey,
         lambda: semi.make_run_round(hp, fns, tx, ds.num_classes, chp, strategy, server_tx, **build),
@@ -231,7 +231,9 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
   cost = semi.cost_percent(hp, mbytes)
   print(f"[semi] model {config.model.name}: {experiment.num_params(variables[hp.models[0]]):,} "
         f"parameters, {mbytes / 1e6:.3f} MB; per client per round: down {comm['down']:,} B, "
-        f"up {comm['up']:,} B ({cost:.2f}% of two models both ways)", flush=True)
+        f"up {comm['up']:,} B ({cost:.2f}% of two models both ways); client strategy "
+        f"{fl_train.describe_strategy(config, strategy, len(names), chp.local_steps, chunked)}",
+        flush=True)
 
   eval_batch = runlog.cached_jit("eval" + experiment.compile_key(config, ds, ("model", "loss")),
                                  lambda: steps.make_eval_batch(fns, config.loss, ds.num_classes))

@@ -1,0 +1,134 @@
+"""Compile time of every algorithm's round programs at the demo size, cold and cached.
+
+For each algorithm, ``launch.py`` runs one round of K = 8 clients × E = 8 local steps on
+64×64 phantom LGG slices with the demo's U-Net (base 16, depth 4) under the shipped
+client/step strategies (``auto``: on a CPU the 'loop' round above
+``backends.AUTO_UNROLL_MAX`` client-steps), twice, in two processes sharing one fresh
+persistent compilation cache: the first compiles cold, the second reads the cache. The
+seconds per program come from each run's results.json (``compile_s``, timed by
+``runlog.cached_jit``: trace + lower + compile, or the cache read).
+
+  python benchmarks/compile_budget.py                       # every algorithm
+  python benchmarks/compile_budget.py --only fedavg fedwep  # some
+  python benchmarks/compile_budget.py --local-steps 2 --clients 3 --size 32 --base 8   # quick
+
+Writes benchmarks/results/compile_budget.{md,json} (``--tag`` changes the stem).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# label -> (config spec, extra overrides)
+ALGORITHMS = {
+    "fedavg": ("configs/lgg_fedavg.py", []),
+    "dcew": ("configs/lgg_dcew.py", []),
+    "fedprox": ("configs/lgg_fedprox.py", []),
+    "scaffold": ("configs/lgg_scaffold.py", []),
+    "fedwep": ("configs/lgg_fedwep.py:fedwep,label_at_client,1/4,iid", []),
+    "cps": ("configs/lgg_fedwep.py:cps,label_at_client,1/4,iid", []),
+    "mean_teacher": ("configs/lgg_fedwep.py:mean_teacher,label_at_client,1/4,iid", []),
+    "pseudoseg": ("configs/lgg_fedwep.py:pseudoseg,label_at_client,1/4,iid", []),
+    "fedwep_real": ("configs/lgg_fedwep.py:fedwep_real,label_at_server,1/4,iid", []),
+}
+
+
+def overrides(args, extra):
+  o = {"fl.rounds": 1, "fl.local_steps": args.local_steps, "fl.partition": "iid",
+       "fl.num_clients": args.clients, "fl.eval_every": 1, "data.phantom.size": args.size,
+       "data.image_size": args.size, "model.base": args.base, "model.depth": args.depth,
+       "data.phantom.patients_per_site": args.patients_per_site,
+       "data.phantom.slices_per_patient": 4}
+  return [f"--config.{k}={v}" for k, v in o.items()] + extra
+
+
+def run_once(spec, extra, args, workdir, cache):
+  cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", spec, "--workdir", workdir,
+         *overrides(args, extra)]
+  env = {**os.environ, "FEDJAX_SEG_COMPILE_CACHE": cache}
+  t0 = time.time()
+  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  wall = time.time() - t0
+  if p.returncode:
+    tail = (p.stdout + p.stderr).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail), "wall_s": wall}
+  with open(os.path.join(workdir, "results.json")) as f:
+    r = json.load(f)
+  strategy = next((l.split("client strategy ", 1)[1].split(", step strategy")[0]
+                   for l in p.stdout.splitlines() if "client strategy " in l), "?")
+  return {"compile_s": r.get("compile_s", {}), "wall_s": wall, "strategy": strategy,
+          "load": os.getloadavg()[0]}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--only", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+  p.add_argument("--clients", type=int, default=8)
+  p.add_argument("--local-steps", type=int, default=8)
+  p.add_argument("--size", type=int, default=64)
+  p.add_argument("--base", type=int, default=16)
+  p.add_argument("--depth", type=int, default=4)
+  p.add_argument("--patients-per-site", type=int, default=8)
+  p.add_argument("--tag", default="compile_budget")
+  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+  args = p.parse_args()
+  rows = []
+  t0 = time.time()
+  for name in args.only:
+    spec, extra = ALGORITHMS[name]
+    tmp = tempfile.mkdtemp(prefix=f"compile_budget_{name}_")
+    try:
+      cache = os.path.join(tmp, "cache")
+      load0 = os.getloadavg()[0]
+      cold = run_once(spec, extra, args, os.path.join(tmp, "cold"), cache)
+      cached = run_once(spec, extra, args, os.path.join(tmp, "cached"), cache) \
+          if "error" not in cold else {"error": "cold run failed"}
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+    row = {"algorithm": name, "config": spec, "load_start": load0, "cold": cold, "cached": cached}
+    rows.append(row)
+    def total(r):
+      return sum(v for k, v in r.get("compile_s", {}).items() if "eval" not in k)
+    print(f"[compile_budget] {name}: " + (cold["error"] if "error" in cold else
+          f"round programs cold {total(cold):.1f} s, cached {total(cached):.1f} s "
+          f"({cold['strategy']}; load {load0:.1f})"), flush=True)
+  machine = (f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+             f"load at start {rows[0]['load_start']:.1f}" if rows else "")
+  lines = [f"Command: `python benchmarks/compile_budget.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+           f"Machine: {machine}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+           f"wall {time.time() - t0:.0f} s.",
+           f"One round of K = {args.clients} clients × E = {args.local_steps} local steps, "
+           f"{args.size}×{args.size}, U-Net base {args.base}, depth {args.depth}; compile "
+           f"seconds per program from results.json (cold: empty persistent cache; cached: "
+           f"a second process reading it). Round programs exclude 'eval'.", "",
+           "| algorithm | client strategy | round programs cold s | cached s | per program (cold) | eval cold s | load |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    c, k = r["cold"], r["cached"]
+    if "error" in c:
+      lines.append(f"| {r['algorithm']} | – | error: {c['error'][:120]} | – | – | – | {r['load_start']:.1f} |")
+      continue
+    rp = {n: v for n, v in c["compile_s"].items() if "eval" not in n}
+    ev = sum(v for n, v in c["compile_s"].items() if "eval" in n)
+    kc = sum(v for n, v in k.get("compile_s", {}).items() if "eval" not in n)
+    lines.append(f"| {r['algorithm']} | {c['strategy']} | {sum(rp.values()):.1f} | {kc:.1f} | "
+                 + ", ".join(f"{n} {v:.1f}" for n, v in rp.items()) + f" | {ev:.1f} | {r['load_start']:.1f} |")
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, args.tag + ".md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  with open(os.path.join(args.out, args.tag + ".json"), "w") as f:
+    json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
