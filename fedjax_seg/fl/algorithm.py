@@ -2,7 +2,8 @@
 the same round.
 
     run_round = make_round(algorithm, client_strategy)
-    state', info = run_round(state, data, key)            # jit it once
+    state', info = run_round(state, data, key)            # jit it once ('loop': call it as
+                                                          # it is, it runs three programs)
 
     per_client, server_data = algorithm.split_data(data)
     r_key                   = fold_in(key, state.round)
@@ -167,17 +168,17 @@ def _spread(values, idx, k: int, fill):
 
 
 def _round_parts(alg: Algorithm, clients_per_round: int, sample_probs):
-  """The round cut around its client updates: ``pre`` (keys, broadcast, downlink, the
-  sampled clients), ``client_inputs`` (what the client backend runs on) and ``post``
+  """The round cut around its client updates: ``begin`` (keys, broadcast, downlink, the
+  sampled clients), ``client_inputs`` (what the client updates run on) and ``post``
   (aggregate, server update, info). :func:`make_round` runs them in one program, the
   'loop' round (:class:`LoopedRound`) in three."""
 
-  def pre(state: ServerState, data):
+  def split(state: ServerState, data):
     per_client, server_data = alg.split_data(data)
     return per_client, server_data, backends.num_clients(per_client)
 
   def begin(state: ServerState, data, key):
-    per_client, server_data, k = pre(state, data)
+    per_client, server_data, k = split(state, data)
     r_key = jax.random.fold_in(key, state.round)
     b_key, c_keys, s_key, a_key = round_keys(alg.key_scheme, r_key, k)
     bcast, info_b = alg.broadcast(state, server_data, b_key)
@@ -196,7 +197,7 @@ def _round_parts(alg: Algorithm, clients_per_round: int, sample_probs):
 
   def post(state: ServerState, data, info_b, upload, new_rows, stats, s_key, a_key, idx,
            round_options):
-    _, server_data, k = pre(state, data)
+    _, server_data, k = split(state, data)
     if set(upload) != set(alg.uploads):
       raise ValueError(f"Algorithm {alg.name}: client upload keys {sorted(upload)} differ "
                        f"from the declared uploads {list(alg.uploads)}")
