@@ -25,7 +25,7 @@ def get_fl_config():
   fl.local_steps = 8            # E optimiser steps per client per round
   fl.client_batch_size = 8
   fl.stats_samples = 16         # local samples on which c(M) and dice(M) are measured
-  fl.client_strategy = "auto"   # auto | vmap | unrolled | map | sharded (see benchmarks/round_speed.py)
+  fl.client_strategy = "auto"   # auto | vmap | unrolled | map | sharded | loop (docs/scale.md#execution-strategies)
   fl.clients_per_chunk = 0      # > 0: stream clients to the device C at a time (fl/scale.py)
   fl.step_strategy = "auto"     # auto | scan | unrolled
   fl.local_work = "equal"       # equal | proportional (τ_k ∝ samples, largest = local_steps) | list
