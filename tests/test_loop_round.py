@@ -54,9 +54,10 @@ def _same_run(a, b, keys):
 def test_federated_trainer_auto_loop_equals_the_one_program_round(tiny, tmp_path, capsys):
   """DCEW, K = 3 by site × 3 local steps = 9 > AUTO_UNROLL_MAX client-steps: 'auto' runs the
   loop round (said in the progress line, three programs timed in results.json) and gives
-  the metrics and the final model of the one-program round (vmap + scan here)."""
+  the metrics and the final model of the one-program round."""
   from conftest import tiny_federated
-  c = tiny_federated(tiny, "dcew", local_steps=3)  # vmap + scan: the fastest compile
+  # unrolled clients, scanned steps (a fast compile; the loop's client program scans too)
+  c = tiny_federated(tiny, "dcew", local_steps=3, client_strategy="unrolled")
   train.run(c, str(tmp_path / "one"))
   c.fl.client_strategy = "auto"
   capsys.readouterr()
@@ -72,7 +73,8 @@ def test_semi_trainer_loop_equals_the_one_program_round(tiny, tmp_path):
   divergence guard on: post sees every upload at once)."""
   from test_semi import _semi_tiny
   c = _semi_tiny(tiny, "fedwep", rounds=2)
-  c.fl.local_steps = 2  # _semi_tiny: vmap + scan
+  c.fl.local_steps = 2
+  c.fl.client_strategy = "unrolled"  # scanned steps (_semi_tiny), as the loop's client program
   train.run(c, str(tmp_path / "one"))
   c.fl.client_strategy = "loop"
   r = train.run(c, str(tmp_path / "loop"))
