@@ -158,7 +158,8 @@ def test_unet_round_streamed_equals_all_at_once():
 def test_chunked_config_validation(capsys):
   def cfg(**fl):
     c = ml_collections.ConfigDict({"algorithm": "dcew", "fl": {
-        "clients_per_chunk": 2, "norm_k": 0.0, "secagg": False, "dp": {"enabled": False}}})
+        "clients_per_chunk": 2, "norm_k": 0.0, "secagg": False, "dp": {"enabled": False},
+        "client_strategy": "auto"}})
     c.fl.update(fl)
     return c
   scale.check_chunked(cfg())

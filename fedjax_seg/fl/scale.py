@@ -96,7 +96,7 @@ def check_chunked(config, aggregator: Optional[str] = None) -> None:
     return
   if c < 0:
     raise ValueError(f"config.fl.clients_per_chunk={c} must be >= 0 (0 = all clients at once)")
-  if fl.get("client_strategy") == "loop":  # absent in hand-built test configs
+  if fl.client_strategy == "loop":
     raise ValueError(f"config.fl.clients_per_chunk={c} cannot be combined with "
                      f"config.fl.client_strategy='loop' (each already compiles one client "
                      f"program and reuses it): set one of them")
