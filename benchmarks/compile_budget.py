@@ -69,6 +69,11 @@ def run_once(spec, extra, args, workdir, cache):
           "load": os.getloadavg()[0]}
 
 
+def round_seconds(run) -> float:
+  """Compile seconds of a run's round programs (every program but 'eval')."""
+  return sum(v for k, v in run.get("compile_s", {}).items() if "eval" not in k)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
@@ -96,10 +101,8 @@ def main():
       shutil.rmtree(tmp, ignore_errors=True)
     row = {"algorithm": name, "config": spec, "load_start": load0, "cold": cold, "cached": cached}
     rows.append(row)
-    def total(r):
-      return sum(v for k, v in r.get("compile_s", {}).items() if "eval" not in k)
     print(f"[compile_budget] {name}: " + (cold["error"] if "error" in cold else
-          f"round programs cold {total(cold):.1f} s, cached {total(cached):.1f} s "
+          f"round programs cold {round_seconds(cold):.1f} s, cached {round_seconds(cached):.1f} s "
           f"({cold['strategy']}; load {load0:.1f})"), flush=True)
   machine = (f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
              f"load at start {rows[0]['load_start']:.1f}" if rows else "")
@@ -118,9 +121,8 @@ def main():
       lines.append(f"| {r['algorithm']} | – | error: {c['error'][:120]} | – | – | – | {r['load_start']:.1f} |")
       continue
     rp = {n: v for n, v in c["compile_s"].items() if "eval" not in n}
-    ev = sum(v for n, v in c["compile_s"].items() if "eval" in n)
-    kc = sum(v for n, v in k.get("compile_s", {}).items() if "eval" not in n)
-    lines.append(f"| {r['algorithm']} | {c['strategy']} | {sum(rp.values()):.1f} | {kc:.1f} | "
+    ev = sum(c["compile_s"].values()) - round_seconds(c)
+    lines.append(f"| {r['algorithm']} | {c['strategy']} | {round_seconds(c):.1f} | {round_seconds(k):.1f} | "
                  + ", ".join(f"{n} {v:.1f}" for n, v in rp.items()) + f" | {ev:.1f} | {r['load_start']:.1f} |")
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, args.tag + ".md"), "w") as f:

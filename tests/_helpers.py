@@ -52,3 +52,14 @@ def semi_hp(**over):
 # their configs/ values (configs/brats_3d_centralized.py, configs/common.py).
 NIFTI_DATA = dict(depth=0, target_spacing=(), min_foreground_fraction=0.0, fold=None, num_folds=5,
                   n4=dict(enabled=False))
+
+
+def jit_round(run, backend=None):
+  """A round as the tests call it: ``jax.jit(run)``, except the 'loop' round
+  (algorithm.LoopedRound: three programs, called as it is) and the 'debug' backend
+  (eager, so a client's error names its index)."""
+  import jax
+  from fedjax_seg.fl import algorithm
+  if backend == "debug" or isinstance(run, algorithm.LoopedRound):
+    return run
+  return jax.jit(run)

@@ -64,7 +64,7 @@ def test_round_matches_numpy_and_keeps_per_client_state(backend):
                                 clients={"rounds": jnp.zeros((k,), jnp.int32),
                                          "last": jnp.zeros((k,), jnp.float32)})
   run = algorithm.make_round(alg, backend)
-  run = run if backend in ("debug", "loop") else jax.jit(run)  # loop: three programs
+  run = _helpers.jit_round(run, backend)
   for _ in range(3):
     state, info = run(state, data, jax.random.PRNGKey(0))
   w_ref, last_ref = _numpy_rounds(x, valid, 0.0, 3)

@@ -80,3 +80,15 @@ def test_semi_trainer_loop_equals_the_one_program_round(tiny, tmp_path):
   r = train.run(c, str(tmp_path / "loop"))
   assert "semi_round_client" in r["compile_s"], r["compile_s"]
   _same_run(tmp_path / "one", tmp_path / "loop", ("weights", "client_train_loss"))
+
+
+def test_debug_round_runs_eagerly_through_the_trainer(tiny, tmp_path):
+  """client_strategy 'debug': the trainer runs the round un-jitted (no round program is
+  compiled), with the same result as the one-program round."""
+  from conftest import tiny_federated
+  c = tiny_federated(tiny, "fedavg", rounds=1, client_strategy="unrolled")
+  train.run(c, str(tmp_path / "one"))
+  c.fl.client_strategy = "debug"
+  r = train.run(c, str(tmp_path / "debug"))
+  assert not any(k.startswith("round") for k in r["compile_s"]), r["compile_s"]
+  _same_run(tmp_path / "one", tmp_path / "debug", ("weights", "train_loss", "val_loss"))

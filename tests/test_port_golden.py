@@ -19,7 +19,7 @@ import pytest
 from fedjax_seg import models, steps
 from fedjax_seg.data import federated
 from fedjax_seg.data.federated import ClientData
-from fedjax_seg.fl import aggregators, algorithm, core, fcl, scale, semi
+from fedjax_seg.fl import aggregators, core, fcl, scale, semi
 import _helpers
 
 
@@ -40,11 +40,6 @@ def _toy(k=2, n=4, hw=8, seed=0):
   return jnp.asarray(x), jnp.asarray(y)
 
 
-def _jit(run_round):
-  """jax.jit of a one-program round; the 'loop' round (algorithm.LoopedRound) runs as it is."""
-  return run_round if isinstance(run_round, algorithm.LoopedRound) else jax.jit(run_round)
-
-
 def case_core(client_strategy="vmap", step_strategy="scan"):
   fns = _unet()
   x, y = _toy()
@@ -54,7 +49,7 @@ def case_core(client_strategy="vmap", step_strategy="scan"):
   hp = _helpers.client_hp(local_steps=2, batch_size=2, stats_samples=2,
                           step_strategy=step_strategy, prox_mu=0.01)
   cu = core.make_client_update(fns, optax.adam(1e-2), "dice_ce", 2, hp)
-  rr = _jit(core.make_run_round(cu, aggregators.dcew, client_strategy,
+  rr = _helpers.jit_round(core.make_run_round(cu, aggregators.dcew, client_strategy,
                                 {"alpha": 0.5, "beta": 0.25, "gamma": 0.25}))
   state, info = rr(core.ServerState(v, jnp.int32(0)), data, jax.random.PRNGKey(1))
   return {"model": _fp(state.variables), "weights": [float(w) for w in info["weights"]],
@@ -102,7 +97,7 @@ def case_semi(method, scenario="label_at_client", client_strategy="unrolled",
     rr = scale.make_chunked_algorithm_round(
         semi.make_algorithm(hp, fns, optax.adam(1e-2), 2, chp, optax.adam(2e-2)), 1, "unrolled")
   else:
-    rr = _jit(semi.make_run_round(hp, fns, optax.adam(1e-2), 2, chp, client_strategy,
+    rr = _helpers.jit_round(semi.make_run_round(hp, fns, optax.adam(1e-2), 2, chp, client_strategy,
                                   optax.adam(2e-2)))
   state, info = rr(core.ServerState(v, jnp.int32(1)), _semi_data(scenario),
                    jax.random.PRNGKey(1))
@@ -136,7 +131,7 @@ def case_fcl(method, client_strategy="map", step_strategy="scan"):
     chunked = scale.make_chunked_algorithm_round(fcl.make_algorithm(hp, cu), 1, "map")
     rr = lambda s, d, k, on: chunked(s, d, k, exchange_on=on)
   else:
-    rr = _jit(fcl.make_run_round(hp, cu, client_strategy))
+    rr = _helpers.jit_round(fcl.make_run_round(hp, cu, client_strategy))
   for _ in range(2):
     state, info = rr(state, data, jax.random.PRNGKey(1), jnp.bool_(True))
   return {"model": _fp(state.variables), "private": _fp(state.clients),

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _helpers
+
 from fedjax_seg.fl import aggregators, algorithm, dp
 
 
@@ -34,7 +36,7 @@ def test_sampled_round_matches_numpy_over_the_sampled_clients(backend):
   k, m = 6, 3
   data, x, valid = _toy(k)
   run = algorithm.make_round(_alg(), backend, clients_per_round=m)
-  run = run if backend == "loop" else jax.jit(run)  # loop: three programs, un-jitted
+  run = _helpers.jit_round(run, backend)
   state, key = _state(k), jax.random.PRNGKey(4)
   w, rounds, last = 0.0, np.zeros(k, int), np.full(k, -7.0)
   for t in range(4):

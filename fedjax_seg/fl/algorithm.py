@@ -327,11 +327,14 @@ class LoopedRound:
 def jit_round(key: str, build: Callable[[], Callable], client_strategy: str,
               **jit_kwargs) -> Callable:
   """A trainer's round program: ``runlog.cached_jit(key, build, donate_argnums=(0,))``
-  (one program, the state donated), or, when ``build()`` gives a :class:`LoopedRound`
-  (client_strategy 'loop'), that round with its three programs cached as
-  ``key`` + '/begin', '/client', '/post' (compile times recorded under
-  ``<name>_begin``, ...)."""
+  (one program, the state donated); for client_strategy 'loop', the
+  :class:`LoopedRound` ``build()`` gives, its three programs cached as ``key`` +
+  '/begin', '/client', '/post' (compile times recorded under ``<name>_begin``, ...);
+  for 'debug', ``build()`` itself, run eagerly, so that a client's error and its
+  non-finite outputs surface with the client index (backends' 'debug')."""
   from fedjax_seg import runlog  # runlog imports nothing of fl/
+  if client_strategy == "debug":
+    return build()
   if client_strategy != "loop":
     return runlog.cached_jit(key, build, donate_argnums=(0,), **jit_kwargs)
   name = runlog.program_name(key)

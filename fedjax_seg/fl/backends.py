@@ -210,11 +210,3 @@ def _sharded(fn: Callable, inner: str, mesh: Optional[Mesh], stage: str) -> Call
     return out if k_pad == k else jax.tree.map(lambda a: a[:k], out)
   return run
 
-
-def jit_round(build: Callable[[], Callable], backend: str, jit: Callable) -> Callable:
-  """The round program: ``jit(build)`` unless the backend is 'debug' (then it runs eagerly,
-  so a client's error and its non-finite outputs surface with the client index)."""
-  if resolve_strategy(backend, "client") == "debug":
-    return build()
-  return jit(build)
-
