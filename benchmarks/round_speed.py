@@ -4,6 +4,10 @@ For each K, the same client update (E local Adam steps of a U-Net on batches
 sampled from the client's data + the aggregator statistics) is executed as
   loop      a Python loop over K clients of the *jitted single-client update*
             (what a per-client framework does), then a jitted FedAvg
+  loopedC   the trainers' 'loop' round (algorithm.LoopedRound, C = 1, 2, 4, 8
+            clients per call, config fl.clients_per_call): begin, a program of C
+            unrolled clients called ceil(K / C) times with its output buffers
+            donated, and post (FedAvg), nothing leaving the device in between
   vmap      one jitted program: jax.vmap over clients + FedAvg
   unrolled  one jitted program: clients unrolled in Python inside the jit + FedAvg
             (compile time grows with K·E: only for K <= --max-unrolled-k)
@@ -55,7 +59,8 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import _runs  # noqa: E402
 
-JAX_STRATEGIES = ("loop", "unrolled", "vmap", "sharded")
+LOOPED = ("looped1", "looped2", "looped4", "looped8")
+JAX_STRATEGIES = ("loop",) + LOOPED + ("unrolled", "vmap", "sharded")
 TORCH_STRATEGIES = ("torch", "torch1")
 _RESULT = "ROUND_SPEED_RESULT "  # prefix of a worker's JSON line on stdout
 
@@ -88,6 +93,7 @@ if TORCH_WORKER is None:  # the torch worker never imports JAX
   from fedjax_seg import compile_cache, models  # noqa: E402
   from fedjax_seg.data import federated  # noqa: E402
   from fedjax_seg.fl import aggregators, core  # noqa: E402
+  import dataclasses  # noqa: E402
 
 
 def _load() -> float:
@@ -318,6 +324,8 @@ def build(k, strategy, args, fns, data, variables):
       return agg_c(variables, stacked, stats)[0]
     return run, _flops(cu_c) * k + _flops(agg_c), compile_s
   state = core.ServerState(variables, jnp.int32(0))
+  if strategy in LOOPED:
+    return _build_looped(int(strategy[len("looped"):]), cu, state, data, key)
   t0 = time.perf_counter()
   rr = jax.jit(core.make_run_round(cu, aggregators.fedavg, strategy)).lower(
       state, data, key).compile()
@@ -326,6 +334,39 @@ def build(k, strategy, args, fns, data, variables):
   def run():
     return rr(state, data, key)[0].variables
   return run, _flops(rr), compile_s
+
+
+def _build_looped(c, cu, state, data, key):
+  """The trainers' LoopedRound with c clients per call: its programs are compiled ahead
+  of time inside the first round (a jit hook times lower + compile of each and counts
+  each program's FLOPs once per call in that round); the state is donated to 'post',
+  so each timed round feeds the next one the state it returned."""
+  rr = dataclasses.replace(core.make_run_round(cu, aggregators.fedavg, "loop"),
+                           clients_per_call=c)
+  acc = {"compile_s": 0.0, "flops": 0.0, "counting": True}
+
+  def timed_jit(name, build_fn, **kw):
+    f, box = jax.jit(build_fn(), **kw), {}
+
+    def call(*a):
+      if "exe" not in box:
+        t0 = time.perf_counter()
+        box["exe"] = f.lower(*a).compile()
+        acc["compile_s"] += time.perf_counter() - t0
+      if acc["counting"]:
+        acc["flops"] += _flops(box["exe"])
+      return box["exe"](*a)
+    return call
+  rr = rr.with_jit(timed_jit)
+  box = {"state": jax.tree.map(jnp.copy, state)}
+  box["state"] = rr(box["state"], data, key)[0]  # compiles every program, counts FLOPs
+  _block(box["state"].variables)
+  acc["counting"] = False
+
+  def run():
+    box["state"] = rr(box["state"], data, key)[0]
+    return box["state"].variables
+  return run, acc["flops"], acc["compile_s"]
 
 
 def _skip_unrolled(k, strategy, args):
@@ -501,7 +542,7 @@ def main():
                  help="client counts (default 1 2 4 8 16 32; --quick: 1 2 4)")
   p.add_argument("--strategies", nargs="+", default=["loop", "unrolled", "vmap", "torch", "torch1"],
                  choices=list(JAX_STRATEGIES + TORCH_STRATEGIES),
-                 help="of loop unrolled vmap sharded torch torch1")
+                 help="of loop looped1 looped2 looped4 looped8 unrolled vmap sharded torch torch1")
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--base", type=int, default=16)
   p.add_argument("--depth", type=int, default=4)

@@ -63,3 +63,14 @@ def jit_round(run, backend=None):
   if backend == "debug" or isinstance(run, algorithm.LoopedRound):
     return run
   return jax.jit(run)
+
+
+def make_round(alg, backend, **kwargs):
+  """``algorithm.make_round(alg, backend, **kwargs)``; backend 'loop<c>' (e.g. 'loop2'):
+  the 'loop' round with c clients per client call (LoopedRound.clients_per_call)."""
+  import dataclasses
+  from fedjax_seg.fl import algorithm
+  if backend.startswith("loop") and backend != "loop":
+    return dataclasses.replace(algorithm.make_round(alg, "loop", **kwargs),
+                               clients_per_call=int(backend[len("loop"):]))
+  return algorithm.make_round(alg, backend, **kwargs)

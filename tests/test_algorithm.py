@@ -55,15 +55,17 @@ def _numpy_rounds(x, valid, w0, rounds, lr=0.5, steps=3):
   return w, last
 
 
-@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "debug", "sharded", "loop"])
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "debug", "sharded", "loop",
+                                     "loop2", "loop3"])
 def test_round_matches_numpy_and_keeps_per_client_state(backend):
+  """loop2: K = 3 clients as a call of 2 and a call of 1; loop3: one call of all 3."""
   alg = _mean_estimation()
   data, x, valid = _toy_data()
   k = x.shape[0]
   state = algorithm.ServerState({"w": jnp.float32(0.0)}, jnp.int32(0),
                                 clients={"rounds": jnp.zeros((k,), jnp.int32),
                                          "last": jnp.zeros((k,), jnp.float32)})
-  run = algorithm.make_round(alg, backend)
+  run = _helpers.make_round(alg, backend)
   run = _helpers.jit_round(run, backend)
   for _ in range(3):
     state, info = run(state, data, jax.random.PRNGKey(0))

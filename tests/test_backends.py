@@ -103,7 +103,7 @@ def test_local_train_matches_hand_written_sgd_with_after_step():
     ("semi_fedwep_random", "chunked"), ("semi_cps", "chunked"), ("semi_mean_teacher", "chunked"),
     ("semi_server_fedwep_real", "chunked"), ("fcl_fcl", "chunked"),
     # one client program called per client (algorithm.LoopedRound)
-    ("core", "loop"), ("semi_fedwep_random", "loop"), ("semi_cps", "loop"),
+    ("core", "loop"), ("core", "loop2"), ("semi_fedwep_random", "loop"), ("semi_cps", "loop"),
     ("semi_mean_teacher", "loop"), ("semi_server_fedwep_real", "loop"), ("fcl_fcl", "loop")])
 def test_rounds_reproduce_the_recorded_numbers_under_every_backend(name, backend):
   if name.startswith("semi_server_"):

@@ -29,6 +29,18 @@ def test_auto_loops_above_the_unroll_budget_on_cpu_only():
     backends.round_strategy("bad", 1, 1, "cpu")
 
 
+def test_clients_per_call_auto_keeps_a_call_within_the_unroll_budget():
+  top = backends.AUTO_UNROLL_MAX
+  assert backends.clients_per_call(0, 32, 1) == top            # auto: 8 // 1
+  assert backends.clients_per_call(0, 32, 3) == top // 3       # 8 // 3 = 2
+  assert backends.clients_per_call(0, 32, top + 1) == 1        # one client at least
+  assert backends.clients_per_call(0, 3, 1) == 3               # never more than the clients
+  assert backends.clients_per_call(5, 32, 10) == 5             # an explicit value stays
+  assert backends.clients_per_call(5, 2, 10) == 2
+  with pytest.raises(ValueError, match="config.fl.clients_per_call=-1"):
+    backends.clients_per_call(-1, 4, 1)
+
+
 def test_loop_is_a_round_strategy_not_a_per_client_backend():
   with pytest.raises(ValueError, match="runs a whole round"):
     backends.for_each_client(lambda b, c, k: c, "loop")
@@ -62,9 +74,11 @@ def test_federated_trainer_auto_loop_equals_the_one_program_round(tiny, tmp_path
   c.fl.client_strategy = "auto"
   capsys.readouterr()
   r = train.run(c, str(tmp_path / "loop"))
-  assert "client strategy loop (one client program called per client, auto: 3 clients x 3 steps > 8)" \
-      in capsys.readouterr().out
-  assert {"round_begin", "round_client", "round_post"} <= set(r["compile_s"]), r["compile_s"]
+  assert ("client strategy loop (a program of 2 clients called 2 times, auto: 3 clients x 3 "
+          "steps > 8)") in capsys.readouterr().out  # fl.clients_per_call 0: 8 // 3 = 2 per call
+  # a call of 2 clients, then the remainder call of 1
+  assert {"round_begin", "round_client2", "round_client", "round_post"} <= set(r["compile_s"]), \
+      r["compile_s"]
   _same_run(tmp_path / "one", tmp_path / "loop", ("weights", "train_loss", "val_loss"))
 
 
@@ -77,8 +91,8 @@ def test_semi_trainer_loop_equals_the_one_program_round(tiny, tmp_path):
   c.fl.client_strategy = "unrolled"  # scanned steps (_semi_tiny), as the loop's client program
   train.run(c, str(tmp_path / "one"))
   c.fl.client_strategy = "loop"
-  r = train.run(c, str(tmp_path / "loop"))
-  assert "semi_round_client" in r["compile_s"], r["compile_s"]
+  r = train.run(c, str(tmp_path / "loop"))  # fl.clients_per_call 0: 8 // 2 = 4, at most K per call
+  assert any(n.startswith("semi_round_client") for n in r["compile_s"]), r["compile_s"]
   _same_run(tmp_path / "one", tmp_path / "loop", ("weights", "client_train_loss"))
 
 

@@ -7,6 +7,7 @@ must reproduce them to float tolerance: same maths, same PRNG key use.
 
 Fingerprint of a pytree: (Σ leaves, Σ leaves²) in float64 over the float leaves.
 """
+import dataclasses
 import json
 import sys
 
@@ -49,8 +50,12 @@ def case_core(client_strategy="vmap", step_strategy="scan"):
   hp = _helpers.client_hp(local_steps=2, batch_size=2, stats_samples=2,
                           step_strategy=step_strategy, prox_mu=0.01)
   cu = core.make_client_update(fns, optax.adam(1e-2), "dice_ce", 2, hp)
-  rr = _helpers.jit_round(core.make_run_round(cu, aggregators.dcew, client_strategy,
-                                {"alpha": 0.5, "beta": 0.25, "gamma": 0.25}))
+  loop_c = client_strategy.startswith("loop") and client_strategy != "loop"  # 'loop<c>'
+  rr = core.make_run_round(cu, aggregators.dcew, "loop" if loop_c else client_strategy,
+                           {"alpha": 0.5, "beta": 0.25, "gamma": 0.25})
+  if loop_c:  # c clients per call of the loop round's client program
+    rr = dataclasses.replace(rr, clients_per_call=int(client_strategy[len("loop"):]))
+  rr = _helpers.jit_round(rr)
   state, info = rr(core.ServerState(v, jnp.int32(0)), data, jax.random.PRNGKey(1))
   return {"model": _fp(state.variables), "weights": [float(w) for w in info["weights"]],
           "train_loss": [float(t) for t in info["train_loss"]]}

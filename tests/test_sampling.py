@@ -31,11 +31,12 @@ def _state(k):
                                         "last": jnp.full((k,), -7.0, jnp.float32)})
 
 
-@pytest.mark.parametrize("backend", ["vmap", "unrolled", "sharded", "loop"])
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "sharded", "loop", "loop2", "loop4"])
 def test_sampled_round_matches_numpy_over_the_sampled_clients(backend):
+  """loop2: the m = 3 sampled clients as calls of 2 and 1; loop4: one call of 3."""
   k, m = 6, 3
   data, x, valid = _toy(k)
-  run = algorithm.make_round(_alg(), backend, clients_per_round=m)
+  run = _helpers.make_round(_alg(), backend, clients_per_round=m)
   run = _helpers.jit_round(run, backend)
   state, key = _state(k), jax.random.PRNGKey(4)
   w, rounds, last = 0.0, np.zeros(k, int), np.full(k, -7.0)

@@ -90,6 +90,21 @@ def round_strategy(strategy: str, clients: int, local_steps: int,
   return strategy
 
 
+def clients_per_call(setting: int, clients: int, local_steps: int) -> int:
+  """Clients unrolled in one call of the 'loop' round's client program
+  (``config.fl.clients_per_call``): ``setting`` > 0 as given (at most ``clients``);
+  0 = auto, as many clients as keep a call within AUTO_UNROLL_MAX client-steps
+  (max(1, AUTO_UNROLL_MAX // local_steps), at most ``clients``): the same compile
+  bound as the 'auto' choice of the unrolled round. Independent clients in one call
+  run side by side on XLA:CPU's cores (docs/performance.md)."""
+  setting, clients = int(setting), max(1, int(clients))
+  if setting < 0:
+    raise ValueError(f"config.fl.clients_per_call={setting} must be >= 0 (0 = auto)")
+  if setting == 0:
+    setting = max(1, AUTO_UNROLL_MAX // max(1, int(local_steps)))
+  return min(setting, clients)
+
+
 def num_clients(per_client) -> int:
   """K: the leading dimension shared by every leaf of ``per_client``."""
   leaves = jax.tree.leaves(per_client)

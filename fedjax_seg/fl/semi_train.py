@@ -223,7 +223,9 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
     run_round = algorithm.jit_round(
         "semi_round" + ckey,
         lambda: semi.make_run_round(hp, fns, tx, ds.num_classes, chp, strategy, server_tx, **build),
-        strategy, **fl_train.jit_options(config))
+        strategy, clients_per_call=backends.clients_per_call(config.fl.clients_per_call,
+                                                             len(names), chp.local_steps),
+        **fl_train.jit_options(config))
   state = core.ServerState(variables, jnp.int32(0),
                            server_opt.init(stx, semi.params_view(variables)))
   mbytes = core.model_bytes(variables[hp.models[0]])

@@ -537,7 +537,10 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
         config.fl.client_strategy, agg_kwargs(config), server_update,
         jit=lambda name, build: runlog.cached_jit(name + ckey, build, **jit_options(config)))
   else:
-    run_round = algorithm.jit_round("round" + ckey, build_round, strategy, **jit_options(config))
+    run_round = algorithm.jit_round(
+        "round" + ckey, build_round, strategy,
+        clients_per_call=backends.clients_per_call(config.fl.clients_per_call, m, hp.local_steps),
+        **jit_options(config))
   if kind in fedbn.MODES:
     fedbn.check_model(variables, kind, config.model.norm)
   clients0, server0 = init_method_state(kind, variables, len(names))
@@ -603,7 +606,11 @@ def describe_strategy(config, strategy: str, clients: int, local_steps: int,
   if strategy == "loop" and not chunked:
     why = (f", auto: {clients} clients x {local_steps} steps > {backends.AUTO_UNROLL_MAX}"
            if config.fl.client_strategy == "auto" else "")
-    return f"loop (one client program called per client{why})"
+    c = backends.clients_per_call(config.fl.clients_per_call, clients, local_steps)
+    calls = -(-clients // c)
+    per = "one client program called per client" if c == 1 else \
+        f"a program of {c} clients called {calls} times"
+    return f"loop ({per}{why})"
   return backends.resolve_strategy(config.fl.client_strategy)
 
 
