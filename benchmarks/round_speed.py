@@ -307,7 +307,8 @@ def build(k, strategy, args, fns, data, variables):
   cu = core.make_client_update(fns, optax.adam(1e-3), "dice_ce", 2, hp)
   if strategy == "loop":
     clients = [jax.tree.map(lambda a: a[i], data) for i in range(k)]
-    keys = list(jax.random.split(key, k))
+    # the one-program round's client keys in round 0 (algorithm.round_keys, 'flat')
+    keys = list(jax.random.split(jax.random.fold_in(key, 0), k))
     t0 = time.perf_counter()
     cu_c = jax.jit(cu).lower(variables, clients[0], keys[0]).compile()
     compile_s = time.perf_counter() - t0
@@ -362,11 +363,19 @@ def _build_looped(c, cu, state, data, key):
   box["state"] = rr(box["state"], data, key)[0]  # compiles every program, counts FLOPs
   _block(box["state"].variables)
   acc["counting"] = False
+  first = jax.tree.map(jnp.copy, box["state"].variables)  # the next call donates the state
 
   def run():
     box["state"] = rr(box["state"], data, key)[0]
     return box["state"].variables
+  run.first_round = lambda: first
   return run, acc["flops"], acc["compile_s"]
+
+
+def max_abs_diff(a, b) -> float:
+  """max |a − b| over every leaf of two variable pytrees of the same structure."""
+  return float(max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+                   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
 
 
 def _skip_unrolled(k, strategy, args):
@@ -383,6 +392,7 @@ def bench(k, args, peak, cache_root):
   n_params = sum(int(a.size) for a in jax.tree.leaves(variables))
   out = {"K": k, "params": n_params, "load": {}}
   steps_per_round = k * args.local_steps
+  ref = None  # (strategy, its round-0 variables): every JAX row is checked against it
   for strategy in args.strategies:
     if _skip_unrolled(k, strategy, args):
       print(f"  K={k:3d} {strategy:9s} skipped (K > --max-unrolled-k={args.max_unrolled_k})",
@@ -412,6 +422,14 @@ def bench(k, args, peak, cache_root):
     else:
       _use_cache(cache_root, k, strategy)
       run, fl, compile_s = build(k, strategy, args, fns, data, variables)
+      # round 0 from the initial state (the looped rows feed each round the last state)
+      r0 = getattr(run, "first_round", run)()
+      _block(r0)
+      if ref is None:
+        ref = (strategy, jax.device_get(r0))
+      out[f"{strategy}_max_abs_diff"] = max_abs_diff(ref[1], r0)
+      out["agreement_ref"] = ref[0]
+      del r0
       t, first, cpu = _time(run, args.reps, _block)
       out[f"{strategy}_threads"] = 1 if THREADS == 1 else "all"
       out[f"{strategy}_compile_cold_s"] = compile_s
@@ -507,6 +525,15 @@ def markdown(rows, args, machine, peak):
                   f"{_fmt(r.get(s + '_compile_cached_s'), '.2f')} | "
                   f"{r[s + '_first_s']:.1f} | {r['load'][s]} |")
   jax_s = [s for s in args.strategies if s in JAX_STRATEGIES]
+  agree = []
+  for r in rows:
+    d = [f"{s} {r[s + '_max_abs_diff']:.1e}" for s in jax_s
+         if s in r and s != r.get("agreement_ref") and r.get(s + "_max_abs_diff") is not None]
+    if d:
+      agree.append(f"K = {r['K']}: " + ", ".join(d))
+  if agree:
+    head += ("\nSame round: max |Δ| of the global model after round 0 from the same state and "
+             f"keys, against the {next(r['agreement_ref'] for r in rows if 'agreement_ref' in r)} row: " + "; ".join(agree) + ".\n")
   others = [s for s in jax_s if s != "loop"]
   torches = [s for s in args.strategies if s in TORCH_STRATEGIES and any(s in r for r in rows)]
   cols = ([f"{s} vs loop" for s in others] + [f"JAX loop vs {t}" for t in torches]
