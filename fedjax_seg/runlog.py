@@ -126,11 +126,17 @@ class TimedJit:
     if self.verbose:
       print(f"[compile] compiling {self.name} program ...", flush=True)
     t0 = time.perf_counter()
-    self.jitted.lower(*args, **kwargs).compile()
+    lowered = self.jitted.lower(*args, **kwargs)
+    t1 = time.perf_counter()
+    lowered.compile()
     s = time.perf_counter() - t0
     _COMPILE_S[self.name] = _COMPILE_S.get(self.name, 0.0) + s
     if self.verbose:
-      print(f"[compile] {self.name} program: {s:.1f} s", flush=True)
+      # The two parts: tracing + lowering to StableHLO, then XLA's compile, or (from the
+      # persistent cache) reading the executable back, which for a large XLA:CPU program
+      # is itself slow (docs/performance.md).
+      print(f"[compile] {self.name} program: {s:.1f} s (trace + lower {t1 - t0:.1f} s, "
+            f"compile or cache read {s - (t1 - t0):.1f} s)", flush=True)
 
   def __getattr__(self, attr):
     return getattr(self.jitted, attr)
