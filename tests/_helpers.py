@@ -65,12 +65,27 @@ def jit_round(run, backend=None):
   return jax.jit(run)
 
 
+def loop_variant(backend):
+  """'loop<c>' / 'host' / 'host<c>' -> ('loop', {clients_per_call, host_steps}); any other
+  backend -> (backend, None)."""
+  for prefix, host in (("loop", False), ("host", True)):
+    if backend.startswith(prefix) and backend != "loop":
+      return "loop", {"clients_per_call": int(backend[len(prefix):] or 1), "host_steps": host}
+  return backend, None
+
+
+def build_round(make, backend):
+  """``make(strategy)`` for the backend's round strategy, with the loop round's options of
+  a 'loop<c>' / 'host<c>' backend set on the LoopedRound it returns."""
+  import dataclasses
+  strategy, opts = loop_variant(backend)
+  rr = make(strategy)
+  return dataclasses.replace(rr, **opts) if opts else rr
+
+
 def make_round(alg, backend, **kwargs):
   """``algorithm.make_round(alg, backend, **kwargs)``; backend 'loop<c>' (e.g. 'loop2'):
-  the 'loop' round with c clients per client call (LoopedRound.clients_per_call)."""
-  import dataclasses
+  the 'loop' round with c clients per client call (LoopedRound.clients_per_call);
+  'host' / 'host<c>': the same with every local step a program call (host_steps)."""
   from fedjax_seg.fl import algorithm
-  if backend.startswith("loop") and backend != "loop":
-    return dataclasses.replace(algorithm.make_round(alg, "loop", **kwargs),
-                               clients_per_call=int(backend[len("loop"):]))
-  return algorithm.make_round(alg, backend, **kwargs)
+  return build_round(lambda s: algorithm.make_round(alg, s, **kwargs), backend)

@@ -104,7 +104,10 @@ def test_local_train_matches_hand_written_sgd_with_after_step():
     ("semi_server_fedwep_real", "chunked"), ("fcl_fcl", "chunked"),
     # one client program called per client (algorithm.LoopedRound)
     ("core", "loop"), ("core", "loop2"), ("semi_fedwep_random", "loop"), ("semi_cps", "loop"),
-    ("semi_mean_teacher", "loop"), ("semi_server_fedwep_real", "loop"), ("fcl_fcl", "loop")])
+    ("semi_mean_teacher", "loop"), ("semi_server_fedwep_real", "loop"), ("fcl_fcl", "loop"),
+    # every local step its own program call (fl/host_steps.py)
+    ("core", "host"), ("core", "host2"), ("semi_fedwep_random", "host"), ("semi_cps", "host2"),
+    ("semi_mean_teacher", "host"), ("semi_server_fedwep_real", "host2"), ("fcl_fcl", "host2")])
 def test_rounds_reproduce_the_recorded_numbers_under_every_backend(name, backend):
   if name.startswith("semi_server_"):
     out = golden.case_semi(name[len("semi_server_"):], "label_at_server", client_strategy=backend)

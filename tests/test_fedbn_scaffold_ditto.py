@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from fedjax_seg.fl import aggregators, algorithm, ditto, fedbn, local, scaffold
-from _helpers import jit_round, run_worker
+from _helpers import jit_round, make_round, run_worker
 
 K, LR, E = 3, 0.1, 3
 
@@ -76,7 +76,7 @@ def _np_fedbn(targets, n, rounds, mode):
   return shared, local_k
 
 
-@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "debug", "loop"])
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "debug", "loop", "host"])
 @pytest.mark.parametrize("mode", ["fedbn", "silobn"])
 def test_fedbn_round_matches_numpy_and_keeps_k_distinct_statistics(mode, backend):
   targets = _targets()
@@ -84,7 +84,7 @@ def test_fedbn_round_matches_numpy_and_keeps_k_distinct_statistics(mode, backend
   v0 = _bn_variables()
   alg = fedbn.make_algorithm(_bn_client, aggregators.fedavg, mode)
   state = algorithm.ServerState(v0, jnp.int32(0), clients=fedbn.init_clients(v0, K, mode))
-  run = algorithm.make_round(alg, backend)
+  run = make_round(alg, backend)
   run = jit_round(run, backend)
   for _ in range(3):
     state, info = run(state, data, jax.random.PRNGKey(0))
@@ -157,12 +157,12 @@ def _scaffold():
                                     server=scaffold.zeros_like_params(v0))
 
 
-@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "loop"])
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "loop", "host2"])
 def test_scaffold_controls_follow_the_paper(backend):
   targets = _targets()
   data, n = _data(targets)
   alg, state = _scaffold()
-  run = jit_round(algorithm.make_round(alg, backend))
+  run = jit_round(make_round(alg, backend))
   x, c, ck = np.zeros(2), np.zeros(2), np.zeros((K, 2))
   for _ in range(3):
     state, _ = run(state, data, jax.random.PRNGKey(0))
@@ -199,7 +199,7 @@ def test_scaffold_with_sampling_divides_by_all_clients():
 # --- Ditto -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "loop"])
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "loop", "host2"])
 def test_ditto_personal_models_follow_the_proximal_update(backend):
   lam = 0.5
   targets = _targets()
@@ -207,7 +207,7 @@ def test_ditto_personal_models_follow_the_proximal_update(backend):
   v0 = {"params": {"w": jnp.zeros((2,))}}
   alg = ditto.make_algorithm(_quad_client(), _quad_client(prox=lam), aggregators.fedavg)
   state = algorithm.ServerState(v0, jnp.int32(0), clients=ditto.init_clients(v0, K))
-  run = jit_round(algorithm.make_round(alg, backend))
+  run = jit_round(make_round(alg, backend))
   w, v = np.zeros(2), np.zeros((K, 2))
   for _ in range(3):
     state, info = run(state, data, jax.random.PRNGKey(0))

@@ -50,12 +50,11 @@ def case_core(client_strategy="vmap", step_strategy="scan"):
   hp = _helpers.client_hp(local_steps=2, batch_size=2, stats_samples=2,
                           step_strategy=step_strategy, prox_mu=0.01)
   cu = core.make_client_update(fns, optax.adam(1e-2), "dice_ce", 2, hp)
-  loop_c = client_strategy.startswith("loop") and client_strategy != "loop"  # 'loop<c>'
-  rr = core.make_run_round(cu, aggregators.dcew, "loop" if loop_c else client_strategy,
-                           {"alpha": 0.5, "beta": 0.25, "gamma": 0.25})
-  if loop_c:  # c clients per call of the loop round's client program
-    rr = dataclasses.replace(rr, clients_per_call=int(client_strategy[len("loop"):]))
-  rr = _helpers.jit_round(rr)
+  # 'loop<c>' / 'host<c>': c clients per call of the loop round, host-called steps
+  rr = _helpers.jit_round(_helpers.build_round(
+      lambda s: core.make_run_round(cu, aggregators.dcew, s,
+                                    {"alpha": 0.5, "beta": 0.25, "gamma": 0.25}),
+      client_strategy))
   state, info = rr(core.ServerState(v, jnp.int32(0)), data, jax.random.PRNGKey(1))
   return {"model": _fp(state.variables), "weights": [float(w) for w in info["weights"]],
           "train_loss": [float(t) for t in info["train_loss"]]}
@@ -102,8 +101,9 @@ def case_semi(method, scenario="label_at_client", client_strategy="unrolled",
     rr = scale.make_chunked_algorithm_round(
         semi.make_algorithm(hp, fns, optax.adam(1e-2), 2, chp, optax.adam(2e-2)), 1, "unrolled")
   else:
-    rr = _helpers.jit_round(semi.make_run_round(hp, fns, optax.adam(1e-2), 2, chp, client_strategy,
-                                  optax.adam(2e-2)))
+    rr = _helpers.jit_round(_helpers.build_round(
+        lambda s: semi.make_run_round(hp, fns, optax.adam(1e-2), 2, chp, s, optax.adam(2e-2)),
+        client_strategy))
   state, info = rr(core.ServerState(v, jnp.int32(1)), _semi_data(scenario),
                    jax.random.PRNGKey(1))
   out = {"model": _fp(state.variables), "train_loss": [float(t) for t in info["train_loss"]]}
@@ -136,7 +136,8 @@ def case_fcl(method, client_strategy="map", step_strategy="scan"):
     chunked = scale.make_chunked_algorithm_round(fcl.make_algorithm(hp, cu), 1, "map")
     rr = lambda s, d, k, on: chunked(s, d, k, exchange_on=on)
   else:
-    rr = _helpers.jit_round(fcl.make_run_round(hp, cu, client_strategy))
+    rr = _helpers.jit_round(_helpers.build_round(lambda s: fcl.make_run_round(hp, cu, s),
+                                                 client_strategy))
   for _ in range(2):
     state, info = rr(state, data, jax.random.PRNGKey(1), jnp.bool_(True))
   return {"model": _fp(state.variables), "private": _fp(state.clients),

@@ -31,9 +31,11 @@ def _state(k):
                                         "last": jnp.full((k,), -7.0, jnp.float32)})
 
 
-@pytest.mark.parametrize("backend", ["vmap", "unrolled", "sharded", "loop", "loop2", "loop4"])
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "sharded", "loop", "loop2", "loop4",
+                                     "host2"])
 def test_sampled_round_matches_numpy_over_the_sampled_clients(backend):
-  """loop2: the m = 3 sampled clients as calls of 2 and 1; loop4: one call of 3."""
+  """loop2: the m = 3 sampled clients as calls of 2 and 1; loop4: one call of 3; host2: loop2
+  with host-called steps."""
   k, m = 6, 3
   data, x, valid = _toy(k)
   run = _helpers.make_round(_alg(), backend, clients_per_round=m)

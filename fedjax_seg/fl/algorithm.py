@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_seg.fl import backends
+from fedjax_seg.fl import backends, host_steps as hsteps
 
 AGG_KEY_SALT = 0x7FFFFFFF
 SAMPLE_KEY_SALT = 0x5A3C0FFE
@@ -273,6 +273,11 @@ class LoopedRound:
   step does not keep two cores busy), at c times the client program's compile time.
   Every c gives the same round up to float summation order (tested).
 
+  ``host_steps`` (config ``fl.step_strategy='host'``) cuts each client call further at
+  the local steps (fl/host_steps.py): ``stage0`` (up to the steps), ``step0`` (one local
+  step of the c clients) called E times, ``stage1`` (the rest, writing the outputs), so
+  the largest program is c client-steps whatever E is.
+
   Nothing leaves the device between the programs (the data, the state and the
   outputs stay device arrays; the client indices are device scalars made once); each
   call is dispatched asynchronously. Call it
@@ -284,19 +289,21 @@ class LoopedRound:
   clients_per_round: int = 0
   sample_probs: Any = None
   clients_per_call: int = 1
+  host_steps: bool = False
   jit: Callable = _default_jit
   option_names: Tuple[str, ...] = ()
   _programs: Dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
+  _bodies: Dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
 
   def __post_init__(self):
     if int(self.clients_per_call) < 1:
       raise ValueError(f"config.fl.clients_per_call={self.clients_per_call} must be >= 1")
 
   def with_jit(self, jit: Callable) -> "LoopedRound":
-    return dataclasses.replace(self, jit=jit, _programs={})
+    return dataclasses.replace(self, jit=jit, _programs={}, _bodies={})
 
   def with_option_names(self, names: Tuple[str, ...]) -> "LoopedRound":
-    return dataclasses.replace(self, option_names=tuple(names), _programs={})
+    return dataclasses.replace(self, option_names=tuple(names), _programs={}, _bodies={})
 
   def _build(self):
     begin, client_inputs, post = _round_parts(self.alg, self.clients_per_round, self.sample_probs)
@@ -330,6 +337,74 @@ class LoopedRound:
       self._programs["client", c] = self.jit(name, lambda: many, donate_argnums=(7,))
     return self._programs["client", c]
 
+  def _stage_program(self, s: int, c: int):
+    """Stage s of the host-step client call of c clients (fl/host_steps.py): the client
+    updates with their first s step loops answered by ``given``, up to the next step loop
+    (a :class:`host_steps.Segment`) or to the end (``out`` with their rows written)."""
+    if ("stage", s, c) not in self._programs:
+      suffix = "" if c == 1 else f"x{c}"
+      self._programs["stage", s, c] = self.jit(f"stage{s}{suffix}", lambda: self._stage_fn(s, c),
+                                              donate_argnums=(8,))
+    return self._programs["stage", s, c]
+
+  def _stage_fn(self, s: int, c: int):
+    """The traced function of :meth:`_stage_program` (its trace records the step body)."""
+    if ("stage_fn", s, c) not in self._programs:
+      alg, client_inputs = self.alg, self._client_inputs
+
+      def run(bcast, state, data, down, keys, idx, i, given, out):
+        segs, bodies = [], []
+        for j in range(c):
+          ij = i + j
+          args = (bcast, client_inputs(state, data, down, idx, ij), keys[ij])
+          res, body = hsteps.stage(alg.client_update, [g[j] for g in given], args)
+          if body is None:
+            out = jax.tree.map(lambda buf, v: buf.at[ij].set(v.astype(buf.dtype)), out, res)
+          else:
+            segs.append(res)
+            bodies.append(body)
+        if not bodies:
+          return out
+        if len(bodies) != c:
+          raise ValueError(f"{alg.name}: host steps: clients of one call stopped at "
+                           f"different local-step loops")
+        self._bodies[s, c] = hsteps.check_same_body(bodies, alg.name)
+        consts, carry, xs, outs = (tuple(x) for x in zip(*segs))
+        return hsteps.Segment(consts, carry, xs, outs, out)
+      self._programs["stage_fn", s, c] = run
+    return self._programs["stage_fn", s, c]
+
+  def _step_program(self, s: int, c: int, stage_args):
+    """One local step of c clients at step loop s (compiled on first use; its body is
+    the jaxpr the stage program's trace found, traced again here if that program was
+    reused from an earlier round object)."""
+    if ("step", s, c) not in self._programs:
+      def build():
+        if (s, c) not in self._bodies:  # the stage program came from runlog's memo
+          jax.eval_shape(self._stage_fn(s, c), *stage_args)
+        return hsteps.make_step(self._bodies[s, c], c)
+      suffix = "" if c == 1 else f"x{c}"
+      self._programs["step", s, c] = self.jit(f"step{s}{suffix}", build, donate_argnums=(3,))
+    return self._programs["step", s, c]
+
+  def _host_call(self, c, bcast, state, data, down, keys, idx, i, out):
+    """The host-step client call of c clients from start index i: stages and steps until
+    the last stage writes their outputs into ``out``."""
+    given, s = (), 0
+    while True:
+      args = (bcast, state, data, down, keys, idx, i, given, out)
+      res = self._stage_program(s, c)(*args)
+      if not isinstance(res, hsteps.Segment):
+        return res
+      step = self._step_program(s, c, args)
+      carry, outs, out = res.carry, res.outs, res.out
+      n = jax.tree.leaves(res.xs)[0].shape[0]
+      if ("steps", n) not in self._programs:  # the step indices as device scalars, made once
+        self._programs["steps", n] = [jnp.int32(e) for e in range(n)]
+      for e in self._programs["steps", n]:
+        carry, outs = step(res.consts, carry, res.xs, outs, e)
+      given, s = given + (tuple(zip(carry, outs)),), s + 1
+
   def calls(self, n: int):
     """[(start index, clients in the call)] covering the n training clients."""
     c = min(int(self.clients_per_call), n)
@@ -348,7 +423,10 @@ class LoopedRound:
     if ("calls", n) not in p:  # the start indices as device scalars, made once
       p["calls", n] = [(jnp.int32(i), c) for i, c in self.calls(n)]
     for i, c in p["calls", n]:
-      out = self._client_program(c)(bcast, state, data, down, keys, idx, i, out)
+      if self.host_steps:
+        out = self._host_call(c, bcast, state, data, down, keys, idx, i, out)
+      else:
+        out = self._client_program(c)(bcast, state, data, down, keys, idx, i, out)
     upload, new_rows, stats = out
     return p["post"](state, data, info_b, upload, new_rows, stats, s_key, a_key, idx,
                      round_options)
@@ -372,7 +450,8 @@ def jit_round(key: str, build: Callable[[], Callable], client_strategy: str,
   name = runlog.program_name(key)
   run = build()
   if run.clients_per_call != clients_per_call:
-    run = dataclasses.replace(run, clients_per_call=int(clients_per_call), _programs={})
+    run = dataclasses.replace(run, clients_per_call=int(clients_per_call), _programs={},
+                              _bodies={})
   return run.with_jit(  # the programs are memoised by runlog (a new process: the disk cache)
       lambda part, b, **kw: runlog.cached_jit(f"{key}/{part}", b, name=f"{name}_{part}",
                                               **kw, **jit_kwargs))

@@ -18,10 +18,16 @@ Mean Teacher's EMA teacher, FCL's momentum encoder.
 
 Steps run as ``lax.scan`` ('scan') or unrolled inside the jitted program
 ('unrolled'): config ``fl.step_strategy``, 'auto' per platform
-(``backends.resolve_strategy``); both compute the same function.
+(``backends.resolve_strategy``); both compute the same function. The 'loop' round can
+instead call each step as its own compiled program from Python ('host',
+``fl/host_steps.py``): while it traces a client update it answers the client's
+``run_steps`` calls through :func:`steps_hook` (a trace-time hook, scoped to that trace;
+it never changes what a step computes).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, Callable, Optional, Tuple
 
 import jax
@@ -41,12 +47,34 @@ def flax_merge(variables, new_variables, params):
   return {**new_variables, "params": params}
 
 
+# The hook of the trace in progress (None: steps run inside the program). A ContextVar,
+# so it is scoped to the ``with steps_hook(...)`` block of one trace and its thread.
+_STEPS_HOOK: contextvars.ContextVar = contextvars.ContextVar("fedjax_seg_steps_hook",
+                                                              default=None)
+
+
+@contextlib.contextmanager
+def steps_hook(hook: Callable):
+  """Within the block, ``run_steps(body, carry, keys, ...)`` returns ``hook(body, carry,
+  keys)`` instead of running the steps (fl/host_steps.py stages a client update this
+  way: the steps become programs of their own)."""
+  token = _STEPS_HOOK.set(hook)
+  try:
+    yield
+  finally:
+    _STEPS_HOOK.reset(token)
+
+
 def run_steps(body: Callable, carry, keys, strategy: str):
   """``lax.scan(body, carry, keys)`` or the same loop unrolled in Python.
 
   body(carry, key) -> (carry, out); returns (carry, out stacked to [len(keys), ...]).
   ``keys`` may be a pytree of arrays with a shared leading axis (each step gets its slice).
+  Under :func:`steps_hook` the hook answers instead ('host' steps).
   """
+  hook = _STEPS_HOOK.get()
+  if hook is not None:
+    return hook(body, carry, keys)
   if backends.resolve_strategy(strategy, "step") == "scan":
     return jax.lax.scan(body, carry, keys)
   n = jax.tree.leaves(keys)[0].shape[0]
@@ -73,7 +101,8 @@ def local_train(loss_fn: Callable, tx: optax.GradientTransformation, state: Any,
     tx: the optimiser; a fresh ``tx.init(params(state))`` unless ``opt_state`` is given.
     state: what the steps carry (flax variables by default; any pytree with ``params``).
     keys: [E] PRNG keys, one per step.
-    strategy: 'scan' | 'unrolled' | 'auto' (config fl.step_strategy).
+    strategy: 'scan' | 'unrolled' | 'auto' | 'host' (config fl.step_strategy; 'host' is
+      'auto' here unless the 'loop' round stages this client, see fl/host_steps.py).
     params / merge: how to read the trainable parameters out of ``state`` and put the
       stepped ones back (defaults: flax variables' 'params' collection).
     after_step: state -> state, applied after every optimiser step.
