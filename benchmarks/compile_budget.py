@@ -11,6 +11,7 @@ seconds per program come from each run's results.json (``compile_s``, timed by
   python benchmarks/compile_budget.py                       # every algorithm
   python benchmarks/compile_budget.py --only fedavg fedwep  # some
   python benchmarks/compile_budget.py --local-steps 2 --clients 3 --size 32 --base 8   # quick
+  python benchmarks/compile_budget.py --set fl.step_strategy=host --tag compile_budget_host
 
 Writes benchmarks/results/compile_budget.{md,json} (``--tag`` changes the stem).
 """
@@ -48,7 +49,7 @@ def overrides(args, extra):
        "data.image_size": args.size, "model.base": args.base, "model.depth": args.depth,
        "data.phantom.patients_per_site": args.patients_per_site,
        "data.phantom.slices_per_patient": 4}
-  return [f"--config.{k}={v}" for k, v in o.items()] + extra
+  return [f"--config.{k}={v}" for k, v in o.items()] + extra + [f"--config.{kv}" for kv in args.set]
 
 
 def run_once(spec, extra, args, workdir, cache):
@@ -83,6 +84,8 @@ def main():
   p.add_argument("--base", type=int, default=16)
   p.add_argument("--depth", type=int, default=4)
   p.add_argument("--patients-per-site", type=int, default=8)
+  p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                 help="config overrides for every run, e.g. fl.step_strategy=host")
   p.add_argument("--tag", default="compile_budget")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
   args = p.parse_args()

@@ -4,10 +4,13 @@ For each K, the same client update (E local Adam steps of a U-Net on batches
 sampled from the client's data + the aggregator statistics) is executed as
   loop      a Python loop over K clients of the *jitted single-client update*
             (what a per-client framework does), then a jitted FedAvg
-  loopedC   the trainers' 'loop' round (algorithm.LoopedRound, C = 1, 2, 4, 8
+  loopedC   the trainers' 'loop' round (algorithm.LoopedRound, C = 1, 2, 4, 8, 16
             clients per call, config fl.clients_per_call): begin, a program of C
             unrolled clients called ceil(K / C) times with its output buffers
             donated, and post (FedAvg), nothing leaving the device in between
+  hostedC   the same with every local step a program call (config
+            fl.step_strategy=host): per call of C clients a stage program, a one-step
+            program of the C clients called E times, a closing stage program
   vmap      one jitted program: jax.vmap over clients + FedAvg
   unrolled  one jitted program: clients unrolled in Python inside the jit + FedAvg
             (compile time grows with K·E: only for K <= --max-unrolled-k)
@@ -59,7 +62,8 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import _runs  # noqa: E402
 
-LOOPED = ("looped1", "looped2", "looped4", "looped8")
+HOSTED = ("hosted1", "hosted2", "hosted4", "hosted8")
+LOOPED = ("looped1", "looped2", "looped4", "looped8", "looped16") + HOSTED
 JAX_STRATEGIES = ("loop",) + LOOPED + ("unrolled", "vmap", "sharded")
 TORCH_STRATEGIES = ("torch", "torch1")
 _RESULT = "ROUND_SPEED_RESULT "  # prefix of a worker's JSON line on stdout
@@ -326,7 +330,8 @@ def build(k, strategy, args, fns, data, variables):
     return run, _flops(cu_c) * k + _flops(agg_c), compile_s
   state = core.ServerState(variables, jnp.int32(0))
   if strategy in LOOPED:
-    return _build_looped(int(strategy[len("looped"):]), cu, state, data, key)
+    return _build_looped(int(strategy[len("looped"):]), cu, state, data, key,
+                         host=strategy in HOSTED)
   t0 = time.perf_counter()
   rr = jax.jit(core.make_run_round(cu, aggregators.fedavg, strategy)).lower(
       state, data, key).compile()
@@ -337,13 +342,14 @@ def build(k, strategy, args, fns, data, variables):
   return run, _flops(rr), compile_s
 
 
-def _build_looped(c, cu, state, data, key):
+def _build_looped(c, cu, state, data, key, host=False):
   """The trainers' LoopedRound with c clients per call: its programs are compiled ahead
   of time inside the first round (a jit hook times lower + compile of each and counts
   each program's FLOPs once per call in that round); the state is donated to 'post',
-  so each timed round feeds the next one the state it returned."""
+  so each timed round feeds the next one the state it returned. ``host``: the 'hostedC'
+  rows, the same round with every local step a program call (fl.step_strategy=host)."""
   rr = dataclasses.replace(core.make_run_round(cu, aggregators.fedavg, "loop"),
-                           clients_per_call=c)
+                           clients_per_call=c, host_steps=host)
   acc = {"compile_s": 0.0, "flops": 0.0, "counting": True}
 
   def timed_jit(name, build_fn, **kw):
@@ -574,7 +580,8 @@ def main():
                  help="client counts (default 1 2 4 8 16 32; --quick: 1 2 4)")
   p.add_argument("--strategies", nargs="+", default=["loop", "unrolled", "vmap", "torch", "torch1"],
                  choices=list(JAX_STRATEGIES + TORCH_STRATEGIES),
-                 help="of loop looped1 looped2 looped4 looped8 unrolled vmap sharded torch torch1")
+                 help="of loop looped1 looped2 looped4 looped8 looped16 hosted1 hosted2 hosted4 "
+                      "hosted8 unrolled vmap sharded torch torch1")
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--base", type=int, default=16)
   p.add_argument("--depth", type=int, default=4)

@@ -82,6 +82,23 @@ def test_federated_trainer_auto_loop_equals_the_one_program_round(tiny, tmp_path
   _same_run(tmp_path / "one", tmp_path / "loop", ("weights", "train_loss", "val_loss"))
 
 
+def test_federated_trainer_host_steps_equal_the_one_program_round(tiny, tmp_path, capsys):
+  """fl.step_strategy='host' under the loop round: K = 3 clients in one call (auto counts
+  one step per client), each of the 3 local steps a call of the one-step program; same
+  metrics and final model as the one-program round."""
+  from conftest import tiny_federated
+  c = tiny_federated(tiny, "dcew", local_steps=3, client_strategy="unrolled")
+  train.run(c, str(tmp_path / "one"))
+  c.fl.client_strategy, c.fl.step_strategy = "loop", "host"
+  capsys.readouterr()
+  r = train.run(c, str(tmp_path / "host"))
+  assert ("client strategy loop (3 clients per call, 1 call, each local step a program call), "
+          "step strategy host") in capsys.readouterr().out
+  assert {"round_begin", "round_stage0x3", "round_step0x3", "round_stage1x3",
+          "round_post"} <= set(r["compile_s"]), r["compile_s"]
+  _same_run(tmp_path / "one", tmp_path / "host", ("weights", "train_loss", "val_loss"))
+
+
 def test_semi_trainer_loop_equals_the_one_program_round(tiny, tmp_path):
   """FedWeP label-at-client through its trainer with client_strategy 'loop' (the
   divergence guard on: post sees every upload at once)."""

@@ -433,13 +433,14 @@ class LoopedRound:
 
 
 def jit_round(key: str, build: Callable[[], Callable], client_strategy: str,
-              clients_per_call: int = 1, **jit_kwargs) -> Callable:
+              clients_per_call: int = 1, host_steps: bool = False, **jit_kwargs) -> Callable:
   """A trainer's round program: ``runlog.cached_jit(key, build, donate_argnums=(0,))``
   (one program, the state donated); for client_strategy 'loop', the
   :class:`LoopedRound` ``build()`` gives with ``clients_per_call`` clients per client
   call (``backends.clients_per_call`` resolves the config's value), its programs cached
   as ``key`` + '/begin', '/client' (c = 1; '/client<c>' for c clients per call), '/post'
-  (compile times recorded under ``<name>_begin``, ...);
+  (compile times recorded under ``<name>_begin``, ...); with ``host_steps`` the client
+  programs are '/stage<s>' and '/step<s>' ('x<c>' appended for c clients per call);
   for 'debug', ``build()`` itself, run eagerly, so that a client's error and its
   non-finite outputs surface with the client index (backends' 'debug')."""
   from fedjax_seg import runlog  # runlog imports nothing of fl/
@@ -449,9 +450,9 @@ def jit_round(key: str, build: Callable[[], Callable], client_strategy: str,
     return runlog.cached_jit(key, build, donate_argnums=(0,), **jit_kwargs)
   name = runlog.program_name(key)
   run = build()
-  if run.clients_per_call != clients_per_call:
-    run = dataclasses.replace(run, clients_per_call=int(clients_per_call), _programs={},
-                              _bodies={})
+  if run.clients_per_call != clients_per_call or run.host_steps != host_steps:
+    run = dataclasses.replace(run, clients_per_call=int(clients_per_call),
+                              host_steps=bool(host_steps), _programs={}, _bodies={})
   return run.with_jit(  # the programs are memoised by runlog (a new process: the disk cache)
       lambda part, b, **kw: runlog.cached_jit(f"{key}/{part}", b, name=f"{name}_{part}",
                                               **kw, **jit_kwargs))

@@ -36,8 +36,9 @@ clients C at a time with running sums (config ``fl.clients_per_chunk``) is the
 round-level variant in ``fl/scale.py``; it runs each chunk through this layer.
 
 The E local optimiser steps have their own strategy (``fl.step_strategy``:
-'scan' | 'unrolled' | 'auto'), resolved by :func:`resolve_strategy` too and
-used by ``fl/local.py``.
+'scan' | 'unrolled' | 'auto' | 'host'), resolved by :func:`resolve_strategy` too and
+used by ``fl/local.py``; 'host' (the 'loop' round only, :func:`host_steps`) calls each
+local step as its own compiled program from Python (``fl/host_steps.py``).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ CLIENT_STRATEGIES = ("auto", "vmap", "unrolled", "map", "sharded", "debug", "loo
 # 16 s; one client at E = 8 about 12-21 s): 'auto' unrolls up to this many client-steps per
 # round and runs the 'loop' round above it (docs/performance.md).
 AUTO_UNROLL_MAX = 8
-STEP_STRATEGIES = ("auto", "scan", "unrolled")
+STEP_STRATEGIES = ("auto", "scan", "unrolled", "host")
 CLIENT_AXIS = "clients"
 
 
@@ -66,11 +67,14 @@ def resolve_strategy(strategy: str, kind: str = "client", platform: Optional[str
   """Maps 'auto' to the measured default of the platform (``jax.default_backend()``).
 
   kind: 'client' (config.fl.client_strategy) or 'step' (config.fl.step_strategy).
+  A step strategy 'host' resolves to the platform's in-program default: it is what steps
+  use wherever they run inside a program (one-program rounds, server-side steps);
+  :func:`host_steps` says where the 'loop' round calls them from Python instead.
   """
   allowed = CLIENT_STRATEGIES if kind == "client" else STEP_STRATEGIES
   if strategy not in allowed:
     raise ValueError(f"config.fl.{kind}_strategy={strategy!r}: expected one of {allowed}")
-  if strategy != "auto":
+  if strategy != "auto" and (kind == "client" or strategy != "host"):
     return strategy
   platform = platform or jax.default_backend()
   if kind == "client":
@@ -103,6 +107,26 @@ def clients_per_call(setting: int, clients: int, local_steps: int) -> int:
   if setting == 0:
     setting = max(1, AUTO_UNROLL_MAX // max(1, int(local_steps)))
   return min(setting, clients)
+
+
+def host_steps(step_strategy: str, round_strategy: str, platform: Optional[str] = None) -> bool:
+  """Whether the 'loop' round calls every local step as its own program
+  (``fl/host_steps.py``): config ``fl.step_strategy='host'`` under the 'loop' round
+  (``round_strategy`` as :func:`round_strategy` resolved it); the one-program rounds run
+  their steps inside the program."""
+  resolve_strategy(step_strategy, "step", platform)  # refuses an unknown name
+  return step_strategy == "host" and round_strategy == "loop"
+
+
+def loop_options(clients_per_call_setting: int, step_strategy: str, round_strategy: str,
+                 clients: int, local_steps: int, platform: Optional[str] = None):
+  """``{'clients_per_call': c, 'host_steps': h}`` for ``algorithm.jit_round``: with host
+  steps a program holds one local step of each of its c clients, so the auto c counts
+  one step per client (:func:`clients_per_call`)."""
+  h = host_steps(step_strategy, round_strategy, platform)
+  return {"clients_per_call": clients_per_call(clients_per_call_setting, clients,
+                                               1 if h else local_steps),
+          "host_steps": h}
 
 
 def num_clients(per_client) -> int:

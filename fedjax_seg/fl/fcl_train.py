@@ -187,8 +187,8 @@ def pretrain(config, workdir: str, vol: pipeline.SegDataset, train_ids, names,
     run_round = algorithm.jit_round(
         "fcl_pretrain" + ckey,
         lambda: fcl.make_run_round(hp, fcl.make_client_update(hp, fns, tx, view), strategy),
-        strategy, clients_per_call=backends.clients_per_call(config.fl.clients_per_call, k,
-                                                             hp.local_steps),
+        strategy, **backends.loop_options(config.fl.clients_per_call, config.fl.step_strategy,
+                                          strategy, k, hp.local_steps),
         **_xla_opts(config))
   exchange_on = jnp.bool_(hp.exchange)
   state = fcl.init_state(hp, variables, k, ecfg["feature_dim"])

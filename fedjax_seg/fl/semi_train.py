@@ -223,8 +223,7 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
     run_round = algorithm.jit_round(
         "semi_round" + ckey,
         lambda: semi.make_run_round(hp, fns, tx, ds.num_classes, chp, strategy, server_tx, **build),
-        strategy, clients_per_call=backends.clients_per_call(config.fl.clients_per_call,
-                                                             len(names), chp.local_steps),
+        strategy, **fl_train.loop_options(config, strategy, len(names), chp.local_steps),
         **fl_train.jit_options(config))
   state = core.ServerState(variables, jnp.int32(0),
                            server_opt.init(stx, semi.params_view(variables)))

@@ -539,8 +539,7 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   else:
     run_round = algorithm.jit_round(
         "round" + ckey, build_round, strategy,
-        clients_per_call=backends.clients_per_call(config.fl.clients_per_call, m, hp.local_steps),
-        **jit_options(config))
+        **loop_options(config, strategy, m, hp.local_steps), **jit_options(config))
   if kind in fedbn.MODES:
     fedbn.check_model(variables, kind, config.model.norm)
   clients0, server0 = init_method_state(kind, variables, len(names))
@@ -556,7 +555,7 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   print(f"[fl] model {config.model.name}: {experiment.num_params(variables):,} parameters, "
         f"{mbytes / 1e6:.2f} MB per transfer; client strategy "
         f"{describe_strategy(config, strategy, m, hp.local_steps, chunked)}, step strategy "
-        f"{backends.resolve_strategy(config.fl.step_strategy, 'step')}", flush=True)
+        f"{step_label(config, strategy)}", flush=True)
   eval_batch = runlog.cached_jit("eval" + experiment.compile_key(config, ds, ("model", "loss")),
                                  lambda: steps.make_eval_batch(fns, config.loss, ds.num_classes))
   val = evaluator(config, ds, eval_batch, [ds.arrays(ids) for ids in val_ids])
@@ -600,16 +599,34 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
       personal=personal)
 
 
+def loop_options(config, strategy: str, clients: int, local_steps: int) -> Dict:
+  """The 'loop' round's clients per call and host steps for ``algorithm.jit_round``
+  (config fl.clients_per_call, fl.step_strategy)."""
+  return backends.loop_options(config.fl.clients_per_call, config.fl.step_strategy, strategy,
+                               clients, local_steps)
+
+
+def step_label(config, strategy: str) -> str:
+  """The step strategy the round's client steps run under, for the progress line."""
+  if backends.host_steps(config.fl.step_strategy, strategy):
+    return "host"
+  return backends.resolve_strategy(config.fl.step_strategy, "step")
+
+
 def describe_strategy(config, strategy: str, clients: int, local_steps: int,
                       chunked: bool) -> str:
   """The client strategy a round runs, for the progress line."""
   if strategy == "loop" and not chunked:
     why = (f", auto: {clients} clients x {local_steps} steps > {backends.AUTO_UNROLL_MAX}"
            if config.fl.client_strategy == "auto" else "")
-    c = backends.clients_per_call(config.fl.clients_per_call, clients, local_steps)
+    opts = loop_options(config, strategy, clients, local_steps)
+    c = opts["clients_per_call"]
     calls = -(-clients // c)
     per = "one client program called per client" if c == 1 else \
         f"a program of {c} clients called {calls} times"
+    if opts["host_steps"]:
+      per = (f"{c} client{'s' if c > 1 else ''} per call, {calls} call"
+             f"{'s' if calls > 1 else ''}, each local step a program call")
     return f"loop ({per}{why})"
   return backends.resolve_strategy(config.fl.client_strategy)
 

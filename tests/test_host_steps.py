@@ -1,0 +1,146 @@
+"""Host-called local steps (fl/host_steps.py, LoopedRound.host_steps, config
+fl.step_strategy='host'): a client update cut at its run_steps loops into stage programs
+and a one-step program called E times from Python.
+
+The golden rounds of every algorithm family under 'host' are in tests/test_backends.py;
+the NumPy rounds (per-client state, FedBN, SCAFFOLD, Ditto with two step loops, client
+sampling) in tests/test_algorithm.py, tests/test_fedbn_scaffold_ditto.py and
+tests/test_sampling.py.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_seg.fl import aggregators, algorithm, backends, ditto, host_steps, local
+
+E, LR = 3, 0.1
+
+
+def _client(bcast, data, key):
+  """w0 = 2·bcast; E SGD steps on ½‖w − a‖² + noise·w (noise from the step key, so every
+  step's input matters); returns (w_E + Σ losses, the mean loss)."""
+  a, scale = data["a"], data["scale"]  # closed over by the step body
+
+  def loss_fn(p, s, k):
+    noise = jax.random.normal(k, a.shape)
+    return 0.5 * jnp.sum((p - a) ** 2) + scale * jnp.sum(noise * p), (p, ())
+
+  w0 = 2.0 * bcast
+  w, _, (losses, _) = local.local_train(loss_fn, optax.sgd(LR), w0, jax.random.split(key, E),
+                                        strategy="unrolled", params=lambda s: s,
+                                        merge=lambda s, new, p: p)
+  return w + jnp.sum(losses), jnp.mean(losses)
+
+
+def _numpy_client(bcast, a, scale, key):
+  w = 2.0 * np.asarray(bcast, np.float64)
+  losses = []
+  for k in jax.random.split(key, E):
+    noise = np.asarray(jax.random.normal(k, a.shape), np.float64)
+    losses.append(0.5 * np.sum((w - a) ** 2) + scale * np.sum(noise * w))
+    w = w - LR * ((w - a) + scale * noise)
+  return w + sum(losses), np.mean(losses), losses
+
+
+def test_a_staged_client_equals_numpy():
+  """stage 0 stops at the step loop with the body's closed-over values; the one-step
+  program run E times from Python, then stage 1 answered with its results, give the
+  NumPy client."""
+  bcast = jnp.asarray([0.5, -1.0], jnp.float32)
+  a = np.asarray([1.0, 3.0], np.float32)
+  data, key = {"a": jnp.asarray(a), "scale": jnp.float32(0.3)}, jax.random.PRNGKey(7)
+
+  @jax.jit
+  def stage0(b, d, k):
+    seg, body = host_steps.stage(_client, [], (b, d, k))
+    holder["body"] = body
+    return seg
+  holder = {}
+  consts, carry, xs, outs = stage0(bcast, data, key)
+  body = holder["body"]
+  assert jax.tree.leaves(xs)[0].shape[0] == E and len(consts) == len(body.const_avals)
+  step = jax.jit(host_steps.make_step(body, 1))
+  carry, outs = (carry,), (outs,)
+  for e in range(E):
+    carry, outs = step((consts,), carry, (xs,), outs, jnp.int32(e))
+
+  @jax.jit
+  def stage1(b, d, k, given):
+    out, none = host_steps.stage(_client, [given], (b, d, k))
+    assert none is None  # the client ran to its end
+    return out
+  w, mean_loss = stage1(bcast, data, key, (carry[0], outs[0]))
+  w_ref, loss_ref, step_losses = _numpy_client(bcast, a, 0.3, key)
+  np.testing.assert_allclose(np.asarray(w), w_ref, rtol=1e-5)
+  np.testing.assert_allclose(float(mean_loss), loss_ref, rtol=1e-5)
+  # the step program wrote each step's (loss, aux) at its row of the output buffers
+  np.testing.assert_allclose(np.asarray(outs[0][0]), step_losses, rtol=1e-5)
+
+
+def _quad(prox=0.0):
+  def cu(variables, data, key, anchor=None):
+    a = data["a"]
+    anc = variables["params"] if anchor is None else anchor
+
+    def loss_fn(p, v, k):
+      value = 0.5 * jnp.sum((p["w"] - a) ** 2)
+      if prox:
+        value = value + 0.5 * prox * jnp.sum((p["w"] - anc["w"]) ** 2)
+      return value, (v, ())
+    new, _, (losses, _) = local.local_train(loss_fn, optax.sgd(LR), variables,
+                                            jax.random.split(key, E), strategy="unrolled")
+    return new, {"num_samples": jnp.sum(data["valid"]), "train_loss": jnp.mean(losses),
+                 "dice_post": jnp.float32(0.0)}  # what Ditto reads of the personal update
+  return cu
+
+
+def test_each_step_loop_is_a_program_called_once_per_step():
+  """Ditto (two step loops per client: global, then personal) with K = 3 clients, 2 per
+  call: programs stage0, step0, stage1, step1, stage2 per call size, every step program
+  called E times per call, and the round equals the one-program round."""
+  k = 3
+  rng = np.random.default_rng(0)
+  data = {"a": jnp.asarray(rng.normal(size=(k, 2)), jnp.float32),
+          "valid": jnp.ones((k, 4), jnp.float32)}
+  v0 = {"params": {"w": jnp.zeros((2,))}}
+  alg = ditto.make_algorithm(_quad(), _quad(prox=0.5), aggregators.fedavg)
+  state = algorithm.ServerState(v0, jnp.int32(0), clients=ditto.init_clients(v0, k))
+  calls = {}
+
+  def counting_jit(name, build, **kw):
+    f = jax.jit(build(), **kw)
+
+    def run(*args):
+      calls[name] = calls.get(name, 0) + 1
+      return f(*args)
+    return run
+  host = dataclasses.replace(algorithm.make_round(alg, "loop"), clients_per_call=2,
+                             host_steps=True).with_jit(counting_jit)
+  s_one, info_one = jax.jit(algorithm.make_round(alg, "unrolled"))(state, data,
+                                                                   jax.random.PRNGKey(0))
+  s_host, info_host = host(state, data, jax.random.PRNGKey(0))  # donates the state
+  # one call of 2 clients and one of 1: each runs stage0, E × step0, stage1, E × step1, stage2
+  assert calls == {"begin": 1, "post": 1,
+                   "stage0x2": 1, "step0x2": E, "stage1x2": 1, "step1x2": E, "stage2x2": 1,
+                   "stage0": 1, "step0": E, "stage1": 1, "step1": E, "stage2": 1}, calls
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+               (s_host, info_host), (s_one, info_one))
+
+
+def test_host_steps_only_under_the_loop_round():
+  assert backends.host_steps("host", "loop", "cpu")
+  assert not backends.host_steps("host", "unrolled", "cpu")  # in-program steps there
+  assert not backends.host_steps("auto", "loop", "cpu")
+  assert backends.resolve_strategy("host", "step", "cpu") == "unrolled"  # inside a program
+  assert backends.resolve_strategy("host", "step", "gpu") == "scan"
+  # with host steps a call holds one step per client: auto c counts one step each
+  assert backends.loop_options(0, "host", "loop", 32, 8, "cpu") == {
+      "clients_per_call": backends.AUTO_UNROLL_MAX, "host_steps": True}
+  assert backends.loop_options(0, "unrolled", "loop", 32, 8, "cpu") == {
+      "clients_per_call": 1, "host_steps": False}
+  with pytest.raises(ValueError, match="config.fl.step_strategy='hots'"):
+    backends.host_steps("hots", "loop", "cpu")
