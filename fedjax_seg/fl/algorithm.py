@@ -275,8 +275,10 @@ class LoopedRound:
 
   ``host_steps`` (config ``fl.step_strategy='host'``) cuts each client call further at
   the local steps (fl/host_steps.py): ``stage0`` (up to the steps), ``step0`` (one local
-  step of the c clients) called E times, ``stage1`` (the rest, writing the outputs), so
-  the largest program is c client-steps whatever E is.
+  step of the c clients) called E times, ``stage1`` (the rest, returning the c clients'
+  outputs), so the largest program is c client-steps whatever E is; ``post`` then
+  concatenates the calls' outputs (``begin`` makes no output buffers, so it never traces
+  a client update).
 
   Nothing leaves the device between the programs (the data, the state and the
   outputs stay device arrays; the client indices are device scalars made once); each
@@ -313,14 +315,23 @@ class LoopedRound:
     def start(state, data, key):
       """begin + the zeroed [n, ...] buffers the client calls write their outputs into."""
       bcast, info_b, down, keys, s_key, a_key, idx = begin(state, data, key)
+      if self.host_steps:  # the calls return their rows; post concatenates them
+        return (bcast, info_b, down, keys, s_key, a_key, idx), ()
       one_in = client_inputs(state, data, down, idx, jnp.int32(0))
       shapes = jax.eval_shape(alg.client_update, bcast, one_in, keys[0])
       out = jax.tree.map(lambda t: jnp.zeros((keys.shape[0],) + t.shape, t.dtype), shapes)
       return (bcast, info_b, down, keys, s_key, a_key, idx), out
 
+    def post_calls(state, data, info_b, rows, s_key, a_key, idx, round_options):
+      """post over the calls' outputs (each leaf [c, ...]), concatenated in client order."""
+      upload, new_rows, stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *rows)
+      return post(state, data, info_b, upload, new_rows, stats, s_key, a_key, idx,
+                  round_options)
+
     self._programs.update(
         begin=self.jit("begin", lambda: start),
-        post=self.jit("post", lambda: post, donate_argnums=(0,)))
+        post=self.jit("post", lambda: post_calls if self.host_steps else post,
+                      donate_argnums=(0,)))
 
   def _client_program(self, c: int):
     """The program of c consecutive clients (compiled on first use)."""
@@ -340,11 +351,10 @@ class LoopedRound:
   def _stage_program(self, s: int, c: int):
     """Stage s of the host-step client call of c clients (fl/host_steps.py): the client
     updates with their first s step loops answered by ``given``, up to the next step loop
-    (a :class:`host_steps.Segment`) or to the end (``out`` with their rows written)."""
+    (a :class:`host_steps.Segment`) or to the end (their outputs, leaves [c, ...])."""
     if ("stage", s, c) not in self._programs:
       suffix = "" if c == 1 else f"x{c}"
-      self._programs["stage", s, c] = self.jit(f"stage{s}{suffix}", lambda: self._stage_fn(s, c),
-                                              donate_argnums=(8,))
+      self._programs["stage", s, c] = self.jit(f"stage{s}{suffix}", lambda: self._stage_fn(s, c))
     return self._programs["stage", s, c]
 
   def _stage_fn(self, s: int, c: int):
@@ -352,25 +362,27 @@ class LoopedRound:
     if ("stage_fn", s, c) not in self._programs:
       alg, client_inputs = self.alg, self._client_inputs
 
-      def run(bcast, state, data, down, keys, idx, i, given, out):
-        segs, bodies = [], []
+      def run(bcast, state, data, down, keys, idx, i, given):
+        segs, bodies, outs = [], [], []
         for j in range(c):
           ij = i + j
           args = (bcast, client_inputs(state, data, down, idx, ij), keys[ij])
           res, body = hsteps.stage(alg.client_update, [g[j] for g in given], args)
           if body is None:
-            out = jax.tree.map(lambda buf, v: buf.at[ij].set(v.astype(buf.dtype)), out, res)
+            outs.append(res)
           else:
             segs.append(res)
             bodies.append(body)
-        if not bodies:
-          return out
-        if len(bodies) != c:
-          raise ValueError(f"{alg.name}: host steps: clients of one call stopped at "
-                           f"different local-step loops")
+        if outs and bodies:
+          raise ValueError(f"{alg.name}: host steps: clients of one call made different "
+                           f"numbers of local-step loops")
+        if outs:
+          return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
         self._bodies[s, c] = hsteps.check_same_body(bodies, alg.name)
-        consts, carry, xs, outs = (tuple(x) for x in zip(*segs))
-        return hsteps.Segment(consts, carry, xs, outs, out)
+        consts, carry, xs, step_outs = (tuple(x) for x in zip(*segs))
+        # the step program donates the carry: its own buffers, never an input's
+        carry = jax.tree.map(jnp.copy, carry)
+        return hsteps.Segment(consts, carry, xs, step_outs)
       self._programs["stage_fn", s, c] = run
     return self._programs["stage_fn", s, c]
 
@@ -384,20 +396,20 @@ class LoopedRound:
           jax.eval_shape(self._stage_fn(s, c), *stage_args)
         return hsteps.make_step(self._bodies[s, c], c)
       suffix = "" if c == 1 else f"x{c}"
-      self._programs["step", s, c] = self.jit(f"step{s}{suffix}", build, donate_argnums=(3,))
+      self._programs["step", s, c] = self.jit(f"step{s}{suffix}", build, donate_argnums=(1, 3))
     return self._programs["step", s, c]
 
-  def _host_call(self, c, bcast, state, data, down, keys, idx, i, out):
+  def _host_call(self, c, bcast, state, data, down, keys, idx, i):
     """The host-step client call of c clients from start index i: stages and steps until
-    the last stage writes their outputs into ``out``."""
+    the last stage returns their (upload, new state row, stats), leaves [c, ...]."""
     given, s = (), 0
     while True:
-      args = (bcast, state, data, down, keys, idx, i, given, out)
+      args = (bcast, state, data, down, keys, idx, i, given)
       res = self._stage_program(s, c)(*args)
       if not isinstance(res, hsteps.Segment):
         return res
       step = self._step_program(s, c, args)
-      carry, outs, out = res.carry, res.outs, res.out
+      carry, outs = res.carry, res.outs
       n = jax.tree.leaves(res.xs)[0].shape[0]
       if ("steps", n) not in self._programs:  # the step indices as device scalars, made once
         self._programs["steps", n] = [jnp.int32(e) for e in range(n)]
@@ -422,11 +434,12 @@ class LoopedRound:
     n = keys.shape[0]
     if ("calls", n) not in p:  # the start indices as device scalars, made once
       p["calls", n] = [(jnp.int32(i), c) for i, c in self.calls(n)]
+    if self.host_steps:
+      rows = [self._host_call(c, bcast, state, data, down, keys, idx, i)
+              for i, c in p["calls", n]]
+      return p["post"](state, data, info_b, rows, s_key, a_key, idx, round_options)
     for i, c in p["calls", n]:
-      if self.host_steps:
-        out = self._host_call(c, bcast, state, data, down, keys, idx, i, out)
-      else:
-        out = self._client_program(c)(bcast, state, data, down, keys, idx, i, out)
+      out = self._client_program(c)(bcast, state, data, down, keys, idx, i, out)
     upload, new_rows, stats = out
     return p["post"](state, data, info_b, upload, new_rows, stats, s_key, a_key, idx,
                      round_options)

@@ -42,12 +42,11 @@ class Segment:
   """What a stage program returns for c clients stopped at their s-th run_steps call
   (each field a tuple over the c clients): consts (the step body's closed-over values),
   carry (the initial carry), xs (per-step inputs, leaves [E, ...]), outs (zero per-step
-  output buffers, leaves [E, ...]); ``out`` is the round's output buffer, passed through."""
+  output buffers, leaves [E, ...])."""
   consts: Any
   carry: Any
   xs: Any
   outs: Any
-  out: Any
 
 
 @flax.struct.dataclass
