@@ -84,6 +84,12 @@ THREADS = int(_flag_from_argv("--threads", 0))
 TORCH_WORKER = _flag_from_argv("--torch-worker")  # JSON spec: this process is one torch row
 XLA_FLAGS_IN = os.environ.get("XLA_FLAGS")        # handed unchanged to the compile worker
 
+from fedjax_seg import hostmem  # noqa: E402  (imports no JAX)
+
+# The same malloc settings as launch.py, in the JAX process and in each torch worker
+# (FEDJAX_SEG_MALLOC_TUNING=0: glibc's defaults for both): docs/performance.md.
+MALLOC = hostmem.tune()
+
 if TORCH_WORKER is None:  # the torch worker never imports JAX
   if THREADS == 1:  # one thread for XLA and torch alike (on a shared, oversubscribed
     # machine a 2-thread torch step measured 130x slower than a 1-thread one)
@@ -622,6 +628,7 @@ def main():
              f"{jax.device_count()} {jax.default_backend()} device(s) "
              f"({jax.devices()[0].device_kind}), jax {jax.__version__}, "
              f"threads {THREADS or 'all'}, "
+             f"{'malloc tuned' if MALLOC else 'malloc defaults'} (both sides), "
              f"load at start {_load()}")
   args.peak_n = args.peak_n or (2048 if jax.default_backend() == "cpu" else 8192)
   peak = matmul_peak(args.peak_n)

@@ -131,16 +131,38 @@ def test_each_step_loop_is_a_program_called_once_per_step():
                (s_host, info_host), (s_one, info_one))
 
 
-def test_host_steps_only_under_the_loop_round():
-  assert backends.host_steps("host", "loop", "cpu")
-  assert not backends.host_steps("host", "unrolled", "cpu")  # in-program steps there
-  assert not backends.host_steps("auto", "loop", "cpu")
+def test_host_steps_under_the_loop_round_only():
+  assert backends.host_steps("host", "loop", 8, "cpu")
+  assert backends.host_steps("auto", "loop", 8, "cpu")             # auto on a CPU, E > 1
+  assert not backends.host_steps("auto", "loop", 1, "cpu")         # one step: the client program
+  assert not backends.host_steps("auto", "loop", 8, "gpu")
+  assert not backends.host_steps("unrolled", "loop", 8, "cpu")     # an explicit choice stays
+  assert not backends.host_steps("host", "unrolled", 8, "cpu")     # in-program steps there
   assert backends.resolve_strategy("host", "step", "cpu") == "unrolled"  # inside a program
   assert backends.resolve_strategy("host", "step", "gpu") == "scan"
-  # with host steps a call holds one step per client: auto c counts one step each
-  assert backends.loop_options(0, "host", "loop", 32, 8, "cpu") == {
-      "clients_per_call": backends.AUTO_UNROLL_MAX, "host_steps": True}
+  # auto clients per call: 0, chosen by the round from the step's size
+  assert backends.loop_options(0, "auto", "loop", 32, 8, "cpu") == {
+      "clients_per_call": 0, "host_steps": True,
+      "host_ops_per_call": host_steps.HOST_OPS_PER_CALL}
+  assert backends.loop_options(2, "host", "loop", 32, 8, "cpu") == {   # as given
+      "clients_per_call": 2, "host_steps": True, "host_ops_per_call": 0}
   assert backends.loop_options(0, "unrolled", "loop", 32, 8, "cpu") == {
-      "clients_per_call": 1, "host_steps": False}
+      "clients_per_call": 1, "host_steps": False, "host_ops_per_call": 0}
   with pytest.raises(ValueError, match="config.fl.step_strategy='hots'"):
-    backends.host_steps("hots", "loop", "cpu")
+    backends.host_steps("hots", "loop", 8, "cpu")
+
+
+def test_auto_clients_per_call_fits_the_step_size_and_prefers_divisors():
+  def body(n_ops):  # a jaxpr of n_ops operations (one of them a nested jit of 2)
+    def f(x):
+      for _ in range(n_ops - 3):
+        x = x + 1.0
+      return jax.jit(lambda y: y * 2.0 + 1.0)(x)
+    return host_steps.Body(jax.make_jaxpr(f)(1.0).jaxpr, None, ())
+  b = body(1000)
+  assert host_steps.num_ops(b.jaxpr) == 1000
+  assert host_steps.auto_clients_per_call(b, 8, 5000) == 4      # fits 5, divisor 4 of 8
+  assert host_steps.auto_clients_per_call(b, 7, 5000) == 5      # divisor 1 < 5 / 2: keep 5
+  assert host_steps.auto_clients_per_call(b, 3, 5000) == 3      # at most the clients
+  assert host_steps.auto_clients_per_call(b, 8, 999) == 1       # at least one
+  assert host_steps.auto_clients_per_call(None, 6, 5000) == 6   # no step loop: one call

@@ -65,37 +65,40 @@ def _same_run(a, b, keys):
 
 def test_federated_trainer_auto_loop_equals_the_one_program_round(tiny, tmp_path, capsys):
   """DCEW, K = 3 by site × 3 local steps = 9 > AUTO_UNROLL_MAX client-steps: 'auto' runs the
-  loop round (said in the progress line, three programs timed in results.json) and gives
-  the metrics and the final model of the one-program round."""
+  loop round with host-called steps (said in the progress line, its programs timed in
+  results.json) and gives the metrics and the final model of the one-program round."""
   from conftest import tiny_federated
   # unrolled clients, scanned steps (a fast compile; the loop's client program scans too)
   c = tiny_federated(tiny, "dcew", local_steps=3, client_strategy="unrolled")
   train.run(c, str(tmp_path / "one"))
-  c.fl.client_strategy = "auto"
+  c.fl.client_strategy = c.fl.step_strategy = "auto"
   capsys.readouterr()
   r = train.run(c, str(tmp_path / "loop"))
-  assert ("client strategy loop (a program of 2 clients called 2 times, auto: 3 clients x 3 "
-          "steps > 8)") in capsys.readouterr().out  # fl.clients_per_call 0: 8 // 3 = 2 per call
-  # a call of 2 clients, then the remainder call of 1
-  assert {"round_begin", "round_client2", "round_client", "round_post"} <= set(r["compile_s"]), \
-      r["compile_s"]
+  out = capsys.readouterr().out
+  # auto on a CPU with E > 1: host steps, clients per call from the step's size (all 3 fit)
+  assert ("client strategy loop (clients per call chosen from the local step's size, each "
+          "local step a program call, auto: 3 clients x 3 steps > 8), step strategy host "
+          "(auto: loop round, E > 1)") in out, out
+  assert "3 clients per call (at most 5,000 operations per call)" in out, out
+  assert {"round_begin", "round_stage0x3", "round_step0x3", "round_stage1x3",
+          "round_post"} <= set(r["compile_s"]), r["compile_s"]
   _same_run(tmp_path / "one", tmp_path / "loop", ("weights", "train_loss", "val_loss"))
 
 
 def test_federated_trainer_host_steps_equal_the_one_program_round(tiny, tmp_path, capsys):
-  """fl.step_strategy='host' under the loop round: K = 3 clients in one call (auto counts
-  one step per client), each of the 3 local steps a call of the one-step program; same
-  metrics and final model as the one-program round."""
+  """fl.step_strategy='host' with fl.clients_per_call=2 under the loop round: K = 3
+  clients as a call of 2 and a remainder call of 1, each of the 3 local steps a call of the
+  one-step program; same metrics and final model as the one-program round."""
   from conftest import tiny_federated
   c = tiny_federated(tiny, "dcew", local_steps=3, client_strategy="unrolled")
   train.run(c, str(tmp_path / "one"))
-  c.fl.client_strategy, c.fl.step_strategy = "loop", "host"
+  c.fl.client_strategy, c.fl.step_strategy, c.fl.clients_per_call = "loop", "host", 2
   capsys.readouterr()
   r = train.run(c, str(tmp_path / "host"))
-  assert ("client strategy loop (3 clients per call, 1 call, each local step a program call), "
+  assert ("client strategy loop (2 clients per call, 2 calls, each local step a program call), "
           "step strategy host") in capsys.readouterr().out
-  assert {"round_begin", "round_stage0x3", "round_step0x3", "round_stage1x3",
-          "round_post"} <= set(r["compile_s"]), r["compile_s"]
+  assert {"round_begin", "round_stage0x2", "round_step0x2", "round_stage1x2", "round_stage0",
+          "round_step0", "round_stage1", "round_post"} <= set(r["compile_s"]), r["compile_s"]
   _same_run(tmp_path / "one", tmp_path / "host", ("weights", "train_loss", "val_loss"))
 
 

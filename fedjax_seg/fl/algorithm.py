@@ -292,14 +292,17 @@ class LoopedRound:
   sample_probs: Any = None
   clients_per_call: int = 1
   host_steps: bool = False
+  host_ops_per_call: int = 0
+  report: Optional[Callable[[str], None]] = None
   jit: Callable = _default_jit
   option_names: Tuple[str, ...] = ()
   _programs: Dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
   _bodies: Dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
 
   def __post_init__(self):
-    if int(self.clients_per_call) < 1:
-      raise ValueError(f"config.fl.clients_per_call={self.clients_per_call} must be >= 1")
+    if int(self.clients_per_call) < 1 and not (self.host_steps and self.clients_per_call == 0):
+      raise ValueError(f"config.fl.clients_per_call={self.clients_per_call} must be >= 1 "
+                       f"(0 = chosen from the step's size: host steps only)")
 
   def with_jit(self, jit: Callable) -> "LoopedRound":
     return dataclasses.replace(self, jit=jit, _programs={}, _bodies={})
@@ -417,9 +420,27 @@ class LoopedRound:
         carry, outs = step(res.consts, carry, res.xs, outs, e)
       given, s = given + (tuple(zip(carry, outs)),), s + 1
 
-  def calls(self, n: int):
-    """[(start index, clients in the call)] covering the n training clients."""
-    c = min(int(self.clients_per_call), n)
+  def _auto_clients(self, n: int, stage_args) -> int:
+    """Host steps with clients_per_call 0: trace the one-client stage 0 (abstractly; JAX
+    reuses that trace if the one-client program is compiled later) and fit as many clients
+    per call as keep a step program within ``host_ops_per_call`` operations."""
+    if ("auto_c", n) not in self._programs:
+      jax.eval_shape(self._stage_fn(0, 1), *stage_args)
+      body = self._bodies.get((0, 1))
+      c = hsteps.auto_clients_per_call(body, n, self.host_ops_per_call)
+      self._programs["auto_c", n] = c
+      if self.report is not None:
+        size = "no local-step loop" if body is None else \
+            f"a local step of {hsteps.num_ops(body.jaxpr):,} operations"
+        self.report(f"[compile] host steps: {self.alg.name}: {size}; {c} client"
+                    f"{'s' if c > 1 else ''} per call (at most {self.host_ops_per_call:,} "
+                    f"operations per call)")
+    return self._programs["auto_c", n]
+
+  def calls(self, n: int, c: Optional[int] = None):
+    """[(start index, clients in the call)] covering the n training clients, c (default
+    ``clients_per_call``) per call."""
+    c = min(int(self.clients_per_call if c is None else c), n)
     return [(i, min(c, n - i)) for i in range(0, n, c)]
 
   def __call__(self, state, data, key, *options, **round_options):
@@ -433,7 +454,10 @@ class LoopedRound:
     (bcast, info_b, down, keys, s_key, a_key, idx), out = p["begin"](state, data, key)
     n = keys.shape[0]
     if ("calls", n) not in p:  # the start indices as device scalars, made once
-      p["calls", n] = [(jnp.int32(i), c) for i, c in self.calls(n)]
+      c = None
+      if self.host_steps and self.clients_per_call == 0:
+        c = self._auto_clients(n, (bcast, state, data, down, keys, idx, jnp.int32(0), ()))
+      p["calls", n] = [(jnp.int32(i), c) for i, c in self.calls(n, c)]
     if self.host_steps:
       rows = [self._host_call(c, bcast, state, data, down, keys, idx, i)
               for i, c in p["calls", n]]
@@ -446,14 +470,16 @@ class LoopedRound:
 
 
 def jit_round(key: str, build: Callable[[], Callable], client_strategy: str,
-              clients_per_call: int = 1, host_steps: bool = False, **jit_kwargs) -> Callable:
+              clients_per_call: int = 1, host_steps: bool = False, host_ops_per_call: int = 0,
+              **jit_kwargs) -> Callable:
   """A trainer's round program: ``runlog.cached_jit(key, build, donate_argnums=(0,))``
   (one program, the state donated); for client_strategy 'loop', the
   :class:`LoopedRound` ``build()`` gives with ``clients_per_call`` clients per client
   call (``backends.clients_per_call`` resolves the config's value), its programs cached
   as ``key`` + '/begin', '/client' (c = 1; '/client<c>' for c clients per call), '/post'
   (compile times recorded under ``<name>_begin``, ...); with ``host_steps`` the client
-  programs are '/stage<s>' and '/step<s>' ('x<c>' appended for c clients per call);
+  programs are '/stage<s>' and '/step<s>' ('x<c>' appended for c clients per call), and
+  clients_per_call 0 chooses c from the step's size (``host_ops_per_call``, reported);
   for 'debug', ``build()`` itself, run eagerly, so that a client's error and its
   non-finite outputs surface with the client index (backends' 'debug')."""
   from fedjax_seg import runlog  # runlog imports nothing of fl/
@@ -463,9 +489,10 @@ def jit_round(key: str, build: Callable[[], Callable], client_strategy: str,
     return runlog.cached_jit(key, build, donate_argnums=(0,), **jit_kwargs)
   name = runlog.program_name(key)
   run = build()
-  if run.clients_per_call != clients_per_call or run.host_steps != host_steps:
-    run = dataclasses.replace(run, clients_per_call=int(clients_per_call),
-                              host_steps=bool(host_steps), _programs={}, _bodies={})
+  run = dataclasses.replace(run, clients_per_call=int(clients_per_call),
+                            host_steps=bool(host_steps), host_ops_per_call=int(host_ops_per_call),
+                            report=lambda line: print(line, flush=True), _programs={},
+                            _bodies={})
   return run.with_jit(  # the programs are memoised by runlog (a new process: the disk cache)
       lambda part, b, **kw: runlog.cached_jit(f"{key}/{part}", b, name=f"{name}_{part}",
                                               **kw, **jit_kwargs))

@@ -109,24 +109,36 @@ def clients_per_call(setting: int, clients: int, local_steps: int) -> int:
   return min(setting, clients)
 
 
-def host_steps(step_strategy: str, round_strategy: str, platform: Optional[str] = None) -> bool:
+def host_steps(step_strategy: str, round_strategy: str, local_steps: int,
+               platform: Optional[str] = None) -> bool:
   """Whether the 'loop' round calls every local step as its own program
-  (``fl/host_steps.py``): config ``fl.step_strategy='host'`` under the 'loop' round
-  (``round_strategy`` as :func:`round_strategy` resolved it); the one-program rounds run
-  their steps inside the program."""
+  (``fl/host_steps.py``): under the 'loop' round (``round_strategy`` as
+  :func:`round_strategy` resolved it), config ``fl.step_strategy='host'``, or 'auto' on a
+  CPU with more than one local step; the one-program rounds run their steps inside the
+  program."""
   resolve_strategy(step_strategy, "step", platform)  # refuses an unknown name
-  return step_strategy == "host" and round_strategy == "loop"
+  if round_strategy != "loop":
+    return False
+  platform = platform or jax.default_backend()
+  return step_strategy == "host" or (step_strategy == "auto" and platform == "cpu"
+                                     and local_steps > 1)
 
 
 def loop_options(clients_per_call_setting: int, step_strategy: str, round_strategy: str,
                  clients: int, local_steps: int, platform: Optional[str] = None):
-  """``{'clients_per_call': c, 'host_steps': h}`` for ``algorithm.jit_round``: with host
-  steps a program holds one local step of each of its c clients, so the auto c counts
-  one step per client (:func:`clients_per_call`)."""
-  h = host_steps(step_strategy, round_strategy, platform)
+  """``{'clients_per_call': c, 'host_steps': h, 'host_ops_per_call': b}`` for
+  ``algorithm.jit_round``. Without host steps c is :func:`clients_per_call`. With host
+  steps a program holds one local step of each of its c clients; config 0 (auto) gives
+  c = 0: the loop round chooses c at its first round from the size of the local step (as
+  many clients as fit in b = ``host_steps.HOST_OPS_PER_CALL`` operations)."""
+  from fedjax_seg.fl import host_steps as hsteps  # host_steps imports local, not backends
+  h = host_steps(step_strategy, round_strategy, local_steps, platform)
+  if h and int(clients_per_call_setting) == 0:
+    return {"clients_per_call": 0, "host_steps": True,
+            "host_ops_per_call": hsteps.HOST_OPS_PER_CALL}
   return {"clients_per_call": clients_per_call(clients_per_call_setting, clients,
                                                1 if h else local_steps),
-          "host_steps": h}
+          "host_steps": h, "host_ops_per_call": 0}
 
 
 def num_clients(per_client) -> int:

@@ -36,6 +36,18 @@ import jax.numpy as jnp
 
 from fedjax_seg.fl import local
 
+# The auto clients per call of host steps (config fl.clients_per_call=0): as many clients
+# as keep one call's step program within this many jaxpr operations (:func:`num_ops` of the
+# step body, nested jaxprs counted), rounded down to a divisor of the clients where that
+# costs at most half of them (no remainder program to compile). A local step of the
+# demo U-Net (base 16, depth 4) has 1,203 operations under FedAvg/DCEW, 942 SCAFFOLD,
+# 2,000 Mean Teacher and FixMatch-style PS, 2,579 FedWeP, 3,539 CPS (2026-12-07), so at
+# K = 8 the supervised family runs 4 clients per call, MT/PS 2, FedWeP and CPS 1: the
+# FedWeP step compiles 3x slower than FedAvg's (7.2 vs 2.3 s for one client on the 2-core
+# CPU) and 2 FedWeP clients per call already put its round over 20 s of compile
+# (docs/performance.md). A heuristic: operations do not price every op alike.
+HOST_OPS_PER_CALL = 5000
+
 
 @flax.struct.dataclass
 class Segment:
@@ -112,6 +124,28 @@ def check_same_body(bodies: List[Body], what: str) -> Body:
                        f"(closed-over values {b.const_avals} vs {first.const_avals}); "
                        f"run it with fl.clients_per_call=1")
   return first
+
+
+def num_ops(jaxpr) -> int:
+  """Operations of a jaxpr, counting those of nested jaxprs (pjit, custom_jvp, ...)."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += 1
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      n += num_ops(sub)
+  return n
+
+
+def auto_clients_per_call(body: Optional[Body], clients: int, budget: int) -> int:
+  """Clients per call for a step body of ``num_ops(body.jaxpr)`` operations: as many as
+  fit in ``budget`` operations (at least 1, at most ``clients``), rounded down to a
+  divisor of ``clients`` when that keeps at least half of them; a client update without
+  a step loop (``body`` None) runs all clients in one call."""
+  if body is None:
+    return max(1, clients)
+  fit = max(1, min(clients, budget // max(1, num_ops(body.jaxpr))))
+  divisor = max(d for d in range(1, fit + 1) if clients % d == 0)
+  return divisor if 2 * divisor >= fit else fit
 
 
 def make_step(body: Body, c: int) -> Callable:

@@ -555,7 +555,7 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
   print(f"[fl] model {config.model.name}: {experiment.num_params(variables):,} parameters, "
         f"{mbytes / 1e6:.2f} MB per transfer; client strategy "
         f"{describe_strategy(config, strategy, m, hp.local_steps, chunked)}, step strategy "
-        f"{step_label(config, strategy)}", flush=True)
+        f"{step_label(config, strategy, hp.local_steps)}", flush=True)
   eval_batch = runlog.cached_jit("eval" + experiment.compile_key(config, ds, ("model", "loss")),
                                  lambda: steps.make_eval_batch(fns, config.loss, ds.num_classes))
   val = evaluator(config, ds, eval_batch, [ds.arrays(ids) for ids in val_ids])
@@ -606,10 +606,10 @@ def loop_options(config, strategy: str, clients: int, local_steps: int) -> Dict:
                                clients, local_steps)
 
 
-def step_label(config, strategy: str) -> str:
+def step_label(config, strategy: str, local_steps: int) -> str:
   """The step strategy the round's client steps run under, for the progress line."""
-  if backends.host_steps(config.fl.step_strategy, strategy):
-    return "host"
+  if backends.host_steps(config.fl.step_strategy, strategy, local_steps):
+    return "host" if config.fl.step_strategy == "host" else "host (auto: loop round, E > 1)"
   return backends.resolve_strategy(config.fl.step_strategy, "step")
 
 
@@ -621,10 +621,12 @@ def describe_strategy(config, strategy: str, clients: int, local_steps: int,
            if config.fl.client_strategy == "auto" else "")
     opts = loop_options(config, strategy, clients, local_steps)
     c = opts["clients_per_call"]
-    calls = -(-clients // c)
+    calls = -(-clients // max(c, 1))
     per = "one client program called per client" if c == 1 else \
         f"a program of {c} clients called {calls} times"
-    if opts["host_steps"]:
+    if opts["host_steps"] and c == 0:
+      per = "clients per call chosen from the local step's size, each local step a program call"
+    elif opts["host_steps"]:
       per = (f"{c} client{'s' if c > 1 else ''} per call, {calls} call"
              f"{'s' if calls > 1 else ''}, each local step a program call")
     return f"loop ({per}{why})"
