@@ -166,3 +166,38 @@ def test_auto_clients_per_call_fits_the_step_size_and_prefers_divisors():
   assert host_steps.auto_clients_per_call(b, 3, 5000) == 3      # at most the clients
   assert host_steps.auto_clients_per_call(b, 8, 999) == 1       # at least one
   assert host_steps.auto_clients_per_call(None, 6, 5000) == 6   # no step loop: one call
+
+
+def test_label_at_server_steps_run_as_post_stages():
+  """FedWeP-Real label-at-server: the server's 2 supervised steps in the server update are
+  staged like a client's (post, post_step0 called twice, post_stage1), and the round equals
+  the one-program round."""
+  import test_port_golden as golden
+  from _helpers import client_hp, semi_hp
+  from fedjax_seg.fl import core, semi
+  fns = golden._unet()
+  hp = semi_hp(method="fedwep_real", scenario="label_at_server", unlabelled_batch_size=2,
+               server_steps=2, server_batch_size=2, num_seeds=4, search_size=2, threshold=0.5,
+               ema_decay=0.9, rampup_rounds=2, **golden.OLD_SEMI)
+  chp = client_hp(local_steps=2, batch_size=2, step_strategy="unrolled")
+  v = semi.init_models(hp, fns, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+  data = golden._semi_data("label_at_server")
+  make = lambda s: semi.make_run_round(hp, fns, optax.adam(1e-2), 2, chp, s, optax.adam(2e-2))
+  s_one, _ = jax.jit(make("unrolled"))(core.ServerState(v, jnp.int32(1)), data,
+                                       jax.random.PRNGKey(1))
+  calls = {}
+
+  def counting_jit(name, build, **kw):
+    f = jax.jit(build(), **kw)
+
+    def run(*args):
+      calls[name] = calls.get(name, 0) + 1
+      return f(*args)
+    return run
+  host = dataclasses.replace(make("loop"), clients_per_call=2, host_steps=True)
+  s_host, _ = host.with_jit(counting_jit)(core.ServerState(v, jnp.int32(1)), data,
+                                          jax.random.PRNGKey(1))
+  assert {k: calls.get(k) for k in ("post", "post_step0", "post_stage1")} == {
+      "post": 1, "post_step0": 2, "post_stage1": 1}, calls
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+               s_host.variables, s_one.variables)

@@ -278,7 +278,9 @@ class LoopedRound:
   step of the c clients) called E times, ``stage1`` (the rest, returning the c clients'
   outputs), so the largest program is c client-steps whatever E is; ``post`` then
   concatenates the calls' outputs (``begin`` makes no output buffers, so it never traces
-  a client update).
+  a client update) and is staged the same way when the server update has a step loop
+  (label-at-server: ``post``, ``post_step0`` called E times, ``post_stage1``); under host
+  steps the state is not donated to post.
 
   Nothing leaves the device between the programs (the data, the state and the
   outputs stay device arrays; the client indices are device scalars made once); each
@@ -331,10 +333,10 @@ class LoopedRound:
       return post(state, data, info_b, upload, new_rows, stats, s_key, a_key, idx,
                   round_options)
 
-    self._programs.update(
-        begin=self.jit("begin", lambda: start),
-        post=self.jit("post", lambda: post_calls if self.host_steps else post,
-                      donate_argnums=(0,)))
+    self._post_calls = post_calls
+    self._programs["begin"] = self.jit("begin", lambda: start)
+    if not self.host_steps:
+      self._programs["post"] = self.jit("post", lambda: post, donate_argnums=(0,))
 
   def _client_program(self, c: int):
     """The program of c consecutive clients (compiled on first use)."""
@@ -402,16 +404,48 @@ class LoopedRound:
       self._programs["step", s, c] = self.jit(f"step{s}{suffix}", build, donate_argnums=(1, 3))
     return self._programs["step", s, c]
 
-  def _host_call(self, c, bcast, state, data, down, keys, idx, i):
-    """The host-step client call of c clients from start index i: stages and steps until
-    the last stage returns their (upload, new state row, stats), leaves [c, ...]."""
+  def _post_stage_fn(self, s: int):
+    """Host steps: post (aggregation + server update) staged like a client call, so that
+    a server update with a step loop (the label-at-server server steps) runs them as
+    one-step programs too; without one, stage 0 is the whole post."""
+    if ("post_stage_fn", s) not in self._programs:
+      post_calls = self._post_calls
+
+      def run(state, data, info_b, rows, s_key, a_key, idx, round_options, given):
+        res, body = hsteps.stage(post_calls, [g[0] for g in given],
+                                 (state, data, info_b, rows, s_key, a_key, idx, round_options))
+        if body is None:
+          return res
+        self._bodies["post", s] = body
+        consts, carry, xs, outs = res
+        return hsteps.Segment((consts,), (jax.tree.map(jnp.copy, carry),), (xs,), (outs,))
+      self._programs["post_stage_fn", s] = run
+    return self._programs["post_stage_fn", s]
+
+  def _post_stage_program(self, s: int):
+    if ("post_stage", s) not in self._programs:
+      self._programs["post_stage", s] = self.jit("post" if s == 0 else f"post_stage{s}",
+                                                 lambda: self._post_stage_fn(s))
+    return self._programs["post_stage", s]
+
+  def _post_step_program(self, s: int, stage_args):
+    if ("post_step", s) not in self._programs:
+      def build():
+        if ("post", s) not in self._bodies:  # the stage program came from runlog's memo
+          jax.eval_shape(self._post_stage_fn(s), *stage_args)
+        return hsteps.make_step(self._bodies["post", s], 1)
+      self._programs["post_step", s] = self.jit(f"post_step{s}", build, donate_argnums=(1, 3))
+    return self._programs["post_step", s]
+
+  def _run_stages(self, stage_program: Callable, step_program: Callable, args: Tuple):
+    """Stage programs and E calls of each step program (fl/host_steps.py) until a stage
+    runs to the end; returns its outputs."""
     given, s = (), 0
     while True:
-      args = (bcast, state, data, down, keys, idx, i, given)
-      res = self._stage_program(s, c)(*args)
+      res = stage_program(s)(*args, given)
       if not isinstance(res, hsteps.Segment):
         return res
-      step = self._step_program(s, c, args)
+      step = step_program(s, args + (given,))
       carry, outs = res.carry, res.outs
       n = jax.tree.leaves(res.xs)[0].shape[0]
       if ("steps", n) not in self._programs:  # the step indices as device scalars, made once
@@ -419,6 +453,13 @@ class LoopedRound:
       for e in self._programs["steps", n]:
         carry, outs = step(res.consts, carry, res.xs, outs, e)
       given, s = given + (tuple(zip(carry, outs)),), s + 1
+
+  def _host_call(self, c, bcast, state, data, down, keys, idx, i):
+    """The host-step client call of c clients from start index i: stages and steps until
+    the last stage returns their (upload, new state row, stats), leaves [c, ...]."""
+    return self._run_stages(lambda s: self._stage_program(s, c),
+                            lambda s, a: self._step_program(s, c, a),
+                            (bcast, state, data, down, keys, idx, i))
 
   def _auto_clients(self, n: int, stage_args) -> int:
     """Host steps with clients_per_call 0: trace the one-client stage 0 (abstractly; JAX
@@ -461,7 +502,8 @@ class LoopedRound:
     if self.host_steps:
       rows = [self._host_call(c, bcast, state, data, down, keys, idx, i)
               for i, c in p["calls", n]]
-      return p["post"](state, data, info_b, rows, s_key, a_key, idx, round_options)
+      return self._run_stages(self._post_stage_program, self._post_step_program,
+                              (state, data, info_b, rows, s_key, a_key, idx, round_options))
     for i, c in p["calls", n]:
       out = self._client_program(c)(bcast, state, data, down, keys, idx, i, out)
     upload, new_rows, stats = out
