@@ -79,7 +79,7 @@ def test_federated_trainer_auto_loop_equals_the_one_program_round(tiny, tmp_path
   assert ("client strategy loop (clients per call chosen from the local step's size, each "
           "local step a program call, auto: 3 clients x 3 steps > 8), step strategy host "
           "(auto: loop round, E > 1)") in out, out
-  assert "3 clients per call (at most 5,000 operations per call)" in out, out
+  assert "3 clients per call (at most 2,500 operations per call)" in out, out
   assert {"round_begin", "round_stage0x3", "round_step0x3", "round_stage1x3",
           "round_post"} <= set(r["compile_s"]), r["compile_s"]
   _same_run(tmp_path / "one", tmp_path / "loop", ("weights", "train_loss", "val_loss"))

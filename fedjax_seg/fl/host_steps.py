@@ -41,12 +41,14 @@ from fedjax_seg.fl import local
 # step body, nested jaxprs counted), rounded down to a divisor of the clients where that
 # costs at most half of them (no remainder program to compile). A local step of the
 # demo U-Net (base 16, depth 4) has 1,203 operations under FedAvg/DCEW, 942 SCAFFOLD,
-# 2,000 Mean Teacher and FixMatch-style PS, 2,579 FedWeP, 3,539 CPS (2026-12-07), so at
-# K = 8 the supervised family runs 4 clients per call, MT/PS 2, FedWeP and CPS 1: the
-# FedWeP step compiles 3x slower than FedAvg's (7.2 vs 2.3 s for one client on the 2-core
-# CPU) and 2 FedWeP clients per call already put its round over 20 s of compile
-# (docs/performance.md). A heuristic: operations do not price every op alike.
-HOST_OPS_PER_CALL = 5000
+# 1,995 FedWeP-Real, 2,000 Mean Teacher and FixMatch-style PS, 2,579 FedWeP, 3,539 CPS
+# (2026-12-07): 2 clients per call for the supervised family, 1 for the semi-supervised
+# methods. Measured at K = 8, E = 8 on the 2-core CPU (docs/performance.md): at 5,000
+# (4 supervised clients per call) the supervised family's round compiled in 15-31 s cold
+# and 4.4-5.9 s cached (each stage program traces its c clients); at 2, about 12.6 / 3.1 s
+# (FedAvg). A heuristic: operations do not price every op alike (one FedWeP step compiles
+# 3x slower than FedAvg's, CPS's, with more operations, 1.8x).
+HOST_OPS_PER_CALL = 2500
 
 
 @flax.struct.dataclass
