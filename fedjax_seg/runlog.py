@@ -74,6 +74,12 @@ def compile_times(reset: bool = False) -> Dict[str, float]:
   return out
 
 
+def add_compile_time(name: str, seconds: float) -> None:
+  """Adds seconds spent compiling outside a TimedJit (e.g. a trace that sizes a program)
+  to ``compile_times()[name]``."""
+  _COMPILE_S[name] = _COMPILE_S.get(name, 0.0) + float(seconds)
+
+
 def reset_compile_times() -> None:
   """Start a new compile-time record (``compile_times()`` is empty until the next call)."""
   _COMPILE_S.clear()

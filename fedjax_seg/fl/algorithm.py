@@ -47,6 +47,7 @@ have weight 0, 'sampled' False and NaN statistics. Client k keeps its key
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
@@ -296,6 +297,7 @@ class LoopedRound:
   host_steps: bool = False
   host_ops_per_call: int = 0
   report: Optional[Callable[[str], None]] = None
+  record: Optional[Callable[[str, float], None]] = None
   jit: Callable = _default_jit
   option_names: Tuple[str, ...] = ()
   _programs: Dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
@@ -466,7 +468,10 @@ class LoopedRound:
     reuses that trace if the one-client program is compiled later) and fit as many clients
     per call as keep a step program within ``host_ops_per_call`` operations."""
     if ("auto_c", n) not in self._programs:
+      t0 = time.perf_counter()
       jax.eval_shape(self._stage_fn(0, 1), *stage_args)
+      if self.record is not None:  # compile time: a trace a one-client program would reuse
+        self.record("host_probe", time.perf_counter() - t0)
       body = self._bodies.get((0, 1))
       c = hsteps.auto_clients_per_call(body, n, self.host_ops_per_call)
       self._programs["auto_c", n] = c
@@ -521,7 +526,8 @@ def jit_round(key: str, build: Callable[[], Callable], client_strategy: str,
   as ``key`` + '/begin', '/client' (c = 1; '/client<c>' for c clients per call), '/post'
   (compile times recorded under ``<name>_begin``, ...); with ``host_steps`` the client
   programs are '/stage<s>' and '/step<s>' ('x<c>' appended for c clients per call), and
-  clients_per_call 0 chooses c from the step's size (``host_ops_per_call``, reported);
+  clients_per_call 0 chooses c from the step's size (``host_ops_per_call``, reported; the
+  trace that sizes it is recorded as ``<name>_host_probe``);
   for 'debug', ``build()`` itself, run eagerly, so that a client's error and its
   non-finite outputs surface with the client index (backends' 'debug')."""
   from fedjax_seg import runlog  # runlog imports nothing of fl/
@@ -533,8 +539,9 @@ def jit_round(key: str, build: Callable[[], Callable], client_strategy: str,
   run = build()
   run = dataclasses.replace(run, clients_per_call=int(clients_per_call),
                             host_steps=bool(host_steps), host_ops_per_call=int(host_ops_per_call),
-                            report=lambda line: print(line, flush=True), _programs={},
-                            _bodies={})
+                            report=lambda line: print(line, flush=True),
+                            record=lambda part, s: runlog.add_compile_time(f"{name}_{part}", s),
+                            _programs={}, _bodies={})
   return run.with_jit(  # the programs are memoised by runlog (a new process: the disk cache)
       lambda part, b, **kw: runlog.cached_jit(f"{key}/{part}", b, name=f"{name}_{part}",
                                               **kw, **jit_kwargs))
