@@ -81,6 +81,18 @@ def test_a_staged_client_equals_numpy():
   np.testing.assert_allclose(np.asarray(outs[0][0]), step_losses, rtol=1e-5)
 
 
+def _counting_jit(calls):
+  """A LoopedRound jit hook: ``jax.jit`` programs that count their calls by name."""
+  def counting_jit(name, build, **kw):
+    f = jax.jit(build(), **kw)
+
+    def run(*args):
+      calls[name] = calls.get(name, 0) + 1
+      return f(*args)
+    return run
+  return counting_jit
+
+
 def _quad(prox=0.0):
   def cu(variables, data, key, anchor=None):
     a = data["a"]
@@ -110,14 +122,7 @@ def test_each_step_loop_is_a_program_called_once_per_step():
   alg = ditto.make_algorithm(_quad(), _quad(prox=0.5), aggregators.fedavg)
   state = algorithm.ServerState(v0, jnp.int32(0), clients=ditto.init_clients(v0, k))
   calls = {}
-
-  def counting_jit(name, build, **kw):
-    f = jax.jit(build(), **kw)
-
-    def run(*args):
-      calls[name] = calls.get(name, 0) + 1
-      return f(*args)
-    return run
+  counting_jit = _counting_jit(calls)
   host = dataclasses.replace(algorithm.make_round(alg, "loop"), clients_per_call=2,
                              host_steps=True).with_jit(counting_jit)
   s_one, info_one = jax.jit(algorithm.make_round(alg, "unrolled"))(state, data,
@@ -186,14 +191,7 @@ def test_label_at_server_steps_run_as_post_stages():
   s_one, _ = jax.jit(make("unrolled"))(core.ServerState(v, jnp.int32(1)), data,
                                        jax.random.PRNGKey(1))
   calls = {}
-
-  def counting_jit(name, build, **kw):
-    f = jax.jit(build(), **kw)
-
-    def run(*args):
-      calls[name] = calls.get(name, 0) + 1
-      return f(*args)
-    return run
+  counting_jit = _counting_jit(calls)
   host = dataclasses.replace(make("loop"), clients_per_call=2, host_steps=True)
   s_host, _ = host.with_jit(counting_jit)(core.ServerState(v, jnp.int32(1)), data,
                                           jax.random.PRNGKey(1))
