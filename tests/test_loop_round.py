@@ -129,3 +129,23 @@ def test_debug_round_runs_eagerly_through_the_trainer(tiny, tmp_path):
   r = train.run(c, str(tmp_path / "debug"))
   assert not any(k.startswith("round") for k in r["compile_s"]), r["compile_s"]
   _same_run(tmp_path / "one", tmp_path / "debug", ("weights", "train_loss", "val_loss"))
+
+
+def test_host_steps_run_resumes_to_the_uninterrupted_result(tiny, tmp_path):
+  """An interrupted host-step run (auto: loop round, E > 1) resumes from its checkpoint and
+  ends where the uninterrupted run ends (the clients per call are chosen the same way)."""
+  from conftest import tiny_federated
+  c = tiny_federated(tiny, "dcew", rounds=3, local_steps=3, client_strategy="auto",
+                     step_strategy="auto")
+  full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+  train.run(c, full)
+  with pytest.raises(train.Interrupted):
+    train.run(c, cut, stop_after=2)
+  train.run(c, cut)
+  assert [r["round"] for r in _rows(tmp_path / "cut")] == [0, 1, 2, 3]
+  a, b = runlog.Checkpointer(full), runlog.Checkpointer(cut)
+  sa, sb = a.manager.restore(3), b.manager.restore(3)
+  a.close(); b.close()
+  chex.assert_trees_all_close(sa, sb, rtol=1e-6)
+  assert _rows(tmp_path / "full")[-1]["train_loss"] == pytest.approx(
+      _rows(tmp_path / "cut")[-1]["train_loss"], rel=1e-6)
