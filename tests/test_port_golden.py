@@ -7,7 +7,6 @@ must reproduce them to float tolerance: same maths, same PRNG key use.
 
 Fingerprint of a pytree: (Σ leaves, Σ leaves²) in float64 over the float leaves.
 """
-import dataclasses
 import json
 import sys
 

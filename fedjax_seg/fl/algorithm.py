@@ -355,99 +355,69 @@ class LoopedRound:
       self._programs["client", c] = self.jit(name, lambda: many, donate_argnums=(7,))
     return self._programs["client", c]
 
-  def _stage_program(self, s: int, c: int):
-    """Stage s of the host-step client call of c clients (fl/host_steps.py): the client
-    updates with their first s step loops answered by ``given``, up to the next step loop
-    (a :class:`host_steps.Segment`) or to the end (their outputs, leaves [c, ...])."""
-    if ("stage", s, c) not in self._programs:
-      suffix = "" if c == 1 else f"x{c}"
-      self._programs["stage", s, c] = self.jit(f"stage{s}{suffix}", lambda: self._stage_fn(s, c))
-    return self._programs["stage", s, c]
+  def _stage_program(self, part: str, s: int, c: int):
+    """Stage s of a host-step call (fl/host_steps.py): part 'client' (c clients from start
+    index i: their updates with the first s step loops answered by ``given``) or 'post'
+    (c = 1: aggregation + server update, whose label-at-server server steps are a step
+    loop too), up to the next step loop (a :class:`host_steps.Segment`) or to the end (the
+    clients' outputs stacked to [c, ...]; post's (state', info))."""
+    if ("stage", part, s, c) not in self._programs:
+      name = f"stage{s}" + ("" if c == 1 else f"x{c}")
+      if part == "post":
+        name = "post" if s == 0 else f"post_stage{s}"
+      self._programs["stage", part, s, c] = self.jit(name, lambda: self._stage_fn(part, s, c))
+    return self._programs["stage", part, s, c]
 
-  def _stage_fn(self, s: int, c: int):
+  def _stage_fn(self, part: str, s: int, c: int):
     """The traced function of :meth:`_stage_program` (its trace records the step body)."""
-    if ("stage_fn", s, c) not in self._programs:
+    if ("stage_fn", part, s, c) not in self._programs:
       alg, client_inputs = self.alg, self._client_inputs
 
-      def run(bcast, state, data, down, keys, idx, i, given):
-        segs, bodies, outs = [], [], []
-        for j in range(c):
-          ij = i + j
-          args = (bcast, client_inputs(state, data, down, idx, ij), keys[ij])
-          res, body = hsteps.stage(alg.client_update, [g[j] for g in given], args)
-          if body is None:
-            outs.append(res)
-          else:
-            segs.append(res)
-            bodies.append(body)
-        if outs and bodies:
-          raise ValueError(f"{alg.name}: host steps: clients of one call made different "
-                           f"numbers of local-step loops")
-        if outs:
-          return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-        self._bodies[s, c] = hsteps.check_same_body(bodies, alg.name)
-        consts, carry, xs, step_outs = (tuple(x) for x in zip(*segs))
-        # the step program donates the carry: its own buffers, never an input's
-        carry = jax.tree.map(jnp.copy, carry)
-        return hsteps.Segment(consts, carry, xs, step_outs)
-      self._programs["stage_fn", s, c] = run
-    return self._programs["stage_fn", s, c]
+      if part == "post":
+        def lanes(state, data, info_b, rows, s_key, a_key, idx, round_options):
+          return [(self._post_calls, (state, data, info_b, rows, s_key, a_key, idx,
+                                      round_options))]
+      else:
+        def lanes(bcast, state, data, down, keys, idx, i):
+          return [(alg.client_update,
+                   (bcast, client_inputs(state, data, down, idx, i + j), keys[i + j]))
+                  for j in range(c)]
 
-  def _step_program(self, s: int, c: int, stage_args):
-    """One local step of c clients at step loop s (compiled on first use; its body is
+      def run(*args):
+        *args, given = args
+        res, body = hsteps.stage_lanes(lanes(*args), given, alg.name)
+        if body is None:  # every lane ran to its end
+          return res[0] if part == "post" else jax.tree.map(lambda *xs: jnp.stack(xs), *res)
+        self._bodies[part, s, c] = body
+        return res
+      self._programs["stage_fn", part, s, c] = run
+    return self._programs["stage_fn", part, s, c]
+
+  def _step_program(self, part: str, s: int, c: int, stage_args):
+    """One local step of the c lanes at step loop s (compiled on first use; its body is
     the jaxpr the stage program's trace found, traced again here if that program was
     reused from an earlier round object)."""
-    if ("step", s, c) not in self._programs:
+    if ("step", part, s, c) not in self._programs:
       def build():
-        if (s, c) not in self._bodies:  # the stage program came from runlog's memo
-          jax.eval_shape(self._stage_fn(s, c), *stage_args)
-        return hsteps.make_step(self._bodies[s, c], c)
-      suffix = "" if c == 1 else f"x{c}"
-      self._programs["step", s, c] = self.jit(f"step{s}{suffix}", build, donate_argnums=(1, 3))
-    return self._programs["step", s, c]
+        if (part, s, c) not in self._bodies:  # the stage program came from runlog's memo
+          jax.eval_shape(self._stage_fn(part, s, c), *stage_args)
+        return hsteps.make_step(self._bodies[part, s, c], c)
+      name = f"step{s}" + ("" if c == 1 else f"x{c}")
+      self._programs["step", part, s, c] = self.jit(
+          f"post_{name}" if part == "post" else name, build, donate_argnums=(1, 3))
+    return self._programs["step", part, s, c]
 
-  def _post_stage_fn(self, s: int):
-    """Host steps: post (aggregation + server update) staged like a client call, so that
-    a server update with a step loop (the label-at-server server steps) runs them as
-    one-step programs too; without one, stage 0 is the whole post."""
-    if ("post_stage_fn", s) not in self._programs:
-      post_calls = self._post_calls
-
-      def run(state, data, info_b, rows, s_key, a_key, idx, round_options, given):
-        res, body = hsteps.stage(post_calls, [g[0] for g in given],
-                                 (state, data, info_b, rows, s_key, a_key, idx, round_options))
-        if body is None:
-          return res
-        self._bodies["post", s] = body
-        consts, carry, xs, outs = res
-        return hsteps.Segment((consts,), (jax.tree.map(jnp.copy, carry),), (xs,), (outs,))
-      self._programs["post_stage_fn", s] = run
-    return self._programs["post_stage_fn", s]
-
-  def _post_stage_program(self, s: int):
-    if ("post_stage", s) not in self._programs:
-      self._programs["post_stage", s] = self.jit("post" if s == 0 else f"post_stage{s}",
-                                                 lambda: self._post_stage_fn(s))
-    return self._programs["post_stage", s]
-
-  def _post_step_program(self, s: int, stage_args):
-    if ("post_step", s) not in self._programs:
-      def build():
-        if ("post", s) not in self._bodies:  # the stage program came from runlog's memo
-          jax.eval_shape(self._post_stage_fn(s), *stage_args)
-        return hsteps.make_step(self._bodies["post", s], 1)
-      self._programs["post_step", s] = self.jit(f"post_step{s}", build, donate_argnums=(1, 3))
-    return self._programs["post_step", s]
-
-  def _run_stages(self, stage_program: Callable, step_program: Callable, args: Tuple):
+  def _run_stages(self, part: str, c: int, args: Tuple):
     """Stage programs and E calls of each step program (fl/host_steps.py) until a stage
-    runs to the end; returns its outputs."""
+    runs to the end; returns its outputs. For part 'client', ``args`` = (bcast, state,
+    data, down, keys, idx, i): the call of c clients from start index i returns their
+    (upload, new state row, stats), leaves [c, ...]."""
     given, s = (), 0
     while True:
-      res = stage_program(s)(*args, given)
+      res = self._stage_program(part, s, c)(*args, given)
       if not isinstance(res, hsteps.Segment):
         return res
-      step = step_program(s, args + (given,))
+      step = self._step_program(part, s, c, args + (given,))
       carry, outs = res.carry, res.outs
       n = jax.tree.leaves(res.xs)[0].shape[0]
       if ("steps", n) not in self._programs:  # the step indices as device scalars, made once
@@ -456,23 +426,16 @@ class LoopedRound:
         carry, outs = step(res.consts, carry, res.xs, outs, e)
       given, s = given + (tuple(zip(carry, outs)),), s + 1
 
-  def _host_call(self, c, bcast, state, data, down, keys, idx, i):
-    """The host-step client call of c clients from start index i: stages and steps until
-    the last stage returns their (upload, new state row, stats), leaves [c, ...]."""
-    return self._run_stages(lambda s: self._stage_program(s, c),
-                            lambda s, a: self._step_program(s, c, a),
-                            (bcast, state, data, down, keys, idx, i))
-
   def _auto_clients(self, n: int, stage_args) -> int:
     """Host steps with clients_per_call 0: trace the one-client stage 0 (abstractly; JAX
     reuses that trace if the one-client program is compiled later) and fit as many clients
     per call as keep a step program within ``host_ops_per_call`` operations."""
     if ("auto_c", n) not in self._programs:
       t0 = time.perf_counter()
-      jax.eval_shape(self._stage_fn(0, 1), *stage_args)
+      jax.eval_shape(self._stage_fn("client", 0, 1), *stage_args)
       if self.record is not None:  # compile time: a trace a one-client program would reuse
         self.record("host_probe", time.perf_counter() - t0)
-      body = self._bodies.get((0, 1))
+      body = self._bodies.get(("client", 0, 1))
       c = hsteps.auto_clients_per_call(body, n, self.host_ops_per_call)
       self._programs["auto_c", n] = c
       if self.report is not None:
@@ -505,10 +468,10 @@ class LoopedRound:
         c = self._auto_clients(n, (bcast, state, data, down, keys, idx, jnp.int32(0), ()))
       p["calls", n] = [(jnp.int32(i), c) for i, c in self.calls(n, c)]
     if self.host_steps:
-      rows = [self._host_call(c, bcast, state, data, down, keys, idx, i)
+      rows = [self._run_stages("client", c, (bcast, state, data, down, keys, idx, i))
               for i, c in p["calls", n]]
-      return self._run_stages(self._post_stage_program, self._post_step_program,
-                              (state, data, info_b, rows, s_key, a_key, idx, round_options))
+      return self._run_stages("post", 1, (state, data, info_b, rows, s_key, a_key, idx,
+                                          round_options))
     for i, c in p["calls", n]:
       out = self._client_program(c)(bcast, state, data, down, keys, idx, i, out)
     upload, new_rows, stats = out

@@ -116,6 +116,28 @@ def stage(client_fn: Callable, given: Sequence[Tuple[Any, Any]], args: Tuple):
   return out, None
 
 
+def stage_lanes(lanes: Sequence[Tuple[Callable, Tuple]], given, what: str):
+  """:func:`stage` for independent lanes (a call's c clients; post is one lane), each
+  ``(fn, args)`` answered by ``given[t][j]``. Returns ``(outputs, None)`` (a list, one per
+  lane) when every lane ran to its end, else ``(Segment, Body)``: all lanes stopped at the
+  same step body (:func:`check_same_body`), their initial carry copied (the step program
+  donates it: its own buffers, never a stage input's)."""
+  segs, bodies, outs = [], [], []
+  for j, (fn, args) in enumerate(lanes):
+    res, body = stage(fn, [g[j] for g in given], args)
+    (outs if body is None else segs).append(res)
+    if body is not None:
+      bodies.append(body)
+  if outs and bodies:
+    raise ValueError(f"{what}: host steps: the clients of one call made different numbers "
+                     f"of local-step loops")
+  if outs:
+    return outs, None
+  consts, carry, xs, step_outs = (tuple(x) for x in zip(*segs))
+  return (Segment(consts, jax.tree.map(jnp.copy, carry), xs, step_outs),
+          check_same_body(bodies, what))
+
+
 def check_same_body(bodies: List[Body], what: str) -> Body:
   """The c clients of one call must have stopped at the same step body (the same code on
   the same shapes): one step program serves them all."""
