@@ -4,13 +4,17 @@ For each K, the same client update (E local Adam steps of a U-Net on batches
 sampled from the client's data + the aggregator statistics) is executed as
   loop      a Python loop over K clients of the *jitted single-client update*
             (what a per-client framework does), then a jitted FedAvg
-  loopedC   the trainers' 'loop' round (algorithm.LoopedRound, C = 1, 2, 4, 8, 16
-            clients per call, config fl.clients_per_call): begin, a program of C
-            unrolled clients called ceil(K / C) times with its output buffers
-            donated, and post (FedAvg), nothing leaving the device in between
+  loopedC   the trainers' 'loop' round (algorithm.LoopedRound, C clients per call,
+            config fl.clients_per_call): begin, a program of C unrolled clients
+            called ceil(K / C) times, and post (FedAvg), nothing leaving the device
+            in between; the calls are issued from --host-threads threads (config
+            fl.host_threads; 0 = the trainers' auto, 2 on a CPU), or T threads with
+            the suffix tT (looped2t1: one thread, the output buffers donated call
+            after call)
   hostedC   the same with every local step a program call (config
             fl.step_strategy=host): per call of C clients a stage program, a one-step
             program of the C clients called E times, a closing stage program
+            (hosted1t2: one client per call, two host threads)
   vmap      one jitted program: jax.vmap over clients + FedAvg
   unrolled  one jitted program: clients unrolled in Python inside the jit + FedAvg
             (compile time grows with K·E: only for K <= --max-unrolled-k)
@@ -20,9 +24,11 @@ sampled from the client's data + the aggregator statistics) is executed as
             Adam, E steps, stats forward passes before/after, FedAvg of the
             state dicts) with torch's threads = --threads (0: all cores)
   torch1    the same PyTorch loop on one thread (torch.set_num_threads(1))
-Each torch row runs in its own subprocess (no JAX imported there, nothing else
-running): in the JAX process, torch's threads competed with XLA's and its
-speed collapsed. Without torch installed the torch rows are skipped with a
+Every row runs in a subprocess of its own (--no-isolate: the JAX rows in this
+process, where a row measured 5-10 % slower the later it ran); the torch rows
+never import JAX (in a JAX process, torch's threads competed with XLA's and its
+speed collapsed). --repeats N measures every row N times, the rows of each repeat
+in a rotated order, and gives the ratios 95 % confidence intervals. Without torch installed the torch rows are skipped with a
 message (pip install -e '.[bench]').
 
 Reported per row (docs/performance.md describes every column): ms/round
@@ -49,6 +55,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -62,9 +69,27 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import _runs  # noqa: E402
 
-HOSTED = ("hosted1", "hosted2", "hosted4", "hosted8")
-LOOPED = ("looped1", "looped2", "looped4", "looped8", "looped16") + HOSTED
-JAX_STRATEGIES = ("loop",) + LOOPED + ("unrolled", "vmap", "sharded")
+# loopedC / hostedC, optionally with tT: T host threads issuing the calls (default --host-threads)
+_LOOPED_RE = re.compile(r"(looped|hosted)([1-9][0-9]*)(?:t([1-9][0-9]*))?$")
+
+
+def looped_spec(strategy):
+  """(clients per call, host steps, host threads or None) of a loopedC[tT] / hostedC[tT]
+  row; None for any other strategy."""
+  m = _LOOPED_RE.match(strategy)
+  return None if m is None else (int(m[2]), m[1] == "hosted", None if m[3] is None else int(m[3]))
+
+
+def is_jax(strategy) -> bool:
+  return strategy in ("loop", "unrolled", "vmap", "sharded") or looped_spec(strategy) is not None
+
+
+def _strategy_arg(strategy):
+  if is_jax(strategy) or strategy in TORCH_STRATEGIES:
+    return strategy
+  raise argparse.ArgumentTypeError(
+      f"unknown strategy {strategy!r}: loop, loopedC, hostedC (C clients per call; a "
+      f"suffix tT = T host threads), unrolled, vmap, sharded, torch, torch1")
 TORCH_STRATEGIES = ("torch", "torch1")
 _RESULT = "ROUND_SPEED_RESULT "  # prefix of a worker's JSON line on stdout
 
@@ -82,6 +107,7 @@ def _flag_from_argv(name, default=None):
 
 THREADS = int(_flag_from_argv("--threads", 0))
 TORCH_WORKER = _flag_from_argv("--torch-worker")  # JSON spec: this process is one torch row
+ROW_WORKER = _flag_from_argv("--row-worker")      # JSON spec: this process is one JAX row
 XLA_FLAGS_IN = os.environ.get("XLA_FLAGS")        # handed unchanged to the compile worker
 
 from fedjax_seg import hostmem  # noqa: E402  (imports no JAX)
@@ -102,7 +128,7 @@ if TORCH_WORKER is None:  # the torch worker never imports JAX
 
   from fedjax_seg import compile_cache, models  # noqa: E402
   from fedjax_seg.data import federated  # noqa: E402
-  from fedjax_seg.fl import aggregators, algorithm, core  # noqa: E402
+  from fedjax_seg.fl import aggregators, algorithm, backends, core  # noqa: E402
   import dataclasses  # noqa: E402
 
 
@@ -335,9 +361,11 @@ def build(k, strategy, args, fns, data, variables):
       return agg_c(variables, stacked, stats)[0]
     return run, _flops(cu_c) * k + _flops(agg_c), compile_s
   state = core.ServerState(variables, jnp.int32(0))
-  if strategy in LOOPED:
-    return _build_looped(int(strategy[len("looped"):]), cu, state, data, key,
-                         host=strategy in HOSTED)
+  spec = looped_spec(strategy)
+  if spec is not None:
+    c, host, threads = spec
+    return _build_looped(c, cu, state, data, key, host=host,
+                         threads=args.host_threads if threads is None else threads)
   t0 = time.perf_counter()
   rr = jax.jit(core.make_run_round(cu, aggregators.fedavg, strategy)).lower(
       state, data, key).compile()
@@ -348,14 +376,17 @@ def build(k, strategy, args, fns, data, variables):
   return run, _flops(rr), compile_s
 
 
-def _build_looped(c, cu, state, data, key, host=False):
+def _build_looped(c, cu, state, data, key, host, threads):
   """The trainers' LoopedRound with c clients per call: its programs are compiled ahead
   of time inside the first round (a jit hook times lower + compile of each and counts
   each program's FLOPs once per call in that round); the state is donated to 'post',
   so each timed round feeds the next one the state it returned. ``host``: the 'hostedC'
-  rows, the same round with every local step a program call (fl.step_strategy=host)."""
+  rows, the same round with every local step a program call (fl.step_strategy=host).
+  ``threads``: host threads issuing the calls (config fl.host_threads; 0 = the trainers'
+  auto: 2 on a CPU)."""
   rr = dataclasses.replace(core.make_run_round(cu, aggregators.fedavg, "loop"),
-                           clients_per_call=c, host_steps=host)
+                           clients_per_call=c, host_steps=host,
+                           host_threads=backends.host_threads(threads, "loop"))
   acc = {"compile_s": 0.0, "flops": 0.0, "counting": True}
 
   def timed_jit(name, build_fn, **kw):
@@ -402,13 +433,75 @@ def _use_cache(cache_root, k, strategy):
   return compile_cache.enable(os.path.join(cache_root, f"K{k}_{strategy}"))
 
 
-def bench(k, args, peak, cache_root):
+def _cache_dir(cache_root, k, strategy, rep):
+  """The row's own persistent-cache folder: 'cold' is a real first compile in every repeat."""
+  return os.path.join(cache_root, f"K{k}_{strategy}" + (f"_r{rep}" if rep else ""))
+
+
+def jax_row(k, strategy, args, fns, data, variables, cache_dir):
+  """Compile and time one JAX row in this process: a dict of its numbers, with 'r0' the
+  global model's leaves after round 0 (for the agreement check)."""
+  compile_cache.enable(cache_dir)
+  run, fl, compile_s = build(k, strategy, args, fns, data, variables)
+  box = {}
+
+  def timed():  # keeps the warm-up call's output: round 0 from the initial state
+    o = run()
+    box.setdefault("r0", o)
+    return o
+  t, first, cpu = _time(timed, args.reps, _block)
+  # the looped rows feed each round the last state (donated): their round 0 ran in build
+  r0 = run.first_round() if hasattr(run, "first_round") else box.pop("r0")
+  return {"time": t, "first_s": first, "cpu_s": cpu, "flops": fl, "compile_s": compile_s,
+          "r0": [np.asarray(a) for a in jax.tree.leaves(jax.device_get(r0))]}
+
+
+def row_worker(spec):
+  """One JAX row in a process of its own (``--row-worker``): prints its result as one JSON
+  line and writes round 0's global model to ``spec['r0']`` (.npz)."""
+  args = argparse.Namespace(**spec["args"])
+  fns, data, variables = setup(spec["k"], args)
+  res = jax_row(spec["k"], spec["strategy"], args, fns, data, variables, spec["cache"])
+  np.savez(spec["r0"], *res.pop("r0"))
+  print(_RESULT + json.dumps(res), flush=True)
+
+
+_ROW_ARGS = ("size", "base", "depth", "batch", "samples", "local_steps", "dtype",
+             "step_strategy", "reps", "host_threads")
+
+
+def isolated_jax_row(k, strategy, args, cache_dir):
+  """One JAX row measured by a subprocess (same XLA_FLAGS, same malloc settings): the
+  JAX rows run one after another in one process had come out 5–10 % slower the later
+  they ran (docs/results/speed.md), so by default every row gets a fresh process."""
+  r0 = cache_dir + "_r0.npz"
+  spec = {"k": k, "strategy": strategy, "cache": cache_dir, "r0": r0,
+          "args": {a: getattr(args, a) for a in _ROW_ARGS}}
+  env = dict(os.environ)
+  if XLA_FLAGS_IN is None:
+    env.pop("XLA_FLAGS", None)
+  else:
+    env["XLA_FLAGS"] = XLA_FLAGS_IN
+  res = _worker_result([sys.executable, os.path.abspath(__file__), *_thread_argv(),
+                        "--row-worker", json.dumps(spec)], env=env)
+  if "error" not in res:
+    with np.load(r0) as z:
+      res["r0"] = [z[f"arr_{i}"] for i in range(len(z.files))]
+  return res
+
+
+def _thread_argv():
+  return ["--threads", str(THREADS)] if THREADS else []
+
+
+def bench(k, args, peak, cache_root, order, rep=0):
+  """One repeat of every row at ``k`` clients, in the order ``order``: the row dict."""
   fns, data, variables = setup(k, args)
   n_params = sum(int(a.size) for a in jax.tree.leaves(variables))
-  out = {"K": k, "params": n_params, "load": {}}
+  out = {"K": k, "params": n_params, "load": {}, "repeat": rep}
   steps_per_round = k * args.local_steps
   ref = None  # (strategy, its round-0 variables): every JAX row is checked against it
-  for strategy in args.strategies:
+  for strategy in order:
     if _skip_unrolled(k, strategy, args):
       print(f"  K={k:3d} {strategy:9s} skipped (K > --max-unrolled-k={args.max_unrolled_k})",
             flush=True)
@@ -433,42 +526,97 @@ def bench(k, args, peak, cache_root):
       out[f"{strategy}_threads"] = tr["threads"]
       out[f"{strategy}_device"] = args.torch_device_used = tr.get("device", "cpu")
       out[f"{strategy}_compile_cold_s"] = out[f"{strategy}_compile_cached_s"] = None
-      fl = out.get("loop_flops")  # credited with the JAX loop's FLOPs (None without a loop row)
+      fl = None  # credited with the JAX loop's FLOPs below
     else:
-      _use_cache(cache_root, k, strategy)
-      run, fl, compile_s = build(k, strategy, args, fns, data, variables)
-      box = {}
-
-      def timed():  # keeps the warm-up call's output: round 0 from the initial state
-        o = run()
-        box.setdefault("r0", o)
-        return o
-      t, first, cpu = _time(timed, args.reps, _block)
-      # the looped rows feed each round the last state (donated): their round 0 ran in build
-      r0 = run.first_round() if hasattr(run, "first_round") else box.pop("r0")
+      cache_dir = _cache_dir(cache_root, k, strategy, rep)
+      if args.isolate:
+        res = isolated_jax_row(k, strategy, args, cache_dir)
+        if "error" in res:
+          print(f"  K={k:3d} {strategy:9s} failed: {res['error']}", flush=True)
+          continue
+      else:
+        res = jax_row(k, strategy, args, fns, data, variables, cache_dir)
+      t, first, cpu, fl = res["time"], res["first_s"], res["cpu_s"], res["flops"]
       if ref is None:
-        ref = (strategy, jax.device_get(r0))
-      out[f"{strategy}_max_abs_diff"] = max_abs_diff(ref[1], r0)
+        ref = (strategy, res["r0"])
+      out[f"{strategy}_max_abs_diff"] = max_abs_diff(ref[1], res["r0"])
       out["agreement_ref"] = ref[0]
-      box.clear()
       out[f"{strategy}_threads"] = 1 if THREADS == 1 else "all"
-      out[f"{strategy}_compile_cold_s"] = compile_s
+      out[f"{strategy}_compile_cold_s"] = res["compile_s"]
       out[f"{strategy}_compile_cached_s"] = None  # filled in by the compile worker
     out[strategy] = t
     out[f"{strategy}_first_s"] = first
     out[f"{strategy}_cpu_s"] = cpu
     out[f"{strategy}_flops"] = fl
-    out[f"{strategy}_rounds_per_s"] = 1.0 / t
-    out[f"{strategy}_client_steps_per_s"] = steps_per_round / t
-    out[f"{strategy}_gflops_per_s"] = None if fl is None else fl / t / 1e9
-    out[f"{strategy}_pct_peak"] = None if fl is None else 100.0 * fl / t / 1e9 / peak
     cold = out[f"{strategy}_compile_cold_s"]
     print(f"  K={k:3d} {strategy:9s} {t * 1e3:9.1f} ms/round  {1 / t:7.2f} rounds/s  "
           f"{steps_per_round / t:8.1f} client-steps/s  CPU {cpu:6.2f} s/round  "
           f"{_fmt(None if fl is None else fl / t / 1e9, '6.1f')} GFLOP/s  "
           f"compile {_fmt(cold, '5.1f')} s  first call {first:5.1f} s  "
-          f"load {out['load'][strategy]}", flush=True)
+          f"load {out['load'][strategy]}" + (f"  (repeat {rep + 1})" if args.repeats > 1 else ""),
+          flush=True)
   return out
+
+
+def _rotated(strategies, rep):
+  """Repeat ``rep``'s row order: the strategies rotated by ``rep`` places, so that over the
+  repeats every row runs early and late (the order effect averages out of the ratios)."""
+  n = len(strategies)
+  return [strategies[(i + rep) % n] for i in range(n)]
+
+
+def merge_repeats(reps, args, peak):
+  """One row per K from its repeats: per strategy the median over repeats of each number
+  (ms/round, CPU, compile, first call), the per-repeat times in ``<s>_times`` and the
+  loads as a 'min–max' range; then the derived columns."""
+  out = {"K": reps[0]["K"], "params": reps[0]["params"], "load": {}, "repeats": len(reps)}
+  for key in ("agreement_ref",):
+    if key in reps[0]:
+      out[key] = reps[0][key]
+  steps_per_round = out["K"] * args.local_steps
+  for s in args.strategies:
+    got = [r for r in reps if s in r]
+    if not got:
+      continue
+    med = lambda f: (None if any(r.get(f) is None for r in got)
+                     else float(np.median([r[f] for r in got])))
+    out[s] = med(s)
+    out[f"{s}_times"] = [r[s] for r in got]
+    for f in ("first_s", "cpu_s", "flops", "compile_cold_s"):
+      out[f"{s}_{f}"] = med(f"{s}_{f}")
+    out[f"{s}_compile_cached_s"] = None
+    out[f"{s}_threads"] = got[0][f"{s}_threads"]
+    if f"{s}_device" in got[0]:
+      out[f"{s}_device"] = got[0][f"{s}_device"]
+    if f"{s}_max_abs_diff" in got[0]:
+      out[f"{s}_max_abs_diff"] = max(r[f"{s}_max_abs_diff"] for r in got)
+    loads = [r["load"][s] for r in got]
+    out["load"][s] = loads[0] if len(loads) == 1 else f"{min(loads)}–{max(loads)}"
+  for s in args.strategies:
+    if s not in out:
+      continue
+    if s in TORCH_STRATEGIES:
+      out[f"{s}_flops"] = out.get("loop_flops")  # the JAX loop's FLOPs (None without it)
+    t, fl = out[s], out[f"{s}_flops"]
+    out[f"{s}_rounds_per_s"] = 1.0 / t
+    out[f"{s}_client_steps_per_s"] = steps_per_round / t
+    out[f"{s}_gflops_per_s"] = None if fl is None else fl / t / 1e9
+    out[f"{s}_pct_peak"] = None if fl is None else 100.0 * fl / t / 1e9 / peak
+  return out
+
+
+def paired_ratio(ref_times, times, level=0.95):
+  """Speed ratio of a strategy to a reference from paired repeats (the two rows of one
+  repeat ran minutes apart): the geometric mean of ref/strategy over the repeats and its
+  ``level`` confidence interval (t interval on the log ratios); the interval is None with
+  fewer than 2 repeats. > 1: the strategy is faster."""
+  from scipy import stats
+  logs = np.log(np.asarray(ref_times, float) / np.asarray(times, float))
+  g = float(np.exp(logs.mean()))
+  if len(logs) < 2:
+    return g, None
+  half = stats.t.ppf(0.5 + level / 2, len(logs) - 1) * logs.std(ddof=1) / np.sqrt(len(logs))
+  return g, (float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half)))
 
 
 def compile_worker(args, cache_root):
@@ -479,7 +627,7 @@ def compile_worker(args, cache_root):
   for k in args.ks:
     fns, data, variables = setup(k, args)
     for strategy in args.strategies:
-      if strategy not in JAX_STRATEGIES or _skip_unrolled(k, strategy, args):
+      if not is_jax(strategy) or _skip_unrolled(k, strategy, args):
         continue
       _use_cache(cache_root, k, strategy)
       n0 = len(_HITS)
@@ -490,7 +638,7 @@ def compile_worker(args, cache_root):
 
 def cached_compiles(rows, cache_root):
   """Run the compile worker (same command line, same XLA_FLAGS) and merge its seconds into rows."""
-  if not any(s in r for r in rows for s in JAX_STRATEGIES):
+  if not any(is_jax(s) for r in rows for s in r):
     return
   print("[round_speed] compiling again in a second process from the persistent cache ...",
         flush=True)
@@ -505,7 +653,7 @@ def cached_compiles(rows, cache_root):
     print(f"[round_speed] cached compile failed: {res['error']}", flush=True)
     return
   for r in rows:
-    for s in JAX_STRATEGIES:
+    for s in [s for s in r if is_jax(s)]:
       got = res.get(f"{r['K']}/{s}")
       if s in r and got:
         r[f"{s}_compile_cached_s"], r[f"{s}_cache_hits"] = got["compile_s"], got["hits"]
@@ -527,8 +675,13 @@ def markdown(rows, args, machine, peak):
           "CPU = process CPU seconds per round, all threads. Compile: trace + lower + XLA "
           "compile of one round's programs, cold = into an empty persistent cache, cached = "
           "a second process reading it. Load = 1-min load average when the row started "
-          "(the machine is shared; ratios come from one run). docs/performance.md explains "
-          "every column.\n")
+          "(the machine is shared). "
+          + (f"Each JAX row ran in a process of its own. " if args.isolate else
+             "The JAX rows ran one after another in one process. ")
+          + (f"{args.repeats} repeats, each with the rows in a rotated order: every number is "
+             "the median over the repeats, and the ratios have 95 % confidence intervals. "
+             if args.repeats > 1 else "One repeat: the ratios have no confidence interval. ")
+          + "docs/performance.md explains every column.\n")
   t1 = ["| K | strategy | threads | ms/round | rounds/s | client-steps/s | CPU s/round | "
         "GFLOP/round | GFLOP/s | % of matmul peak | compile s cold | compile s cached | "
         "first call s | load |", "|---|" + "---|" * 13]
@@ -544,7 +697,7 @@ def markdown(rows, args, machine, peak):
                   f"{_fmt(r[s + '_compile_cold_s'], '.1f')} | "
                   f"{_fmt(r.get(s + '_compile_cached_s'), '.2f')} | "
                   f"{r[s + '_first_s']:.1f} | {r['load'][s]} |")
-  jax_s = [s for s in args.strategies if s in JAX_STRATEGIES]
+  jax_s = [s for s in args.strategies if is_jax(s)]
   agree = []
   for r in rows:
     d = [f"{s} {r[s + '_max_abs_diff']:.1e}" for s in jax_s
@@ -567,20 +720,35 @@ def markdown(rows, args, machine, peak):
     best = min(((r[s], s) for s in jax_s if s in r), default=None)
     cells += [f"{r[t] / best[0]:.2f}× ({best[1]})" if t in r and best else "–" for t in torches]
     t2.append(f"| {r['K']} | " + " | ".join(cells) + " |")
-  return (head + "\n" + "\n".join(t1) + "\n\nSpeedups (time of the reference / time of the "
-          "strategy; > 1 = faster than the reference):\n\n" + "\n".join(t2) + "\n")
+  md = (head + "\n" + "\n".join(t1) + "\n\nSpeedups (time of the reference / time of the "
+        "strategy; > 1 = faster than the reference):\n\n" + "\n".join(t2) + "\n")
+  if args.repeats > 1 and torches:
+    t3 = ["| K | strategy | reference | ratio (geometric mean) | 95 % CI | repeats |",
+          "|---|---|---|---|---|---|"]
+    for r in rows:
+      for t in torches:
+        for s in jax_s:
+          if s in r and t in r and len(r[s + "_times"]) == len(r[t + "_times"]):
+            g, ci = paired_ratio(r[t + "_times"], r[s + "_times"])
+            t3.append(f"| {r['K']} | {s} | {t} | {g:.3f}× | "
+                      f"{'–' if ci is None else f'{ci[0]:.3f}–{ci[1]:.3f}×'} | {len(r[s + '_times'])} |")
+    md += ("\nPaired over repeats (the strategy's round and the reference's of one repeat; "
+           "> 1 = the JAX strategy is faster; an interval that covers 1 = no difference "
+           "detected):\n\n" + "\n".join(t3) + "\n")
+  return md
 
 
 def _speedups(rows):
   for out in rows:
-    for s in list(JAX_STRATEGIES) + list(TORCH_STRATEGIES):
-      if s not in out:
-        continue
+    for s in [s for s in list(out) if is_jax(s) or s in TORCH_STRATEGIES]:
       if s != "loop" and "loop" in out:
         out[f"{s}_vs_loop"] = out[s] / out["loop"]          # time ratio (< 1: faster than loop)
       for t in TORCH_STRATEGIES:
         if s != t and t in out:
           out[f"{s}_vs_{t}"] = out[s] / out[t]
+          if is_jax(s) and len(out.get(s + "_times", ())) == len(out.get(t + "_times", ())) > 1:
+            g, ci = paired_ratio(out[t + "_times"], out[s + "_times"])
+            out[f"{s}_speedup_over_{t}"] = {"geomean": g, "ci95": ci}  # > 1: JAX faster
 
 
 def main():
@@ -588,9 +756,14 @@ def main():
   p.add_argument("--ks", type=int, nargs="+", default=None,
                  help="client counts (default 1 2 4 8 16 32; --quick: 1 2 4)")
   p.add_argument("--strategies", nargs="+", default=["loop", "unrolled", "vmap", "torch", "torch1"],
-                 choices=list(JAX_STRATEGIES + TORCH_STRATEGIES),
-                 help="of loop looped1 looped2 looped4 looped8 looped16 hosted1 hosted2 hosted4 "
-                      "hosted8 unrolled vmap sharded torch torch1")
+                 type=_strategy_arg,
+                 help="of loop, loopedC (the trainers' loop round, C clients per call), "
+                      "hostedC (the same, each local step a program call), either with a suffix "
+                      "tT for T host threads (e.g. hosted1t2), unrolled, vmap, sharded, torch, "
+                      "torch1")
+  p.add_argument("--host-threads", type=int, default=0,
+                 help="host threads of the loopedC/hostedC rows without a tT suffix "
+                      "(config fl.host_threads; 0 = the trainers' auto: 2 on a CPU)")
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--base", type=int, default=16)
   p.add_argument("--depth", type=int, default=4)
@@ -609,6 +782,13 @@ def main():
   p.add_argument("--threads", type=int, default=0,
                  help="0: all cores (default); 1: one thread for XLA and torch (a shared, "
                  "loaded machine); other values set torch's threads only")
+  p.add_argument("--repeats", type=int, default=1,
+                 help="measure every row this many times (each repeat with its rows in a "
+                 "rotated order); the ratios then get 95%% confidence intervals")
+  p.add_argument("--no-isolate", dest="isolate", action="store_false",
+                 help="run the JAX rows one after another in this process (default: each "
+                 "row in a fresh process)")
+  p.add_argument("--row-worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--no-cached-compile", action="store_true",
                  help="skip the second process that measures the 'compile s cached' column")
   p.add_argument("--quick", action="store_true")
@@ -619,6 +799,8 @@ def main():
   if args.quick:
     args.size, args.base, args.depth, args.samples = 32, 8, 3, 8
   args.ks = args.ks or ([1, 2, 4] if args.quick else [1, 2, 4, 8, 16, 32])
+  if args.repeats < 1:
+    p.error(f"--repeats={args.repeats}: expected 1 or more")
   if args.compile_worker:
     compile_worker(args, args.compile_worker)
     return
@@ -640,7 +822,11 @@ def main():
         f"batch {args.batch}, E={args.local_steps}, dtype {args.dtype}", flush=True)
   cache_root = tempfile.mkdtemp(prefix="round_speed_cache_")
   try:
-    rows = [bench(k, args, peak, cache_root) for k in args.ks]
+    rows = []
+    for k in args.ks:
+      reps = [bench(k, args, peak, cache_root, _rotated(args.strategies, rep), rep)
+              for rep in range(args.repeats)]
+      rows.append(merge_repeats(reps, args, peak))
     if not args.no_cached_compile:
       cached_compiles(rows, cache_root)
   finally:
@@ -657,5 +843,7 @@ def main():
 if __name__ == "__main__":
   if TORCH_WORKER is not None:
     torch_worker(json.loads(TORCH_WORKER))
+  elif ROW_WORKER is not None:
+    row_worker(json.loads(ROW_WORKER))
   else:
     main()

@@ -160,7 +160,8 @@ def save_config(config, workdir: str) -> None:
 
 # config.fl keys that change the data or the logging of a federated run, never its compiled
 # round (excluded from the round programs' compile keys: the seeds of a table share one program).
-NOT_COMPILED_FL_KEYS = ("fl.partition_seed", "fl.eval_every", "fl.eval_clients")
+NOT_COMPILED_FL_KEYS = ("fl.partition_seed", "fl.eval_every", "fl.eval_clients",
+                       "fl.host_threads")
 
 
 def compile_key(config, ds, parts=None, exclude=()) -> str:

@@ -712,6 +712,7 @@ RESUMABLE_KEYS = frozenset({
     "fl.eval_clients",    # per-client validation Dice in the rows
     "eval_batch_size",    # evaluation batch size (evaluation only)
     "compile_cache_dir",  # where compiled programs are cached
+    "fl.host_threads",    # threads issuing the loop round's client calls (same results)
     "data.cache_dir",     # where the (deterministic) phantom / preprocessed data are cached
     "data.n4.cache_dir",  # where N4-corrected volumes are cached
 })

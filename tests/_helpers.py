@@ -66,12 +66,15 @@ def jit_round(run, backend=None):
 
 
 def loop_variant(backend):
-  """'loop<c>' / 'host' / 'host<c>' -> ('loop', {clients_per_call, host_steps}); any other
-  backend -> (backend, None)."""
-  for prefix, host in (("loop", False), ("host", True)):
-    if backend.startswith(prefix) and backend != "loop":
-      return "loop", {"clients_per_call": int(backend[len(prefix):] or 1), "host_steps": host}
-  return backend, None
+  """'loop<c>' / 'host' / 'host<c>', optionally with 't<T>' (T host threads issuing the
+  calls, e.g. 'loop1t2') -> ('loop', {clients_per_call, host_steps, host_threads}); any
+  other backend (plain 'loop' included) -> (backend, None)."""
+  import re
+  m = re.fullmatch(r"(loop|host)(\d*)(?:t(\d+))?", backend)
+  if m is None or backend == "loop":
+    return backend, None
+  return "loop", {"clients_per_call": int(m[2] or 1), "host_steps": m[1] == "host",
+                  "host_threads": int(m[3] or 1)}
 
 
 def build_round(make, backend):
@@ -86,6 +89,7 @@ def build_round(make, backend):
 def make_round(alg, backend, **kwargs):
   """``algorithm.make_round(alg, backend, **kwargs)``; backend 'loop<c>' (e.g. 'loop2'):
   the 'loop' round with c clients per client call (LoopedRound.clients_per_call);
-  'host' / 'host<c>': the same with every local step a program call (host_steps)."""
+  'host' / 'host<c>': the same with every local step a program call (host_steps); a
+  suffix 't<T>': the calls of every round after the first issued from T host threads."""
   from fedjax_seg.fl import algorithm
   return build_round(lambda s: algorithm.make_round(alg, s, **kwargs), backend)

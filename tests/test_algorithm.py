@@ -56,10 +56,11 @@ def _numpy_rounds(x, valid, w0, rounds, lr=0.5, steps=3):
 
 
 @pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "debug", "sharded", "loop",
-                                     "loop2", "loop3", "host2"])
+                                     "loop2", "loop3", "host2", "loop1t2", "host2t2"])
 def test_round_matches_numpy_and_keeps_per_client_state(backend):
   """loop2: K = 3 clients as a call of 2 and a call of 1; loop3: one call of all 3; host2:
-  loop2 with host-called steps (this client update has no step loop: one stage program)."""
+  loop2 with host-called steps (this client update has no step loop: one stage program);
+  t2: rounds 2 and 3 issue their calls from 2 host threads."""
   alg = _mean_estimation()
   data, x, valid = _toy_data()
   k = x.shape[0]

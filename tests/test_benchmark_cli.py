@@ -42,3 +42,55 @@ def test_round_speed_rows_compute_the_same_round(tmp_path):
   for s in ("looped2", "unrolled"):
     assert 0.0 <= row[f"{s}_max_abs_diff"] < 1e-4, (s, row[f"{s}_max_abs_diff"])
   assert "Same round: max |Δ|" in open(tmp_path / "speed_test.md").read()
+
+
+def _round_speed():
+  sys.path.insert(0, ROOT)
+  from benchmarks import round_speed
+  return round_speed
+
+
+def test_round_speed_paired_ratio_against_numpy():
+  """The speed ratio over paired repeats: geometric mean of ref/strategy with a t interval
+  on the log ratios (t_{0.975, 2} = 4.302652729911275 for three repeats)."""
+  import numpy as np
+  rs = _round_speed()
+  ref, times = [1.10, 0.95, 1.32], [1.0, 1.0, 1.1]
+  logs = np.log(np.array(ref) / np.array(times))
+  half = 4.302652729911275 * logs.std(ddof=1) / np.sqrt(3)
+  g, ci = rs.paired_ratio(ref, times)
+  np.testing.assert_allclose(g, np.exp(logs.mean()), rtol=1e-12)
+  np.testing.assert_allclose(ci, np.exp([logs.mean() - half, logs.mean() + half]), rtol=1e-9)
+  assert ci[0] < 1.0 < ci[1]  # these three repeats do not separate the two rows
+  g1, ci1 = rs.paired_ratio([2.0], [1.0])
+  assert g1 == 2.0 and ci1 is None
+
+
+def test_round_speed_repeats_rotate_and_merge():
+  """Repeat r runs the rows rotated by r places; the merged row holds the median over the
+  repeats, the per-repeat times and the load range."""
+  import argparse
+  rs = _round_speed()
+  assert rs._rotated(["a", "b", "c"], 0) == ["a", "b", "c"]
+  assert rs._rotated(["a", "b", "c"], 1) == ["b", "c", "a"]
+  assert rs._rotated(["a", "b", "c"], 4) == ["b", "c", "a"]
+  args = argparse.Namespace(strategies=["loop", "torch"], local_steps=2)
+
+  def rep(t_loop, t_torch, load):
+    r = {"K": 4, "params": 10, "load": {"loop": load, "torch": load + 1}, "agreement_ref": "loop",
+         "loop": t_loop, "torch": t_torch, "loop_max_abs_diff": 0.0,
+         "loop_threads": "all", "torch_threads": 2, "torch_device": "cpu"}
+    for s, f in (("loop", 2e9), ("torch", None)):
+      r.update({f"{s}_first_s": 3.0, f"{s}_cpu_s": 2 * r[s], f"{s}_flops": f,
+                f"{s}_compile_cold_s": 10.0 if s == "loop" else None})
+    return r
+  m = rs.merge_repeats([rep(1.0, 0.8, 1.5), rep(3.0, 1.0, 2.5), rep(2.0, 0.9, 1.0)], args,
+                       peak=100.0)
+  assert m["loop"] == 2.0 and m["torch"] == 0.9 and m["repeats"] == 3
+  assert m["loop_times"] == [1.0, 3.0, 2.0] and m["torch_times"] == [0.8, 1.0, 0.9]
+  assert m["loop_cpu_s"] == 4.0 and m["loop_compile_cold_s"] == 10.0
+  assert m["torch_compile_cold_s"] is None
+  assert m["load"] == {"loop": "1.0–2.5", "torch": "2.0–3.5"}
+  assert m["loop_client_steps_per_s"] == 4 * 2 / 2.0
+  assert m["loop_gflops_per_s"] == 1.0 and m["loop_pct_peak"] == 1.0
+  assert m["torch_gflops_per_s"] == 2e9 / 0.9 / 1e9  # credited with the loop's FLOPs

@@ -157,7 +157,7 @@ def _scaffold():
                                     server=scaffold.zeros_like_params(v0))
 
 
-@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "loop", "host2"])
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "loop", "host2", "host1t2"])
 def test_scaffold_controls_follow_the_paper(backend):
   targets = _targets()
   data, n = _data(targets)
@@ -199,7 +199,7 @@ def test_scaffold_with_sampling_divides_by_all_clients():
 # --- Ditto -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "loop", "host2"])
+@pytest.mark.parametrize("backend", ["vmap", "unrolled", "map", "loop", "host2", "host1t2"])
 def test_ditto_personal_models_follow_the_proximal_update(backend):
   lam = 0.5
   targets = _targets()

@@ -146,15 +146,31 @@ def test_host_steps_under_the_loop_round_only():
   assert backends.resolve_strategy("host", "step", "cpu") == "unrolled"  # inside a program
   assert backends.resolve_strategy("host", "step", "gpu") == "scan"
   # auto clients per call: 0, chosen by the round from the step's size
-  assert backends.loop_options(0, "auto", "loop", 32, 8, "cpu") == {
+  assert backends.loop_options(0, "auto", "loop", 32, 8, "cpu", host_threads_setting=1) == {
       "clients_per_call": 0, "host_steps": True,
-      "host_ops_per_call": host_steps.HOST_OPS_PER_CALL}
-  assert backends.loop_options(2, "host", "loop", 32, 8, "cpu") == {   # as given
-      "clients_per_call": 2, "host_steps": True, "host_ops_per_call": 0}
-  assert backends.loop_options(0, "unrolled", "loop", 32, 8, "cpu") == {
-      "clients_per_call": 1, "host_steps": False, "host_ops_per_call": 0}
+      "host_ops_per_call": host_steps.HOST_OPS_PER_CALL, "host_threads": 1}
+  assert backends.loop_options(2, "host", "loop", 32, 8, "cpu", host_threads_setting=3) == {
+      "clients_per_call": 2, "host_steps": True, "host_ops_per_call": 0,   # as given
+      "host_threads": 3}
+  assert backends.loop_options(0, "unrolled", "loop", 32, 8, "cpu", host_threads_setting=1) == {
+      "clients_per_call": 1, "host_steps": False, "host_ops_per_call": 0, "host_threads": 1}
   with pytest.raises(ValueError, match="config.fl.step_strategy='hots'"):
     backends.host_steps("hots", "loop", 8, "cpu")
+  # host threads: auto is 2 on a CPU with 2 or more cores, 1 elsewhere and off the loop round
+  assert backends.host_threads(0, "loop", "cpu", cores=2) == 2
+  assert backends.host_threads(0, "loop", "cpu", cores=16) == backends.AUTO_HOST_THREADS_CPU
+  assert backends.host_threads(0, "loop", "cpu", cores=1) == 1
+  assert backends.host_threads(0, "loop", "gpu") == 1
+  assert backends.host_threads(3, "loop", "gpu") == 3                  # as given
+  assert backends.host_threads(3, "unrolled", "cpu") == 1              # one program per round
+  with pytest.raises(ValueError, match="config.fl.host_threads=-1"):
+    backends.host_threads(-1, "loop", "cpu")
+  # with host threads, auto clients per call is one client, host steps or not
+  for step, host in (("auto", True), ("unrolled", False)):
+    assert backends.loop_options(0, step, "loop", 32, 8, "cpu", host_threads_setting=2) == {
+        "clients_per_call": 1, "host_steps": host, "host_ops_per_call": 0, "host_threads": 2}
+  assert backends.loop_options(4, "auto", "loop", 32, 8, "cpu", host_threads_setting=2)[
+      "clients_per_call"] == 4                                           # as given
 
 
 def test_auto_clients_per_call_fits_the_step_size_and_prefers_divisors():
@@ -199,3 +215,48 @@ def test_label_at_server_steps_run_as_post_stages():
       "post": 1, "post_step0": 2, "post_stage1": 1}, calls
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                s_host.variables, s_one.variables)
+
+
+@pytest.mark.parametrize("host", [False, True])
+def test_host_threads_issue_the_calls_of_later_rounds_and_change_nothing(host):
+  """host_threads = 2: the first round compiles its programs in call order on the calling
+  thread; later rounds issue their client calls from the pool's threads, and every
+  round is bitwise the round of one thread (Ditto, K = 5, one client per call)."""
+  import threading
+  k = 5
+  rng = np.random.default_rng(1)
+  data = {"a": jnp.asarray(rng.normal(size=(k, 2)), jnp.float32),
+          "valid": jnp.ones((k, 4), jnp.float32)}
+  v0 = {"params": {"w": jnp.zeros((2,))}}
+  alg = ditto.make_algorithm(_quad(), _quad(prox=0.5), aggregators.fedavg)
+  threads = {}
+
+  def recording_jit(name, build, **kw):
+    f = jax.jit(build(), **kw)
+
+    def run(*args):
+      threads.setdefault(name, set()).add(threading.current_thread().name.split("_")[0])
+      return f(*args)
+    return run
+
+  results = []
+  for t in (1, 2):
+    run = dataclasses.replace(algorithm.make_round(alg, "loop"), clients_per_call=1,
+                              host_steps=host, host_threads=t).with_jit(recording_jit)
+    state = algorithm.ServerState(jax.tree.map(jnp.copy, v0), jnp.int32(0),
+                                  clients=ditto.init_clients(v0, k))
+    for r in range(3):
+      state, info = run(state, data, jax.random.PRNGKey(r))
+      if r == 0:
+        first_round = {n: set(v) for n, v in threads.items()}
+    results.append(jax.device_get((state, info)))
+  client_programs = ("stage0", "step0", "stage1", "step1", "stage2") if host else ("rows",)
+  # one thread: 'client' programs writing a donated output buffer, then 'post'; two
+  # threads: 'rows' programs returning their rows, 'post_rows' concatenating them
+  expected = {"begin", "post", *client_programs} | (set() if host else {"client", "post_rows"})
+  assert set(threads) == expected, threads
+  assert all(v == {"MainThread"} for v in first_round.values()), first_round
+  for name in client_programs:  # the t = 2 rounds after the first: the pool's threads
+    assert "fedjax" in threads[name], (name, threads)
+  assert threads["begin"] == {"MainThread"}
+  jax.tree.map(np.testing.assert_array_equal, results[0], results[1])

@@ -65,18 +65,32 @@ def _same_run(a, b, keys):
 
 def test_federated_trainer_auto_loop_equals_the_one_program_round(tiny, tmp_path, capsys):
   """DCEW, K = 3 by site × 3 local steps = 9 > AUTO_UNROLL_MAX client-steps: 'auto' runs the
-  loop round with host-called steps (said in the progress line, its programs timed in
-  results.json) and gives the metrics and the final model of the one-program round."""
+  loop round with host-called steps and, on a CPU with 2 cores or more, one client per call
+  issued from 2 host threads (said in the progress line, its programs timed in
+  results.json); with one host thread the clients per call come from the step's size.
+  Both give the metrics and the final model of the one-program round."""
   from conftest import tiny_federated
   # unrolled clients, scanned steps (a fast compile; the loop's client program scans too)
   c = tiny_federated(tiny, "dcew", local_steps=3, client_strategy="unrolled")
   train.run(c, str(tmp_path / "one"))
   c.fl.client_strategy = c.fl.step_strategy = "auto"
+  assert c.fl.host_threads == 0  # auto
   capsys.readouterr()
   r = train.run(c, str(tmp_path / "loop"))
   out = capsys.readouterr().out
-  # auto on a CPU with E > 1: host steps, clients per call from the step's size (this tiny
-  # U-Net's step: 924 operations, 2 fit in 2,500, 1 divides K = 3 and is at least half of 2)
+  threads = backends.host_threads(0, "loop")
+  if threads > 1:
+    assert ("client strategy loop (1 client per call, 3 calls, each local step a program "
+            f"call, calls issued from {threads} host threads, auto: 3 clients x 3 steps > 8), "
+            "step strategy host (auto: loop round, E > 1)") in out, out
+    assert {"round_begin", "round_stage0", "round_step0", "round_stage1",
+            "round_post"} <= set(r["compile_s"]), r["compile_s"]
+    _same_run(tmp_path / "one", tmp_path / "loop", ("weights", "train_loss", "val_loss"))
+  # one host thread: clients per call from the step's size (this tiny U-Net's step: 924
+  # operations, 2 fit in 2,500, 1 divides K = 3 and is at least half of 2)
+  c.fl.host_threads = 1
+  r = train.run(c, str(tmp_path / "loop1"))
+  out = capsys.readouterr().out
   assert ("client strategy loop (clients per call chosen from the local step's size, each "
           "local step a program call, auto: 3 clients x 3 steps > 8), step strategy host "
           "(auto: loop round, E > 1)") in out, out
@@ -85,7 +99,7 @@ def test_federated_trainer_auto_loop_equals_the_one_program_round(tiny, tmp_path
   # the trace that sized the calls is compile time too
   assert {"round_begin", "round_host_probe", "round_stage0", "round_step0", "round_stage1",
           "round_post"} <= set(r["compile_s"]), r["compile_s"]
-  _same_run(tmp_path / "one", tmp_path / "loop", ("weights", "train_loss", "val_loss"))
+  _same_run(tmp_path / "one", tmp_path / "loop1", ("weights", "train_loss", "val_loss"))
 
 
 def test_federated_trainer_host_steps_equal_the_one_program_round(tiny, tmp_path, capsys):
@@ -98,8 +112,10 @@ def test_federated_trainer_host_steps_equal_the_one_program_round(tiny, tmp_path
   c.fl.client_strategy, c.fl.step_strategy, c.fl.clients_per_call = "loop", "host", 2
   capsys.readouterr()
   r = train.run(c, str(tmp_path / "host"))
-  assert ("client strategy loop (2 clients per call, 2 calls, each local step a program call), "
-          "step strategy host") in capsys.readouterr().out
+  threads = backends.host_threads(0, "loop")  # auto
+  assert ("client strategy loop (2 clients per call, 2 calls, each local step a program call"
+          + (f", calls issued from {threads} host threads" if threads > 1 else "")
+          + "), step strategy host") in capsys.readouterr().out
   assert {"round_begin", "round_stage0x2", "round_step0x2", "round_stage1x2", "round_stage0",
           "round_step0", "round_stage1", "round_post"} <= set(r["compile_s"]), r["compile_s"]
   _same_run(tmp_path / "one", tmp_path / "host", ("weights", "train_loss", "val_loss"))
@@ -114,8 +130,11 @@ def test_semi_trainer_loop_equals_the_one_program_round(tiny, tmp_path):
   c.fl.client_strategy = "unrolled"  # scanned steps (_semi_tiny), as the loop's client program
   train.run(c, str(tmp_path / "one"))
   c.fl.client_strategy = "loop"
-  r = train.run(c, str(tmp_path / "loop"))  # fl.clients_per_call 0: 8 // 2 = 4, at most K per call
-  assert any(n.startswith("semi_round_client") for n in r["compile_s"]), r["compile_s"]
+  # fl.clients_per_call 0: 8 // 2 = 4, at most K per call, from one host thread ('client'
+  # programs writing a donated buffer); from 2 host threads one client per call ('rows')
+  r = train.run(c, str(tmp_path / "loop"))
+  name = "semi_round_rows" if backends.host_threads(0, "loop") > 1 else "semi_round_client"
+  assert any(n.startswith(name) for n in r["compile_s"]), r["compile_s"]
   _same_run(tmp_path / "one", tmp_path / "loop", ("weights", "client_train_loss"))
 
 

@@ -32,7 +32,7 @@ def _state(k):
 
 
 @pytest.mark.parametrize("backend", ["vmap", "unrolled", "sharded", "loop", "loop2", "loop4",
-                                     "host2"])
+                                     "host2", "loop1t2"])
 def test_sampled_round_matches_numpy_over_the_sampled_clients(backend):
   """loop2: the m = 3 sampled clients as calls of 2 and 1; loop4: one call of 3; host2: loop2
   with host-called steps."""

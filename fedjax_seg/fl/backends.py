@@ -42,6 +42,7 @@ local step as its own compiled program from Python (``fl/host_steps.py``).
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -124,21 +125,54 @@ def host_steps(step_strategy: str, round_strategy: str, local_steps: int,
                                      and local_steps > 1)
 
 
+# Host threads of the 'loop' round on a CPU under config fl.host_threads = 0 (auto), at most
+# the machine's cores: one client call keeps about 1.6 of 2 cores busy, two calls issued
+# side by side keep both (docs/performance.md "Host threads").
+AUTO_HOST_THREADS_CPU = 2
+
+
+def host_threads(setting: int, round_strategy: str, platform: Optional[str] = None,
+                 cores: Optional[int] = None) -> int:
+  """Host threads issuing the 'loop' round's client calls side by side
+  (``config.fl.host_threads``): ``setting`` > 0 as given; 0 = auto, on a CPU
+  min(AUTO_HOST_THREADS_CPU, cores), elsewhere 1 (an accelerator runs one program at a
+  time). Rounds other than 'loop' have no client calls to spread: 1."""
+  setting = int(setting)
+  if setting < 0:
+    raise ValueError(f"config.fl.host_threads={setting} must be >= 0 (0 = auto)")
+  if round_strategy != "loop":
+    return 1
+  if setting:
+    return setting
+  platform = platform or jax.default_backend()
+  if platform != "cpu":
+    return 1
+  return max(1, min(AUTO_HOST_THREADS_CPU, int(cores or os.cpu_count() or 1)))
+
+
 def loop_options(clients_per_call_setting: int, step_strategy: str, round_strategy: str,
-                 clients: int, local_steps: int, platform: Optional[str] = None):
-  """``{'clients_per_call': c, 'host_steps': h, 'host_ops_per_call': b}`` for
-  ``algorithm.jit_round``. Without host steps c is :func:`clients_per_call`. With host
+                 clients: int, local_steps: int, platform: Optional[str] = None, *,
+                 host_threads_setting: int):
+  """``{'clients_per_call': c, 'host_steps': h, 'host_ops_per_call': b, 'host_threads': t}``
+  for ``algorithm.jit_round``. Without host steps c is :func:`clients_per_call`. With host
   steps a program holds one local step of each of its c clients; config 0 (auto) gives
   c = 0: the loop round chooses c at its first round from the size of the local step (as
-  many clients as fit in b = ``host_steps.HOST_OPS_PER_CALL`` operations)."""
+  many clients as fit in b = ``host_steps.HOST_OPS_PER_CALL`` operations). t: the
+  :func:`host_threads` of ``host_threads_setting``; with t > 1, clients per call 0 (auto)
+  is 1 in both cases: the threads run the calls side by side, which is what c > 1 clients
+  in one call were for."""
   from fedjax_seg.fl import host_steps as hsteps  # host_steps imports local, not backends
   h = host_steps(step_strategy, round_strategy, local_steps, platform)
+  t = host_threads(host_threads_setting, round_strategy, platform)
+  if t > 1 and int(clients_per_call_setting) == 0:  # threads run the calls side by side:
+    # one client per call was as fast as 2 or 4 and compiles fastest (docs/performance.md)
+    return {"clients_per_call": 1, "host_steps": h, "host_ops_per_call": 0, "host_threads": t}
   if h and int(clients_per_call_setting) == 0:
     return {"clients_per_call": 0, "host_steps": True,
-            "host_ops_per_call": hsteps.HOST_OPS_PER_CALL}
+            "host_ops_per_call": hsteps.HOST_OPS_PER_CALL, "host_threads": t}
   return {"clients_per_call": clients_per_call(clients_per_call_setting, clients,
                                                1 if h else local_steps),
-          "host_steps": h, "host_ops_per_call": 0}
+          "host_steps": h, "host_ops_per_call": 0, "host_threads": t}
 
 
 def num_clients(per_client) -> int:

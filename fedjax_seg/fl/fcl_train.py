@@ -188,7 +188,8 @@ def pretrain(config, workdir: str, vol: pipeline.SegDataset, train_ids, names,
         "fcl_pretrain" + ckey,
         lambda: fcl.make_run_round(hp, fcl.make_client_update(hp, fns, tx, view), strategy),
         strategy, **backends.loop_options(config.fl.clients_per_call, config.fl.step_strategy,
-                                          strategy, k, hp.local_steps),
+                                          strategy, k, hp.local_steps,
+                                          host_threads_setting=config.fl.host_threads),
         **_xla_opts(config))
   exchange_on = jnp.bool_(hp.exchange)
   state = fcl.init_state(hp, variables, k, ecfg["feature_dim"])

@@ -600,10 +600,10 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
 
 
 def loop_options(config, strategy: str, clients: int, local_steps: int) -> Dict:
-  """The 'loop' round's clients per call and host steps for ``algorithm.jit_round``
-  (config fl.clients_per_call, fl.step_strategy)."""
+  """The 'loop' round's clients per call, host steps and host threads for
+  ``algorithm.jit_round`` (config fl.clients_per_call, fl.step_strategy, fl.host_threads)."""
   return backends.loop_options(config.fl.clients_per_call, config.fl.step_strategy, strategy,
-                               clients, local_steps)
+                               clients, local_steps, host_threads_setting=config.fl.host_threads)
 
 
 def step_label(config, strategy: str, local_steps: int) -> str:
@@ -629,6 +629,9 @@ def describe_strategy(config, strategy: str, clients: int, local_steps: int,
     elif opts["host_steps"]:
       per = (f"{c} client{'s' if c > 1 else ''} per call, {calls} call"
              f"{'s' if calls > 1 else ''}, each local step a program call")
+    t = opts["host_threads"]
+    if t > 1:
+      per += f", calls issued from {t} host threads"
     return f"loop ({per}{why})"
   return backends.resolve_strategy(config.fl.client_strategy)
 
