@@ -722,19 +722,20 @@ def markdown(rows, args, machine, peak):
     t2.append(f"| {r['K']} | " + " | ".join(cells) + " |")
   md = (head + "\n" + "\n".join(t1) + "\n\nSpeedups (time of the reference / time of the "
         "strategy; > 1 = faster than the reference):\n\n" + "\n".join(t2) + "\n")
-  if args.repeats > 1 and torches:
+  if args.repeats > 1 and (torches or len(jax_s) > 1):
     t3 = ["| K | strategy | reference | ratio (geometric mean) | 95 % CI | repeats |",
           "|---|---|---|---|---|---|"]
-    for r in rows:
-      for t in torches:
+    for r in rows:  # every JAX row against the torch rows, then against the first JAX row
+      refs = torches + [next((s for s in jax_s if s in r), None)]
+      for t in [t for t in refs if t is not None]:
         for s in jax_s:
-          if s in r and t in r and len(r[s + "_times"]) == len(r[t + "_times"]):
+          if s != t and s in r and t in r and len(r[s + "_times"]) == len(r[t + "_times"]):
             g, ci = paired_ratio(r[t + "_times"], r[s + "_times"])
             t3.append(f"| {r['K']} | {s} | {t} | {g:.3f}× | "
                       f"{'–' if ci is None else f'{ci[0]:.3f}–{ci[1]:.3f}×'} | {len(r[s + '_times'])} |")
     md += ("\nPaired over repeats (the strategy's round and the reference's of one repeat; "
-           "> 1 = the JAX strategy is faster; an interval that covers 1 = no difference "
-           "detected):\n\n" + "\n".join(t3) + "\n")
+           "> 1 = the strategy is faster than the reference; an interval that covers 1 = no "
+           "difference detected):\n\n" + "\n".join(t3) + "\n")
   return md
 
 

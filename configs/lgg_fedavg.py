@@ -27,7 +27,7 @@ def get_fl_config():
   fl.stats_samples = 16         # local samples on which c(M) and dice(M) are measured
   fl.client_strategy = "auto"   # auto | vmap | unrolled | map | sharded | loop (docs/scale.md#execution-strategies)
   fl.clients_per_chunk = 0      # > 0: stream clients to the device C at a time (fl/scale.py)
-  fl.clients_per_call = 0       # 'loop' rounds: clients unrolled per program call (0 = auto: max(1, 8 // local_steps); host steps: from the step's size)
+  fl.clients_per_call = 0       # 'loop' rounds: clients unrolled per program call (0 = auto: 1 with host threads; one thread: max(1, 8 // local_steps), host steps: from the step's size)
   fl.step_strategy = "auto"     # auto | scan | unrolled | host (loop round: each step a program call)
   fl.host_threads = 0           # 'loop' rounds: host threads issuing client calls side by side (0 = auto: 2 on a CPU, 1 on an accelerator)
   fl.local_work = "equal"       # equal | proportional (τ_k ∝ samples, largest = local_steps) | list

@@ -17,16 +17,27 @@ from fedjax_seg import runlog, train
 from fedjax_seg.fl import backends
 
 
-def test_auto_loops_above_the_unroll_budget_on_cpu_only():
+def test_auto_loops_with_host_threads_or_above_the_unroll_budget_on_cpu_only():
   top = backends.AUTO_UNROLL_MAX
-  assert backends.round_strategy("auto", top, 1, "cpu") == "auto"      # unrolled, one program
-  assert backends.round_strategy("auto", 1, top, "cpu") == "auto"
-  assert backends.round_strategy("auto", top, 2, "cpu") == "loop"
-  assert backends.round_strategy("auto", 8, 8, "gpu") == "auto"        # vmap on accelerators
-  assert backends.round_strategy("unrolled", 8, 8, "cpu") == "unrolled"  # an explicit choice stays
-  assert backends.round_strategy("loop", 1, 1, "gpu") == "loop"
+
+  def rs(strategy, k, e, platform, threads):
+    return backends.round_strategy(strategy, k, e, platform, host_threads_setting=threads)
+  # one host thread: unrolled (one program) up to the budget, then the loop round
+  assert rs("auto", top, 1, "cpu", 1) == "auto"
+  assert rs("auto", 1, top, "cpu", 1) == "auto"
+  assert rs("auto", top, 2, "cpu", 1) == "loop"
+  # host threads: the loop round for 2 clients or more; one client stays one program
+  assert rs("auto", 2, 1, "cpu", 2) == "loop"
+  assert rs("auto", 1, top, "cpu", 2) == "auto"
+  assert rs("auto", 1, top + 1, "cpu", 2) == "loop"
+  auto_threads = backends.host_threads(0, "loop", "cpu")
+  assert rs("auto", 2, 1, "cpu", 0) == ("loop" if auto_threads > 1 else "auto")
+  assert rs("auto", 8, 8, "gpu", 0) == "auto"                         # vmap on accelerators
+  assert rs("auto", 8, 1, "gpu", 2) == "auto"
+  assert rs("unrolled", 8, 8, "cpu", 0) == "unrolled"                  # an explicit choice stays
+  assert rs("loop", 1, 1, "gpu", 0) == "loop"
   with pytest.raises(ValueError, match="config.fl.client_strategy='bad'"):
-    backends.round_strategy("bad", 1, 1, "cpu")
+    rs("bad", 1, 1, "cpu", 0)
 
 
 def test_clients_per_call_auto_keeps_a_call_within_the_unroll_budget():

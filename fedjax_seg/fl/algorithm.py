@@ -499,7 +499,8 @@ class LoopedRound:
       p["calls", n] = [(jnp.int32(i), c) for i, c in self.calls(n, c)]
     # programs are compiled (and cached in self._programs) by a round's calls in order,
     # so threads only issue the calls of a round whose programs all exist
-    threaded = self.host_threads > 1 and p.get(("warm", n), False)
+    threaded = (self.host_threads > 1 and len(p["calls", n]) > 1
+                and p.get(("warm", n), False))
     if self.host_steps:
       rows = self._map_calls(lambda ic: self._run_stages(
           "client", ic[1], (bcast, state, data, down, keys, idx, ic[0])), p["calls", n], threaded)

@@ -28,8 +28,9 @@ executes slowly; on accelerators vmap is the fast path):
   'loop'      a round-level strategy (``algorithm.make_round``): one compiled one-client
               program called K times from Python, between a broadcast program and an
               aggregation program; compile time no longer grows with K
-  'auto'      'vmap' on gpu/tpu; on cpu 'unrolled' while K × E ≤ AUTO_UNROLL_MAX
-              (:func:`round_strategy`), else 'loop'
+  'auto'      'vmap' on gpu/tpu; on cpu 'loop' (:func:`round_strategy`) for two clients
+              or more with host threads (the default on 2+ cores) or above
+              AUTO_UNROLL_MAX client-steps (K × E), else 'unrolled'
 
 Every backend computes the same function (tests/test_backends.py). Streaming
 clients C at a time with running sums (config ``fl.clients_per_chunk``) is the
@@ -84,13 +85,21 @@ def resolve_strategy(strategy: str, kind: str = "client", platform: Optional[str
 
 
 def round_strategy(strategy: str, clients: int, local_steps: int,
-                   platform: Optional[str] = None) -> str:
-  """The round's client strategy: ``strategy`` unless it is 'auto' on a CPU with more
-  than AUTO_UNROLL_MAX client-steps per round (clients × local_steps), then 'loop'.
-  clients: the clients that train each round (the sampled m, else K)."""
+                   platform: Optional[str] = None, *, host_threads_setting: int) -> str:
+  """The round's client strategy: ``strategy`` unless it is 'auto' on a CPU and either
+  two or more clients train with more than one :func:`host_threads` (config
+  ``fl.host_threads``; auto: 2 on a CPU with 2+ cores), or there are more than
+  AUTO_UNROLL_MAX client-steps per round (clients × local_steps): then 'loop'.
+  Measured at K = 8, E = 1 on 2 cores: the loop round with 2 host threads ran 1.19×
+  [1.05, 1.36] the speed of the unrolled round and compiled in 6 s instead of 17 s
+  (docs/performance.md). clients: the clients that train each round (the sampled m,
+  else K)."""
   resolve_strategy(strategy, "client", platform)  # refuses an unknown name
   platform = platform or jax.default_backend()
-  if strategy == "auto" and platform == "cpu" and clients * local_steps > AUTO_UNROLL_MAX:
+  if strategy != "auto" or platform != "cpu":
+    return strategy
+  threads = host_threads(host_threads_setting, "loop", platform)
+  if clients * local_steps > AUTO_UNROLL_MAX or (threads > 1 and clients > 1):
     return "loop"
   return strategy
 

@@ -183,7 +183,8 @@ def pretrain(config, workdir: str, vol: pipeline.SegDataset, train_ids, names,
                                                **_xla_opts(config)))
     run_round = lambda s_, d, k_, on: chunked(s_, d, k_, exchange_on=on)
   else:
-    strategy = backends.round_strategy(config.fl.client_strategy, k, hp.local_steps)
+    strategy = backends.round_strategy(config.fl.client_strategy, k, hp.local_steps,
+                                       host_threads_setting=config.fl.host_threads)
     run_round = algorithm.jit_round(
         "fcl_pretrain" + ckey,
         lambda: fcl.make_run_round(hp, fcl.make_client_update(hp, fns, tx, view), strategy),

@@ -520,7 +520,8 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
                            build_aggregator(config, len(names), noise_mult), server_update,
                            len(names))
 
-  strategy = backends.round_strategy(config.fl.client_strategy, m, hp.local_steps)
+  strategy = backends.round_strategy(config.fl.client_strategy, m, hp.local_steps,
+                                     host_threads_setting=config.fl.host_threads)
 
   def build_round():
     if kind != "standard":
@@ -617,9 +618,12 @@ def describe_strategy(config, strategy: str, clients: int, local_steps: int,
                       chunked: bool) -> str:
   """The client strategy a round runs, for the progress line."""
   if strategy == "loop" and not chunked:
-    why = (f", auto: {clients} clients x {local_steps} steps > {backends.AUTO_UNROLL_MAX}"
-           if config.fl.client_strategy == "auto" else "")
     opts = loop_options(config, strategy, clients, local_steps)
+    why = ""
+    if config.fl.client_strategy == "auto":
+      why = (f", auto: {clients} clients x {local_steps} steps > {backends.AUTO_UNROLL_MAX}"
+             if clients * local_steps > backends.AUTO_UNROLL_MAX else
+             f", auto: {clients} clients, {opts['host_threads']} host threads")
     c = opts["clients_per_call"]
     calls = -(-clients // max(c, 1))
     per = "one client program called per client" if c == 1 else \
