@@ -20,9 +20,11 @@ else
   KS=(1 8 32 128); SHAPE=(--size 64 --base 16 --depth 4 --reps 5); TAG=gpu_check
 fi
 "$PY" -c "import jax; print('[gpu_check] jax', jax.__version__, jax.devices())"
-"$PY" benchmarks/round_speed.py --ks "${KS[@]}" "${SHAPE[@]}" \
+# --no-isolate: the JAX rows share one process (a process per row would start CUDA 16
+# times and overrun the 8 minutes); the torch rows still run in processes of their own.
+"$PY" benchmarks/round_speed.py --ks "${KS[@]}" "${SHAPE[@]}" --no-isolate \
     --strategies loop vmap sharded torch --torch-device auto \
     --tag "$TAG" --out "$OUT"
-"$PY" benchmarks/round_speed.py --ks "${KS[@]}" "${SHAPE[@]}" \
+"$PY" benchmarks/round_speed.py --ks "${KS[@]}" "${SHAPE[@]}" --no-isolate \
     --strategies vmap --dtype bfloat16 --no-cached-compile --tag "${TAG}_bf16" --out "$OUT"
 echo "[gpu_check] wrote $OUT/$TAG.md and $OUT/${TAG}_bf16.md"

@@ -110,16 +110,21 @@ def _quad(prox=0.0):
   return cu
 
 
+def _ditto_toy(k, seed):
+  """(data of k quadratic clients, initial variables, Ditto over them: two step loops)."""
+  rng = np.random.default_rng(seed)
+  data = {"a": jnp.asarray(rng.normal(size=(k, 2)), jnp.float32),
+          "valid": jnp.ones((k, 4), jnp.float32)}
+  v0 = {"params": {"w": jnp.zeros((2,))}}
+  return data, v0, ditto.make_algorithm(_quad(), _quad(prox=0.5), aggregators.fedavg)
+
+
 def test_each_step_loop_is_a_program_called_once_per_step():
   """Ditto (two step loops per client: global, then personal) with K = 3 clients, 2 per
   call: programs stage0, step0, stage1, step1, stage2 per call size, every step program
   called E times per call, and the round equals the one-program round."""
   k = 3
-  rng = np.random.default_rng(0)
-  data = {"a": jnp.asarray(rng.normal(size=(k, 2)), jnp.float32),
-          "valid": jnp.ones((k, 4), jnp.float32)}
-  v0 = {"params": {"w": jnp.zeros((2,))}}
-  alg = ditto.make_algorithm(_quad(), _quad(prox=0.5), aggregators.fedavg)
+  data, v0, alg = _ditto_toy(k, seed=0)
   state = algorithm.ServerState(v0, jnp.int32(0), clients=ditto.init_clients(v0, k))
   calls = {}
   counting_jit = _counting_jit(calls)
@@ -224,11 +229,7 @@ def test_host_threads_issue_the_calls_of_later_rounds_and_change_nothing(host):
   round is bitwise the round of one thread (Ditto, K = 5, one client per call)."""
   import threading
   k = 5
-  rng = np.random.default_rng(1)
-  data = {"a": jnp.asarray(rng.normal(size=(k, 2)), jnp.float32),
-          "valid": jnp.ones((k, 4), jnp.float32)}
-  v0 = {"params": {"w": jnp.zeros((2,))}}
-  alg = ditto.make_algorithm(_quad(), _quad(prox=0.5), aggregators.fedavg)
+  data, v0, alg = _ditto_toy(k, seed=1)
   threads = {}
 
   def recording_jit(name, build, **kw):
