@@ -676,7 +676,7 @@ def markdown(rows, args, machine, peak):
           "compile of one round's programs, cold = into an empty persistent cache, cached = "
           "a second process reading it. Load = 1-min load average when the row started "
           "(the machine is shared). "
-          + (f"Each JAX row ran in a process of its own. " if args.isolate else
+          + ("Each JAX row ran in a process of its own. " if args.isolate else
              "The JAX rows ran one after another in one process. ")
           + (f"{args.repeats} repeats, each with the rows in a rotated order: every number is "
              "the median over the repeats, and the ratios have 95 % confidence intervals. "

@@ -44,7 +44,7 @@ local step as its own compiled program from Python (``fl/host_steps.py``).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
