@@ -9,8 +9,7 @@ sampled from the client's data + the aggregator statistics) is executed as
             called ceil(K / C) times, and post (FedAvg), nothing leaving the device
             in between; the calls are issued from --host-threads threads (config
             fl.host_threads; 0 = the trainers' auto, 2 on a CPU), or T threads with
-            the suffix tT (looped2t1: one thread, the output buffers donated call
-            after call)
+            the suffix tT (looped2t1: 2 clients per call, one thread)
   hostedC   the same with every local step a program call (config
             fl.step_strategy=host): per call of C clients a stage program, a one-step
             program of the C clients called E times, a closing stage program

@@ -251,11 +251,8 @@ def test_host_threads_issue_the_calls_of_later_rounds_and_change_nothing(host):
       if r == 0:
         first_round = {n: set(v) for n, v in threads.items()}
     results.append(jax.device_get((state, info)))
-  client_programs = ("stage0", "step0", "stage1", "step1", "stage2") if host else ("rows",)
-  # one thread: 'client' programs writing a donated output buffer, then 'post'; two
-  # threads: 'rows' programs returning their rows, 'post_rows' concatenating them
-  expected = {"begin", "post", *client_programs} | (set() if host else {"client", "post_rows"})
-  assert set(threads) == expected, threads
+  client_programs = ("stage0", "step0", "stage1", "step1", "stage2") if host else ("client",)
+  assert set(threads) == {"begin", "post", *client_programs}, threads
   assert all(v == {"MainThread"} for v in first_round.values()), first_round
   for name in client_programs:  # the t = 2 rounds after the first: the pool's threads
     assert "fedjax" in threads[name], (name, threads)

@@ -261,14 +261,14 @@ class LoopedRound:
   inlines K copies of it, and XLA:CPU's compile time grows with K × local steps):
 
     begin   (state, data, key) -> broadcast, downlink, keys, sampled clients
-    client  (broadcast, state, data, downlink, keys, idx, i, out) -> out with rows
-            i .. i+c−1 written: those clients' (upload, new state row, stats); called
-            for i = 0, c, 2c, … from Python (c = ``clients_per_call``; a second
-            program of n mod c clients runs the last call when c does not divide the
-            n training clients), ``out`` donated, so the n outputs are written in place
-    post    (state, data, ..., out) -> (state', info): aggregate and server update
-            over all n uploads at once (so every aggregator, the divergence guard,
-            DP and secure aggregation see exactly what the one-program round gives them)
+    client  (broadcast, state, data, downlink, keys, idx, i) -> clients i .. i+c−1's
+            (upload, new state row, stats), leaves [c, ...]; called for i = 0, c, 2c, …
+            from Python (c = ``clients_per_call``; a second program of n mod c clients
+            runs the last call when c does not divide the n training clients)
+    post    (state, data, ..., rows) -> (state', info): the calls' rows concatenated in
+            client order, then aggregation and server update over all n uploads at once
+            (so every aggregator, the divergence guard, DP and secure aggregation see
+            exactly what the one-program round gives them)
 
   ``clients_per_call`` c > 1 unrolls c client updates in one call: they are
   independent, so XLA:CPU runs them side by side on several cores (a single U-Net
@@ -278,9 +278,8 @@ class LoopedRound:
   ``host_steps`` (config ``fl.step_strategy='host'``) cuts each client call further at
   the local steps (fl/host_steps.py): ``stage0`` (up to the steps), ``step0`` (one local
   step of the c clients) called E times, ``stage1`` (the rest, returning the c clients'
-  outputs), so the largest program is c client-steps whatever E is; ``post`` then
-  concatenates the calls' outputs (``begin`` makes no output buffers, so it never traces
-  a client update) and is staged the same way when the server update has a step loop
+  outputs), so the largest program is c client-steps whatever E is; ``post`` is staged
+  the same way when the server update has a step loop
   (label-at-server: ``post``, ``post_step0`` called E times, ``post_stage1``); under host
   steps the state is not donated to post.
 
@@ -288,8 +287,7 @@ class LoopedRound:
   round after the first from T Python threads, each call's programs dispatched and waited
   for by one thread, so XLA:CPU runs T calls side by side (one call of a small U-Net keeps
   about 1.6 of 2 cores busy; asynchronous dispatch from one thread does not overlap them).
-  The calls then return their rows (program ``rows<c>``) and ``post_rows`` concatenates
-  them. The first round runs its calls in order on the calling thread, compiling the
+  The first round runs its calls in order on the calling thread, compiling the
   programs; every round is bitwise the one-thread round (tests/test_host_steps.py).
 
   Nothing leaves the device between the programs (the data, the state and the
@@ -329,16 +327,6 @@ class LoopedRound:
     alg = self.alg
     self._client_inputs = client_inputs
 
-    def start(state, data, key):
-      """begin + the zeroed [n, ...] buffers the client calls write their outputs into."""
-      bcast, info_b, down, keys, s_key, a_key, idx = begin(state, data, key)
-      if self.host_steps or self.host_threads > 1:  # the calls return their rows; post
-        return (bcast, info_b, down, keys, s_key, a_key, idx), ()  # concatenates them
-      one_in = client_inputs(state, data, down, idx, jnp.int32(0))
-      shapes = jax.eval_shape(alg.client_update, bcast, one_in, keys[0])
-      out = jax.tree.map(lambda t: jnp.zeros((keys.shape[0],) + t.shape, t.dtype), shapes)
-      return (bcast, info_b, down, keys, s_key, a_key, idx), out
-
     def post_calls(state, data, info_b, rows, s_key, a_key, idx, round_options):
       """post over the calls' outputs (each leaf [c, ...]), concatenated in client order."""
       upload, new_rows, stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *rows)
@@ -346,40 +334,23 @@ class LoopedRound:
                   round_options)
 
     self._post_calls = post_calls
-    self._programs["begin"] = self.jit("begin", lambda: start)
+    self._programs["begin"] = self.jit("begin", lambda: begin)
     if not self.host_steps:
-      if self.host_threads > 1:
-        self._programs["post"] = self.jit("post_rows", lambda: post_calls, donate_argnums=(0,))
-      else:
-        self._programs["post"] = self.jit("post", lambda: post, donate_argnums=(0,))
+      self._programs["post"] = self.jit("post", lambda: post_calls, donate_argnums=(0,))
 
   def _client_program(self, c: int):
-    """The program of c consecutive clients (compiled on first use)."""
+    """The program of c consecutive clients (compiled on first use): c independent client
+    updates, unrolled, their outputs stacked (leaves [c, ...])."""
     if ("client", c) not in self._programs:
-      alg, client_inputs = self.alg, self._client_inputs
-
-      def many(bcast, state, data, down, keys, idx, i, out):
-        for j in range(c):  # c independent client updates, unrolled
-          ij = i + j
-          o = alg.client_update(bcast, client_inputs(state, data, down, idx, ij), keys[ij])
-          out = jax.tree.map(lambda buf, v: buf.at[ij].set(v.astype(buf.dtype)), out, o)
-        return out
-      name = "client" if c == 1 else f"client{c}"  # the jit hook's cache key and label
-      self._programs["client", c] = self.jit(name, lambda: many, donate_argnums=(7,))
-    return self._programs["client", c]
-
-  def _rows_program(self, c: int):
-    """The program of c consecutive clients returning their outputs (leaves [c, ...]):
-    the client calls of host threads, which cannot share one donated output buffer."""
-    if ("rows", c) not in self._programs:
       alg, client_inputs = self.alg, self._client_inputs
 
       def many(bcast, state, data, down, keys, idx, i):
         outs = [alg.client_update(bcast, client_inputs(state, data, down, idx, i + j),
                                   keys[i + j]) for j in range(c)]
         return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-      self._programs["rows", c] = self.jit("rows" if c == 1 else f"rows{c}", lambda: many)
-    return self._programs["rows", c]
+      name = "client" if c == 1 else f"client{c}"  # the jit hook's cache key and label
+      self._programs["client", c] = self.jit(name, lambda: many)
+    return self._programs["client", c]
 
   def _map_calls(self, fn: Callable, calls, threaded: bool):
     """[fn(call) for call in calls], on ``host_threads`` threads when ``threaded``: each
@@ -498,7 +469,7 @@ class LoopedRound:
     if not self._programs:
       self._build()
     p = self._programs
-    (bcast, info_b, down, keys, s_key, a_key, idx), out = p["begin"](state, data, key)
+    bcast, info_b, down, keys, s_key, a_key, idx = p["begin"](state, data, key)
     n = keys.shape[0]
     if ("calls", n) not in p:  # the start indices as device scalars, made once
       c = None
@@ -514,16 +485,10 @@ class LoopedRound:
           "client", ic[1], (bcast, state, data, down, keys, idx, ic[0])), p["calls", n], threaded)
       res = self._run_stages("post", 1, (state, data, info_b, rows, s_key, a_key, idx,
                                          round_options))
-    elif self.host_threads > 1:
-      rows = self._map_calls(lambda ic: self._rows_program(ic[1])(
+    else:
+      rows = self._map_calls(lambda ic: self._client_program(ic[1])(
           bcast, state, data, down, keys, idx, ic[0]), p["calls", n], threaded)
       res = p["post"](state, data, info_b, rows, s_key, a_key, idx, round_options)
-    else:
-      for i, c in p["calls", n]:
-        out = self._client_program(c)(bcast, state, data, down, keys, idx, i, out)
-      upload, new_rows, stats = out
-      res = p["post"](state, data, info_b, upload, new_rows, stats, s_key, a_key, idx,
-                      round_options)
     p["warm", n] = True
     return res
 
@@ -540,8 +505,7 @@ def jit_round(key: str, build: Callable[[], Callable], client_strategy: str,
   programs are '/stage<s>' and '/step<s>' ('x<c>' appended for c clients per call), and
   clients_per_call 0 chooses c from the step's size (``host_ops_per_call``, reported; the
   trace that sizes it is recorded as ``<name>_host_probe``); ``host_threads`` > 1 issues
-  the client calls from that many threads (programs '/rows<c>' and '/post_rows' without
-  host steps);
+  the client calls from that many threads;
   for 'debug', ``build()`` itself, run eagerly, so that a client's error and its
   non-finite outputs surface with the client index (backends' 'debug')."""
   from fedjax_seg import runlog  # runlog imports nothing of fl/
