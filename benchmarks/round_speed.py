@@ -606,16 +606,19 @@ def merge_repeats(reps, args, peak):
 
 def paired_ratio(ref_times, times, level=0.95):
   """Speed ratio of a strategy to a reference from paired repeats (the two rows of one
-  repeat ran minutes apart): the geometric mean of ref/strategy over the repeats and its
-  ``level`` confidence interval (t interval on the log ratios); the interval is None with
-  fewer than 2 repeats. > 1: the strategy is faster."""
+  repeat ran minutes apart): (the geometric mean of ref/strategy over the repeats, its
+  ``level`` confidence interval, the two-sided p of a paired t test of the log ratios
+  against 0); interval and p are None with fewer than 2 repeats. > 1: the strategy is
+  faster."""
   from scipy import stats
   logs = np.log(np.asarray(ref_times, float) / np.asarray(times, float))
   g = float(np.exp(logs.mean()))
   if len(logs) < 2:
-    return g, None
-  half = stats.t.ppf(0.5 + level / 2, len(logs) - 1) * logs.std(ddof=1) / np.sqrt(len(logs))
-  return g, (float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half)))
+    return g, None, None
+  se = logs.std(ddof=1) / np.sqrt(len(logs))
+  half = stats.t.ppf(0.5 + level / 2, len(logs) - 1) * se
+  p = float(2 * stats.t.sf(abs(logs.mean()) / se, len(logs) - 1)) if se > 0 else 0.0
+  return g, (float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))), p
 
 
 def compile_worker(args, cache_root):
@@ -722,16 +725,17 @@ def markdown(rows, args, machine, peak):
   md = (head + "\n" + "\n".join(t1) + "\n\nSpeedups (time of the reference / time of the "
         "strategy; > 1 = faster than the reference):\n\n" + "\n".join(t2) + "\n")
   if args.repeats > 1 and (torches or len(jax_s) > 1):
-    t3 = ["| K | strategy | reference | ratio (geometric mean) | 95 % CI | repeats |",
-          "|---|---|---|---|---|---|"]
+    t3 = ["| K | strategy | reference | ratio (geometric mean) | 95 % CI | p | repeats |",
+          "|---|---|---|---|---|---|---|"]
     for r in rows:  # every JAX row against the torch rows, then against the first JAX row
       refs = torches + [next((s for s in jax_s if s in r), None)]
       for t in [t for t in refs if t is not None]:
         for s in jax_s:
           if s != t and s in r and t in r and len(r[s + "_times"]) == len(r[t + "_times"]):
-            g, ci = paired_ratio(r[t + "_times"], r[s + "_times"])
+            g, ci, pv = paired_ratio(r[t + "_times"], r[s + "_times"])
             t3.append(f"| {r['K']} | {s} | {t} | {g:.3f}× | "
-                      f"{'–' if ci is None else f'{ci[0]:.3f}–{ci[1]:.3f}×'} | {len(r[s + '_times'])} |")
+                      f"{'–' if ci is None else f'{ci[0]:.3f}–{ci[1]:.3f}×'} | "
+                      f"{'–' if pv is None else f'{pv:.2g}'} | {len(r[s + '_times'])} |")
     md += ("\nPaired over repeats (the strategy's round and the reference's of one repeat; "
            "> 1 = the strategy is faster than the reference; an interval that covers 1 = no "
            "difference detected):\n\n" + "\n".join(t3) + "\n")
@@ -747,8 +751,8 @@ def _speedups(rows):
         if s != t and t in out:
           out[f"{s}_vs_{t}"] = out[s] / out[t]
           if is_jax(s) and len(out.get(s + "_times", ())) == len(out.get(t + "_times", ())) > 1:
-            g, ci = paired_ratio(out[t + "_times"], out[s + "_times"])
-            out[f"{s}_speedup_over_{t}"] = {"geomean": g, "ci95": ci}  # > 1: JAX faster
+            g, ci, pv = paired_ratio(out[t + "_times"], out[s + "_times"])
+            out[f"{s}_speedup_over_{t}"] = {"geomean": g, "ci95": ci, "p": pv}  # > 1: JAX faster
 
 
 def main():

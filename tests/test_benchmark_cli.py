@@ -57,13 +57,19 @@ def test_round_speed_paired_ratio_against_numpy():
   rs = _round_speed()
   ref, times = [1.10, 0.95, 1.32], [1.0, 1.0, 1.1]
   logs = np.log(np.array(ref) / np.array(times))
-  half = 4.302652729911275 * logs.std(ddof=1) / np.sqrt(3)
-  g, ci = rs.paired_ratio(ref, times)
+  se = logs.std(ddof=1) / np.sqrt(3)
+  half = 4.302652729911275 * se
+  g, ci, p = rs.paired_ratio(ref, times)
   np.testing.assert_allclose(g, np.exp(logs.mean()), rtol=1e-12)
   np.testing.assert_allclose(ci, np.exp([logs.mean() - half, logs.mean() + half]), rtol=1e-9)
   assert ci[0] < 1.0 < ci[1]  # these three repeats do not separate the two rows
-  g1, ci1 = rs.paired_ratio([2.0], [1.0])
-  assert g1 == 2.0 and ci1 is None
+  # two-sided p of the paired t test, t distribution with 2 degrees of freedom:
+  # P(|T| > t) = 1 - t / sqrt(2 + t²)
+  t_stat = abs(logs.mean()) / se
+  np.testing.assert_allclose(p, 1 - t_stat / np.sqrt(2 + t_stat ** 2), rtol=1e-9)
+  assert p > 0.05
+  g1, ci1, p1 = rs.paired_ratio([2.0], [1.0])
+  assert g1 == 2.0 and ci1 is None and p1 is None
 
 
 def test_round_speed_repeats_rotate_and_merge():
