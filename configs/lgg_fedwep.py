@@ -57,6 +57,7 @@ def get_semi_config():
       search_size=8,          # |X| images for the seed search
       search_inputs="auto",   # real | random | auto (real when the server holds images)
       pair_criterion="max",   # max (most similar pair; default) | min | median
+      search_strategy="auto", # the N perturbed models: vmap | unrolled | auto (unrolled on CPU)
       pseudo="hard"))         # hard (argmax, SPEC) | soft
   semi.mt = ml_collections.ConfigDict(dict(
       ema_decay=0.99,         # α of the EMA teacher

@@ -316,6 +316,7 @@ RULES: Dict[str, Rule] = {
     "semi.fedwep.p": Fraction(),
     "semi.fedwep.sigma": NonNegative(),
     "semi.fedwep.pair_criterion": OneOf(("max", "min", "median")),
+    "semi.fedwep.search_strategy": OneOf(("auto", "vmap", "unrolled")),
     "semi.fedwep.pseudo": OneOf(("hard", "soft")),
     "semi.fedwep.search_inputs": OneOf(("real", "random", "auto")),
     # --- FCL pre-training ---

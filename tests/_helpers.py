@@ -32,7 +32,7 @@ SEMI_HP = dict(
     method="fedwep", scenario="label_at_client", loss="dice_ce", unsup_weight=1.0,
     rampup_rounds=0, client_start_round=0, unlabelled_batch_size=8, server_steps=8,
     server_batch_size=8, p=0.5, sigma=0.1, num_seeds=8, search_size=8, search_inputs="random",
-    pair_criterion="max", pseudo="hard", pseudo_loss="ce", cps_on_labelled=True, ema_decay=0.99,
+    pair_criterion="max", search_strategy="vmap", pseudo="hard", pseudo_loss="ce", cps_on_labelled=True, ema_decay=0.99,
     mt_ema_warmup=True, mt_noise=0.1, threshold=0.9, strong_noise=0.1, strong_intensity=0.2)
 
 

@@ -98,12 +98,33 @@ def test_search_seeds_picks_the_pair_the_criterion_asks_for():
                    for s in seeds])
   c = _np_cosine(outs)
   pairs = [(i, j) for i in range(6) for j in range(i + 1, 6)]
-  for crit, pick in (("max", max), ("min", min)):
-    i, j = pick(pairs, key=lambda ij: c[ij])
-    pair, info = fedwep.search_seeds(apply_fn, variables, x, seeds, p, sigma, crit)
-    assert [int(v) for v in pair] == [int(seeds[i]), int(seeds[j])], (crit, c)
-    assert float(info["c_star"]) == pytest.approx(c[i, j], abs=1e-5)
-    np.testing.assert_allclose(np.asarray(info["similarity"]), c, atol=1e-5)
+  for strategy in ("vmap", "unrolled"):
+    for crit, pick in (("max", max), ("min", min)):
+      i, j = pick(pairs, key=lambda ij: c[ij])
+      pair, info = fedwep.search_seeds(apply_fn, variables, x, seeds, p, sigma, crit, strategy)
+      assert [int(v) for v in pair] == [int(seeds[i]), int(seeds[j])], (strategy, crit, c)
+      assert float(info["c_star"]) == pytest.approx(c[i, j], abs=1e-5)
+      np.testing.assert_allclose(np.asarray(info["similarity"]), c, atol=1e-5)
+  with pytest.raises(ValueError, match="strategy 'map'"):
+    fedwep.perturbed_outputs(apply_fn, variables, x, seeds, p, sigma, "map")
+
+
+def test_seed_search_strategies_give_the_same_outputs_for_a_conv_net():
+  """The U-Net's N perturbed outputs vmapped (one grouped convolution per layer) and
+  unrolled (N plain ones): the same values to float tolerance, in the same order."""
+  from fedjax_seg import models
+  fns = models.build({"name": "unet", "base": 4, "depth": 2, "dropout": 0.0}, 2)
+  v = fns.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (3, 16, 16, 3))
+  seeds = fedwep.candidate_seeds(jax.random.PRNGKey(2), 4)
+  apply_fn = lambda vv, xx: fns.apply(vv, xx, train=False)[0]
+  out = {s: np.asarray(jax.jit(lambda vv, xx, ss, s=s: fedwep.perturbed_outputs(
+      apply_fn, vv, xx, ss, 0.5, 0.3, s))(v, x, seeds)) for s in ("vmap", "unrolled")}
+  assert out["vmap"].shape == (4, 3, 16, 16, 2)
+  np.testing.assert_allclose(out["unrolled"], out["vmap"], atol=1e-6)
+  one = np.asarray(jax.nn.softmax(apply_fn(fedwep.perturb_variables(v, seeds[2], 0.5, 0.3), x), -1))
+  np.testing.assert_allclose(out["unrolled"][2], one, atol=1e-6)
+  assert np.abs(out["unrolled"][0] - out["unrolled"][1]).max() > 1e-4  # the seeds differ
 
 
 def test_search_set_kinds():

@@ -194,30 +194,38 @@ def test_auto_clients_per_call_fits_the_step_size_and_prefers_divisors():
   assert host_steps.auto_clients_per_call(None, 6, 5000) == 6   # no step loop: one call
 
 
-def test_label_at_server_steps_run_as_post_stages():
+def test_label_at_server_steps_and_the_seed_search_run_as_stages():
   """FedWeP-Real label-at-server: the server's 2 supervised steps in the server update are
-  staged like a client's (post, post_step0 called twice, post_stage1), and the round equals
-  the one-program round."""
+  staged like a client's (post, post_step0 called twice, post_stage1), the seed search
+  over the 4 candidate seeds (search_strategy 'unrolled') too (begin, begin_step0 called 4
+  times, begin_stage1), and the round equals the one-program round with the vmapped
+  search (the same seed pair, the same model)."""
   import test_port_golden as golden
   from _helpers import client_hp, semi_hp
   from fedjax_seg.fl import core, semi
   fns = golden._unet()
-  hp = semi_hp(method="fedwep_real", scenario="label_at_server", unlabelled_batch_size=2,
-               server_steps=2, server_batch_size=2, num_seeds=4, search_size=2, threshold=0.5,
-               ema_decay=0.9, rampup_rounds=2, **golden.OLD_SEMI)
+  hp = lambda strategy: semi_hp(
+      method="fedwep_real", scenario="label_at_server", unlabelled_batch_size=2,
+      server_steps=2, server_batch_size=2, num_seeds=4, search_size=2, threshold=0.5,
+      ema_decay=0.9, rampup_rounds=2, **{**golden.OLD_SEMI, "search_strategy": strategy})
   chp = client_hp(local_steps=2, batch_size=2, step_strategy="unrolled")
-  v = semi.init_models(hp, fns, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+  v = semi.init_models(hp("vmap"), fns, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
   data = golden._semi_data("label_at_server")
-  make = lambda s: semi.make_run_round(hp, fns, optax.adam(1e-2), 2, chp, s, optax.adam(2e-2))
-  s_one, _ = jax.jit(make("unrolled"))(core.ServerState(v, jnp.int32(1)), data,
-                                       jax.random.PRNGKey(1))
+  make = lambda h, s: semi.make_run_round(h, fns, optax.adam(1e-2), 2, chp, s,
+                                          optax.adam(2e-2))
+  s_one, i_one = jax.jit(make(hp("vmap"), "unrolled"))(core.ServerState(v, jnp.int32(1)), data,
+                                                       jax.random.PRNGKey(1))
   calls = {}
   counting_jit = _counting_jit(calls)
-  host = dataclasses.replace(make("loop"), clients_per_call=2, host_steps=True)
-  s_host, _ = host.with_jit(counting_jit)(core.ServerState(v, jnp.int32(1)), data,
-                                          jax.random.PRNGKey(1))
-  assert {k: calls.get(k) for k in ("post", "post_step0", "post_stage1")} == {
-      "post": 1, "post_step0": 2, "post_stage1": 1}, calls
+  host = dataclasses.replace(make(hp("unrolled"), "loop"), clients_per_call=2, host_steps=True)
+  s_host, i_host = host.with_jit(counting_jit)(core.ServerState(v, jnp.int32(1)), data,
+                                               jax.random.PRNGKey(1))
+  assert {k: calls.get(k) for k in ("post", "post_step0", "post_stage1", "begin",
+                                    "begin_step0", "begin_stage1")} == {
+      "post": 1, "post_step0": 2, "post_stage1": 1, "begin": 1, "begin_step0": 4,
+      "begin_stage1": 1}, calls
+  np.testing.assert_array_equal(i_host["seeds"], i_one["seeds"])
+  np.testing.assert_allclose(i_host["c_star"], i_one["c_star"], rtol=1e-6)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                s_host.variables, s_one.variables)
 

@@ -12,7 +12,7 @@ import pytest
 
 from configs import lgg_fedwep
 from fedjax_seg import train
-from fedjax_seg.fl import fedwep, semi, semi_train
+from fedjax_seg.fl import backends, fedwep, semi, semi_train
 import _helpers
 
 
@@ -87,6 +87,16 @@ def test_config_validation_names_the_key():
   c.semi.fedwep.pair_criterion = "nearest"
   with pytest.raises(ValueError, match="pair_criterion"):
     semi_train.hparams(c)
+  c = lgg_fedwep.get_config("fedwep")
+  c.semi.fedwep.search_strategy = "map"
+  with pytest.raises(ValueError, match="semi.fedwep.search_strategy='map'"):
+    semi_train.hparams(c)
+  c.semi.fedwep.search_strategy = "vmap"
+  assert semi_train.hparams(c).search_strategy == "vmap"
+  c.semi.fedwep.search_strategy = "auto"                    # per platform: this is a CPU
+  assert semi_train.hparams(c).search_strategy == "unrolled"
+  assert backends.resolve_strategy("auto", "models", "gpu") == "vmap"
+  assert backends.resolve_strategy("auto", "models", "cpu") == "unrolled"
   assert semi_train.hparams(lgg_fedwep.get_config("fedwep,label_at_server")).search_inputs == "real"
   assert semi_train.hparams(lgg_fedwep.get_config("fedwep,label_at_client")).search_inputs == "random"
   full = lgg_fedwep.get_config("fedavg_full")

@@ -280,8 +280,10 @@ class LoopedRound:
   step of the c clients) called E times, ``stage1`` (the rest, returning the c clients'
   outputs), so the largest program is c client-steps whatever E is; ``post`` is staged
   the same way when the server update has a step loop
-  (label-at-server: ``post``, ``post_step0`` called E times, ``post_stage1``); under host
-  steps the state is not donated to post.
+  (label-at-server: ``post``, ``post_step0`` called E times, ``post_stage1``), and so is
+  ``begin`` when the broadcast has one (FedWeP's seed search under
+  ``semi.fedwep.search_strategy='unrolled'``: ``begin``, ``begin_step0`` called once per
+  candidate seed, ``begin_stage1``); under host steps the state is not donated to post.
 
   ``host_threads`` T > 1 (config ``fl.host_threads``) issues the client calls of every
   round after the first from T Python threads, each call's programs dispatched and waited
@@ -334,7 +336,9 @@ class LoopedRound:
                   round_options)
 
     self._post_calls = post_calls
-    self._programs["begin"] = self.jit("begin", lambda: begin)
+    self._begin = begin
+    if not self.host_steps:
+      self._programs["begin"] = self.jit("begin", lambda: begin)
     if not self.host_steps:
       self._programs["post"] = self.jit("post", lambda: post_calls, donate_argnums=(0,))
 
@@ -366,14 +370,16 @@ class LoopedRound:
 
   def _stage_program(self, part: str, s: int, c: int):
     """Stage s of a host-step call (fl/host_steps.py): part 'client' (c clients from start
-    index i: their updates with the first s step loops answered by ``given``) or 'post'
+    index i: their updates with the first s step loops answered by ``given``), 'post'
     (c = 1: aggregation + server update, whose label-at-server server steps are a step
-    loop too), up to the next step loop (a :class:`host_steps.Segment`) or to the end (the
-    clients' outputs stacked to [c, ...]; post's (state', info))."""
+    loop too) or 'begin' (c = 1: keys and broadcast, where FedWeP's seed search runs its
+    N perturbed models as a step loop), up to the next step loop (a
+    :class:`host_steps.Segment`) or to the end (the clients' outputs stacked to [c, ...];
+    post's (state', info); begin's outputs)."""
     if ("stage", part, s, c) not in self._programs:
       name = f"stage{s}" + ("" if c == 1 else f"x{c}")
-      if part == "post":
-        name = "post" if s == 0 else f"post_stage{s}"
+      if part in ("post", "begin"):
+        name = part if s == 0 else f"{part}_stage{s}"
       self._programs["stage", part, s, c] = self.jit(name, lambda: self._stage_fn(part, s, c))
     return self._programs["stage", part, s, c]
 
@@ -386,6 +392,9 @@ class LoopedRound:
         def lanes(state, data, info_b, rows, s_key, a_key, idx, round_options):
           return [(self._post_calls, (state, data, info_b, rows, s_key, a_key, idx,
                                       round_options))]
+      elif part == "begin":
+        def lanes(state, data, key):
+          return [(self._begin, (state, data, key))]
       else:
         def lanes(bcast, state, data, down, keys, idx, i):
           return [(alg.client_update,
@@ -396,7 +405,8 @@ class LoopedRound:
         *args, given = args
         res, body = hsteps.stage_lanes(lanes(*args), given, alg.name)
         if body is None:  # every lane ran to its end
-          return res[0] if part == "post" else jax.tree.map(lambda *xs: jnp.stack(xs), *res)
+          return res[0] if part in ("post", "begin") else jax.tree.map(
+              lambda *xs: jnp.stack(xs), *res)
         self._bodies[part, s, c] = body
         return res
       self._programs["stage_fn", part, s, c] = run
@@ -413,7 +423,7 @@ class LoopedRound:
         return hsteps.make_step(self._bodies[part, s, c], c)
       name = f"step{s}" + ("" if c == 1 else f"x{c}")
       self._programs["step", part, s, c] = self.jit(
-          f"post_{name}" if part == "post" else name, build, donate_argnums=(1, 3))
+          f"{part}_{name}" if part in ("post", "begin") else name, build, donate_argnums=(1, 3))
     return self._programs["step", part, s, c]
 
   def _run_stages(self, part: str, c: int, args: Tuple):
@@ -469,7 +479,11 @@ class LoopedRound:
     if not self._programs:
       self._build()
     p = self._programs
-    bcast, info_b, down, keys, s_key, a_key, idx = p["begin"](state, data, key)
+    if self.host_steps:
+      bcast, info_b, down, keys, s_key, a_key, idx = self._run_stages("begin", 1,
+                                                                      (state, data, key))
+    else:
+      bcast, info_b, down, keys, s_key, a_key, idx = p["begin"](state, data, key)
     n = keys.shape[0]
     if ("calls", n) not in p:  # the start indices as device scalars, made once
       c = None

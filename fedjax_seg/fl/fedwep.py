@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_seg import losses
+from fedjax_seg.fl import local
 
 PAIR_CRITERIA = ("max", "min", "median")
 SEARCH_INPUTS = ("real", "random")
@@ -143,24 +144,34 @@ def select_pair(c: jnp.ndarray, criterion: str = "max") -> Tuple[jnp.ndarray, jn
 
 
 def perturbed_outputs(apply_fn: Callable, variables, x: jnp.ndarray, seeds: jnp.ndarray,
-                      p: float, sigma: float) -> jnp.ndarray:
-  """softmax f(x; W̃_s) for every seed s, vectorised: [N, |X|, ..., C].
+                      p: float, sigma: float, strategy: str) -> jnp.ndarray:
+  """softmax f(x; W̃_s) for every seed s: float [N, |X|, ..., C].
 
-  apply_fn(variables, x) -> logits (eval mode).
+  apply_fn(variables, x) -> logits (eval mode). seeds: int32 [N]. ``strategy``: 'vmap'
+  (one vectorised model over the N weight sets, accelerators) or 'unrolled' (the N
+  models one after another, XLA:CPU: a loop of :func:`local.run_steps` over the seeds,
+  unrolled in the program, or, where the 'loop' round calls local steps from the host,
+  one program per seed called N times); the same values either way
+  (backends.resolve_strategy, kind 'models').
   """
   def one(seed):
     return jax.nn.softmax(apply_fn(perturb_variables(variables, seed, p, sigma), x), axis=-1)
-  return jax.vmap(one)(seeds)
+  if strategy == "vmap":
+    return jax.vmap(one)(seeds)
+  if strategy == "unrolled":
+    return local.run_steps(lambda carry, seed: (carry, one(seed)), (), seeds, "unrolled")[1]
+  raise ValueError(f"perturbed_outputs: strategy {strategy!r}: expected 'vmap' or 'unrolled'")
 
 
 def search_seeds(apply_fn: Callable, variables, x: jnp.ndarray, seeds: jnp.ndarray, p: float,
-                 sigma: float, criterion: str = "max"):
-  """Server seed search (Fig. 1a): returns (seed_pair int32 [2], info).
+                 sigma: float, criterion: str, strategy: str):
+  """Server seed search (Fig. 1a): returns (seed_pair int32 [2], info). ``criterion``:
+  :func:`select_pair`'s; ``strategy``: :func:`perturbed_outputs`'.
 
   info: {'similarity': c [N, N], 'pair': (i*, j*) int32 [2], 'c_star': c_{i*j*},
   'c_mean': mean off-diagonal c}.
   """
-  out = perturbed_outputs(apply_fn, variables, x, seeds, p, sigma)
+  out = perturbed_outputs(apply_fn, variables, x, seeds, p, sigma, strategy)
   c = pairwise_cosine(out)
   i, j = select_pair(c, criterion)
   n = c.shape[0]

@@ -226,6 +226,7 @@ class SemiHParams:
   search_size: int
   search_inputs: str
   pair_criterion: str
+  search_strategy: str      # 'vmap' | 'unrolled': the N perturbed models of the search
   pseudo: str
   # ℓ on hard pseudo-labels (FedWeP, CPS, PseudoSeg): 'ce' (SPEC) | 'dice_ce'
   pseudo_loss: str
@@ -587,7 +588,7 @@ def make_round_context(hp: SemiHParams, fns: ModelFns) -> Callable:
                           server.x[0], server.valid[0])
     apply_eval = lambda v, xx: fns.apply(v, xx, train=False)[0]
     pair, info = fedwep.search_seeds(apply_eval, models["model"], x, seeds, hp.p, hp.sigma,
-                                     hp.pair_criterion)
+                                     hp.pair_criterion, hp.search_strategy)
     ctx["seeds"] = pair
     return ctx, {"seeds": pair, "c_star": info["c_star"], "c_mean": info["c_mean"]}
   return context

@@ -39,7 +39,7 @@ SEMI_KEYS = {"scenario", "label_fraction", "label_seed", "min_labelled", "unsup_
              "server_batch_size", "pad_rows", "pseudo_loss", "client_lr_scale", "fedwep", "mt", "ps",
              "cps"}
 SUB_KEYS = {"fedwep": {"p", "sigma", "num_seeds", "search_size", "search_inputs",
-                       "pair_criterion", "pseudo"},
+                       "pair_criterion", "search_strategy", "pseudo"},
             "mt": {"ema_decay", "ema_warmup", "noise"}, "cps": {"on_labelled"},
             "ps": {"threshold", "strong_noise", "strong_intensity"}}
 
@@ -80,6 +80,7 @@ def hparams(config) -> semi.SemiHParams:
       p=fw.p, sigma=fw.sigma, num_seeds=fw.num_seeds,
       search_size=fw.search_size, search_inputs=search,
       pair_criterion=fw.pair_criterion, pseudo=fw.pseudo,
+      search_strategy=backends.resolve_strategy(fw.search_strategy, "models"),
       pseudo_loss=s.pseudo_loss,
       ema_decay=mt.ema_decay, mt_noise=mt.noise, mt_ema_warmup=bool(mt.ema_warmup),
       cps_on_labelled=bool(cps.on_labelled),
