@@ -100,3 +100,22 @@ def test_round_speed_repeats_rotate_and_merge():
   assert m["loop_client_steps_per_s"] == 4 * 2 / 2.0
   assert m["loop_gflops_per_s"] == 1.0 and m["loop_pct_peak"] == 1.0
   assert m["torch_gflops_per_s"] == 2e9 / 0.9 / 1e9  # credited with the loop's FLOPs
+
+
+def test_config_ab_round_seconds_and_rotation(tmp_path):
+  """config_ab: seconds per round from metrics.csv's cumulative time_s, round 0 (the
+  initial evaluation) and round 1 (its compile) excluded; arms rotated per repeat."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "config_ab", os.path.join(ROOT, "benchmarks", "config_ab.py"))
+  ab = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ab)
+  (tmp_path / "metrics.csv").write_text(
+      "round,val_dice_mean,time_s\n0,0.1,2.0\n1,0.2,30.0\n2,0.3,41.0\n3,0.4,53.0\n4,0.5,63.5\n")
+  assert ab.round_seconds(str(tmp_path)) == pytest.approx((63.5 - 30.0) / 3)
+  (tmp_path / "metrics.csv").write_text("round,time_s\n0,2.0\n1,30.0\n")
+  with pytest.raises(SystemExit, match="need --rounds >= 2"):
+    ab.round_seconds(str(tmp_path))
+  arms = [("a", []), ("b", ["x=1"])]
+  assert [n for n, _ in ab.rotated(arms, 0)] == ["a", "b"]
+  assert [n for n, _ in ab.rotated(arms, 1)] == ["b", "a"]
