@@ -198,8 +198,8 @@ def test_label_at_server_steps_and_the_seed_search_run_as_stages():
   """FedWeP-Real label-at-server: the server's 2 supervised steps in the server update are
   staged like a client's (post, post_step0 called twice, post_stage1), the seed search
   over the 4 candidate seeds (search_strategy 'unrolled') too (begin, begin_step0 called 4
-  times, begin_stage1), and the round equals the one-program round with the vmapped
-  search (the same seed pair, the same model)."""
+  times, begin_stage1; also in a loop round without host steps), and the round equals
+  the one-program round with the vmapped search (the same seed pair, the same model)."""
   import test_port_golden as golden
   from _helpers import client_hp, semi_hp
   from fedjax_seg.fl import core, semi
@@ -228,6 +228,16 @@ def test_label_at_server_steps_and_the_seed_search_run_as_stages():
   np.testing.assert_allclose(i_host["c_star"], i_one["c_star"], rtol=1e-6)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                s_host.variables, s_one.variables)
+  # the loop round without host steps stages the search as well
+  calls.clear()
+  loop = dataclasses.replace(make(hp("unrolled"), "loop"), clients_per_call=2)
+  s_loop, i_loop = loop.with_jit(counting_jit)(core.ServerState(v, jnp.int32(1)), data,
+                                               jax.random.PRNGKey(1))
+  assert {k: calls.get(k) for k in ("begin", "begin_step0", "begin_stage1", "client2")} == {
+      "begin": 1, "begin_step0": 4, "begin_stage1": 1, "client2": 1}, calls
+  np.testing.assert_array_equal(i_loop["seeds"], i_one["seeds"])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+               s_loop.variables, s_one.variables)
 
 
 @pytest.mark.parametrize("host", [False, True])

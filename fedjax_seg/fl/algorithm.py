@@ -280,10 +280,11 @@ class LoopedRound:
   step of the c clients) called E times, ``stage1`` (the rest, returning the c clients'
   outputs), so the largest program is c client-steps whatever E is; ``post`` is staged
   the same way when the server update has a step loop
-  (label-at-server: ``post``, ``post_step0`` called E times, ``post_stage1``), and so is
-  ``begin`` when the broadcast has one (FedWeP's seed search under
+  (label-at-server: ``post``, ``post_step0`` called E times, ``post_stage1``); under host
+  steps the state is not donated to post. ``begin`` is staged the same way, host steps
+  or not, when the broadcast has a step loop (FedWeP's seed search under
   ``semi.fedwep.search_strategy='unrolled'``: ``begin``, ``begin_step0`` called once per
-  candidate seed, ``begin_stage1``); under host steps the state is not donated to post.
+  candidate seed, ``begin_stage1``); without one it is the one ``begin`` program.
 
   ``host_threads`` T > 1 (config ``fl.host_threads``) issues the client calls of every
   round after the first from T Python threads, each call's programs dispatched and waited
@@ -336,9 +337,7 @@ class LoopedRound:
                   round_options)
 
     self._post_calls = post_calls
-    self._begin = begin
-    if not self.host_steps:
-      self._programs["begin"] = self.jit("begin", lambda: begin)
+    self._begin = begin  # staged like post (:meth:`_run_stages`), host steps or not
     if not self.host_steps:
       self._programs["post"] = self.jit("post", lambda: post_calls, donate_argnums=(0,))
 
@@ -479,11 +478,8 @@ class LoopedRound:
     if not self._programs:
       self._build()
     p = self._programs
-    if self.host_steps:
-      bcast, info_b, down, keys, s_key, a_key, idx = self._run_stages("begin", 1,
-                                                                      (state, data, key))
-    else:
-      bcast, info_b, down, keys, s_key, a_key, idx = p["begin"](state, data, key)
+    bcast, info_b, down, keys, s_key, a_key, idx = self._run_stages("begin", 1,
+                                                                    (state, data, key))
     n = keys.shape[0]
     if ("calls", n) not in p:  # the start indices as device scalars, made once
       c = None
