@@ -28,6 +28,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks._runs import write_results  # noqa: E402
 
 # label -> (config spec, extra overrides)
 ALGORITHMS = {
@@ -43,18 +45,33 @@ ALGORITHMS = {
 }
 
 
-def overrides(args, extra):
-  o = {"fl.rounds": 1, "fl.local_steps": args.local_steps, "fl.partition": "iid",
+def add_run_args(p):
+  """The demo-size run options shared with config_ab.py (K, E, image size, U-Net, overrides)."""
+  p.add_argument("--clients", type=int, default=8)
+  p.add_argument("--local-steps", type=int, default=8)
+  p.add_argument("--size", type=int, default=64)
+  p.add_argument("--base", type=int, default=16)
+  p.add_argument("--depth", type=int, default=4)
+  p.add_argument("--patients-per-site", type=int, default=8)
+  p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                 help="config overrides for every run, e.g. fl.step_strategy=host")
+
+
+def run_overrides(args, rounds: int, extra=()):
+  """launch.py arguments of one run of :func:`add_run_args`' options: IID phantom LGG
+  slices, evaluation every round, ``extra`` then ``--set`` last."""
+  o = {"fl.rounds": rounds, "fl.local_steps": args.local_steps, "fl.partition": "iid",
        "fl.num_clients": args.clients, "fl.eval_every": 1, "data.phantom.size": args.size,
        "data.image_size": args.size, "model.base": args.base, "model.depth": args.depth,
        "data.phantom.patients_per_site": args.patients_per_site,
        "data.phantom.slices_per_patient": 4}
-  return [f"--config.{k}={v}" for k, v in o.items()] + extra + [f"--config.{kv}" for kv in args.set]
+  return ([f"--config.{k}={v}" for k, v in o.items()] + list(extra)
+          + [f"--config.{kv}" for kv in args.set])
 
 
 def run_once(spec, extra, args, workdir, cache):
   cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", spec, "--workdir", workdir,
-         *overrides(args, extra)]
+         *run_overrides(args, 1, extra)]
   env = {**os.environ, "FEDJAX_SEG_COMPILE_CACHE": cache}
   t0 = time.time()
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -78,14 +95,7 @@ def round_seconds(run) -> float:
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
-  p.add_argument("--clients", type=int, default=8)
-  p.add_argument("--local-steps", type=int, default=8)
-  p.add_argument("--size", type=int, default=64)
-  p.add_argument("--base", type=int, default=16)
-  p.add_argument("--depth", type=int, default=4)
-  p.add_argument("--patients-per-site", type=int, default=8)
-  p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                 help="config overrides for every run, e.g. fl.step_strategy=host")
+  add_run_args(p)
   p.add_argument("--tag", default="compile_budget")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
   args = p.parse_args()
@@ -127,11 +137,7 @@ def main():
     ev = sum(c["compile_s"].values()) - round_seconds(c)
     lines.append(f"| {r['algorithm']} | {c['strategy']} | {round_seconds(c):.1f} | {round_seconds(k):.1f} | "
                  + ", ".join(f"{n} {v:.1f}" for n, v in rp.items()) + f" | {ev:.1f} | {r['load_start']:.1f} |")
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, args.tag + ".md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(os.path.join(args.out, args.tag + ".json"), "w") as f:
-    json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+  write_results(args.out, args.tag, "\n".join(lines) + "\n", {"args": vars(args), "rows": rows})
   print("\n".join(lines))
 
 

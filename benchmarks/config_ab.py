@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import shutil
@@ -30,17 +29,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from round_speed import paired_ratio  # noqa: E402
-
-
-def base_overrides(args):
-  o = {"fl.rounds": args.rounds, "fl.local_steps": args.local_steps, "fl.partition": "iid",
-       "fl.num_clients": args.clients, "fl.eval_every": 1, "data.phantom.size": args.size,
-       "data.image_size": args.size, "model.base": args.base, "model.depth": args.depth,
-       "data.phantom.patients_per_site": args.patients_per_site,
-       "data.phantom.slices_per_patient": 4}
-  return [f"--config.{k}={v}" for k, v in o.items()] + [f"--config.{kv}" for kv in args.set]
+sys.path.insert(0, ROOT)
+from benchmarks._runs import write_results  # noqa: E402
+from benchmarks.compile_budget import add_run_args, run_overrides  # noqa: E402
+from benchmarks.round_speed import paired_ratio  # noqa: E402
 
 
 def round_seconds(workdir: str) -> float:
@@ -56,7 +48,8 @@ def round_seconds(workdir: str) -> float:
 def run_arm(args, arm, workdir, cache) -> dict:
   name, sets = arm
   cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", args.config,
-         "--workdir", workdir, *base_overrides(args), *[f"--config.{kv}" for kv in sets]]
+         "--workdir", workdir, *run_overrides(args, args.rounds),
+         *[f"--config.{kv}" for kv in sets]]
   env = {**os.environ, "FEDJAX_SEG_COMPILE_CACHE": cache}
   load = os.getloadavg()[0]
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -79,14 +72,7 @@ def main():
                  help="an arm: its name, then its config overrides (none: the config as is)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--rounds", type=int, default=4)
-  p.add_argument("--clients", type=int, default=8)
-  p.add_argument("--local-steps", type=int, default=8)
-  p.add_argument("--size", type=int, default=64)
-  p.add_argument("--base", type=int, default=16)
-  p.add_argument("--depth", type=int, default=4)
-  p.add_argument("--patients-per-site", type=int, default=8)
-  p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                 help="config overrides for every arm")
+  add_run_args(p)
   p.add_argument("--tag", default="config_ab")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
   args = p.parse_args()
@@ -142,11 +128,7 @@ def main():
     lines.append(f"| {r['arm']} | {' '.join(r['overrides']) or '–'} | {r['median_s']:.2f} | "
                  + ", ".join(f"{t:.2f}" for t in r["s_per_round"])
                  + f" | {ratio} | {ci} | {pv} | {min(r['load']):.1f}–{max(r['load']):.1f} |")
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, args.tag + ".md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(os.path.join(args.out, args.tag + ".json"), "w") as f:
-    json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+  write_results(args.out, args.tag, "\n".join(lines) + "\n", {"args": vars(args), "rows": rows})
   print("\n".join(lines))
 
 

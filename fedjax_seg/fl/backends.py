@@ -75,7 +75,8 @@ def resolve_strategy(strategy: str, kind: str = "client", platform: Optional[str
   'models' (config.semi.fedwep.search_strategy: N weight sets applied to one input,
   vmapped on accelerators, unrolled on XLA:CPU, where a vmap over weights turns each
   convolution into a grouped one: the seed search of 8 perturbed demo U-Nets on 8 images
-  took 1,193 ms vmapped and 209 ms unrolled on 2 cores, docs/performance.md). A step strategy 'host' resolves to the platform's in-program default: it is what steps
+  took 1,193 ms vmapped and 209 ms unrolled on 2 cores, docs/performance.md).
+  A step strategy 'host' resolves to the platform's in-program default: it is what steps
   use wherever they run inside a program (one-program rounds, server-side steps);
   :func:`host_steps` says where the 'loop' round calls them from Python instead.
   """
