@@ -514,7 +514,8 @@ def jit_round(key: str, build: Callable[[], Callable], client_strategy: str,
   (compile times recorded under ``<name>_begin``, ...); with ``host_steps`` the client
   programs are '/stage<s>' and '/step<s>' ('x<c>' appended for c clients per call), and
   clients_per_call 0 chooses c from the step's size (``host_ops_per_call``, reported; the
-  trace that sizes it is recorded as ``<name>_host_probe``); ``host_threads`` > 1 issues
+  trace that sizes it is recorded as ``<name>_host_probe``); a broadcast with a step loop
+  adds '/begin_step0' and '/begin_stage1' (FedWeP's seed search); ``host_threads`` > 1 issues
   the client calls from that many threads;
   for 'debug', ``build()`` itself, run eagerly, so that a client's error and its
   non-finite outputs surface with the client index (backends' 'debug')."""
