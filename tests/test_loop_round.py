@@ -132,9 +132,10 @@ def test_federated_trainer_host_steps_equal_the_one_program_round(tiny, tmp_path
   _same_run(tmp_path / "one", tmp_path / "host", ("weights", "train_loss", "val_loss"))
 
 
-def test_semi_trainer_loop_equals_the_one_program_round(tiny, tmp_path):
+def test_semi_trainer_loop_equals_the_one_program_round(tiny, tmp_path, capsys):
   """FedWeP label-at-client through its trainer with client_strategy 'loop' (the
-  divergence guard on: post sees every upload at once)."""
+  divergence guard on: post sees every upload at once; the seed search, unrolled on a CPU,
+  in the one program there and as per-seed calls here)."""
   from test_semi import _semi_tiny
   c = _semi_tiny(tiny, "fedwep", rounds=2)
   c.fl.local_steps = 2
@@ -143,8 +144,13 @@ def test_semi_trainer_loop_equals_the_one_program_round(tiny, tmp_path):
   c.fl.client_strategy = "loop"
   # fl.clients_per_call 0: 8 // 2 = 4, at most K per call, from one host thread; from 2 host
   # threads one client per call
+  capsys.readouterr()
   r = train.run(c, str(tmp_path / "loop"))
   assert any(n.startswith("semi_round_client") for n in r["compile_s"]), r["compile_s"]
+  assert {"semi_round_begin", "semi_round_begin_step0", "semi_round_begin_stage1"} <= set(
+      r["compile_s"]), r["compile_s"]
+  assert (f"; seed search: {c.semi.fedwep.num_seeds} perturbed models, unrolled (auto)"
+          in capsys.readouterr().out)
   _same_run(tmp_path / "one", tmp_path / "loop", ("weights", "client_train_loss"))
 
 

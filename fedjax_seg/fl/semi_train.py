@@ -235,7 +235,10 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
   print(f"[semi] model {config.model.name}: {experiment.num_params(variables[hp.models[0]]):,} "
         f"parameters, {mbytes / 1e6:.3f} MB; per client per round: down {comm['down']:,} B, "
         f"up {comm['up']:,} B ({cost:.2f}% of two models both ways); client strategy "
-        f"{fl_train.describe_strategy(config, strategy, len(names), chp.local_steps, chunked)}",
+        f"{fl_train.describe_strategy(config, strategy, len(names), chp.local_steps, chunked)}"
+        + (f"; seed search: {hp.num_seeds} perturbed models, {hp.search_strategy}"
+           f"{' (auto)' if config.semi.fedwep.search_strategy == 'auto' else ''}"
+           if semi.is_fedwep(hp.method) else ""),
         flush=True)
 
   eval_batch = runlog.cached_jit("eval" + experiment.compile_key(config, ds, ("model", "loss")),
