@@ -39,7 +39,7 @@ import numpy as np
 
 from fedjax_seg import experiment, models, runlog, steps
 from fedjax_seg.data import federated, pipeline
-from fedjax_seg.fl import algorithm, backends, core, dp, fcl, scale
+from fedjax_seg.fl import algorithm, core, dp, fcl, scale
 from fedjax_seg.fl import train as fl_train
 
 ALGORITHMS = {"fcl": "fcl", "local_cl": "local_cl", "fedrotation": "rotation", "random_init": None}
@@ -183,14 +183,11 @@ def pretrain(config, workdir: str, vol: pipeline.SegDataset, train_ids, names,
                                                **_xla_opts(config)))
     run_round = lambda s_, d, k_, on: chunked(s_, d, k_, exchange_on=on)
   else:
-    strategy = backends.round_strategy(config.fl.client_strategy, k, hp.local_steps,
-                                       host_threads_setting=config.fl.host_threads)
+    strategy = fl_train.round_strategy(config, k, hp.local_steps)
     run_round = algorithm.jit_round(
         "fcl_pretrain" + ckey,
         lambda: fcl.make_run_round(hp, fcl.make_client_update(hp, fns, tx, view), strategy),
-        strategy, **backends.loop_options(config.fl.clients_per_call, config.fl.step_strategy,
-                                          strategy, k, hp.local_steps,
-                                          host_threads_setting=config.fl.host_threads),
+        strategy, **fl_train.loop_options(config, strategy, k, hp.local_steps),
         **_xla_opts(config))
   exchange_on = jnp.bool_(hp.exchange)
   state = fcl.init_state(hp, variables, k, ecfg["feature_dim"])

@@ -213,8 +213,7 @@ def train_semi(config, workdir: str, stop_after: Optional[int] = None) -> Dict:
   stx = server_opt.from_config(config.fl)
   build = dict(aggregator=fl_train.build_aggregator(config, len(names), noise_mult, base="fedavg"),
                server_opt_update=server_opt.make_server_update(stx) if stx else None)
-  strategy = backends.round_strategy(config.fl.client_strategy, len(names), chp.local_steps,
-                                     host_threads_setting=config.fl.host_threads)
+  strategy = fl_train.round_strategy(config, len(names), chp.local_steps)
   if chunked:
     run_round = scale.make_chunked_algorithm_round(
         semi.make_algorithm(hp, fns, tx, ds.num_classes, chp, server_tx, **build),

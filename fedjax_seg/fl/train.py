@@ -520,8 +520,7 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
                            build_aggregator(config, len(names), noise_mult), server_update,
                            len(names))
 
-  strategy = backends.round_strategy(config.fl.client_strategy, m, hp.local_steps,
-                                     host_threads_setting=config.fl.host_threads)
+  strategy = round_strategy(config, m, hp.local_steps)
 
   def build_round():
     if kind != "standard":
@@ -598,6 +597,13 @@ def train_federated(config, workdir: str, stop_after: Optional[int] = None) -> D
              "method": kind, "bytes_per_client_round": {"up": up_bytes, "down": down_bytes},
              "bytes_per_round": (up_bytes + down_bytes) * m, "wall_time_s": time.time() - t_start},
       personal=personal)
+
+
+def round_strategy(config, clients: int, local_steps: int) -> str:
+  """The round's client strategy for ``clients`` training clients of ``local_steps`` steps
+  (config fl.client_strategy, fl.host_threads; ``backends.round_strategy``)."""
+  return backends.round_strategy(config.fl.client_strategy, clients, local_steps,
+                                 host_threads_setting=config.fl.host_threads)
 
 
 def loop_options(config, strategy: str, clients: int, local_steps: int) -> Dict:
