@@ -219,6 +219,7 @@ def robust(aggregator: Callable, norm_k: float = 0.0) -> Callable:
     return new, w, failed, extra
   agg.wants_round_key = getattr(aggregator, "wants_round_key", False)
   agg.bounds_updates = getattr(aggregator, "bounds_updates", False)
+  agg.coordinatewise = getattr(aggregator, "coordinatewise", False)
   agg.__name__ = f"robust_{getattr(aggregator, '__name__', 'agg')}"
   return agg
 
@@ -302,8 +303,53 @@ def nova(inner: Callable) -> Callable:
       return jnp.where(failed, g, new.astype(g.dtype))
     return (jax.tree.map(upd, global_vars, stacked), w, failed) + tuple(out[3:])
   agg.wants_round_key = getattr(inner, "wants_round_key", False)
+  agg.coordinatewise = getattr(inner, "coordinatewise", False)
   agg.__name__ = f"nova({getattr(inner, '__name__', 'aggregator')})"
   return agg
+
+
+for _agg in (fedavg, fedcostw, costw_ce, dcew, coordinate_median, trimmed_mean):
+  _agg.coordinatewise = True  # see flat_view
+del _agg
+
+
+def flat_view(global_vars, stacked):
+  """The models as one vector each, for a ``coordinatewise`` aggregator: (global [P],
+  stacked [K, P], unflatten) with P the total size of the leaves in ``jax.tree.leaves``
+  order, or None when the leaves do not share one inexact dtype (then the aggregator
+  runs on the pytrees).
+
+  Every aggregator of this module computes coordinate by coordinate, or over all the
+  coordinates of a client at once (norms, finiteness), so it gives the same model on the
+  vectors as on the pytrees (up to float summation order in the norms). On XLA:CPU the
+  round's aggregation program is then a few kernels instead of several per parameter
+  leaf, which is most of its compile time (docs/performance.md).
+  ``unflatten(v [P])`` is the pytree of ``global_vars``' structure, shapes and dtype.
+  """
+  g_leaves, tree = jax.tree.flatten(global_vars)
+  m_leaves = jax.tree.leaves(stacked)
+  if not g_leaves or len(g_leaves) != len(m_leaves):
+    return None
+  dtype = g_leaves[0].dtype
+  if not jnp.issubdtype(dtype, jnp.inexact) or any(
+      a.dtype != dtype for a in g_leaves + m_leaves):
+    return None
+  k = m_leaves[0].shape[0]
+  shapes = [g.shape for g in g_leaves]
+  sizes = [int(g.size) for g in g_leaves]
+  g_flat = jnp.concatenate([g.reshape(-1) for g in g_leaves])
+  # client by client: slicing client k out of the calls' concatenated rows folds to that
+  # call's own output, so XLA copies each client's leaves once, into one row
+  m_flat = jnp.stack([jnp.concatenate([m[i].reshape(-1) for m in m_leaves])
+                      for i in range(k)])
+
+  def unflatten(v):
+    out, off = [], 0
+    for shape, n in zip(shapes, sizes):
+      out.append(v[off:off + n].reshape(shape))
+      off += n
+    return jax.tree.unflatten(tree, out)
+  return g_flat, m_flat, unflatten
 
 
 AGGREGATORS: Dict[str, Callable] = {

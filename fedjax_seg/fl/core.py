@@ -128,11 +128,18 @@ def model_aggregate(aggregator: Callable, agg_kwargs: Optional[Dict[str, Any]] =
   """
   agg_kwargs = dict(agg_kwargs or {})
 
+  flat = getattr(aggregator, "coordinatewise", False)
+
   def aggregate(state, upload, stats, a_key):
     dyn = ({"rng": a_key, "round": state.round}
            if getattr(aggregator, "wants_round_key", False) else {})
-    out = aggregator(global_of(state), upload["model"], stats, **agg_kwargs, **dyn)
-    return out[0], out[1], out[2], (out[3] if len(out) > 3 else {})
+    g, m = global_of(state), upload["model"]
+    view = aggregators.flat_view(g, m) if flat else None
+    if view is not None:
+      g, m, unflatten = view
+    out = aggregator(g, m, stats, **agg_kwargs, **dyn)
+    new = out[0] if view is None else unflatten(out[0])
+    return new, out[1], out[2], (out[3] if len(out) > 3 else {})
   return aggregate
 
 
