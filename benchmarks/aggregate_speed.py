@@ -13,6 +13,16 @@ average is recorded with every row (the machine may be shared).
   python benchmarks/aggregate_speed.py                    # K = 2 8 32, U-Net base 32 depth 4 (SPEC)
   python benchmarks/aggregate_speed.py --quick            # K = 2 8, base 8
 Markdown + JSON in benchmarks/results/aggregate_speed[_quick].{md,json}.
+
+--flat-ab compares instead the two ways the round aggregates (aggregators.flat_view): the
+aggregation program as the trainers' loop round builds it (K one-client rows, leaves
+[1, ...], concatenated per leaf, then core.model_aggregate) with the coordinate-wise
+aggregator on one vector per client ('flat', what the trainers run) and on the pytrees
+('pytree'), each compiled cold (persistent cache off) and then timed, --repeats times
+in alternating order; paired ratios pytree / flat with 95 % t intervals and p:
+
+  python benchmarks/aggregate_speed.py --flat-ab --ks 8 32 --base 16 --repeats 5 \
+      --aggregators fedavg robust_fedavg dcew median --tag aggregate_flat_ab
 """
 from __future__ import annotations
 
@@ -30,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import _runs  # noqa: E402
 from fedjax_seg import models  # noqa: E402
-from fedjax_seg.fl import aggregators  # noqa: E402
+from fedjax_seg.fl import aggregators, core  # noqa: E402
 
 AGGS = ("fedavg", "fedcostw", "costw_ce", "dcew", "robust_fedavg", "median", "trimmed_mean")
 
@@ -78,6 +88,94 @@ def bench(k, variables, args):
   return row
 
 
+def _stats(k):
+  rng = np.random.default_rng(0)
+  stats = {s: jnp.asarray(rng.uniform(0.5, 2.0, k), jnp.float32)
+           for s in ("num_samples", "cost_pre", "cost_post", "ce_pre", "ce_post", "dice_pre",
+                     "dice_post", "train_loss")}
+  return {**stats, "local_steps": jnp.ones((k,), jnp.float32)}
+
+
+def round_post(fn, flat: bool):
+  """The loop round's aggregation of K one-client rows: rows concatenated per leaf, then
+  ``core.model_aggregate(fn)`` on the flat view (``flat``) or on the pytrees."""
+  if not flat:
+    inner = fn
+    fn = lambda *a, **kw: inner(*a, **kw)  # noqa: E731 - no 'coordinatewise': pytrees
+    fn.wants_round_key = getattr(inner, "wants_round_key", False)
+  aggregate = core.model_aggregate(fn)
+
+  def post(glob, rows, stats):
+    stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs), *rows)
+    out = aggregate(core.ServerState(glob, jnp.int32(0)), {"model": stacked}, stats,
+                    jax.random.PRNGKey(0))
+    return out[0], out[1]
+  return post
+
+
+def flat_ab(k, variables, args):
+  """Rows of --flat-ab for one K: per aggregator, compile s and ms per call of both arms in
+  every repeat (arms alternate which runs first), and the paired ratios."""
+  from benchmarks.round_speed import paired_ratio
+  rows_in = [jax.tree.map(lambda g, i=i: g[None] * (1.0 + 0.01 * i), variables) for i in range(k)]
+  stats = _stats(k)
+  out = []
+  for name in args.aggregators:
+    fn = _agg(name)
+    if not getattr(fn, "coordinatewise", False):
+      print(f"  {name}: not coordinate-wise (always on the pytrees): skipped", flush=True)
+      continue
+    res = {"pytree": {"compile_s": [], "ms": []}, "flat": {"compile_s": [], "ms": []}}
+    outs = {}
+    for rep in range(args.repeats):
+      for arm in (("pytree", "flat") if rep % 2 == 0 else ("flat", "pytree")):
+        t0 = time.perf_counter()
+        exe = jax.jit(round_post(fn, arm == "flat")).lower(variables, rows_in, stats).compile()
+        res[arm]["compile_s"].append(time.perf_counter() - t0)
+        res[arm]["ms"].append(1e3 * _time(lambda: exe(variables, rows_in, stats), args.reps))
+        outs[arm] = exe(variables, rows_in, stats)
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(outs["pytree"]), jax.tree.leaves(outs["flat"])))
+    row = {"K": k, "aggregator": name, "max_abs_diff": diff, "load": round(os.getloadavg()[0], 2),
+           **{f"{arm}_{m}": v for arm in res for m, v in res[arm].items()}}
+    for m in ("compile_s", "ms"):
+      g, ci, pv = paired_ratio(res["pytree"][m], res["flat"][m])
+      row[f"{m}_ratio"], row[f"{m}_ci"], row[f"{m}_p"] = g, ci, pv
+    print(f"  K={k:3d} {name}: compile {np.median(res['pytree']['compile_s']):.2f} -> "
+          f"{np.median(res['flat']['compile_s']):.2f} s ({row['compile_s_ratio']:.2f}x), "
+          f"run {np.median(res['pytree']['ms']):.1f} -> {np.median(res['flat']['ms']):.1f} ms "
+          f"({row['ms_ratio']:.2f}x), outputs {diff:.1e} apart, load {row['load']}", flush=True)
+    out.append(row)
+  return out
+
+
+def _ci(row, m):
+  ci, pv = row[f"{m}_ci"], row[f"{m}_p"]
+  return (f"{row[f'{m}_ratio']:.2f}× [{ci[0]:.2f}, {ci[1]:.2f}], p = {pv:.2g}" if ci
+          else f"{row[f'{m}_ratio']:.2f}×")
+
+
+def flat_ab_markdown(rows, args, machine, n_params):
+  lines = [f"Command: `python benchmarks/aggregate_speed.py {' '.join(sys.argv[1:])}`", "",
+           f"Machine: {machine}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+           f"U-Net base {args.base}, depth {args.depth}: {n_params:,} f32 parameters. The loop "
+           f"round's aggregation program (K one-client rows concatenated, then "
+           f"core.model_aggregate) with the aggregator on one vector per client (flat) or on "
+           f"the pytrees; compile = trace + lower + XLA compile, persistent cache off; run = "
+           f"median of {args.reps} calls; {args.repeats} repeats in alternating order; ratio = "
+           f"pytree / flat (> 1: flat is faster), geometric mean with its 95 % t interval and "
+           f"paired-t p.", "",
+           "| K | aggregator | compile s pytree | compile s flat | compile ratio | ms pytree | "
+           "ms flat | run ratio | max abs diff | load |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['K']} | {r['aggregator']} | {np.median(r['pytree_compile_s']):.2f} | "
+                 f"{np.median(r['flat_compile_s']):.2f} | {_ci(r, 'compile_s')} | "
+                 f"{np.median(r['pytree_ms']):.1f} | {np.median(r['flat_ms']):.1f} | "
+                 f"{_ci(r, 'ms')} | {r['max_abs_diff']:.1e} | {r['load']} |")
+  return "\n".join(lines) + "\n"
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ks", type=int, nargs="+", default=[2, 8, 32])
@@ -86,6 +184,10 @@ def main():
   p.add_argument("--aggregators", nargs="+", default=list(AGGS))
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--quick", action="store_true")
+  p.add_argument("--flat-ab", action="store_true",
+                 help="compare the flat-view and pytree aggregation programs (module docstring)")
+  p.add_argument("--repeats", type=int, default=3, help="--flat-ab: paired repeats")
+  p.add_argument("--tag", default=None, help="output file stem")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
   args = p.parse_args()
   if args.quick:
@@ -100,6 +202,15 @@ def main():
              f"load at start {os.getloadavg()[0]:.1f}")
   print(f"[aggregate_speed] {machine}\n[aggregate_speed] U-Net base {args.base} depth "
         f"{args.depth}: {n_params:,} parameters", flush=True)
+  if args.flat_ab:
+    jax.config.update("jax_enable_compilation_cache", False)  # every compile cold
+    rows = [r for k in args.ks for r in flat_ab(k, variables, args)]
+    md = flat_ab_markdown(rows, args, machine, n_params)
+    print("\n" + md)
+    _runs.write_results(args.out, args.tag or "aggregate_flat_ab", md,
+                        {"machine": machine, "args": vars(args), "num_params": n_params,
+                         "rows": rows})
+    return
   rows = [bench(k, variables, args) for k in args.ks]
   names = ("copy", "sum", *args.aggregators)
   lines = ["| K | MB read | " + " | ".join(f"{n} GB/s" for n in names) + " | load |",
@@ -117,7 +228,8 @@ def main():
         f"per model); GB/s = K × model bytes / time (median of {args.reps}).\n\n"
         + "\n".join(lines) + "\n\nFraction of the copy roof:\n\n" + "\n".join(frac) + "\n")
   print("\n" + md)
-  _runs.write_results(args.out, "aggregate_speed_quick" if args.quick else "aggregate_speed", md,
+  _runs.write_results(args.out, args.tag or ("aggregate_speed_quick" if args.quick
+                                             else "aggregate_speed"), md,
                       {"machine": machine, "args": vars(args), "num_params": n_params, "rows": rows})
 
 

@@ -21,6 +21,13 @@ robust aggregators (Yin et al., ICML 2018).
 
 Every aggregator returns ``(new_variables, weights [K], failed bool[])``.
 Weighting of clients lives here only; algorithms never re-implement averaging.
+
+Coordinate-wise aggregators (attribute ``coordinatewise = True``: every aggregator of
+this module, and ``robust`` / ``nova`` around one) compute coordinate by coordinate or over
+all of a client's coordinates at once, so ``core.model_aggregate`` hands them the models
+as one vector per client (:func:`flat_view`: global [P], stacked [K, P]) and reshapes the
+result back; the others (DP-FedAvg's per-leaf noise, secure aggregation's per-leaf masks)
+get the pytrees. Called directly, every aggregator takes either.
 """
 from __future__ import annotations
 
