@@ -138,12 +138,19 @@ def test_aggregator_on_the_flat_view_matches_the_pytree(name, fn, nan_client):
 
 def test_flat_view_round_trip_and_fallback():
   glob, stacked, _ = _setup()
-  g, m, unflatten = agg.flat_view(glob, stacked)
-  assert g.shape == (11,) and m.shape == (K, 11)
+  g, m, unflatten = agg.flat_view(glob, stacked, groups=1)
+  assert len(g) == 1 and g[0].shape == (11,) and m[0].shape == (K, 11)
   # leaves in jax.tree.leaves order: b (5) then w (3x2); client rows in order
-  np.testing.assert_array_equal(np.asarray(m[2, :5]), stacked["params"]["b"][2])
-  np.testing.assert_array_equal(np.asarray(m[2, 5:]), stacked["params"]["w"][2].ravel())
+  np.testing.assert_array_equal(np.asarray(m[0][2, :5]), stacked["params"]["b"][2])
+  np.testing.assert_array_equal(np.asarray(m[0][2, 5:]), stacked["params"]["w"][2].ravel())
   chex.assert_trees_all_equal(unflatten(g), glob)
+  # two groups: one run of leaves each, of about equal size
+  g, m, unflatten = agg.flat_view(glob, stacked, groups=2)
+  assert [v.shape for v in m] == [(K, 5), (K, 6)]
+  chex.assert_trees_all_equal(unflatten(g), glob)
+  assert agg._groups([1, 1, 1, 1, 4], 2) == [[0, 1, 2, 3], [4]]
+  assert agg._groups([5, 1, 1, 1], 4) == [[0], [1], [2, 3]]
+  assert agg._groups([3, 3], 8) == [[0], [1]]
   # mixed dtypes or an integer model stay pytrees (the aggregator gets the leaves)
   mixed = {"a": np.zeros((2,), np.float32), "n": np.zeros((3,), np.int32)}
   assert agg.flat_view(mixed, jax.tree.map(lambda a: np.stack([a] * K), mixed)) is None

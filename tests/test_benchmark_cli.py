@@ -123,12 +123,13 @@ def test_config_ab_round_seconds_and_rotation(tmp_path):
 
 def test_aggregate_flat_ab_arms_aggregate_alike_one_on_vectors():
   """aggregate_speed --flat-ab: both arms give the same model and weights; the 'flat' arm
-  aggregates a [K, P] matrix, the 'pytree' arm never builds one."""
+  aggregates [K, P_j] matrices, the 'pytree' arm never builds one."""
   import chex
   import jax
   import jax.numpy as jnp
   from benchmarks import aggregate_speed as a
-  variables = {"params": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}}
+  variables = {"params": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3),
+                          "v": jnp.full((4,), 2.0)}}
   rows = [jax.tree.map(lambda g, i=i: g[None] * (1.0 + i), variables) for i in range(3)]
   stats = a._stats(3)
   for name in ("fedavg", "robust_fedavg", "median"):
@@ -136,5 +137,6 @@ def test_aggregate_flat_ab_arms_aggregate_alike_one_on_vectors():
     flat, tree = (jax.jit(a.round_post(fn, f)) for f in (True, False))
     chex.assert_trees_all_close(flat(variables, rows, stats), tree(variables, rows, stats),
                                 rtol=1e-6)
-    assert "tensor<3x9xf32>" in flat.lower(variables, rows, stats).as_text()
-    assert "tensor<3x9xf32>" not in tree.lower(variables, rows, stats).as_text()
+    # two vectors per client: b and v (3 + 4), w (6)
+    assert "tensor<3x7xf32>" in flat.lower(variables, rows, stats).as_text()
+    assert "tensor<3x7xf32>" not in tree.lower(variables, rows, stats).as_text()

@@ -320,18 +320,34 @@ for _agg in (fedavg, fedcostw, costw_ce, dcew, coordinate_median, trimmed_mean):
 del _agg
 
 
-def flat_view(global_vars, stacked):
-  """The models as one vector each, for a ``coordinatewise`` aggregator: (global [P],
-  stacked [K, P], unflatten) with P the total size of the leaves in ``jax.tree.leaves``
-  order, or None when the leaves do not share one inexact dtype (then the aggregator
-  runs on the pytrees).
+FLAT_GROUPS = 2  # vectors per client in flat_view: one per core of a 2-core CPU (docs/performance.md)
+
+
+def _groups(sizes, n: int):
+  """Contiguous runs of leaf indices, at most n, of about equal total size: leaf i goes to
+  run ⌊n · (its middle element's position) / total⌋ (empty runs dropped)."""
+  total, runs, before = max(sum(sizes), 1), {}, 0
+  for i, size in enumerate(sizes):
+    runs.setdefault(min(int(n * (before + size / 2) / total), n - 1), []).append(i)
+    before += size
+  return [runs[r] for r in sorted(runs)]
+
+
+def flat_view(global_vars, stacked, groups: int = FLAT_GROUPS):
+  """The models as a few vectors each, for a ``coordinatewise`` aggregator: (global
+  (v_1 [P_1], ...), stacked ([K, P_1], ...), unflatten): the leaves in ``jax.tree.leaves``
+  order cut into at most ``groups`` contiguous runs of about equal size, each run one
+  vector; None when the leaves do not share one inexact dtype (then the aggregator runs
+  on the pytrees).
 
   Every aggregator of this module computes coordinate by coordinate, or over all the
   coordinates of a client at once (norms, finiteness), so it gives the same model on the
   vectors as on the pytrees (up to float summation order in the norms). On XLA:CPU the
-  round's aggregation program is then a few kernels instead of several per parameter
-  leaf, which is most of its compile time (docs/performance.md).
-  ``unflatten(v [P])`` is the pytree of ``global_vars``' structure, shapes and dtype.
+  round's aggregation program is then a few kernels per operation instead of one per
+  parameter leaf, which is most of its compile time; a few vectors rather than one keep
+  the independent kernels that XLA:CPU runs side by side on several cores
+  (docs/performance.md). ``unflatten(vectors)`` is the pytree of ``global_vars``'
+  structure, shapes and dtype.
   """
   g_leaves, tree = jax.tree.flatten(global_vars)
   m_leaves = jax.tree.leaves(stacked)
@@ -344,17 +360,20 @@ def flat_view(global_vars, stacked):
   k = m_leaves[0].shape[0]
   shapes = [g.shape for g in g_leaves]
   sizes = [int(g.size) for g in g_leaves]
-  g_flat = jnp.concatenate([g.reshape(-1) for g in g_leaves])
-  # client by client: slicing client k out of the calls' concatenated rows folds to that
-  # call's own output, so XLA copies each client's leaves once, into one row
-  m_flat = jnp.stack([jnp.concatenate([m[i].reshape(-1) for m in m_leaves])
-                      for i in range(k)])
+  runs = _groups(sizes, max(1, int(groups)))
+  g_flat = tuple(jnp.concatenate([g_leaves[j].reshape(-1) for j in run]) for run in runs)
+  # client by client: slicing client i out of the calls' concatenated rows folds to that
+  # call's own output, so XLA copies each client's leaves once, into its rows
+  m_flat = tuple(jnp.stack([jnp.concatenate([m_leaves[j][i].reshape(-1) for j in run])
+                            for i in range(k)]) for run in runs)
 
-  def unflatten(v):
-    out, off = [], 0
-    for shape, n in zip(shapes, sizes):
-      out.append(v[off:off + n].reshape(shape))
-      off += n
+  def unflatten(vectors):
+    out = []
+    for run, v in zip(runs, vectors):
+      off = 0
+      for j in run:
+        out.append(v[off:off + sizes[j]].reshape(shapes[j]))
+        off += sizes[j]
     return jax.tree.unflatten(tree, out)
   return g_flat, m_flat, unflatten
 

@@ -85,7 +85,7 @@ def make_algorithm(client_update: Callable, aggregator: Callable, local_lr: floa
       return (jnp.tensordot(inc, d, axes=1) / num_clients).astype(d.dtype)
     view = aggregators.flat_view(state.server, upload["control"])  # one vector per client
     control_delta = (jax.tree.map(dsum, upload["control"]) if view is None
-                     else view[2](dsum(view[1])))
+                     else view[2](jax.tree.map(dsum, view[1])))
     return {"model": model, "control_delta": control_delta}, weights, failed, extra
 
   def update(state, agg, failed, upload, clients, weights, server_data, key, **_):
