@@ -107,8 +107,9 @@ def round_post(fn, flat: bool):
 
   def post(glob, rows, stats):
     stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs), *rows)
-    out = aggregate(core.ServerState(glob, jnp.int32(0)), {"model": stacked}, stats,
-                    jax.random.PRNGKey(0))
+    with aggregators.flat_aggregation():  # as the loop round traces its aggregation
+      out = aggregate(core.ServerState(glob, jnp.int32(0)), {"model": stacked}, stats,
+                      jax.random.PRNGKey(0))
     return out[0], out[1]
   return post
 

@@ -124,8 +124,17 @@ def test_aggregator_on_the_flat_view_matches_the_pytree(name, fn, nan_client):
     stacked["params"]["b"][3] *= 50.0  # an exploding update: excluded by the norm guard
   assert getattr(fn, "coordinatewise", False)
   state = core.ServerState(glob, jnp.int32(0))
-  flat = jax.jit(lambda s, u, st: core.model_aggregate(fn)(s, u, st, jax.random.PRNGKey(0)))(
-      state, {"model": stacked}, stats)
+
+  def run(s, u, st):
+    with agg.flat_aggregation():
+      return core.model_aggregate(fn)(s, u, st, jax.random.PRNGKey(0))
+  flat = jax.jit(run)(state, {"model": stacked}, stats)
+  # each of the 2 vectors is a concatenation of the clients' rows; outside
+  # flat_aggregation (vmap, sharded, one-program rounds) the pytrees stay
+  plain = jax.jit(lambda s, u, st: core.model_aggregate(fn)(s, u, st, jax.random.PRNGKey(0)))
+  n_concat = [f.lower(state, {"model": stacked}, stats).as_text().count("stablehlo.concatenate")
+              for f in (jax.jit(run), plain)]
+  assert n_concat[0] >= n_concat[1] + 2, n_concat
   ref = jax.jit(fn)(glob, stacked, stats)
   chex.assert_trees_all_close(flat[0], ref[0], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.asarray(flat[1]), np.asarray(ref[1]), rtol=1e-6)

@@ -79,6 +79,31 @@ def test_round_matches_numpy_and_keeps_per_client_state(backend):
   assert int(state.round) == 3 and bool(info["included"].all()) and not bool(info["failed"])
 
 
+@pytest.mark.parametrize("backend,flat", [("loop", True), ("host2", True), ("loop1t2", True),
+                                          ("vmap", False), ("unrolled", False),
+                                          ("sharded", False)])
+def test_only_the_loop_round_aggregates_on_flat_vectors(backend, flat):
+  """The loop round traces its aggregation under aggregators.flat_aggregation (so
+  coordinate-wise aggregators get a few vectors per client); the vmapped, sharded and
+  one-program rounds keep the pytrees."""
+  seen = []
+  base = _mean_estimation()
+
+  def aggregate(state, upload, stats, key):
+    seen.append(aggregators.flat_enabled())
+    return base.aggregate(state, upload, stats, key)
+  alg = algorithm.Algorithm(base.name, base.uploads, base.client_update, aggregate)
+  data, x, _ = _toy_data()
+  k = x.shape[0]
+  state = algorithm.ServerState({"w": jnp.float32(0.0)}, jnp.int32(0),
+                                clients={"rounds": jnp.zeros((k,), jnp.int32),
+                                         "last": jnp.zeros((k,), jnp.float32)})
+  run = _helpers.jit_round(_helpers.make_round(alg, backend), backend)
+  run(state, data, jax.random.PRNGKey(0))
+  assert seen and all(s == flat for s in seen), seen
+  assert not aggregators.flat_enabled()
+
+
 def test_undeclared_upload_is_refused():
   alg = _mean_estimation()
   bad = algorithm.Algorithm("bad", ("model", "bank"), alg.client_update, alg.aggregate)

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_seg.fl import backends, host_steps as hsteps
+from fedjax_seg.fl import aggregators, backends, host_steps as hsteps
 
 AGG_KEY_SALT = 0x7FFFFFFF
 SAMPLE_KEY_SALT = 0x5A3C0FFE
@@ -331,10 +331,12 @@ class LoopedRound:
     self._client_inputs = client_inputs
 
     def post_calls(state, data, info_b, rows, s_key, a_key, idx, round_options):
-      """post over the calls' outputs (each leaf [c, ...]), concatenated in client order."""
+      """post over the calls' outputs (each leaf [c, ...]), concatenated in client order;
+      coordinate-wise aggregators on a few vectors per client (aggregators.flat_view)."""
       upload, new_rows, stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *rows)
-      return post(state, data, info_b, upload, new_rows, stats, s_key, a_key, idx,
-                  round_options)
+      with aggregators.flat_aggregation():
+        return post(state, data, info_b, upload, new_rows, stats, s_key, a_key, idx,
+                    round_options)
 
     self._post_calls = post_calls
     self._begin = begin  # staged like post (:meth:`_run_stages`), host steps or not

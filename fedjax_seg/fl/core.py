@@ -134,7 +134,7 @@ def model_aggregate(aggregator: Callable, agg_kwargs: Optional[Dict[str, Any]] =
     dyn = ({"rng": a_key, "round": state.round}
            if getattr(aggregator, "wants_round_key", False) else {})
     g, m = global_of(state), upload["model"]
-    view = aggregators.flat_view(g, m) if flat else None
+    view = aggregators.flat_view(g, m) if flat and aggregators.flat_enabled() else None
     if view is not None:
       g, m, unflatten = view
     out = aggregator(g, m, stats, **agg_kwargs, **dyn)
