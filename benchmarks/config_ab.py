@@ -12,6 +12,10 @@ paired over repeats (``round_speed.paired_ratio``: geometric mean of reference /
       --arm vmap semi.fedwep.search_strategy=vmap --arm unrolled semi.fedwep.search_strategy=unrolled \\
       --repeats 3 --tag fedwep_seed_search_ab
 
+An arm named NAME@DIR runs ``launch.py`` of the checkout in DIR (e.g. a ``git worktree``
+of another commit) instead of this one: a paired A/B of two code versions on the same
+config (``--arm before@/tmp/old --arm after``).
+
 Every run: K = --clients clients × E = --local-steps steps, --rounds rounds, 64×64 phantom
 LGG slices and the demo U-Net (base 16, depth 4) unless --set says otherwise. Writes
 benchmarks/results/<tag>.{md,json}.
@@ -45,14 +49,21 @@ def round_seconds(workdir: str) -> float:
   return (t[-1] - t[0]) / (len(t) - 1)
 
 
+def arm_root(name: str) -> str:
+  """The checkout an arm runs: DIR of NAME@DIR, else this one."""
+  _, _, tree = name.partition("@")
+  return os.path.abspath(tree) if tree else ROOT
+
+
 def run_arm(args, arm, workdir, cache) -> dict:
   name, sets = arm
-  cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", args.config,
+  root = arm_root(name)
+  cmd = [sys.executable, os.path.join(root, "launch.py"), "--config", args.config,
          "--workdir", workdir, *run_overrides(args, args.rounds),
          *[f"--config.{kv}" for kv in sets]]
   env = {**os.environ, "FEDJAX_SEG_COMPILE_CACHE": cache}
   load = os.getloadavg()[0]
-  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
   if p.returncode:
     tail = " | ".join((p.stdout + p.stderr).strip().splitlines()[-3:])
     raise SystemExit(f"config_ab: arm {name} failed: {tail}")
@@ -69,7 +80,8 @@ def main():
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="a launch.py --config spec")
   p.add_argument("--arm", nargs="+", action="append", required=True, metavar="NAME KEY=VALUE",
-                 help="an arm: its name, then its config overrides (none: the config as is)")
+                 help="an arm: its name (NAME@DIR: launch.py of the checkout in DIR), then "
+                      "its config overrides (none: the config as is)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--rounds", type=int, default=4)
   add_run_args(p)
@@ -86,11 +98,11 @@ def main():
   try:
     cache = os.path.join(tmp, "cache")
     for arm in arms:  # warm the compile cache: one untimed run per arm
-      run_arm(args, arm, os.path.join(tmp, f"warm_{arm[0]}"), cache)
+      run_arm(args, arm, os.path.join(tmp, f"warm_{arm[0].partition('@')[0]}"), cache)
       print(f"[config_ab] warmed {arm[0]}", flush=True)
     for rep in range(args.repeats):
       for arm in rotated(arms, rep):
-        wd = os.path.join(tmp, f"{arm[0]}_{rep}")
+        wd = os.path.join(tmp, f"{arm[0].partition('@')[0]}_{rep}")
         r = run_arm(args, arm, wd, cache)
         shutil.rmtree(wd, ignore_errors=True)
         times[arm[0]].append(r["s_per_round"])

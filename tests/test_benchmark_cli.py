@@ -119,6 +119,8 @@ def test_config_ab_round_seconds_and_rotation(tmp_path):
   arms = [("a", []), ("b", ["x=1"])]
   assert [n for n, _ in ab.rotated(arms, 0)] == ["a", "b"]
   assert [n for n, _ in ab.rotated(arms, 1)] == ["b", "a"]
+  assert ab.arm_root("a") == ab.ROOT
+  assert ab.arm_root(f"old@{tmp_path}") == str(tmp_path)
 
 
 def test_aggregate_flat_ab_arms_aggregate_alike_one_on_vectors():

@@ -244,14 +244,26 @@ def cross_pseudo_loss(logits_1: jnp.ndarray, logits_2: jnp.ndarray, mask=None,
 
 
 def rwp_loss(apply_train: Callable, variables, x_u: jnp.ndarray, mask_u, seeds: jnp.ndarray,
-             p: float, sigma: float, key: jax.Array, pseudo: str = "hard", loss: str = "ce"):
+             p: float, sigma: float, key: jax.Array, pseudo: str = "hard", loss: str = "ce",
+             zs=None):
   """L_RWP on one unlabelled batch (Fig. 1c).
 
   apply_train(variables, x, key) -> logits (train mode, dropout from key).
   ``variables['params']`` is the (differentiated) unperturbed W; the two
-  views are W̃_1 = W ⊙ Z(seeds[0]), W̃_2 = W ⊙ Z(seeds[1]).
+  views are W̃_1 = W ⊙ Z(seeds[0]), W̃_2 = W ⊙ Z(seeds[1]). ``zs``: the two Z already
+  drawn (:func:`perturbations`; Z depends on the seeds and the shapes only, so a client
+  draws them once per round instead of at every local step), else drawn here.
   """
+  if zs is None:
+    zs = perturbations(variables["params"], seeds, p, sigma)
   k1, k2 = jax.random.split(key)
-  logits_1 = apply_train(perturb_variables(variables, seeds[0], p, sigma), x_u, k1)
-  logits_2 = apply_train(perturb_variables(variables, seeds[1], p, sigma), x_u, k2)
+  views = [{**variables, "params": jax.tree.map(jnp.multiply, variables["params"], z)}
+           for z in zs]
+  logits_1 = apply_train(views[0], x_u, k1)
+  logits_2 = apply_train(views[1], x_u, k2)
   return cross_pseudo_loss(logits_1, logits_2, mask_u, pseudo, loss)
+
+
+def perturbations(params, seeds: jnp.ndarray, p: float, sigma: float):
+  """(Z(seeds[0]), Z(seeds[1])) of eq. (2) for ``params`` (:func:`perturbation`)."""
+  return tuple(perturbation(params, seeds[i], p, sigma) for i in range(2))

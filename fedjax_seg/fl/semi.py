@@ -435,7 +435,7 @@ class Objective:
     if is_fedwep(hp.method):
       v = {**models["model"], "params": params["model"]}
       return fedwep.rwp_loss(apply_t, v, x, mask, ctx["seeds"], hp.p, hp.sigma, key,
-                             hp.pseudo, hp.pseudo_loss), {}
+                             hp.pseudo, hp.pseudo_loss, ctx.get("z")), {}
     if hp.method == "cps":
       ka, kb = jax.random.split(key)
       la = apply_t({**models["a"], "params": params["a"]}, x, ka)
@@ -512,6 +512,11 @@ def make_client_update(hp: SemiHParams, fns: ModelFns, tx: optax.GradientTransfo
       return models, {"num_samples": n_samples, "train_loss": z, "sup_loss": z, "unsup_loss": z}
     lam = rampup(ctx["round"] + 1, hp)
     active = ctx["round"] >= hp.client_start_round
+    if is_fedwep(hp.method) and hp.unsupervised:
+      # the round's two perturbations, drawn once here rather than at every local step
+      # (Z depends on the seed pair and the shapes only): the same losses and gradients
+      ctx = {**ctx, "z": fedwep.perturbations(models["model"]["params"], ctx["seeds"],
+                                              hp.p, hp.sigma)}
 
     def loss_fn(params, models, k):
       kl, ku, kd = jax.random.split(k, 3)
