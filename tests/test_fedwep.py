@@ -197,6 +197,26 @@ def test_rwp_loss_gradient_equals_constant_pseudo_label_gradient():
   chex.assert_trees_all_close(g_w, jax.tree.map(jnp.multiply, g_wt, z1), atol=1e-6)
 
 
+def test_rwp_loss_with_the_round_perturbations_drawn_once_is_the_same():
+  """A client draws Z(seeds[0]), Z(seeds[1]) once per round (fedwep.perturbations) and
+  passes them as zs: the loss and its gradient are those of drawing them inside, and the
+  Z are the module's eq. (2) draws (W ⊙ Z = perturb(W, seed))."""
+  key = jax.random.PRNGKey(0)
+  params = {"w": jax.random.normal(key, (3, 2)), "b": jnp.ones((2,))}
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 5, 5, 3))
+  apply_t = lambda v, xx, k: xx @ v["params"]["w"] + v["params"]["b"]
+  seeds, p, sigma, mask = jnp.array([7, 9], jnp.int32), 0.9, 0.5, jnp.ones((4,))
+  zs = fedwep.perturbations(params, seeds, p, sigma)
+  for z, seed in zip(zs, (7, 9)):
+    chex.assert_trees_all_equal(jax.tree.map(jnp.multiply, params, z),
+                                fedwep.perturb(params, seed, p, sigma))
+  inside = lambda prm: fedwep.rwp_loss(apply_t, {"params": prm}, x, mask, seeds, p, sigma, key)
+  once = lambda prm: fedwep.rwp_loss(apply_t, {"params": prm}, x, mask, seeds, p, sigma, key,
+                                     zs=zs)
+  assert float(once(params)) == float(inside(params))
+  chex.assert_trees_all_equal(jax.grad(once)(params), jax.grad(inside)(params))
+
+
 def test_dice_ce_pseudo_loss_against_numpy():
   """pseudo_loss='dice_ce': ℓ(a, argmax b) + ℓ(b, argmax a) with ℓ = soft Dice (batch, ε=1)
   + CE, against a hand-written NumPy reference; unknown names are errors."""
