@@ -67,10 +67,7 @@ def bench(k, variables, args):
   stacked = jax.jit(lambda v: jax.tree.map(
       lambda g: g[None] * scale.reshape((-1,) + (1,) * g.ndim), v))(variables)
   jax.block_until_ready(stacked)
-  rng = np.random.default_rng(0)
-  stats = {s: jnp.asarray(rng.uniform(0.5, 2.0, k), jnp.float32)
-           for s in ("num_samples", "cost_pre", "cost_post", "ce_pre", "ce_post", "dice_pre",
-                     "dice_post", "train_loss")}
+  stats = _stats(k)
   read = k * nbytes
   row = {"K": k, "model_bytes": nbytes, "read_bytes": read, "load": round(os.getloadavg()[0], 2)}
   copy = jax.jit(lambda s: jax.tree.map(lambda a: a.copy(), s))

@@ -127,19 +127,14 @@ def model_aggregate(aggregator: Callable, agg_kwargs: Optional[Dict[str, Any]] =
   model the uploads are aggregated against (FedBN: its shared part).
   """
   agg_kwargs = dict(agg_kwargs or {})
-
-  flat = getattr(aggregator, "coordinatewise", False)
+  flat = getattr(aggregator, "coordinatewise", False)  # aggregators.flat_view
 
   def aggregate(state, upload, stats, a_key):
     dyn = ({"rng": a_key, "round": state.round}
            if getattr(aggregator, "wants_round_key", False) else {})
-    g, m = global_of(state), upload["model"]
-    view = aggregators.flat_view(g, m) if flat and aggregators.flat_enabled() else None
-    if view is not None:
-      g, m, unflatten = view
+    g, m, unflatten = aggregators.flat_or_tree(global_of(state), upload["model"], flat)
     out = aggregator(g, m, stats, **agg_kwargs, **dyn)
-    new = out[0] if view is None else unflatten(out[0])
-    return new, out[1], out[2], (out[3] if len(out) > 3 else {})
+    return unflatten(out[0]), out[1], out[2], (out[3] if len(out) > 3 else {})
   return aggregate
 
 

@@ -95,7 +95,12 @@ def perturb(params, seed, p: float, sigma: float):
 
 def perturb_variables(variables: Dict[str, Any], seed, p: float, sigma: float):
   """Perturbs the ``'params'`` collection only (batch statistics are state, not weights)."""
-  return {**variables, "params": perturb(variables["params"], seed, p, sigma)}
+  return scale_params(variables, perturbation(variables["params"], seed, p, sigma))
+
+
+def scale_params(variables: Dict[str, Any], z):
+  """``variables`` with W̃ = W ⊙ Z in its ``'params'`` collection (Z shaped like it)."""
+  return {**variables, "params": jax.tree.map(jnp.multiply, variables["params"], z)}
 
 
 # ---------------------------------------------------------------------------
@@ -257,10 +262,8 @@ def rwp_loss(apply_train: Callable, variables, x_u: jnp.ndarray, mask_u, seeds: 
   if zs is None:
     zs = perturbations(variables["params"], seeds, p, sigma)
   k1, k2 = jax.random.split(key)
-  views = [{**variables, "params": jax.tree.map(jnp.multiply, variables["params"], z)}
-           for z in zs]
-  logits_1 = apply_train(views[0], x_u, k1)
-  logits_2 = apply_train(views[1], x_u, k2)
+  logits_1 = apply_train(scale_params(variables, zs[0]), x_u, k1)
+  logits_2 = apply_train(scale_params(variables, zs[1]), x_u, k2)
   return cross_pseudo_loss(logits_1, logits_2, mask_u, pseudo, loss)
 
 

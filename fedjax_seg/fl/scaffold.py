@@ -83,10 +83,8 @@ def make_algorithm(client_update: Callable, aggregator: Callable, local_lr: floa
     def dsum(d):
       d = jnp.where(inc.reshape((-1,) + (1,) * (d.ndim - 1)) > 0, d, 0)
       return (jnp.tensordot(inc, d, axes=1) / num_clients).astype(d.dtype)
-    view = (aggregators.flat_view(state.server, upload["control"])  # a few vectors per client
-            if aggregators.flat_enabled() else None)
-    control_delta = (jax.tree.map(dsum, upload["control"]) if view is None
-                     else view[2](jax.tree.map(dsum, view[1])))
+    _, deltas, unflatten = aggregators.flat_or_tree(state.server, upload["control"])
+    control_delta = unflatten(jax.tree.map(dsum, deltas))
     return {"model": model, "control_delta": control_delta}, weights, failed, extra
 
   def update(state, agg, failed, upload, clients, weights, server_data, key, **_):
