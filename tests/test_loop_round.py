@@ -97,7 +97,7 @@ def test_federated_trainer_auto_loop_equals_the_one_program_round(tiny, tmp_path
     assert {"round_begin", "round_stage0", "round_step0", "round_stage1",
             "round_post"} <= set(r["compile_s"]), r["compile_s"]
     _same_run(tmp_path / "one", tmp_path / "loop", ("weights", "train_loss", "val_loss"))
-  # one host thread: clients per call from the step's size (this tiny U-Net's step: 924
+  # one host thread: clients per call from the step's size (this tiny U-Net's step: 926
   # operations, 2 fit in 2,500, 1 divides K = 3 and is at least half of 2)
   c.fl.host_threads = 1
   r = train.run(c, str(tmp_path / "loop1"))
@@ -105,7 +105,7 @@ def test_federated_trainer_auto_loop_equals_the_one_program_round(tiny, tmp_path
   assert ("client strategy loop (clients per call chosen from the local step's size, each "
           "local step a program call, auto: 3 clients x 3 steps > 8), step strategy host "
           "(auto: loop round, E > 1)") in out, out
-  assert ("a local step of 924 operations; 1 client per call (at most 2,500 operations per "
+  assert ("a local step of 926 operations; 1 client per call (at most 2,500 operations per "
           "call)") in out, out
   # the trace that sized the calls is compile time too
   assert {"round_begin", "round_host_probe", "round_stage0", "round_step0", "round_stage1",

@@ -80,6 +80,35 @@ def test_apply_train_needs_key():
     fns.apply(v, jnp.zeros((1, 8, 8, 1)), train=True)
 
 
+
+def test_apply_is_traced_once_per_signature_and_equals_the_module():
+  """ModelFns.apply is one jitted call: two applications with the same shapes inside one
+  trace share one traced module (the same jaxpr object), a new shape traces again, and
+  its values are those of ``module.apply`` (eval; train with dropout and batch stats)."""
+  fns = models.build(ml_collections.ConfigDict(dict(name="unet", base=4, depth=2, norm="batch",
+                                                    dropout=0.5)), 2)
+  x = _x((2, 8, 8, 1))
+  v = np_init(fns.init, jax.random.PRNGKey(0), x)
+  key = jax.random.PRNGKey(3)
+
+  def three(v, x):
+    return (fns.apply(v, x)[0], fns.apply(v, 2.0 * x)[0],
+            fns.apply(v, x[:1])[0], fns.apply(v, x, train=True, key=key)[0])
+  calls = [e for e in jax.make_jaxpr(three)(v, x).eqns if "jaxpr" in e.params]
+  assert len(calls) == 4
+  same_shape, other_shape, train = calls[1:]
+  assert calls[0].params["jaxpr"] is same_shape.params["jaxpr"]      # traced once
+  assert calls[0].params["jaxpr"] is not other_shape.params["jaxpr"]
+  assert calls[0].params["jaxpr"] is not train.params["jaxpr"]
+
+  logits, _ = fns.apply(v, x)
+  np.testing.assert_array_equal(logits, fns.module.apply(v, x, train=False))
+  logits_t, new_v = fns.apply(v, x, train=True, key=key)
+  ref_t, upd = fns.module.apply(v, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+  np.testing.assert_allclose(logits_t, ref_t, rtol=1e-6, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+               new_v["batch_stats"], upd["batch_stats"])
+
 # ------------------------------------------------------------------ U-Net
 @pytest.mark.parametrize("ndim,shape", [(2, (2, 16, 16, 3)), (3, (1, 8, 8, 8, 4))])
 def test_unet_shapes(ndim, shape):

@@ -10,6 +10,7 @@ only touches ``params``; every other collection is model state carried along
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Dict
 
 import flax.linen as nn
@@ -100,15 +101,28 @@ class ModelFns:
     return dict(variables)
 
   def apply(self, variables, x, train: bool = False, key=None):
-    mutable = [c for c in variables if c != "params"] if train else False
-    rngs = {"dropout": key} if (train and key is not None) else None
+    mutable = tuple(c for c in variables if c != "params") if train else False
     if train and key is None:
       raise ValueError("apply(train=True) needs a PRNG key for dropout")
     if mutable:
-      logits, updates = self.module.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
+      logits, updates = self._module_apply(variables, x, key, train=True, mutable=mutable)
       return logits, {**variables, **updates}
-    logits = self.module.apply(variables, x, train=train, rngs=rngs)
+    logits = self._module_apply(variables, x, key if train else None, train=train, mutable=False)
     return logits, variables
+
+  @functools.cached_property
+  def _module_apply(self):
+    """``module.apply`` as one jitted function: inside a round program it is a call
+    that JAX traces once per argument signature (shapes, train, mutable) and process
+    and reuses wherever the model is applied again (the statistics passes, every
+    local step, FedWeP's perturbed passes, the server's steps, evaluation); XLA inlines
+    the call, so the compiled program is the one of the traced-in-place module."""
+    def module_apply(variables, x, key, train, mutable):
+      rngs = {"dropout": key} if key is not None else None
+      if mutable:
+        return self.module.apply(variables, x, train=train, rngs=rngs, mutable=list(mutable))
+      return self.module.apply(variables, x, train=train, rngs=rngs)
+    return jax.jit(module_apply, static_argnames=("train", "mutable"))
 
 
 def build(model_config, num_classes: int) -> ModelFns:
