@@ -13,6 +13,15 @@ seconds per program come from each run's results.json (``compile_s``, timed by
   python benchmarks/compile_budget.py --local-steps 2 --clients 3 --size 32 --base 8   # quick
   python benchmarks/compile_budget.py --set fl.step_strategy=host --tag compile_budget_host
 
+Paired A/B of two code versions (``--arm NAME@DIR``: launch.py of the checkout in DIR,
+e.g. a ``git worktree`` of another commit; a bare NAME: this checkout): every repeat runs
+each arm's cold and cached pair, the arms in a rotated order, and the table gives each
+arm's round-program seconds per repeat and the paired ratio (first arm / later arm,
+geometric mean over the repeats, 95 % t interval, paired-t p):
+
+  python benchmarks/compile_budget.py --only fedwep_real --arm before@/tmp/old --arm after \\
+      --repeats 3 --tag modelfns_jit_ab
+
 Writes benchmarks/results/compile_budget.{md,json} (``--tag`` changes the stem).
 """
 from __future__ import annotations
@@ -69,12 +78,24 @@ def run_overrides(args, rounds: int, extra=()):
           + [f"--config.{kv}" for kv in args.set])
 
 
-def run_once(spec, extra, args, workdir, cache):
-  cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", spec, "--workdir", workdir,
+def arm_root(name: str) -> str:
+  """The checkout an arm runs: DIR of NAME@DIR, else this one."""
+  _, _, tree = name.partition("@")
+  return os.path.abspath(tree) if tree else ROOT
+
+
+def rotated(arms, rep):
+  """The arms of repeat ``rep`` in a rotated order (each arm first in turn)."""
+  r = rep % len(arms)
+  return arms[r:] + arms[:r]
+
+
+def run_once(spec, extra, args, workdir, cache, root=ROOT):
+  cmd = [sys.executable, os.path.join(root, "launch.py"), "--config", spec, "--workdir", workdir,
          *run_overrides(args, 1, extra)]
   env = {**os.environ, "FEDJAX_SEG_COMPILE_CACHE": cache}
   t0 = time.time()
-  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
   wall = time.time() - t0
   if p.returncode:
     tail = (p.stdout + p.stderr).strip().splitlines()[-3:]
@@ -92,27 +113,88 @@ def round_seconds(run) -> float:
   return sum(v for k, v in run.get("compile_s", {}).items() if "eval" not in k)
 
 
+def cold_and_cached(name, args, root=ROOT):
+  """One cold run into a fresh persistent cache and one cached run reading it."""
+  spec, extra = ALGORITHMS[name]
+  tmp = tempfile.mkdtemp(prefix=f"compile_budget_{name}_")
+  try:
+    cache = os.path.join(tmp, "cache")
+    load0 = os.getloadavg()[0]
+    cold = run_once(spec, extra, args, os.path.join(tmp, "cold"), cache, root)
+    cached = run_once(spec, extra, args, os.path.join(tmp, "cached"), cache, root) \
+        if "error" not in cold else {"error": "cold run failed"}
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return {"algorithm": name, "config": spec, "load_start": load0, "cold": cold, "cached": cached}
+
+
+def paired(args):
+  """--arm mode: every repeat runs each arm's cold + cached pair (arms rotated); the table
+  compares the round-program seconds of the later arms with the first arm's."""
+  from benchmarks.round_speed import paired_ratio
+  arms, rows, t0 = args.arm, [], time.time()
+  for name in args.only:
+    for rep in range(args.repeats):
+      for arm in rotated(arms, rep):
+        row = cold_and_cached(name, args, arm_root(arm))
+        row.update(arm=arm, repeat=rep)
+        rows.append(row)
+        if "error" in row["cold"] or "error" in row["cached"]:
+          raise SystemExit(f"compile_budget: {name} arm {arm} failed: "
+                           f"{row['cold'].get('error') or row['cached'].get('error')}")
+        print(f"[compile_budget] {name} repeat {rep + 1} {arm}: round programs cold "
+              f"{round_seconds(row['cold']):.1f} s, cached {round_seconds(row['cached']):.1f} s "
+              f"(load {row['load_start']:.1f})", flush=True)
+  label = lambda a: a.partition("@")[0]
+  lines = [f"Command: `python benchmarks/compile_budget.py {' '.join(sys.argv[1:])}`", "",
+           f"Machine: {platform.machine()}, {os.cpu_count()} cores, python "
+           f"{platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+           f"wall {time.time() - t0:.0f} s; load {min(r['load_start'] for r in rows):.1f}–"
+           f"{max(r['load_start'] for r in rows):.1f}.",
+           f"Round-program compile seconds (every program but 'eval') of one round of K = "
+           f"{args.clients}, E = {args.local_steps}; each repeat ran every arm's cold + cached "
+           f"pair, the arms in a rotated order. Ratio = {label(arms[0])} / arm (> 1: the arm "
+           f"compiles faster), geometric mean over the {args.repeats} repeats, 95 % t interval, "
+           f"paired-t p; an interval that covers 1 = no difference detected.", "",
+           "| algorithm | phase | " + " | ".join(f"{label(a)} s" for a in arms)
+           + " | arm | ratio [95 % CI] | p |", "|---|---|" + "---|" * len(arms) + "---|---|---|"]
+  for name in args.only:
+    for phase in ("cold", "cached"):
+      secs = {a: [round_seconds(r[phase]) for r in rows if r["algorithm"] == name
+                  and r["arm"] == a] for a in arms}
+      cells = " | ".join(", ".join(f"{x:.1f}" for x in secs[a]) for a in arms)
+      for a in arms[1:]:
+        g, ci, pv = paired_ratio(secs[arms[0]], secs[a])
+        ci_s = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "–"
+        lines.append(f"| {name} | {phase} | {cells} | {label(a)} | {g:.2f}× {ci_s} | "
+                     f"{'–' if pv is None else f'{pv:.2g}'} |")
+  write_results(args.out, args.tag, "\n".join(lines) + "\n", {"args": vars(args), "rows": rows})
+  print("\n".join(lines))
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
   add_run_args(p)
   p.add_argument("--tag", default="compile_budget")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+  p.add_argument("--arm", action="append", default=[], metavar="NAME[@DIR]",
+                 help="paired A/B: each arm's cold + cached runs per repeat (at least two "
+                      "arms; NAME@DIR runs the checkout in DIR)")
+  p.add_argument("--repeats", type=int, default=3, help="repeats of the --arm mode")
   args = p.parse_args()
+  if args.arm:
+    if len(args.arm) < 2 or args.repeats < 1:
+      p.error("--arm needs at least two arms and --repeats >= 1")
+    for a in args.arm:
+      if not os.path.isfile(os.path.join(arm_root(a), "launch.py")):
+        p.error(f"--arm {a}: no launch.py in {arm_root(a)}")
+    return paired(args)
   rows = []
   t0 = time.time()
   for name in args.only:
-    spec, extra = ALGORITHMS[name]
-    tmp = tempfile.mkdtemp(prefix=f"compile_budget_{name}_")
-    try:
-      cache = os.path.join(tmp, "cache")
-      load0 = os.getloadavg()[0]
-      cold = run_once(spec, extra, args, os.path.join(tmp, "cold"), cache)
-      cached = run_once(spec, extra, args, os.path.join(tmp, "cached"), cache) \
-          if "error" not in cold else {"error": "cold run failed"}
-    finally:
-      shutil.rmtree(tmp, ignore_errors=True)
-    row = {"algorithm": name, "config": spec, "load_start": load0, "cold": cold, "cached": cached}
+    row = cold_and_cached(name, args)
+    cold, cached, load0 = row["cold"], row["cached"], row["load_start"]
     rows.append(row)
     print(f"[compile_budget] {name}: " + (cold["error"] if "error" in cold else
           f"round programs cold {round_seconds(cold):.1f} s, cached {round_seconds(cached):.1f} s "

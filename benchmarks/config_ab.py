@@ -35,7 +35,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks._runs import write_results  # noqa: E402
-from benchmarks.compile_budget import add_run_args, run_overrides  # noqa: E402
+from benchmarks.compile_budget import add_run_args, arm_root, rotated, run_overrides  # noqa: E402
 from benchmarks.round_speed import paired_ratio  # noqa: E402
 
 
@@ -47,12 +47,6 @@ def round_seconds(workdir: str) -> float:
     raise SystemExit(f"config_ab: {workdir}/metrics.csv has {len(t)} trained rounds; "
                      f"need --rounds >= 2")
   return (t[-1] - t[0]) / (len(t) - 1)
-
-
-def arm_root(name: str) -> str:
-  """The checkout an arm runs: DIR of NAME@DIR, else this one."""
-  _, _, tree = name.partition("@")
-  return os.path.abspath(tree) if tree else ROOT
 
 
 def run_arm(args, arm, workdir, cache) -> dict:
@@ -68,11 +62,6 @@ def run_arm(args, arm, workdir, cache) -> dict:
     tail = " | ".join((p.stdout + p.stderr).strip().splitlines()[-3:])
     raise SystemExit(f"config_ab: arm {name} failed: {tail}")
   return {"s_per_round": round_seconds(workdir), "load": load}
-
-
-def rotated(arms, rep):
-  r = rep % len(arms)
-  return arms[r:] + arms[:r]
 
 
 def main():

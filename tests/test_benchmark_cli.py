@@ -142,3 +142,37 @@ def test_aggregate_flat_ab_arms_aggregate_alike_one_on_vectors():
     # two vectors per client: b and v (3 + 4), w (6)
     assert "tensor<3x7xf32>" in flat.lower(variables, rows, stats).as_text()
     assert "tensor<3x7xf32>" not in tree.lower(variables, rows, stats).as_text()
+
+
+def test_compile_budget_arms_pair_cold_and_cached_seconds(tmp_path, monkeypatch):
+  """compile_budget --arm: each repeat runs every arm (rotated), the table pairs the round
+  programs' seconds ('eval' left out) of the later arm with the first arm's."""
+  import argparse
+  import json
+  import numpy as np
+  from benchmarks import compile_budget as cb
+  calls = []
+  secs = {"old": {"cold": [20.0, 22.0, 21.0], "cached": [4.0, 4.4, 4.2]},
+          "new@x": {"cold": [20.0, 22.0, 21.0], "cached": [3.0, 3.3, 3.5]}}
+
+  def fake(name, args, root):
+    arm = "old" if root == cb.ROOT else "new@x"
+    rep = sum(1 for n, a in calls if a == arm)
+    calls.append((name, arm))
+    run = lambda ph: {"compile_s": {"semi_round_post": secs[arm][ph][rep] - 1.0,
+                                    "semi_round_stage0": 1.0, "eval": 9.0},
+                      "wall_s": 1.0, "strategy": "loop", "load": 1.0}
+    return {"algorithm": name, "config": "c", "load_start": 1.5, "cold": run("cold"),
+            "cached": run("cached")}
+  monkeypatch.setattr(cb, "cold_and_cached", fake)
+  monkeypatch.setattr(cb, "arm_root", lambda a: cb.ROOT if "@" not in a else "/x")
+  args = argparse.Namespace(only=["fedwep_real"], arm=["old", "new@x"], repeats=3,
+                            out=str(tmp_path), tag="ab", clients=8, local_steps=8)
+  cb.paired(args)
+  assert [a for _, a in calls] == ["old", "new@x", "new@x", "old", "old", "new@x"]
+  md = (tmp_path / "ab.md").read_text()
+  assert "| fedwep_real | cold | 20.0, 22.0, 21.0 | 20.0, 22.0, 21.0 | new | 1.00×" in md
+  ratio = float(np.exp(np.mean(np.log(np.array([4.0, 4.4, 4.2]) / [3.0, 3.3, 3.5]))))
+  assert f"| fedwep_real | cached | 4.0, 4.4, 4.2 | 3.0, 3.3, 3.5 | new | {ratio:.2f}× [" in md
+  rows = json.loads((tmp_path / "ab.json").read_text())["rows"]
+  assert len(rows) == 6 and {r["arm"] for r in rows} == {"old", "new@x"}
