@@ -104,13 +104,18 @@ def run_once(spec, extra, args, workdir, cache, root=ROOT):
     r = json.load(f)
   strategy = next((l.split("client strategy ", 1)[1].split(", step strategy")[0]
                    for l in p.stdout.splitlines() if "client strategy " in l), "?")
-  return {"compile_s": r.get("compile_s", {}), "wall_s": wall, "strategy": strategy,
+  return {"compile_s": r.get("compile_s", {}), "trace_s": r.get("trace_s"), "wall_s": wall,
+          "strategy": strategy,
           "load": os.getloadavg()[0]}
 
 
-def round_seconds(run) -> float:
-  """Compile seconds of a run's round programs (every program but 'eval')."""
-  return sum(v for k, v in run.get("compile_s", {}).items() if "eval" not in k)
+def round_seconds(run, part: str = "compile_s") -> float:
+  """Compile seconds of a run's round programs (every program but 'eval'); part
+  'trace_s': their trace + lower part (None when the run did not record it)."""
+  secs = run.get(part)
+  if secs is None:
+    return None
+  return sum(v for k, v in secs.items() if "eval" not in k)
 
 
 def cold_and_cached(name, args, root=ROOT):
@@ -153,16 +158,20 @@ def paired(args):
            f"{max(r['load_start'] for r in rows):.1f}.",
            f"Round-program compile seconds (every program but 'eval') of one round of K = "
            f"{args.clients}, E = {args.local_steps}; each repeat ran every arm's cold + cached "
-           f"pair, the arms in a rotated order. Ratio = {label(arms[0])} / arm (> 1: the arm "
+           f"pair, the arms in a rotated order; 'trace + lower' rows: the part of those seconds "
+           f"spent tracing and lowering (results.json trace_s). Ratio = {label(arms[0])} / arm (> 1: the arm "
            f"compiles faster), geometric mean over the {args.repeats} repeats, 95 % t interval, "
            f"paired-t p; an interval that covers 1 = no difference detected.", "",
            "| algorithm | phase | " + " | ".join(f"{label(a)} s" for a in arms)
            + " | arm | ratio [95 % CI] | p |", "|---|---|" + "---|" * len(arms) + "---|---|---|"]
   for name in args.only:
-    for phase in ("cold", "cached"):
-      secs = {a: [round_seconds(r[phase]) for r in rows if r["algorithm"] == name
+    for phase, part in [(p, q) for q in ("compile_s", "trace_s") for p in ("cold", "cached")]:
+      secs = {a: [round_seconds(r[phase], part) for r in rows if r["algorithm"] == name
                   and r["arm"] == a] for a in arms}
+      if any(x is None for v in secs.values() for x in v):
+        continue  # a checkout that does not record trace_s
       cells = " | ".join(", ".join(f"{x:.1f}" for x in secs[a]) for a in arms)
+      phase = phase if part == "compile_s" else f"{phase}, trace + lower"
       for a in arms[1:]:
         g, ci, pv = paired_ratio(secs[arms[0]], secs[a])
         ci_s = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "–"

@@ -263,6 +263,7 @@ def finish(config, workdir, fns, variables, ds, eval_batch, rows, extra: Dict,
   best = runlog.best_checkpoint(workdir)  # (step, val Dice) of checkpoints_best/, or None
   results["best_step"] = best[0] if best else None
   results["best_val_dice_mean"] = best[1] if best else None
+  results["trace_s"] = runlog.trace_times(reset=True)  # the trace + lower part of compile_s
   results["compile_s"] = runlog.compile_times(reset=True)  # {program: s} of this run
   results["final_model"] = save_model(workdir, variables)
   runlog.write_json(os.path.join(workdir, "results.json"), results)

@@ -59,6 +59,7 @@ def _jsonable(v):
 
 _JIT_CACHE: Dict[str, Any] = {}
 _COMPILE_S: Dict[str, float] = {}
+_TRACE_S: Dict[str, float] = {}
 
 
 def compile_times(reset: bool = False) -> Dict[str, float]:
@@ -74,15 +75,29 @@ def compile_times(reset: bool = False) -> Dict[str, float]:
   return out
 
 
-def add_compile_time(name: str, seconds: float) -> None:
+def trace_times(reset: bool = False) -> Dict[str, float]:
+  """The part of ``compile_times()`` spent in Python tracing the program and lowering it to
+  StableHLO (before XLA compiles it or reads it from the persistent cache): ``{name: s}``,
+  same names and reset rule. A cached compile is mostly this part."""
+  out = dict(_TRACE_S)
+  if reset:
+    _TRACE_S.clear()
+  return out
+
+
+def add_compile_time(name: str, seconds: float, trace: bool = False) -> None:
   """Adds seconds spent compiling outside a TimedJit (e.g. a trace that sizes a program)
-  to ``compile_times()[name]``."""
+  to ``compile_times()[name]`` (and to ``trace_times()[name]`` when ``trace``)."""
   _COMPILE_S[name] = _COMPILE_S.get(name, 0.0) + float(seconds)
+  if trace:
+    _TRACE_S[name] = _TRACE_S.get(name, 0.0) + float(seconds)
 
 
 def reset_compile_times() -> None:
-  """Start a new compile-time record (``compile_times()`` is empty until the next call)."""
+  """Start a new compile-time record (``compile_times()`` and ``trace_times()`` are empty
+  until the next call)."""
   _COMPILE_S.clear()
+  _TRACE_S.clear()
 
 
 def _signature(args, kwargs):
@@ -126,6 +141,7 @@ class TimedJit:
       self._compiled.add(sig)
     else:
       _COMPILE_S.setdefault(self.name, 0.0)
+      _TRACE_S.setdefault(self.name, 0.0)
     return self.jitted(*args, **kwargs)
 
   def _compile(self, args, kwargs):
@@ -137,6 +153,7 @@ class TimedJit:
     lowered.compile()
     s = time.perf_counter() - t0
     _COMPILE_S[self.name] = _COMPILE_S.get(self.name, 0.0) + s
+    _TRACE_S[self.name] = _TRACE_S.get(self.name, 0.0) + (t1 - t0)
     if self.verbose:
       # The two parts: tracing + lowering to StableHLO, then XLA's compile, or (from the
       # persistent cache) reading the executable back, which for a large XLA:CPU program

@@ -161,6 +161,7 @@ def test_compile_budget_arms_pair_cold_and_cached_seconds(tmp_path, monkeypatch)
     calls.append((name, arm))
     run = lambda ph: {"compile_s": {"semi_round_post": secs[arm][ph][rep] - 1.0,
                                     "semi_round_stage0": 1.0, "eval": 9.0},
+                      "trace_s": {"semi_round_post": 0.5, "semi_round_stage0": 0.25, "eval": 1.0},
                       "wall_s": 1.0, "strategy": "loop", "load": 1.0}
     return {"algorithm": name, "config": "c", "load_start": 1.5, "cold": run("cold"),
             "cached": run("cached")}
@@ -174,5 +175,6 @@ def test_compile_budget_arms_pair_cold_and_cached_seconds(tmp_path, monkeypatch)
   assert "| fedwep_real | cold | 20.0, 22.0, 21.0 | 20.0, 22.0, 21.0 | new | 1.00×" in md
   ratio = float(np.exp(np.mean(np.log(np.array([4.0, 4.4, 4.2]) / [3.0, 3.3, 3.5]))))
   assert f"| fedwep_real | cached | 4.0, 4.4, 4.2 | 3.0, 3.3, 3.5 | new | {ratio:.2f}× [" in md
+  assert "| fedwep_real | cached, trace + lower | 0.8, 0.8, 0.8 | 0.8, 0.8, 0.8 | new | 1.00×" in md
   rows = json.loads((tmp_path / "ab.json").read_text())["rows"]
   assert len(rows) == 6 and {r["arm"] for r in rows} == {"old", "new@x"}

@@ -40,6 +40,9 @@ def test_cached_jit_times_the_first_compile_only(capsys):
   line = next(l for l in out.splitlines() if l.startswith("[compile] cc_test_round program:"))
   assert re.fullmatch(r"\[compile\] cc_test_round program: [0-9.]+ s \(trace \+ lower [0-9.]+ s, "
                       r"compile or cache read [0-9.]+ s\)", line), line
+  # the trace + lower part is recorded on its own, under the same name
+  tr = runlog.trace_times()
+  assert set(tr) == {"cc_test_round"} and 0 < tr["cc_test_round"] < t["cc_test_round"]
   n = len(_BACKEND_COMPILES)
   r2 = fn(x, x)  # the jitted call reuses the AOT executable: no second compilation
   assert len(_BACKEND_COMPILES) == n
@@ -53,6 +56,11 @@ def test_cached_jit_times_the_first_compile_only(capsys):
   assert runlog.compile_times() == {}
   fn(x, x)  # already compiled in this process: recorded as 0
   assert runlog.compile_times(reset=True) == {"cc_test_round": 0.0}
+  runlog.add_compile_time("probe", 0.5, trace=True)
+  runlog.add_compile_time("other", 0.25)
+  assert runlog.trace_times()["probe"] == 0.5 and "other" not in runlog.trace_times()
+  runlog.reset_compile_times()
+  assert runlog.compile_times() == {} and runlog.trace_times() == {}
 
 
 def test_cached_jit_keeps_donation_and_name():

@@ -110,6 +110,10 @@ def test_federated_trainer_auto_loop_equals_the_one_program_round(tiny, tmp_path
   # the trace that sized the calls is compile time too
   assert {"round_begin", "round_host_probe", "round_stage0", "round_step0", "round_stage1",
           "round_post"} <= set(r["compile_s"]), r["compile_s"]
+  # and the trace + lower part of each, recorded on its own (the probe is all trace)
+  assert set(r["trace_s"]) == set(r["compile_s"]), r["trace_s"]
+  assert r["trace_s"]["round_host_probe"] == r["compile_s"]["round_host_probe"]
+  assert all(0 <= r["trace_s"][k] <= r["compile_s"][k] for k in r["trace_s"]), r["trace_s"]
   _same_run(tmp_path / "one", tmp_path / "loop1", ("weights", "train_loss", "val_loss"))
 
 

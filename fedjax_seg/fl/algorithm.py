@@ -532,7 +532,7 @@ def jit_round(key: str, build: Callable[[], Callable], client_strategy: str,
                             host_steps=bool(host_steps), host_ops_per_call=int(host_ops_per_call),
                             host_threads=int(host_threads),
                             report=lambda line: print(line, flush=True),
-                            record=lambda part, s: runlog.add_compile_time(f"{name}_{part}", s),
+                            record=lambda part, s: runlog.add_compile_time(f"{name}_{part}", s, trace=True),
                             _programs={}, _bodies={})
   return run.with_jit(  # the programs are memoised by runlog (a new process: the disk cache)
       lambda part, b, **kw: runlog.cached_jit(f"{key}/{part}", b, name=f"{name}_{part}",
