@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -84,6 +85,20 @@ def arm_root(name: str) -> str:
   return os.path.abspath(tree) if tree else ROOT
 
 
+def arm_name(name: str) -> str:
+  """NAME of NAME@DIR (a label and a folder name)."""
+  return name.partition("@")[0]
+
+
+def launch(root, spec, workdir, cache, overrides):
+  """``launch.py`` of the checkout in ``root`` on one config (its own process, the
+  persistent compile cache in ``cache``): the CompletedProcess, output captured."""
+  cmd = [sys.executable, os.path.join(root, "launch.py"), "--config", spec, "--workdir", workdir,
+         *overrides]
+  env = {**os.environ, "FEDJAX_SEG_COMPILE_CACHE": cache}
+  return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+
+
 def rotated(arms, rep):
   """The arms of repeat ``rep`` in a rotated order (each arm first in turn)."""
   r = rep % len(arms)
@@ -91,11 +106,8 @@ def rotated(arms, rep):
 
 
 def run_once(spec, extra, args, workdir, cache, root=ROOT):
-  cmd = [sys.executable, os.path.join(root, "launch.py"), "--config", spec, "--workdir", workdir,
-         *run_overrides(args, 1, extra)]
-  env = {**os.environ, "FEDJAX_SEG_COMPILE_CACHE": cache}
   t0 = time.time()
-  p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+  p = launch(root, spec, workdir, cache, run_overrides(args, 1, extra))
   wall = time.time() - t0
   if p.returncode:
     tail = (p.stdout + p.stderr).strip().splitlines()[-3:]
@@ -109,7 +121,7 @@ def run_once(spec, extra, args, workdir, cache, root=ROOT):
           "load": os.getloadavg()[0]}
 
 
-def round_seconds(run, part: str = "compile_s") -> float:
+def round_seconds(run, part: str = "compile_s") -> Optional[float]:
   """Compile seconds of a run's round programs (every program but 'eval'); part
   'trace_s': their trace + lower part (None when the run did not record it)."""
   secs = run.get(part)
@@ -150,7 +162,6 @@ def paired(args):
         print(f"[compile_budget] {name} repeat {rep + 1} {arm}: round programs cold "
               f"{round_seconds(row['cold']):.1f} s, cached {round_seconds(row['cached']):.1f} s "
               f"(load {row['load_start']:.1f})", flush=True)
-  label = lambda a: a.partition("@")[0]
   lines = [f"Command: `python benchmarks/compile_budget.py {' '.join(sys.argv[1:])}`", "",
            f"Machine: {platform.machine()}, {os.cpu_count()} cores, python "
            f"{platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
@@ -159,10 +170,10 @@ def paired(args):
            f"Round-program compile seconds (every program but 'eval') of one round of K = "
            f"{args.clients}, E = {args.local_steps}; each repeat ran every arm's cold + cached "
            f"pair, the arms in a rotated order; 'trace + lower' rows: the part of those seconds "
-           f"spent tracing and lowering (results.json trace_s). Ratio = {label(arms[0])} / arm (> 1: the arm "
+           f"spent tracing and lowering (results.json trace_s). Ratio = {arm_name(arms[0])} / arm (> 1: the arm "
            f"compiles faster), geometric mean over the {args.repeats} repeats, 95 % t interval, "
            f"paired-t p; an interval that covers 1 = no difference detected.", "",
-           "| algorithm | phase | " + " | ".join(f"{label(a)} s" for a in arms)
+           "| algorithm | phase | " + " | ".join(f"{arm_name(a)} s" for a in arms)
            + " | arm | ratio [95 % CI] | p |", "|---|---|" + "---|" * len(arms) + "---|---|---|"]
   for name in args.only:
     for phase, part in [(p, q) for q in ("compile_s", "trace_s") for p in ("cold", "cached")]:
@@ -175,7 +186,7 @@ def paired(args):
       for a in arms[1:]:
         g, ci, pv = paired_ratio(secs[arms[0]], secs[a])
         ci_s = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "–"
-        lines.append(f"| {name} | {phase} | {cells} | {label(a)} | {g:.2f}× {ci_s} | "
+        lines.append(f"| {name} | {phase} | {cells} | {arm_name(a)} | {g:.2f}× {ci_s} | "
                      f"{'–' if pv is None else f'{pv:.2g}'} |")
   write_results(args.out, args.tag, "\n".join(lines) + "\n", {"args": vars(args), "rows": rows})
   print("\n".join(lines))

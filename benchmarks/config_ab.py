@@ -27,7 +27,6 @@ import csv
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks._runs import write_results  # noqa: E402
-from benchmarks.compile_budget import add_run_args, arm_root, rotated, run_overrides  # noqa: E402
+from benchmarks.compile_budget import (add_run_args, arm_name, arm_root, launch, rotated,  # noqa: E402
+                                       run_overrides)
 from benchmarks.round_speed import paired_ratio  # noqa: E402
 
 
@@ -51,13 +51,9 @@ def round_seconds(workdir: str) -> float:
 
 def run_arm(args, arm, workdir, cache) -> dict:
   name, sets = arm
-  root = arm_root(name)
-  cmd = [sys.executable, os.path.join(root, "launch.py"), "--config", args.config,
-         "--workdir", workdir, *run_overrides(args, args.rounds),
-         *[f"--config.{kv}" for kv in sets]]
-  env = {**os.environ, "FEDJAX_SEG_COMPILE_CACHE": cache}
   load = os.getloadavg()[0]
-  p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+  p = launch(arm_root(name), args.config, workdir, cache,
+             [*run_overrides(args, args.rounds), *[f"--config.{kv}" for kv in sets]])
   if p.returncode:
     tail = " | ".join((p.stdout + p.stderr).strip().splitlines()[-3:])
     raise SystemExit(f"config_ab: arm {name} failed: {tail}")
@@ -87,11 +83,11 @@ def main():
   try:
     cache = os.path.join(tmp, "cache")
     for arm in arms:  # warm the compile cache: one untimed run per arm
-      run_arm(args, arm, os.path.join(tmp, f"warm_{arm[0].partition('@')[0]}"), cache)
+      run_arm(args, arm, os.path.join(tmp, f"warm_{arm_name(arm[0])}"), cache)
       print(f"[config_ab] warmed {arm[0]}", flush=True)
     for rep in range(args.repeats):
       for arm in rotated(arms, rep):
-        wd = os.path.join(tmp, f"{arm[0].partition('@')[0]}_{rep}")
+        wd = os.path.join(tmp, f"{arm_name(arm[0])}_{rep}")
         r = run_arm(args, arm, wd, cache)
         shutil.rmtree(wd, ignore_errors=True)
         times[arm[0]].append(r["s_per_round"])

@@ -62,6 +62,17 @@ _COMPILE_S: Dict[str, float] = {}
 _TRACE_S: Dict[str, float] = {}
 
 
+def _add(record: Dict[str, float], name: str, seconds: float) -> None:
+  record[name] = record.get(name, 0.0) + float(seconds)
+
+
+def _take(record: Dict[str, float], reset: bool) -> Dict[str, float]:
+  out = dict(record)
+  if reset:
+    record.clear()
+  return out
+
+
 def compile_times(reset: bool = False) -> Dict[str, float]:
   """Seconds spent compiling each ``cached_jit`` program since the last reset:
   ``{name: s}``, ``name`` being the key's leading word (``round``, ``train_step``,
@@ -69,28 +80,22 @@ def compile_times(reset: bool = False) -> Dict[str, float]:
   argument shapes) reads 0.0 once it is called; one that was never called is
   absent. ``reset=True`` returns the times and starts a new record (a run's
   ``finish`` does, so each run's results hold its own compile times)."""
-  out = dict(_COMPILE_S)
-  if reset:
-    _COMPILE_S.clear()
-  return out
+  return _take(_COMPILE_S, reset)
 
 
 def trace_times(reset: bool = False) -> Dict[str, float]:
   """The part of ``compile_times()`` spent in Python tracing the program and lowering it to
   StableHLO (before XLA compiles it or reads it from the persistent cache): ``{name: s}``,
   same names and reset rule. A cached compile is mostly this part."""
-  out = dict(_TRACE_S)
-  if reset:
-    _TRACE_S.clear()
-  return out
+  return _take(_TRACE_S, reset)
 
 
 def add_compile_time(name: str, seconds: float, trace: bool = False) -> None:
   """Adds seconds spent compiling outside a TimedJit (e.g. a trace that sizes a program)
   to ``compile_times()[name]`` (and to ``trace_times()[name]`` when ``trace``)."""
-  _COMPILE_S[name] = _COMPILE_S.get(name, 0.0) + float(seconds)
+  _add(_COMPILE_S, name, seconds)
   if trace:
-    _TRACE_S[name] = _TRACE_S.get(name, 0.0) + float(seconds)
+    _add(_TRACE_S, name, seconds)
 
 
 def reset_compile_times() -> None:
@@ -152,8 +157,8 @@ class TimedJit:
     t1 = time.perf_counter()
     lowered.compile()
     s = time.perf_counter() - t0
-    _COMPILE_S[self.name] = _COMPILE_S.get(self.name, 0.0) + s
-    _TRACE_S[self.name] = _TRACE_S.get(self.name, 0.0) + (t1 - t0)
+    _add(_COMPILE_S, self.name, s)
+    _add(_TRACE_S, self.name, t1 - t0)
     if self.verbose:
       # The two parts: tracing + lowering to StableHLO, then XLA's compile, or (from the
       # persistent cache) reading the executable back, which for a large XLA:CPU program

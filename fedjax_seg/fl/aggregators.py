@@ -402,13 +402,13 @@ def flat_view(global_vars, stacked, groups: int = FLAT_GROUPS):
   return g_flat, m_flat, unflatten
 
 
-
 def flat_or_tree(global_vars, stacked, coordinatewise: bool = True):
   """(global, stacked, unflatten) for a reduction: :func:`flat_view`'s vectors when it is
   ``coordinatewise`` and traced inside :func:`flat_aggregation` (and the leaves allow
   one), else the pytrees themselves with ``unflatten`` the identity."""
   view = flat_view(global_vars, stacked) if coordinatewise and flat_enabled() else None
   return view if view is not None else (global_vars, stacked, lambda tree: tree)
+
 
 AGGREGATORS: Dict[str, Callable] = {
     "fedavg": fedavg, "fedcostw": fedcostw, "costw_ce": costw_ce, "dcew": dcew,
