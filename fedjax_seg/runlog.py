@@ -40,7 +40,7 @@ import sys
 import time
 import warnings
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -127,11 +127,19 @@ class TimedJit:
   goes through the jitted function, so jax.jit semantics (donation, new
   shapes, shardings) are unchanged. Attributes (``lower``, ``trace``, ...)
   are the jitted function's.
+
+  With ``fn`` and ``key`` given (``cached_jit`` gives them) and the program store on
+  (``program_store``: the compilation cache is on), a signature the store can take is
+  served by a stored program: read back without tracing when an earlier process stored
+  it, otherwise traced once through ``jax.export`` and stored; either way called as
+  ``jax.jit(exported.call)`` with the same donation and options.
   """
 
-  def __init__(self, name: str, jitted, verbose: bool = True):
+  def __init__(self, name: str, jitted, verbose: bool = True, fn: Optional[Callable] = None,
+               key: Optional[str] = None, jit_kwargs: Optional[Dict[str, Any]] = None):
     self.name, self.jitted, self.verbose = name, jitted, verbose
-    self._compiled: set = set()
+    self.fn, self.key, self.jit_kwargs = fn, key, dict(jit_kwargs or {})
+    self._compiled: Dict[Any, Any] = {}  # signature -> None (the jitted function) or a Program
 
   def __call__(self, *args, **kwargs):
     try:
@@ -140,31 +148,69 @@ class TimedJit:
     except TypeError:  # an unhashable leaf: leave it to jax.jit, untimed
       sig = None
     if sig is None:
-      pass
-    elif sig not in self._compiled:
-      self._compile(args, kwargs)
-      self._compiled.add(sig)
+      return self.jitted(*args, **kwargs)
+    if sig not in self._compiled:
+      self._compiled[sig] = self._compile(args, kwargs)
     else:
       _COMPILE_S.setdefault(self.name, 0.0)
       _TRACE_S.setdefault(self.name, 0.0)
-    return self.jitted(*args, **kwargs)
+    program = self._compiled[sig]
+    return self.jitted(*args, **kwargs) if program is None else program(*args)
 
   def _compile(self, args, kwargs):
+    """Compiles for this signature; returns the program store's Program serving it, or
+    None (the jitted function)."""
     if self.verbose:
       print(f"[compile] compiling {self.name} program ...", flush=True)
     t0 = time.perf_counter()
-    lowered = self.jitted.lower(*args, **kwargs)
-    t1 = time.perf_counter()
-    lowered.compile()
+    program, how = self._stored(args, kwargs)
+    if program is None:
+      lowered = self.jitted.lower(*args, **kwargs)
+      t1 = time.perf_counter()
+      lowered.compile()
+    else:
+      t1 = time.perf_counter()
+      program.lower_compile(jax.tree.leaves(args))
     s = time.perf_counter() - t0
     _add(_COMPILE_S, self.name, s)
     _add(_TRACE_S, self.name, t1 - t0)
     if self.verbose:
-      # The two parts: tracing + lowering to StableHLO, then XLA's compile, or (from the
-      # persistent cache) reading the executable back, which for a large XLA:CPU program
-      # is itself slow (docs/performance.md).
-      print(f"[compile] {self.name} program: {s:.1f} s (trace + lower {t1 - t0:.1f} s, "
+      # The two parts: tracing + lowering to StableHLO (or reading a stored program), then
+      # XLA's compile, or (from the persistent cache) reading the executable back, which
+      # for a large XLA:CPU program is itself slow (docs/performance.md).
+      first = "stored program read" if how == "read" else "trace + lower"
+      print(f"[compile] {self.name} program: {s:.1f} s ({first} {t1 - t0:.1f} s, "
             f"compile or cache read {s - (t1 - t0):.1f} s)", flush=True)
+    return program
+
+  def _stored(self, args, kwargs):
+    """``(Program, 'read' | 'traced')`` from the program store, or ``(None, '')`` when the
+    store is off or cannot take this call (the jitted function serves it)."""
+    from fedjax_seg import program_store as ps
+    if self.fn is None or self.key is None:
+      return None, ""
+    root = ps.folder()
+    leaves, in_tree = jax.tree.flatten(tuple(args))
+    if root is None or not ps.eligible(leaves, kwargs, self.jit_kwargs):
+      return None, ""
+    donate = ps.flat_donation(args, self.jit_kwargs.get("donate_argnums"))
+    path = os.path.join(root, ps.store_key(self.key, self.name, in_tree, ps.avals(leaves),
+                                           donate, self.jit_kwargs))
+    got = ps.load(path)
+    if got is not None:
+      return ps.Program(*got, donate, self.jit_kwargs), "read"
+    try:
+      exported, out_tree = ps.export(self.fn, args, donate, self.jit_kwargs)
+    except Exception:  # noqa: BLE001 - not exportable (host callbacks, ...): traced by jax.jit
+      return None, ""
+    ps.save(path, exported, out_tree)
+    return ps.Program(exported, out_tree, donate, self.jit_kwargs), "traced"
+
+  def executables(self) -> int:
+    """How many executables this program holds in this process (the jitted function's
+    and the stored programs')."""
+    return self.jitted._cache_size() + sum(p.jitted._cache_size()
+                                           for p in self._compiled.values() if p is not None)
 
   def __getattr__(self, attr):
     return getattr(self.jitted, attr)
@@ -187,7 +233,9 @@ def cached_jit(key: str, build, name: Optional[str] = None, **jit_kwargs) -> Tim
   progress line and the compile-time record.
   """
   if key not in _JIT_CACHE:
-    _JIT_CACHE[key] = TimedJit(name or program_name(key), jax.jit(build(), **jit_kwargs))
+    fn = build()
+    _JIT_CACHE[key] = TimedJit(name or program_name(key), jax.jit(fn, **jit_kwargs), fn=fn,
+                               key=key, jit_kwargs=jit_kwargs)
   return _JIT_CACHE[key]
 
 

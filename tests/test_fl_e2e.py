@@ -64,6 +64,6 @@ def test_federated_resume_equals_uninterrupted(tiny, tmp_path):
   assert _rows(full)[-1]["weights"] == pytest.approx(_rows(cut)[-1]["weights"], rel=1e-6)
   # the resumed run reused the fresh runs' compiled round and evaluation (a restored
   # state is placed like a fresh one): one executable each
-  sizes = {j.name: j.jitted._cache_size() for k, j in runlog._JIT_CACHE.items()
+  sizes = {j.name: j.executables() for k, j in runlog._JIT_CACHE.items()
            if j.name in ("round", "eval") and '"dcew"' in k}
   assert sizes and all(n == 1 for n in sizes.values()), sizes
