@@ -19,7 +19,7 @@ What a stored program is keyed by (:func:`store_key`), since nothing is traced t
   * the argument signature: pytree structure, each leaf's shape, dtype and weak type,
     donated arguments and jit options;
   * the source of every ``fedjax_seg`` module (a digest of the package's ``.py`` files),
-    the versions of jax, jaxlib, flax, optax, numpy and ml_collections, JAX's numerics
+    the versions of jax, jaxlib, flax, optax, numpy, ml_collections and dm-pix, JAX's numerics
     settings (x64, matmul precision, PRNG implementation, ...), the backend, its device
     kind and count, and ``XLA_FLAGS``.
 
@@ -95,7 +95,7 @@ def code_digest() -> str:
 def _versions() -> Tuple[str, ...]:
   import importlib.metadata as md
   out = []
-  for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "ml_collections"):
+  for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "ml_collections", "dm-pix"):
     try:
       out.append(f"{pkg}={md.version(pkg)}")
     except md.PackageNotFoundError:
