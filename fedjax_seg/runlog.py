@@ -123,16 +123,15 @@ class TimedJit:
   The first call with a new signature runs ``jitted.lower(*args).compile()``
   (printing ``[compile] compiling <name> program ...`` before and the seconds
   after), adds the seconds to ``compile_times()[name]``, then calls the jitted
-  function, which reuses that executable (no second compilation). Every call
-  goes through the jitted function, so jax.jit semantics (donation, new
-  shapes, shardings) are unchanged. Attributes (``lower``, ``trace``, ...)
-  are the jitted function's.
+  function, which reuses that executable (no second compilation), so jax.jit
+  semantics (donation, new shapes, shardings) are unchanged. Attributes
+  (``lower``, ``trace``, ...) are the jitted function's.
 
   With ``fn`` and ``key`` given (``cached_jit`` gives them) and the program store on
   (``program_store``: the compilation cache is on), a signature the store can take is
-  served by a stored program: read back without tracing when an earlier process stored
-  it, otherwise traced once through ``jax.export`` and stored; either way called as
-  ``jax.jit(exported.call)`` with the same donation and options.
+  served by a stored program instead: read back without tracing when an earlier process
+  stored it, otherwise traced once through ``jax.export`` and stored; either way called
+  as ``jax.jit(exported.call)`` with the same donation and options, on the default device.
   """
 
   def __init__(self, name: str, jitted, verbose: bool = True, fn: Optional[Callable] = None,
@@ -207,8 +206,8 @@ class TimedJit:
     return ps.Program(exported, out_tree, donate, self.jit_kwargs), "traced"
 
   def executables(self) -> int:
-    """How many executables this program holds in this process (the jitted function's
-    and the stored programs')."""
+    """Entries in this program's jit caches in this process (the jitted function's and the
+    stored programs'): one per argument signature and placement (committed or not)."""
     return self.jitted._cache_size() + sum(p.jitted._cache_size()
                                            for p in self._compiled.values() if p is not None)
 
