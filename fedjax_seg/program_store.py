@@ -180,8 +180,8 @@ class Program:
 def export(fn: Callable, args: Sequence[Any], donate: Tuple[int, ...],
            jit_kwargs: Dict[str, Any]):
   """Trace and lower ``fn(*args)`` once, as a function of the flat leaves of ``args``;
-  returns ``(exported, out_tree)``. Raises what jax.export raises for a program it cannot
-  serialize."""
+  returns ``(exported, out_tree, serialized bytes)``. Raises what jax.export raises for a
+  program it cannot serialize."""
   from jax import export as jex
   leaves, in_tree = jax.tree.flatten(tuple(args))
   box = {}
@@ -192,8 +192,8 @@ def export(fn: Callable, args: Sequence[Any], donate: Tuple[int, ...],
     return out_leaves
   opts = {k: v for k, v in jit_kwargs.items() if k != "donate_argnums"}
   exported = jex.export(jax.jit(flat, donate_argnums=donate, **opts))(*leaves)
-  exported.serialize()  # fails here (not when saving) for what cannot be serialized
-  return exported, box["tree"]
+  blob = bytes(exported.serialize())  # raises here (host callbacks, ...), not when saving
+  return exported, box["tree"], blob
 
 
 def load(path: str):
@@ -211,14 +211,13 @@ def load(path: str):
     return None
 
 
-def save(path: str, exported, out_tree) -> bool:
-  """Writes a program atomically (a per-process temporary file + os.replace, so that two
-  processes storing the same program never mix their bytes); False (nothing written) when
-  it cannot be."""
+def save(path: str, serialized: bytes, out_tree) -> bool:
+  """Writes a program (``export``'s bytes and output tree) atomically: a per-process
+  temporary file + os.replace, so that two processes storing the same program never mix
+  their bytes. False (nothing written) when it cannot be."""
   tmp = f"{path}.{os.getpid()}.tmp"
   try:
-    blob = pickle.dumps({"format": FORMAT, "exported": bytes(exported.serialize()),
-                         "out_tree": out_tree})
+    blob = pickle.dumps({"format": FORMAT, "exported": serialized, "out_tree": out_tree})
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     with open(tmp, "wb") as f:
       f.write(blob)

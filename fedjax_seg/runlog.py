@@ -199,10 +199,10 @@ class TimedJit:
     if got is not None:
       return ps.Program(*got, donate, self.jit_kwargs), "read"
     try:
-      exported, out_tree = ps.export(self.fn, args, donate, self.jit_kwargs)
+      exported, out_tree, serialized = ps.export(self.fn, args, donate, self.jit_kwargs)
     except Exception:  # noqa: BLE001 - not exportable (host callbacks, ...): traced by jax.jit
       return None, ""
-    ps.save(path, exported, out_tree)
+    ps.save(path, serialized, out_tree)
     return ps.Program(exported, out_tree, donate, self.jit_kwargs), "traced"
 
   def executables(self) -> int:

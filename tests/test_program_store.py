@@ -170,3 +170,14 @@ def test_trainer_with_stored_programs_equals_the_traced_run(tiny, tmp_path, stor
     sb = cb.manager.restore(cb.manager.latest_step())
     ca.close(); cb.close()
     chex.assert_trees_all_equal(sa, sb)
+
+
+def test_an_unwritable_store_only_costs_the_next_process_a_trace(tmp_path, monkeypatch):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  monkeypatch.setenv(program_store.ENV_VAR, str(blocker / "store"))
+  traces = []
+  ref = jax.jit(_build([]))(*_args())
+  _same(_timed(traces)(*_args()), ref)
+  _same(_timed(traces)(*_args()), ref)
+  assert len(traces) == 2 and blocker.read_text() == "not a folder"
