@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax import monitoring
 
-from fedjax_seg import compile_cache, runlog
+from fedjax_seg import compile_cache, program_store, runlog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,12 +107,15 @@ _PROBE = textwrap.dedent("""
     from jax import monitoring
     events = []
     monitoring.register_event_listener(lambda name, **kw: events.append(name))
-    from fedjax_seg import compile_cache, runlog
+    from fedjax_seg import compile_cache, program_store, runlog
     folder = compile_cache.enable(sys.argv[1])
     import jax.numpy as jnp
 
+    traced = []
+
     def build():
       def f(x):
+        traced.append(1)  # once per trace
         for i in range(40):  # a program that takes a while (~1 s) to compile
           x = jnp.tanh(x @ x.T + i) * jnp.cos(x)
         return x
@@ -122,13 +125,14 @@ _PROBE = textwrap.dedent("""
     print(json.dumps({"folder": folder, "compile_s": runlog.compile_times()["probe"],
                       "hits": events.count("/jax/compilation_cache/cache_hits"),
                       "misses": events.count("/jax/compilation_cache/cache_misses"),
-                      "sum": float(y.sum())}))
+                      "sum": float(y.sum()), "traced": len(traced)}))
 """)
 
 
 def _probe(script, cache):
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop(compile_cache.ENV_VAR, None)
+  env.pop(program_store.ENV_VAR, None)
   r = subprocess.run([sys.executable, str(script), str(cache)], capture_output=True, text=True,
                      cwd=ROOT, env=env, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -144,8 +148,12 @@ def test_second_process_reads_the_cache(tmp_path):
   assert os.listdir(cache), "run 1 wrote no cache entries"
   warm = _probe(script, cache)
   assert warm["hits"] >= 1 and warm["misses"] == 0
+  # the program store (in the cache folder): the second process read the traced program
+  assert cold["traced"] == 1 and warm["traced"] == 0, (cold, warm)
+  assert os.listdir(cache / "exported")
   assert warm["sum"] == pytest.approx(cold["sum"], rel=1e-6)
   # reading the executable back is much faster than compiling it (the machine may be loaded)
   assert warm["compile_s"] < 0.5 * cold["compile_s"], (cold, warm)
   off = _probe(script, "")  # '' disables: nothing read, nothing written
   assert off["folder"] is None and off["hits"] == 0
+  assert off["traced"] == 1  # no cache, no program store
