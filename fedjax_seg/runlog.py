@@ -200,7 +200,9 @@ class TimedJit:
       return ps.Program(*got, donate, self.jit_kwargs), "read"
     try:
       exported, out_tree, serialized = ps.export(self.fn, args, donate, self.jit_kwargs)
-    except Exception:  # noqa: BLE001 - not exportable (host callbacks, ...): traced by jax.jit
+    except Exception as e:  # noqa: BLE001 - not exportable (host callbacks, ...): jax.jit traces
+      if self.verbose:
+        print(f"[compile] {self.name} program not stored: {one_line(e, 160)}", flush=True)
       return None, ""
     ps.save(path, serialized, out_tree)
     return ps.Program(exported, out_tree, donate, self.jit_kwargs), "traced"

@@ -115,7 +115,7 @@ def test_a_damaged_stored_file_costs_a_trace_and_is_rewritten(store):
   assert len(traces) == 4
 
 
-def test_what_the_store_cannot_take_is_traced_by_jit(store, monkeypatch):
+def test_what_the_store_cannot_take_is_traced_by_jit(store, monkeypatch, capsys):
   traces = []
 
   def with_callback(x):
@@ -124,6 +124,7 @@ def test_what_the_store_cannot_take_is_traced_by_jit(store, monkeypatch):
     return x * 2
   t = runlog.TimedJit("cb", jax.jit(with_callback), fn=with_callback, key="ps_cb")
   np.testing.assert_array_equal(np.asarray(t(jnp.ones(3))), 2 * np.ones(3))
+  assert "[compile] cb program not stored: " in capsys.readouterr().out
   assert not os.path.exists(store) or not os.listdir(store)
   t2 = _timed(traces)  # keyword arguments: the jitted function
   state, x, s = _args()
