@@ -244,9 +244,10 @@ def _main(argv) -> int:
     key = "num_epochs" if config.algorithm == "centralized" else "fl.rounds"
     if validate.get(config, key) is not None:
       runlog.check_extent(workdir, key, validate.get(config, key))
-  from fedjax_seg import compile_cache, hostmem  # docs/performance.md
+  from fedjax_seg import compile_cache, hostmem, program_store  # docs/performance.md
   cache_dir = compile_cache.enable(config.get("compile_cache_dir"))
-  print(f"[compile] persistent compilation cache: {cache_dir or 'off'}", flush=True)
+  print(f"[compile] persistent compilation cache: {cache_dir or 'off'}; program store: "
+        f"{program_store.folder() or 'off'}", flush=True)
   tuned = hostmem.tune()
   if tuned:
     print(f"[runtime] {tuned}", flush=True)
