@@ -31,7 +31,9 @@ folder clears both; ``FEDJAX_SEG_PROGRAM_STORE=0`` turns the store off alone (fo
 measurements), ``FEDJAX_SEG_PROGRAM_STORE=<folder>`` puts it elsewhere.
 
 Requires the ``flatbuffers`` package (``jax.export``'s serializer); without it the store
-is off.
+is off. Like the compilation cache, the folder is trusted: a stored file is unpickled and
+its program run, so it is created private to the user (mode 0700) and must not be a
+folder others can write to.
 """
 from __future__ import annotations
 
