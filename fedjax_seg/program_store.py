@@ -16,8 +16,8 @@ its executable read from the compilation cache.
 What a stored program is keyed by (:func:`store_key`), since nothing is traced to check it:
   * the caller's key (``runlog.cached_jit``'s, which captures the config the program
     closes over) and the program's name;
-  * the argument signature: pytree structure, each leaf's shape, dtype and weak type,
-    donated arguments and jit options;
+  * the argument signature: pytree structure, each leaf's type, shape, dtype, weak type and
+    placement (as jax.jit's cache sees them), donated arguments and jit options;
   * the source of every ``fedjax_seg`` module (a digest of the package's ``.py`` files),
     the versions of jax, jaxlib, flax, optax, numpy, ml_collections and dm-pix, JAX's numerics
     settings (x64, matmul precision, PRNG implementation, ...), the backend, its device
@@ -112,10 +112,11 @@ def _environment() -> Tuple[str, ...]:
           f"devices={jax.device_count()}", f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
 
 
-def store_key(key: str, name: str, in_tree, avals: Sequence[Tuple], donate: Sequence[int],
-              jit_kwargs: Dict[str, Any]) -> str:
-  """The file name (sha256 hex) of a program: see the module docstring for what enters."""
-  blob = repr((FORMAT, key, name, str(in_tree), tuple(avals), tuple(donate),
+def store_key(key: str, name: str, signature, jit_kwargs: Dict[str, Any]) -> str:
+  """The file name (sha256 hex) of a program: see the module docstring for what enters.
+  ``signature``: ``runlog.TimedJit``'s (the argument pytree structure and each leaf's
+  type, shape, dtype, weak type and sharding); ``jit_kwargs`` include the donation."""
+  blob = repr((FORMAT, key, name, signature,
                sorted((k, repr(v)) for k, v in jit_kwargs.items()), code_digest(),
                _environment()))
   return hashlib.sha256(blob.encode()).hexdigest()
@@ -153,17 +154,9 @@ def flat_donation(args: Sequence[Any], donate_argnums) -> Tuple[int, ...]:
   return tuple(out)
 
 
-def avals(leaves) -> Tuple[Tuple, ...]:
-  """(type, shape, dtype, weak type) of each leaf, as the store key takes them."""
-  return tuple((type(a).__name__, tuple(np.shape(a)), str(jax.numpy.result_type(a)),
-                bool(getattr(a, "weak_type", isinstance(a, (bool, int, float)))))
-               for a in leaves)
-
-
 class Program:
-  """A stored (or just exported) program called with flat leaves: ``__call__(*args)``
-  flattens the positional arguments, runs ``jax.jit(exported.call)`` and rebuilds the
-  output pytree."""
+  """A stored (or just exported) program: ``__call__(leaves)`` runs ``jax.jit(exported.call)``
+  on the flat leaves of the positional arguments and rebuilds the output pytree."""
 
   def __init__(self, exported, out_tree, donate: Tuple[int, ...], jit_kwargs: Dict[str, Any]):
     self.exported, self.out_tree = exported, out_tree
@@ -175,8 +168,8 @@ class Program:
   def lower_compile(self, leaves) -> None:
     self.jitted.lower(*leaves).compile()
 
-  def __call__(self, *args):
-    return jax.tree.unflatten(self.out_tree, self.jitted(*jax.tree.leaves(args)))
+  def __call__(self, leaves):
+    return jax.tree.unflatten(self.out_tree, self.jitted(*leaves))
 
 
 def export(fn: Callable, args: Sequence[Any], donate: Tuple[int, ...],

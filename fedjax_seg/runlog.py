@@ -105,10 +105,10 @@ def reset_compile_times() -> None:
   _TRACE_S.clear()
 
 
-def _signature(args, kwargs):
-  """What makes jax.jit compile again: the pytree structure and every leaf's
-  type, shape, dtype, weak type and sharding."""
-  leaves, tree = jax.tree.flatten((args, kwargs))
+def _signature(leaves, tree):
+  """What makes jax.jit compile again, from the flattened ``(args, kwargs)``: the pytree
+  structure and every leaf's type, shape, dtype, weak type and sharding (also the program
+  store's key of the arguments)."""
   if any(isinstance(a, jax.core.Tracer) for a in leaves):
     return None  # called inside another trace: nothing is compiled here
   return tree, tuple((type(a), getattr(a, "shape", None), getattr(a, "dtype", None),
@@ -141,35 +141,37 @@ class TimedJit:
     self._compiled: Dict[Any, Any] = {}  # signature -> None (the jitted function) or a Program
 
   def __call__(self, *args, **kwargs):
+    leaves, tree = jax.tree.flatten((args, kwargs))
     try:
-      sig = _signature(args, kwargs)
+      sig = _signature(leaves, tree)
       hash(sig)
     except TypeError:  # an unhashable leaf: leave it to jax.jit, untimed
       sig = None
     if sig is None:
       return self.jitted(*args, **kwargs)
     if sig not in self._compiled:
-      self._compiled[sig] = self._compile(args, kwargs)
+      self._compiled[sig] = self._compile(args, kwargs, leaves, sig)
     else:
       _COMPILE_S.setdefault(self.name, 0.0)
       _TRACE_S.setdefault(self.name, 0.0)
     program = self._compiled[sig]
-    return self.jitted(*args, **kwargs) if program is None else program(*args)
+    # a stored program takes positional arguments only: its leaves are those of args
+    return self.jitted(*args, **kwargs) if program is None else program(leaves)
 
-  def _compile(self, args, kwargs):
+  def _compile(self, args, kwargs, leaves, sig):
     """Compiles for this signature; returns the program store's Program serving it, or
     None (the jitted function)."""
     if self.verbose:
       print(f"[compile] compiling {self.name} program ...", flush=True)
     t0 = time.perf_counter()
-    program, how = self._stored(args, kwargs)
+    program, how = self._stored(args, kwargs, leaves, sig)
     if program is None:
       lowered = self.jitted.lower(*args, **kwargs)
       t1 = time.perf_counter()
       lowered.compile()
     else:
       t1 = time.perf_counter()
-      program.lower_compile(jax.tree.leaves(args))
+      program.lower_compile(leaves)
     s = time.perf_counter() - t0
     _add(_COMPILE_S, self.name, s)
     _add(_TRACE_S, self.name, t1 - t0)
@@ -182,19 +184,17 @@ class TimedJit:
             f"compile or cache read {s - (t1 - t0):.1f} s)", flush=True)
     return program
 
-  def _stored(self, args, kwargs):
+  def _stored(self, args, kwargs, leaves, sig):
     """``(Program, 'read' | 'traced')`` from the program store, or ``(None, '')`` when the
     store is off or cannot take this call (the jitted function serves it)."""
     from fedjax_seg import program_store as ps
     if self.fn is None or self.key is None:
       return None, ""
     root = ps.folder()
-    leaves, in_tree = jax.tree.flatten(tuple(args))
     if root is None or not ps.eligible(leaves, kwargs, self.jit_kwargs):
       return None, ""
     donate = ps.flat_donation(args, self.jit_kwargs.get("donate_argnums"))
-    path = os.path.join(root, ps.store_key(self.key, self.name, in_tree, ps.avals(leaves),
-                                           donate, self.jit_kwargs))
+    path = os.path.join(root, ps.store_key(self.key, self.name, sig, self.jit_kwargs))
     got = ps.load(path)
     if got is not None:
       return ps.Program(*got, donate, self.jit_kwargs), "read"
